@@ -1,0 +1,68 @@
+# Finds the dependencies and records what was found for the summary.
+find_package(Threads REQUIRED)
+find_package(nlohmann_json 3.10 REQUIRED)
+find_package(ZLIB REQUIRED)
+find_package(CLI11 CONFIG REQUIRED)
+find_package(spdlog CONFIG REQUIRED)
+
+set(LEMA_FOUND_SUMMARY "")
+macro(lema_found what value)
+  list(APPEND LEMA_FOUND_SUMMARY "${what}: ${value}")
+endmacro()
+
+# liburing (pkg-config or plain find).
+set(LEMA_HAVE_URING OFF)
+if(NOT LEMA_WITH_URING STREQUAL "OFF")
+  find_path(URING_INCLUDE_DIR liburing.h)
+  find_library(URING_LIBRARY uring)
+  if(URING_INCLUDE_DIR AND URING_LIBRARY)
+    add_library(lema_uring_dep INTERFACE)
+    target_include_directories(lema_uring_dep INTERFACE ${URING_INCLUDE_DIR})
+    target_link_libraries(lema_uring_dep INTERFACE ${URING_LIBRARY})
+    set(LEMA_HAVE_URING ON)
+  elseif(LEMA_WITH_URING STREQUAL "ON")
+    message(FATAL_ERROR "LEMA_WITH_URING=ON but liburing was not found (apt-get install liburing-dev)")
+  endif()
+endif()
+lema_found("liburing" "${LEMA_HAVE_URING}")
+
+# CUDA toolkit headers (the backends dlopen the driver; nothing links libcuda).
+set(LEMA_HAVE_CUDA OFF)
+if(NOT LEMA_WITH_CUDA STREQUAL "OFF")
+  find_package(CUDAToolkit QUIET)
+  if(CUDAToolkit_FOUND)
+    set(LEMA_HAVE_CUDA ON)
+    lema_found("CUDA toolkit" "${CUDAToolkit_VERSION} (${CUDAToolkit_INCLUDE_DIRS})")
+  elseif(LEMA_WITH_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "LEMA_WITH_CUDA=ON but the CUDA toolkit was not found")
+  else()
+    lema_found("CUDA toolkit" "not found")
+  endif()
+else()
+  lema_found("CUDA toolkit" "OFF")
+endif()
+
+# libtorch from the torch wheel of LEMA_PYTHON (torch.utils.cmake_prefix_path).
+set(LEMA_HAVE_TORCH OFF)
+if(NOT LEMA_WITH_TORCH STREQUAL "OFF")
+  if(LEMA_PYTHON)
+    execute_process(COMMAND ${LEMA_PYTHON} -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+                    OUTPUT_VARIABLE LEMA_TORCH_PREFIX OUTPUT_STRIP_TRAILING_WHITESPACE
+                    RESULT_VARIABLE _torch_rc ERROR_QUIET)
+    if(_torch_rc EQUAL 0)
+      list(APPEND CMAKE_PREFIX_PATH ${LEMA_TORCH_PREFIX})
+    endif()
+  endif()
+  # Torch is only looked for once a component needs it (torch_plugin); see there.
+  if(LEMA_WITH_TORCH STREQUAL "ON" AND NOT LEMA_TORCH_PREFIX)
+    message(FATAL_ERROR "LEMA_WITH_TORCH=ON but no torch found through LEMA_PYTHON='${LEMA_PYTHON}'")
+  endif()
+endif()
+
+function(lema_print_summary)
+  message(STATUS "LEMA configuration:")
+  foreach(line ${LEMA_FOUND_SUMMARY})
+    message(STATUS "  ${line}")
+  endforeach()
+  message(STATUS "  sanitizers: '${LEMA_SANITIZE}'  python: '${LEMA_PYTHON}'")
+endfunction()

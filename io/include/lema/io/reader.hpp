@@ -1,0 +1,100 @@
+// Reads byte ranges of checkpoint files into memory, asynchronously, in batches.
+//
+// Two implementations behind one interface:
+//  - io_uring (liburing): O_DIRECT where the file system allows it, several 1–4 MiB requests in
+//    flight, short reads resubmitted, EAGAIN/EINTR retried;
+//  - pread on a small thread pool: the fallback when io_uring is refused (EPERM/ENOSYS, e.g. a
+//    container's seccomp profile).
+// Reader::open picks automatically; LEMA_IO=uring|pread (or ReaderOptions::kind) overrides.
+// The path that runs is logged once and reported by path_name() and stats().
+//
+// Thread safety: submit(), read() and stats() may be called from any thread concurrently.
+// Completion callbacks run on one of the reader's own threads and must not block on the reader.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lema/io/errors.hpp"
+
+namespace lema::io {
+
+class Checkpoint;
+
+struct ReadRequest {
+  std::uint32_t file = 0;    // index into the reader's file list (= Checkpoint::files())
+  std::uint64_t offset = 0;  // absolute offset in the file
+  std::uint64_t length = 0;
+  std::byte* dest = nullptr;  // any alignment; length bytes writable
+};
+
+enum class IoKind { automatic, uring, pread };
+
+struct ReaderOptions {
+  IoKind kind = IoKind::automatic;  // automatic honours LEMA_IO
+  bool direct = true;               // use O_DIRECT where the file system accepts it
+  unsigned queue_depth = 8;         // io_uring requests in flight
+  std::uint64_t request_bytes = 2u << 20;  // large reads are split into requests of this size
+  unsigned threads = 4;             // pread worker threads
+};
+
+struct ReaderStats {
+  std::uint64_t batches = 0;
+  std::uint64_t requests = 0;        // device requests issued (after splitting)
+  std::uint64_t bytes = 0;           // bytes delivered to callers
+  std::uint64_t direct_bytes = 0;    // of which read with O_DIRECT
+  std::uint64_t short_reads = 0;     // resubmitted partial reads
+  std::uint64_t retries = 0;         // EAGAIN/EINTR retries
+  std::uint64_t errors = 0;
+};
+
+namespace detail {
+struct BatchState;
+}
+
+/// Handle on a submitted batch.
+class ReadTicket {
+ public:
+  ReadTicket() = default;
+  explicit ReadTicket(std::shared_ptr<detail::BatchState> s) : state_(std::move(s)) {}
+  /// Blocks until every request of the batch completed; rethrows its first error (ReadError).
+  void wait() const;
+  /// True once the batch completed (successfully or not). Never blocks.
+  bool ready() const;
+
+ private:
+  std::shared_ptr<detail::BatchState> state_;
+};
+
+class Reader {
+ public:
+  /// Called once per batch when it completes: nullptr on success, else the ReadError.
+  using Callback = std::function<void(std::exception_ptr)>;
+
+  /// Opens the files read-only and chooses the io path. Throws SystemError / ReadError when a
+  /// file cannot be opened.
+  static std::unique_ptr<Reader> open(std::vector<std::filesystem::path> files,
+                                      ReaderOptions options = {});
+  static std::unique_ptr<Reader> open(const Checkpoint& checkpoint, ReaderOptions options = {});
+
+  virtual ~Reader() = default;
+
+  /// Queues a batch and returns at once. Requests of a batch may complete in any order.
+  virtual ReadTicket submit(std::vector<ReadRequest> batch, Callback on_done = {}) = 0;
+  /// submit() + wait().
+  void read(std::vector<ReadRequest> batch) { submit(std::move(batch)).wait(); }
+
+  /// "io_uring+O_DIRECT", "io_uring" (buffered) or "pread".
+  virtual std::string path_name() const = 0;
+  virtual ReaderStats stats() const = 0;
+  /// The files, in index order.
+  virtual const std::vector<std::filesystem::path>& files() const = 0;
+};
+
+}  // namespace lema::io

@@ -1,0 +1,16 @@
+// The lema subcommands. Each registers itself on the CLI::App and runs when chosen.
+// Errors are thrown as lema::Error (or subclasses); main() prints them as one line
+// `error: <what>` and exits 1.
+#pragma once
+
+namespace CLI {
+class App;
+}
+
+namespace lema::tools {
+
+void register_inspect(CLI::App& app);
+void register_gen(CLI::App& app);
+void register_bench(CLI::App& app);  // bench io (and later bench pager ...)
+
+}  // namespace lema::tools

@@ -1,0 +1,31 @@
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <exception>
+
+#include "commands.hpp"
+#include "lema/io/errors.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"lema: fine-tune language models whose weights do not fit in memory"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "lema 0.1.0");
+  lema::tools::register_inspect(app);
+  lema::tools::register_gen(app);
+  lema::tools::register_bench(app);
+  spdlog::set_pattern("%^%l%$: %v");
+  spdlog::set_level(spdlog::level::warn);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const lema::io::CheckpointError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
