@@ -11,6 +11,7 @@ namespace lema::tools {
 
 void register_inspect(CLI::App& app);
 void register_gen(CLI::App& app);
+void register_verify(CLI::App& app);
 void register_bench(CLI::App& app);  // bench io (and later bench pager ...)
 
 }  // namespace lema::tools

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "lema 0.1.0");
   lema::tools::register_inspect(app);
   lema::tools::register_gen(app);
+  lema::tools::register_verify(app);
   lema::tools::register_bench(app);
   spdlog::set_pattern("%^%l%$: %v");
   spdlog::set_level(spdlog::level::warn);

@@ -59,7 +59,7 @@ ParsedHeader parse_header(std::string_view header_json, std::uint64_t data_bytes
 class Checkpoint {
  public:
   /// Opens a .safetensors file, a directory with exactly one, or a sharded directory with an
-  /// index. Throws CheckpointError (and SystemError only for OS failures on readable input).
+  /// index. Throws CheckpointError (and ReadError only when reading a readable file fails).
   static Checkpoint open(const std::filesystem::path& path);
 
   /// The files in a stable order (shards sorted by name).

@@ -1,4 +1,5 @@
-// The safetensors element types, as the reference implementation names them.
+// The safetensors element types, as the reference implementation names them, in its order
+// (increasing alignment; the reference writer sorts tensors by this order, descending).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,8 @@ enum class Dtype : std::uint8_t {
   F8_E5M2,
   F8_E4M3,
   F8_E8M0,
+  F8_E4M3FNUZ,
+  F8_E5M2FNUZ,
   I16,
   U16,
   F16,
@@ -30,7 +33,7 @@ enum class Dtype : std::uint8_t {
   U64,
 };
 
-inline constexpr int kDtypeCount = 20;
+inline constexpr int kDtypeCount = 22;
 
 /// "F32" → Dtype::F32; nullopt for a name the format does not define.
 std::optional<Dtype> parse_dtype(std::string_view name);

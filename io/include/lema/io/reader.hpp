@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,12 +37,27 @@ struct ReadRequest {
 
 enum class IoKind { automatic, uring, pread };
 
+/// Test seam: lets tests make device requests fail or come back short, on either path.
+/// Called on a reader thread before each device request (one read syscall or io_uring read of
+/// `length` bytes at `offset` of file `file`); must be thread-safe. Returning std::nullopt lets
+/// the request run normally. Otherwise the value replaces the request's result: -EIO (or any
+/// negative errno), -EAGAIN / -EINTR (retried), or a byte count N with 0 < N < length, in which
+/// case the read is really performed but only its first N bytes count as arrived, so the reader
+/// must fetch the remainder itself.
+struct FaultInjector {
+  virtual ~FaultInjector() = default;
+  virtual std::optional<long> inject(std::uint32_t file, std::uint64_t offset,
+                                     std::uint64_t length) = 0;
+};
+
 struct ReaderOptions {
   IoKind kind = IoKind::automatic;  // automatic honours LEMA_IO
   bool direct = true;               // use O_DIRECT where the file system accepts it
-  unsigned queue_depth = 8;         // io_uring requests in flight
-  std::uint64_t request_bytes = 2u << 20;  // large reads are split into requests of this size
-  unsigned threads = 4;             // pread worker threads
+  unsigned queue_depth = 8;         // io_uring requests in flight (1–1024)
+  // Large reads are split into requests of this size: a multiple of 4096, 4 KiB–64 MiB.
+  std::uint64_t request_bytes = 2u << 20;
+  unsigned threads = 4;             // pread worker threads (1–256)
+  std::shared_ptr<FaultInjector> fault_injector;  // tests only; null in production
 };
 
 struct ReaderStats {

@@ -45,12 +45,34 @@ class EvictionPolicy {
   /// policy predicts nothing). Includes resident pages; the pager skips those.
   virtual std::vector<PageId> predict_next(std::size_t max) const = 0;
 
+  /// For loading `page` (not resident) ahead of its next use: the candidate that Belady's MIN
+  /// will evict when `page` is next accessed, provided evicting it already now costs no extra
+  /// fetch (it is not used before then, nor is it the page accessed last when that page tends
+  /// to be accessed again at once). nullopt = not now (or the policy predicts nothing). Loading the
+  /// predicted pages soonest first this way, into free chunks or in place of this victim, and
+  /// stopping at the first nullopt, fetches exactly what MIN fetches, only earlier. (Swapping
+  /// whenever the victim's next use is later than the page's does not: on a cyclic scan it
+  /// evicts the page just used, which MIN would keep, and fetches on every access.)
+  virtual std::optional<PageId> prefetch_victim(PageId page,
+                                                std::span<const PageId> candidates) const {
+    (void)page;
+    (void)candidates;
+    return std::nullopt;
+  }
+
   /// A training step ended (optional hint from a caller that knows; the trace policy also
   /// detects steps by itself).
   virtual void mark_step() {}
 
   /// True once the trace policy has learned a repeating sequence.
   virtual bool has_prediction() const { return false; }
+
+  /// Length of the learned repeating sequence, counted in accesses to a page other than the one
+  /// accessed just before (repeats of a page in a row are one access to the trace policy); 0 when
+  /// nothing is learned.
+  virtual std::size_t period_length() const { return 0; }
+  /// Times a learned sequence stopped matching and was forgotten.
+  virtual std::uint64_t relearns() const { return 0; }
 };
 
 enum class PolicyKind { lru, trace };

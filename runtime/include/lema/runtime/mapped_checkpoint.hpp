@@ -1,0 +1,73 @@
+// A checkpoint made to look fully resident: the one object a tool or a framework plugin opens.
+// It owns the checkpoint's table, the backend, the address space and the residency machinery,
+// in one of two modes:
+//  - guard: callers make bytes resident around each use (acquire/release on the Pager); the
+//    only way on a GPU, and what the libtorch plugin's guard does for every op;
+//  - fault: userfaultfd demand paging on the host; any code may read the tensors' addresses
+//    directly, missing pages are filled by a handler thread under the same budget. Where
+//    userfaultfd is refused the checkpoint opens in guard mode and says why (fallback_reason()).
+//
+// Thread safety: tensor(), read_tensor() and stats() may be called from any threads.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "lema/io/checkpoint.hpp"
+#include "lema/io/reader.hpp"
+#include "lema/runtime/address_space.hpp"
+#include "lema/runtime/pager.hpp"
+#include "lema/runtime/policy.hpp"
+#include "lema/runtime/stats.hpp"
+
+namespace lema::runtime {
+
+enum class ResidencyMode { guard, fault };
+
+std::optional<ResidencyMode> parse_residency_mode(std::string_view name);
+std::string_view residency_mode_name(ResidencyMode mode);
+
+struct MappedCheckpointOptions {
+  std::uint64_t budget_bytes = 0;
+  std::optional<std::uint64_t> page_size;  // nullopt: the backend's granularity
+  PolicyKind policy = PolicyKind::lru;
+  ResidencyMode mode = ResidencyMode::guard;
+  bool prefetch = true;
+  io::ReaderOptions reader;
+};
+
+class MappedCheckpoint {
+ public:
+  /// Opens `path` (see io::Checkpoint::open) over the host backend. Throws CheckpointError,
+  /// BudgetError, InvalidArgument (settings), SystemError.
+  static std::unique_ptr<MappedCheckpoint> open(const std::filesystem::path& path,
+                                                MappedCheckpointOptions options);
+  virtual ~MappedCheckpoint() = default;
+
+  virtual const io::Checkpoint& checkpoint() const noexcept = 0;
+  virtual const Layout& layout() const noexcept = 0;
+  /// The mode actually in use (fault may have fallen back to guard).
+  virtual ResidencyMode mode() const noexcept = 0;
+  /// Why fault mode fell back to guard; empty otherwise.
+  virtual const std::string& fallback_reason() const noexcept = 0;
+
+  /// The tensor's fixed address. Throws InvalidArgument naming the tensor when absent.
+  virtual TensorAddress tensor(std::string_view name) const = 0;
+  /// Calls `visit` with the tensor's bytes at its model address, in order, in pieces that fit
+  /// the budget (guard mode pins each piece while it is visited; fault mode reads the address
+  /// directly and lets the handler fill what is missing).
+  virtual void read_tensor(std::string_view name,
+                           const std::function<void(const std::byte*, std::uint64_t)>& visit) = 0;
+  /// The pager (guard mode only; nullptr in fault mode).
+  virtual Pager* pager() noexcept = 0;
+  /// A training step ended.
+  virtual void mark_step() = 0;
+  virtual PagerStats stats() const = 0;
+};
+
+}  // namespace lema::runtime

@@ -1,0 +1,144 @@
+// The Pager: makes pages of an AddressSpace resident under a hard memory budget.
+//
+// The physical pool is budget / page_size chunks, created once. acquire(ranges) makes every page
+// of the byte ranges resident and pins it; the returned Lease unpins them when released (with
+// the fence of their last use) or destroyed. A miss is a fault, served synchronously on the
+// calling thread: the page's extents are read through the Reader into a free chunk (through the
+// pool window, or staging + copy on a device backend), and only then is the chunk mapped at the
+// page's model address (Note [Map after fill] in pager.cpp). When no chunk is free, the policy
+// picks a victim among resident pages that are unpinned and whose last-use fences completed; a
+// chunk is never reused before that.
+//
+// Budget errors (BudgetError, with both numbers) instead of deadlocks:
+//  - a budget smaller than one page: at construction, before anything is created;
+//  - one acquire needing more pages than the pool holds: before any state changes;
+//  - an acquire that cannot succeed because the calling thread itself pins too many other pages
+//    (leases are attributed to the thread that acquired them).
+// Otherwise an acquire that finds every chunk pinned waits until a lease is released. Threads
+// that each hold leases while acquiring more can still deadlock one another when their pins
+// together leave too few chunks; callers that hold leases across acquires must keep the sum of
+// what they hold and need within the budget.
+//
+// Prefetch (PagerOptions::prefetch): a dedicated thread asks the policy for the next pages after
+// each release (the end of an access, when its pages are unpinned) and loads those not resident
+// into free chunks, or in place of the victim EvictionPolicy::prefetch_victim() names (so
+// prefetch never costs extra fetches compared to Belady; see prefetcher.cpp).
+// Its reads go through the same Reader, never under the pager's lock. An acquire of a page that
+// is being filled (by the prefetcher or another thread) waits for that fill; it counts as a hit
+// and the wait as stall time.
+//
+// Thread safety: acquire, release, fault_in, mark_step and stats may be called from any threads
+// concurrently; several threads may acquire overlapping ranges. A Lease is a move-only value that
+// may be released on another thread. The Backend and AddressSpace must outlive the Pager.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "lema/io/reader.hpp"
+#include "lema/runtime/address_space.hpp"
+#include "lema/runtime/backend.hpp"
+#include "lema/runtime/events.hpp"
+#include "lema/runtime/policy.hpp"
+#include "lema/runtime/stats.hpp"
+
+namespace lema::runtime {
+
+/// [ptr, ptr + bytes) inside the address space.
+struct ByteRange {
+  const void* ptr = nullptr;
+  std::uint64_t bytes = 0;
+};
+
+struct PagerOptions {
+  std::uint64_t budget_bytes = 0;   // the pool holds budget_bytes / page_size chunks
+  PolicyKind policy = PolicyKind::lru;
+  bool prefetch = true;             // run the prefetch thread (only useful with a predicting policy)
+  std::size_t prefetch_depth = 8;   // pages asked of predict_next() after each access
+  Access access = Access::read;     // protection of mapped pages (weights are read-only)
+  io::ReaderOptions reader;         // used when the Pager opens its own Reader
+  std::size_t event_capacity = 1u << 16;
+};
+
+class Pager;
+
+/// Pins on a set of pages. Move-only; destruction releases with an already-complete fence.
+class Lease {
+ public:
+  Lease() = default;
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  Lease(Lease&& o) noexcept;
+  Lease& operator=(Lease&& o) noexcept;
+  ~Lease();
+
+  /// The distinct pages pinned, ascending.
+  std::span<const PageId> pages() const noexcept { return pages_; }
+  bool empty() const noexcept { return pages_.empty(); }
+
+ private:
+  friend class Pager;
+  Pager* pager_ = nullptr;
+  std::vector<PageId> pages_;
+  std::thread::id owner_;
+};
+
+class Pager {
+ public:
+  /// Opens a Reader over the layout's files with options.reader.
+  Pager(AddressSpace& space, PagerOptions options);
+  /// Uses `reader` (over the layout's files, same indices). Throws BudgetError when the budget
+  /// holds less than one page, before anything is created.
+  Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptions options);
+  Pager(const Pager&) = delete;
+  Pager& operator=(const Pager&) = delete;
+  /// Stops the prefetcher and unmaps every page. Outstanding Leases must be gone.
+  ~Pager();
+
+  /// Makes every page of `ranges` resident and pinned; returns once all are mapped. Throws
+  /// BudgetError (see above), io::ReadError when a fill failed (that page stays unmapped; a
+  /// later acquire retries), InvalidArgument for a range outside the address space.
+  Lease acquire(std::span<const ByteRange> ranges);
+  Lease acquire(const void* ptr, std::uint64_t bytes);
+  Lease acquire_pages(PageRange pages);
+  /// Unpins the lease's pages; their chunks are reused only once `last_use` completed.
+  void release(Lease&& lease, Fence last_use = {});
+
+  /// For a fault handler (userfaultfd mode): makes `page` resident without pinning it. The page
+  /// may be evicted again at any time afterwards.
+  void fault_in(PageId page);
+  /// Called under the pager's lock right after a page was unmapped (its chunk not yet reused),
+  /// e.g. to zap the page in a userfaultfd region. Must not call back into the Pager. Set it
+  /// before the first acquire.
+  void set_evict_hook(std::function<void(PageId)> hook);
+
+  /// Waits until the prefetcher has nothing left to do (for tests and benchmarks that need a
+  /// deterministic pager state between accesses).
+  void quiesce();
+
+  /// A training step ended (forwarded to the policy).
+  void mark_step();
+  /// True when `page` is mapped at its model address now.
+  bool is_resident(PageId page) const;
+
+  PagerStats stats() const;
+  const EventRing& events() const noexcept;
+  const AddressSpace& space() const noexcept;
+  std::size_t chunk_count() const noexcept;
+  const char* policy_name() const noexcept;
+
+  struct State;  // defined in src/pager_state.hpp
+
+ private:
+  friend class Lease;
+  Lease acquire_sorted(std::vector<PageId> pages);  // distinct, ascending
+  void release_pins(Lease& lease, const Fence& last_use) noexcept;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace lema::runtime

@@ -1,0 +1,62 @@
+// The pager's counters: always on, one relaxed atomic each, read as a snapshot.
+//
+// Counting rules:
+//  - an access to a page is either a fault (the caller filled it) or a hit (it was resident, or
+//    another thread or the prefetcher was filling it: the caller waited, which is added to
+//    stall_ns, but did not read);
+//  - prefetches_used: a prefetched page that was then accessed (also a hit);
+//    prefetches_wasted: a prefetched page evicted before any access;
+//  - peak_resident_bytes: the most pages ever mapped at once × page size; never above
+//    budget_bytes.
+//
+// Thread safety: PagerCounters members may be updated from any thread; snapshot() is not atomic
+// across counters (each value is exact, their sum may be mid-update).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+namespace lema::runtime {
+
+struct PagerStats {
+  std::uint64_t faults = 0;
+  std::uint64_t hits = 0;
+  std::uint64_t prefetches_issued = 0;
+  std::uint64_t prefetches_used = 0;
+  std::uint64_t prefetches_wasted = 0;
+  std::uint64_t bytes_read = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t stall_ns = 0;
+  std::uint64_t resident_bytes = 0;
+  std::uint64_t peak_resident_bytes = 0;
+  std::uint64_t budget_bytes = 0;  // chunk count × page size (the pool actually created)
+  std::uint64_t page_size = 0;
+  std::string io_path;  // Reader::path_name()
+};
+
+class PagerCounters {
+ public:
+  std::atomic<std::uint64_t> faults{0};
+  std::atomic<std::uint64_t> hits{0};
+  std::atomic<std::uint64_t> prefetches_issued{0};
+  std::atomic<std::uint64_t> prefetches_used{0};
+  std::atomic<std::uint64_t> prefetches_wasted{0};
+  std::atomic<std::uint64_t> bytes_read{0};
+  std::atomic<std::uint64_t> evictions{0};
+  std::atomic<std::uint64_t> stall_ns{0};
+  std::atomic<std::uint64_t> resident_pages{0};
+  std::atomic<std::uint64_t> peak_resident_pages{0};
+
+  void add(std::atomic<std::uint64_t>& counter, std::uint64_t v = 1) noexcept {
+    counter.fetch_add(v, std::memory_order_relaxed);
+  }
+  /// One more page mapped: updates the peak.
+  void page_mapped() noexcept;
+  void page_unmapped() noexcept { resident_pages.fetch_sub(1, std::memory_order_relaxed); }
+
+  PagerStats snapshot(std::uint64_t page_size, std::uint64_t budget_bytes,
+                      std::string io_path) const;
+};
+
+}  // namespace lema::runtime

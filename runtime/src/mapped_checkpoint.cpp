@@ -1,0 +1,90 @@
+// MappedCheckpoint: mode selection and the guard-mode implementation.
+#include "lema/runtime/mapped_checkpoint.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "lema/base/error.hpp"
+#include "lema/runtime/backend.hpp"
+#include "lema/runtime/layout.hpp"
+#include "mapped_checkpoint_fault.hpp"
+
+namespace lema::runtime {
+
+std::optional<ResidencyMode> parse_residency_mode(std::string_view name) {
+  if (name == "guard") return ResidencyMode::guard;
+  if (name == "fault") return ResidencyMode::fault;
+  return std::nullopt;
+}
+
+std::string_view residency_mode_name(ResidencyMode mode) {
+  return mode == ResidencyMode::guard ? "guard" : "fault";
+}
+
+namespace {
+
+class GuardedCheckpoint final : public MappedCheckpoint {
+ public:
+  GuardedCheckpoint(io::Checkpoint checkpoint, MappedCheckpointOptions options,
+                    std::string fallback_reason)
+      : checkpoint_(std::move(checkpoint)),
+        backend_(make_host_backend()),
+        space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
+                                                                       backend_->granularity()))),
+        pager_(space_, PagerOptions{.budget_bytes = options.budget_bytes,
+                                    .policy = options.policy,
+                                    .prefetch = options.prefetch,
+                                    .reader = options.reader}),
+        fallback_reason_(std::move(fallback_reason)) {}
+
+  const io::Checkpoint& checkpoint() const noexcept override { return checkpoint_; }
+  const Layout& layout() const noexcept override { return space_.layout(); }
+  ResidencyMode mode() const noexcept override { return ResidencyMode::guard; }
+  const std::string& fallback_reason() const noexcept override { return fallback_reason_; }
+  TensorAddress tensor(std::string_view name) const override { return space_.tensor(name); }
+  Pager* pager() noexcept override { return &pager_; }
+  void mark_step() override { pager_.mark_step(); }
+  PagerStats stats() const override { return pager_.stats(); }
+
+  void read_tensor(std::string_view name,
+                   const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
+    const TensorAddress t = space_.tensor(name);
+    // Half the pool per piece leaves the other half to the prefetcher.
+    const std::uint64_t page = space_.page_size();
+    const std::uint64_t piece_pages = std::max<std::uint64_t>(1, pager_.chunk_count() / 2);
+    std::uint64_t done = 0;
+    while (done < t.nbytes) {
+      const std::byte* at = t.data + done;
+      const std::uint64_t in_page = static_cast<std::uint64_t>(at - space_.base()) % page;
+      const std::uint64_t n = std::min(t.nbytes - done, piece_pages * page - in_page);
+      Lease lease = pager_.acquire(at, n);
+      visit(at, n);
+      pager_.release(std::move(lease));
+      done += n;
+    }
+  }
+
+ private:
+  io::Checkpoint checkpoint_;
+  std::unique_ptr<Backend> backend_;
+  AddressSpace space_;
+  Pager pager_;
+  std::string fallback_reason_;
+};
+
+}  // namespace
+
+std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::path& path,
+                                                         MappedCheckpointOptions options) {
+  io::Checkpoint checkpoint = io::Checkpoint::open(path);
+  std::string fallback;
+  if (options.mode == ResidencyMode::fault) {
+    fallback = detail::fault_mode_unavailable_reason();
+    if (fallback.empty()) return detail::open_fault_mode(std::move(checkpoint), options);
+    spdlog::warn("fault mode is not available ({}); using guard mode", fallback);
+  }
+  return std::make_unique<GuardedCheckpoint>(std::move(checkpoint), options, std::move(fallback));
+}
+
+}  // namespace lema::runtime

@@ -1,0 +1,18 @@
+// The fault-mode MappedCheckpoint (userfaultfd), kept apart from the guard-mode one.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "lema/io/checkpoint.hpp"
+#include "lema/runtime/mapped_checkpoint.hpp"
+
+namespace lema::runtime::detail {
+
+/// Empty when userfaultfd can be used here, otherwise why not.
+std::string fault_mode_unavailable_reason();
+
+std::unique_ptr<MappedCheckpoint> open_fault_mode(io::Checkpoint checkpoint,
+                                                  const MappedCheckpointOptions& options);
+
+}  // namespace lema::runtime::detail

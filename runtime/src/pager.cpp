@@ -1,0 +1,211 @@
+// Pager construction and teardown, leases, release and the small queries.
+#include "lema/runtime/pager.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <string>
+
+#include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
+#include "pager_state.hpp"
+
+namespace lema::runtime {
+
+// ---- Lease ----
+
+Lease::Lease(Lease&& o) noexcept
+    : pager_(std::exchange(o.pager_, nullptr)),
+      pages_(std::move(o.pages_)),
+      owner_(o.owner_) {
+  o.pages_.clear();
+}
+
+Lease& Lease::operator=(Lease&& o) noexcept {
+  if (this != &o) {
+    if (pager_ != nullptr) pager_->release_pins(*this, Fence{});
+    pager_ = std::exchange(o.pager_, nullptr);
+    pages_ = std::move(o.pages_);
+    o.pages_.clear();
+    owner_ = o.owner_;
+  }
+  return *this;
+}
+
+Lease::~Lease() {
+  if (pager_ != nullptr) pager_->release_pins(*this, Fence{});
+}
+
+// ---- Pager ----
+
+namespace {
+
+std::unique_ptr<io::Reader> open_reader(const AddressSpace& space, const PagerOptions& options) {
+  return io::Reader::open(space.layout().files(), options.reader);
+}
+
+}  // namespace
+
+Pager::Pager(AddressSpace& space, PagerOptions options)
+    : Pager(space, nullptr, std::move(options)) {}
+
+Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptions options) {
+  const std::uint64_t page_size = space.page_size();
+  // Checked before anything is created.
+  if (options.budget_bytes < page_size) {
+    throw BudgetError("budget " + format_size(options.budget_bytes) + " (" +
+                      std::to_string(options.budget_bytes) + " bytes) is smaller than one page (" +
+                      format_size(page_size) + "); raise --budget or lower --page-size");
+  }
+  auto s = std::make_unique<State>(options.event_capacity);
+  s->space = &space;
+  s->backend = &space.backend();
+  s->layout = &space.layout();
+  s->page_size = page_size;
+  // More chunks than pages would never be used: the pool is capped at the model's size.
+  s->chunk_count = static_cast<std::size_t>(std::min<std::uint64_t>(
+      options.budget_bytes / page_size, std::max<std::size_t>(space.page_count(), 1)));
+  s->options = std::move(options);
+  s->reader = reader ? std::move(reader) : open_reader(space, s->options);
+  s->io_path = s->reader->path_name();
+  s->pool = s->backend->create_pool(s->chunk_count, page_size);
+  s->pages.resize(space.page_count());
+  s->chunk_owner.assign(s->chunk_count, kNoPage);
+  s->free_chunks.reserve(s->chunk_count);
+  // Handed out from the back: chunk 0 first.
+  for (std::size_t c = s->chunk_count; c-- > 0;) s->free_chunks.push_back(static_cast<std::uint32_t>(c));
+  s->policy = make_policy(s->options.policy, space.page_count());
+  spdlog::debug("pager: {} pages of {}, pool of {} chunks ({}), policy {}, io {}",
+                space.page_count(), format_size(page_size), s->chunk_count,
+                format_size(s->chunk_count * page_size), s->policy->name(), s->io_path);
+  state_ = std::move(s);
+  if (state_->options.prefetch) {
+    state_->prefetch_thread = std::thread([st = state_.get()] { run_prefetcher(*st); });
+  }
+}
+
+Pager::~Pager() {
+  State& s = *state_;
+  {
+    std::lock_guard lock(s.mutex);
+    s.stopping = true;
+  }
+  s.prefetch_cv.notify_all();
+  if (s.prefetch_thread.joinable()) s.prefetch_thread.join();
+  // Unmap what is still mapped so the reservation holds no reference to the pool's memory.
+  std::lock_guard lock(s.mutex);
+  for (PageId p = 0; p < s.pages.size(); ++p) {
+    PageEntry& e = s.pages[p];
+    if (e.state != PageState::resident) continue;
+    for (const Fence& f : e.fences) s.backend->wait_fence(f);
+    try {
+      s.backend->unmap(s.space->page_address(p), s.page_size);
+    } catch (const std::exception& ex) {
+      spdlog::warn("pager: unmapping page {} at teardown failed: {}", p, ex.what());
+    }
+    s.counters.page_unmapped();
+    e.state = PageState::absent;
+  }
+}
+
+void Pager::release(Lease&& lease, Fence last_use) {
+  LEMA_EXPECTS(lease.pager_ == nullptr || lease.pager_ == this,
+               "release: the lease belongs to another pager");
+  release_pins(lease, last_use);
+}
+
+void Pager::release_pins(Lease& lease, const Fence& last_use) noexcept {
+  if (lease.pager_ == nullptr) return;
+  State& s = *state_;
+  bool wake = false;
+  bool prefetch = false;
+  {
+    std::lock_guard lock(s.mutex);
+    const bool pending = !last_use.trivially_complete() && !s.backend->fence_complete(last_use);
+    auto mine = s.pins_by_thread.find(lease.owner_);
+    for (PageId p : lease.pages_) {
+      PageEntry& e = s.pages[p];
+      if (e.pins > 0) --e.pins;
+      if (pending) e.fences.push_back(last_use);
+      if (mine != s.pins_by_thread.end()) {
+        auto it = mine->second.find(p);
+        if (it != mine->second.end() && --it->second == 0) mine->second.erase(it);
+      }
+    }
+    if (mine != s.pins_by_thread.end() && mine->second.empty()) s.pins_by_thread.erase(mine);
+    wake = s.waiters > 0;
+    // A chunk may have become usable for a pending prediction.
+    prefetch = prefetch_useful(s);
+    if (prefetch) s.prefetch_wanted = true;
+  }
+  if (wake) s.changed.notify_all();
+  if (prefetch) s.prefetch_cv.notify_one();
+  lease.pager_ = nullptr;
+  lease.pages_.clear();
+}
+
+void Pager::fault_in(PageId page) {
+  LEMA_EXPECTS(page < state_->pages.size(), "fault_in: page " + std::to_string(page) +
+                                                " is outside the address space");
+  Lease lease = acquire_pages({page, 1});
+  release(std::move(lease));
+}
+
+void Pager::set_evict_hook(std::function<void(PageId)> hook) {
+  std::lock_guard lock(state_->mutex);
+  state_->evict_hook = std::move(hook);
+}
+
+void Pager::quiesce() {
+  State& s = *state_;
+  std::unique_lock lock(s.mutex);
+  wait_changed(s, lock, [&] { return s.stopping || (!s.prefetch_wanted && !s.prefetch_busy); });
+}
+
+void Pager::mark_step() {
+  std::lock_guard lock(state_->mutex);
+  state_->policy->mark_step();
+}
+
+bool Pager::is_resident(PageId page) const {
+  std::lock_guard lock(state_->mutex);
+  return page < state_->pages.size() && state_->pages[page].state == PageState::resident;
+}
+
+PagerStats Pager::stats() const {
+  return state_->counters.snapshot(state_->page_size, state_->options.budget_bytes,
+                                   state_->io_path);
+}
+
+const EventRing& Pager::events() const noexcept { return state_->events; }
+const AddressSpace& Pager::space() const noexcept { return *state_->space; }
+std::size_t Pager::chunk_count() const noexcept { return state_->chunk_count; }
+const char* Pager::policy_name() const noexcept {
+  return state_->options.policy == PolicyKind::trace ? "trace" : "lru";
+}
+
+// ---- shared helpers ----
+
+void publish_fills(Pager::State& s, std::span<const FillClaim> claims) {
+  for (const FillClaim& c : claims) {
+    PageEntry& e = s.pages[c.page];
+    if (c.error) {
+      // The page stays unmapped and its chunk goes back to the free list; a later acquire
+      // retries the read.
+      e.state = PageState::absent;
+      e.prefetched = false;
+      s.chunk_owner[c.chunk] = kNoPage;
+      s.free_chunks.push_back(c.chunk);
+    } else {
+      e.state = PageState::resident;
+      s.policy->on_resident(c.page);
+    }
+  }
+}
+
+void record_event(Pager::State& s, EventKind kind, PageId first, std::uint32_t count,
+                  std::uint64_t bytes, std::uint64_t start_ns, std::uint64_t duration_ns) {
+  s.events.record(Event{start_ns, kind, first, count, bytes, duration_ns});
+}
+
+}  // namespace lema::runtime

@@ -1,0 +1,67 @@
+// Victim choice and eviction. Every function here runs under Pager::State::mutex.
+#include <algorithm>
+
+#include "pager_state.hpp"
+
+namespace lema::runtime {
+
+bool evictable(Pager::State& s, PageId page) {
+  PageEntry& e = s.pages[page];
+  if (e.state != PageState::resident || e.pins != 0) return false;
+  // Note [Fenced reuse]: a chunk is reused only once the last use of its page completed on the
+  // device; unmapping under a running kernel would let it read another page's bytes.
+  std::erase_if(e.fences, [&](const Fence& f) { return s.backend->fence_complete(f); });
+  return e.fences.empty();
+}
+
+void collect_candidates(Pager::State& s, std::span<const PageId> exclude,
+                        std::vector<PageId>& ready, std::vector<PageId>* fenced) {
+  ready.clear();
+  if (fenced != nullptr) fenced->clear();
+  // The resident set is exactly the owners of the chunks: O(chunks), not O(pages).
+  for (PageId page : s.chunk_owner) {
+    if (page == kNoPage) continue;
+    const PageEntry& e = s.pages[page];
+    if (e.state != PageState::resident || e.pins != 0) continue;
+    if (std::binary_search(exclude.begin(), exclude.end(), page)) continue;
+    if (evictable(s, page)) {
+      ready.push_back(page);
+    } else if (fenced != nullptr) {
+      fenced->push_back(page);
+    }
+  }
+}
+
+std::uint32_t evict_page(Pager::State& s, PageId page) {
+  PageEntry& e = s.pages[page];
+  const std::uint64_t start = now_ns();
+  s.backend->unmap(s.space->page_address(page), s.page_size);
+  s.counters.page_unmapped();
+  s.counters.add(s.counters.evictions);
+  if (e.prefetched) s.counters.add(s.counters.prefetches_wasted);
+  const std::uint32_t chunk = e.chunk;
+  e.state = PageState::absent;
+  e.prefetched = false;
+  e.fences.clear();
+  s.chunk_owner[chunk] = kNoPage;
+  s.policy->on_evicted(page);
+  if (s.evict_hook) s.evict_hook(page);
+  record_event(s, EventKind::evict, page, 1, s.page_size, start, now_ns() - start);
+  return chunk;
+}
+
+std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates) {
+  if (!s.free_chunks.empty()) {
+    const std::uint32_t chunk = s.free_chunks.back();
+    s.free_chunks.pop_back();
+    return chunk;
+  }
+  const PageId victim = s.policy->choose_victim(candidates);
+  auto it = std::find(candidates.begin(), candidates.end(), victim);
+  if (it == candidates.end()) it = candidates.begin();  // a policy bug must not break the pool
+  const PageId chosen = *it;
+  candidates.erase(it);
+  return evict_page(s, chosen);
+}
+
+}  // namespace lema::runtime

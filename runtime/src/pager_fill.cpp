@@ -1,0 +1,98 @@
+// Filling chunks from the checkpoint files and mapping them. Runs without the pager's lock: a
+// page in the `filling` state belongs to the one thread that claimed it, and so do its chunk and
+// its (unmapped) model address.
+#include <cstring>
+
+#include "pager_state.hpp"
+
+namespace lema::runtime {
+namespace {
+
+// Zeroes the parts of the page no extent covers (gaps between tensors, the tail): a reused
+// chunk still holds its previous page's bytes.
+void zero_gaps(std::span<const FillExtent> extents, std::byte* page, std::uint64_t page_size) {
+  std::uint64_t cursor = 0;
+  for (const FillExtent& e : extents) {
+    if (e.page_offset > cursor) std::memset(page + cursor, 0, e.page_offset - cursor);
+    cursor = e.page_offset + e.length;
+  }
+  if (cursor < page_size) std::memset(page + cursor, 0, page_size - cursor);
+}
+
+std::vector<io::ReadRequest> requests_for(const Layout& layout, PageId page, std::byte* dest) {
+  std::vector<io::ReadRequest> batch;
+  for (const FillExtent& e : layout.extents(page))
+    batch.push_back({e.file, e.file_offset, e.length, dest + e.page_offset});
+  return batch;
+}
+
+std::unique_ptr<StagingBuffer> take_staging(Pager::State& s) {
+  {
+    std::lock_guard lock(s.staging_mutex);
+    if (!s.staging_free.empty()) {
+      auto b = std::move(s.staging_free.back());
+      s.staging_free.pop_back();
+      return b;
+    }
+  }
+  return s.backend->allocate_staging(s.page_size);
+}
+
+void give_back_staging(Pager::State& s, std::unique_ptr<StagingBuffer> b) {
+  std::lock_guard lock(s.staging_mutex);
+  s.staging_free.push_back(std::move(b));
+}
+
+}  // namespace
+
+void fill_and_map(Pager::State& s, std::span<FillClaim> claims) {
+  const Layout& layout = *s.layout;
+  // Host-visible pools are filled in place through the pool window; device pools through a
+  // staging buffer and a copy on the backend's copy queue.
+  std::vector<std::unique_ptr<StagingBuffer>> staging(claims.size());
+  std::vector<io::ReadTicket> tickets(claims.size());
+  for (std::size_t i = 0; i < claims.size(); ++i) {
+    FillClaim& c = claims[i];
+    try {
+      std::byte* dest = s.pool->window(c.chunk);
+      if (dest == nullptr) {
+        staging[i] = take_staging(s);
+        dest = staging[i]->bytes().data();
+      }
+      zero_gaps(layout.extents(c.page), dest, s.page_size);
+      // All pages' reads are in flight together; they complete in any order.
+      tickets[i] = s.reader->submit(requests_for(layout, c.page, dest));
+    } catch (...) {
+      c.error = std::current_exception();
+    }
+  }
+  for (std::size_t i = 0; i < claims.size(); ++i) {
+    FillClaim& c = claims[i];
+    if (c.error) continue;
+    try {
+      tickets[i].wait();
+      if (staging[i]) {
+        const Fence copied = s.backend->copy_to_chunk(
+            *s.pool, c.chunk, 0, std::span<const std::byte>(staging[i]->bytes().data(), s.page_size));
+        s.backend->wait_fence(copied);
+      }
+      // Note [Map after fill]: the page appears at its model address only now that every byte
+      // of it is in the chunk, so no reader of the model address can ever see a partial page.
+      // Counted before the map so the peak can never miss a mapped page.
+      s.counters.page_mapped();
+      try {
+        s.backend->map(*s.pool, c.chunk, s.space->page_address(c.page), s.options.access);
+      } catch (...) {
+        s.counters.page_unmapped();
+        throw;
+      }
+      s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(c.page));
+    } catch (...) {
+      c.error = std::current_exception();
+    }
+  }
+  for (auto& b : staging)
+    if (b) give_back_staging(s, std::move(b));
+}
+
+}  // namespace lema::runtime

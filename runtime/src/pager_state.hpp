@@ -1,0 +1,142 @@
+// Internals of the Pager, shared by the files that implement it by concern:
+//   pager.cpp          construction, destruction, leases, release, small queries
+//   pager_acquire.cpp  acquire: the page table walk, waiting, budget checks
+//   pager_fill.cpp     reading pages into chunks and mapping them (IO, outside the lock)
+//   pager_evict.cpp    victim choice and eviction (under the lock)
+//   prefetcher.cpp     the prefetch thread
+//
+// Lock order: State::mutex (the page table, the chunk table, the policy, the per-thread pin
+// records) may be held while calling the Backend's map/unmap/fence queries and the policy.
+// State::staging_mutex is a leaf, never held while taking State::mutex. No IO (Reader waits) and
+// no fence wait ever happens under State::mutex.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "lema/runtime/pager.hpp"
+
+namespace lema::runtime {
+
+inline constexpr PageId kNoPage = std::numeric_limits<PageId>::max();
+
+enum class PageState : std::uint8_t {
+  absent,    // not mapped; no chunk
+  filling,   // owns a chunk being filled by one thread; not mapped yet (Note [Map after fill])
+  resident,  // mapped at its model address
+};
+
+struct PageEntry {
+  PageState state = PageState::absent;
+  bool prefetched = false;  // filled by the prefetcher and not accessed since
+  std::uint32_t chunk = 0;  // valid unless absent
+  std::uint32_t pins = 0;
+  std::vector<Fence> fences;  // last-use fences not yet seen complete
+};
+
+/// A page given a chunk to fill, and the outcome.
+struct FillClaim {
+  PageId page = 0;
+  std::uint32_t chunk = 0;
+  std::exception_ptr error;  // set when the read or the map failed
+};
+
+struct Pager::State {
+  AddressSpace* space = nullptr;
+  Backend* backend = nullptr;
+  const Layout* layout = nullptr;
+  PagerOptions options;
+  std::uint64_t page_size = 0;
+  std::size_t chunk_count = 0;
+  std::unique_ptr<io::Reader> reader;
+  std::string io_path;
+  std::unique_ptr<PhysicalPool> pool;
+
+  PagerCounters counters;
+  EventRing events;
+
+  // ---- guarded by mutex ----
+  std::mutex mutex;
+  std::condition_variable changed;  // a fill finished, or pins/fences were released
+  std::uint32_t waiters = 0;        // threads blocked on `changed` (notify only when > 0)
+  std::vector<PageEntry> pages;
+  std::vector<PageId> chunk_owner;  // kNoPage when the chunk is free
+  std::vector<std::uint32_t> free_chunks;
+  std::unique_ptr<EvictionPolicy> policy;
+  // Pins per acquiring thread, to refuse (instead of waiting forever) an acquire that the
+  // caller's own leases make impossible.
+  std::unordered_map<std::thread::id, std::unordered_map<PageId, std::uint32_t>> pins_by_thread;
+  std::function<void(PageId)> evict_hook;
+  bool prefetch_wanted = false;
+  bool prefetch_busy = false;  // the prefetcher claimed pages and is filling them
+  bool stopping = false;
+  std::condition_variable prefetch_cv;
+
+  // ---- guarded by staging_mutex (device backends only) ----
+  std::mutex staging_mutex;
+  std::vector<std::unique_ptr<StagingBuffer>> staging_free;
+
+  std::thread prefetch_thread;
+
+  explicit State(std::size_t event_capacity) : events(event_capacity) {}
+};
+
+// ---- pager_evict.cpp (caller holds State::mutex) ----
+
+/// True when `page` is resident, unpinned and all its last-use fences completed (completed
+/// fences are dropped on the way).
+bool evictable(Pager::State& s, PageId page);
+/// Resident unpinned pages not in `exclude` (sorted), split by fence completion.
+void collect_candidates(Pager::State& s, std::span<const PageId> exclude,
+                        std::vector<PageId>& ready, std::vector<PageId>* fenced);
+/// Unmaps `page`, frees nothing: returns its chunk to the caller.
+std::uint32_t evict_page(Pager::State& s, PageId page);
+/// A free chunk, or the chunk of a victim the policy chose among `candidates` (non-empty when
+/// no chunk is free). Removes the victim from `candidates`.
+std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates);
+
+// ---- pager_fill.cpp (caller holds no lock) ----
+
+/// Reads each claim's page into its chunk and maps it at the model address. Errors are stored
+/// per claim; never throws.
+void fill_and_map(Pager::State& s, std::span<FillClaim> claims);
+
+// ---- pager_acquire.cpp / pager.cpp (caller holds State::mutex) ----
+
+/// Publishes the outcome of fills: resident pages, or absent with the chunk freed.
+void publish_fills(Pager::State& s, std::span<const FillClaim> claims);
+void record_event(Pager::State& s, EventKind kind, PageId first, std::uint32_t count,
+                  std::uint64_t bytes, std::uint64_t start_ns, std::uint64_t duration_ns);
+
+/// Blocks on State::changed (lock held), counting the waiter.
+template <typename Pred>
+void wait_changed(Pager::State& s, std::unique_lock<std::mutex>& lock, Pred pred) {
+  ++s.waiters;
+  s.changed.wait(lock, pred);
+  --s.waiters;
+}
+inline void wait_changed(Pager::State& s, std::unique_lock<std::mutex>& lock) {
+  ++s.waiters;
+  s.changed.wait(lock);
+  --s.waiters;
+}
+/// Whether the prefetch thread has anything to do after an access (lock held).
+inline bool prefetch_useful(const Pager::State& s) {
+  return s.options.prefetch && s.policy->has_prediction();
+}
+
+// ---- prefetcher.cpp ----
+void run_prefetcher(Pager::State& s);
+
+}  // namespace lema::runtime

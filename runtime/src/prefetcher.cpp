@@ -1,0 +1,92 @@
+// The prefetch thread: after accesses, loads the pages the policy predicts next.
+//
+// Note [Prefetch never costs a fetch]: predicted pages are taken soonest first and loaded into a
+// free chunk, or in place of the victim EvictionPolicy::prefetch_victim() names: the page
+// Belady's MIN evicts when the predicted page is next used, and only when evicting it already
+// now costs no extra fetch (in particular its next use is later than the page's). At the first
+// page without such a victim the prefetcher stops. Prefetching thus fetches what MIN fetches,
+// only earlier.
+#include <algorithm>
+
+#include "pager_state.hpp"
+
+namespace lema::runtime {
+namespace {
+
+// Claims chunks for predicted pages; caller holds the lock.
+std::vector<FillClaim> claim_predictions(Pager::State& s) {
+  std::vector<FillClaim> claims;
+  const std::vector<PageId> predicted = s.policy->predict_next(s.options.prefetch_depth);
+  if (predicted.empty()) return claims;
+  std::vector<PageId> ready;
+  bool collected = false;
+  for (PageId p : predicted) {
+    if (p >= s.pages.size()) continue;
+    PageEntry& e = s.pages[p];
+    if (e.state != PageState::absent) continue;
+    std::uint32_t chunk;
+    if (!s.free_chunks.empty()) {
+      chunk = s.free_chunks.back();
+      s.free_chunks.pop_back();
+    } else {
+      if (!collected) {
+        collect_candidates(s, {}, ready, nullptr);
+        collected = true;
+      }
+      // Predictions come soonest first: once no swap is free of extra fetches, stop.
+      const std::optional<PageId> victim = s.policy->prefetch_victim(p, ready);
+      if (!victim) break;
+      const auto it = std::find(ready.begin(), ready.end(), *victim);
+      if (it == ready.end()) break;  // not a candidate (pinned, fenced): never evict it
+      ready.erase(it);
+      chunk = evict_page(s, *victim);
+    }
+    e.state = PageState::filling;
+    e.chunk = chunk;
+    e.prefetched = true;
+    s.chunk_owner[chunk] = p;
+    claims.push_back({p, chunk, nullptr});
+  }
+  return claims;
+}
+
+}  // namespace
+
+void run_prefetcher(Pager::State& s) {
+  std::unique_lock lock(s.mutex);
+  for (;;) {
+    s.prefetch_cv.wait(lock, [&] { return s.stopping || s.prefetch_wanted; });
+    if (s.stopping) return;
+    s.prefetch_wanted = false;
+    std::vector<FillClaim> claims = claim_predictions(s);
+    if (claims.empty()) {
+      if (s.waiters > 0) s.changed.notify_all();  // quiesce() waits for this
+      continue;
+    }
+    s.prefetch_busy = true;
+    lock.unlock();
+
+    const std::uint64_t start = now_ns();
+    s.counters.add(s.counters.prefetches_issued, claims.size());
+    for (const FillClaim& c : claims)
+      record_event(s, EventKind::prefetch_issued, c.page, 1, s.layout->page_fill_bytes(c.page),
+                   start, 0);
+    // IO without the lock: hits on other pages proceed meanwhile.
+    fill_and_map(s, claims);
+    const std::uint64_t took = now_ns() - start;
+    for (const FillClaim& c : claims) {
+      if (!c.error)
+        record_event(s, EventKind::prefetch_done, c.page, 1, s.layout->page_fill_bytes(c.page),
+                     start, took);
+    }
+
+    lock.lock();
+    publish_fills(s, claims);
+    s.prefetch_busy = false;
+    // More may be predictable now (the prediction window moved, chunks freed).
+    s.prefetch_wanted = prefetch_useful(s);
+    if (s.waiters > 0) s.changed.notify_all();
+  }
+}
+
+}  // namespace lema::runtime

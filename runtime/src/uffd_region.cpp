@@ -1,0 +1,375 @@
+// userfaultfd demand paging of an anonymous range (see detail/uffd_region.hpp).
+#include "detail/uffd_region.hpp"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "lema/base/error.hpp"
+#include "lema/base/unique_fd.hpp"
+
+namespace lema::runtime::detail {
+namespace {
+
+/// Move-only owner of an anonymous private mapping.
+class AnonMapping {
+ public:
+  AnonMapping() = default;
+  explicit AnonMapping(std::size_t bytes) : bytes_(bytes) {
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail("mmap of the userfaultfd range", errno);
+    data_ = static_cast<std::byte*>(p);
+  }
+  AnonMapping(AnonMapping&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  AnonMapping& operator=(AnonMapping&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data_ = std::exchange(o.data_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  ~AnonMapping() { reset(); }
+  std::byte* data() const { return data_; }
+  std::size_t size() const { return bytes_; }
+
+ private:
+  static void fail(const char* what, int err) {
+    throw SystemError(std::string(what) + " failed: " + std::strerror(err), err);
+  }
+  void reset() noexcept {
+    if (data_ != nullptr) ::munmap(data_, bytes_);
+    data_ = nullptr;
+  }
+  std::byte* data_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+struct OpenedUffd {
+  UniqueFd fd;
+  bool kernel_faults = false;
+  int error = 0;  // errno of the most telling failure when fd is empty
+};
+
+// The most capable way first: without UFFD_USER_MODE_ONLY, faults from syscalls reading the
+// range are served too; that needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1.
+OpenedUffd open_uffd() {
+  OpenedUffd out;
+  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (fd >= 0) return {UniqueFd(fd), true, 0};
+  out.error = errno;
+#ifdef UFFD_USER_MODE_ONLY
+  fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+  if (fd >= 0) return {UniqueFd(fd), false, 0};
+#endif
+#ifdef USERFAULTFD_IOC_NEW
+  // /dev/userfaultfd grants userfaultfd through file permissions, past the sysctl.
+  UniqueFd dev(::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC));
+  if (dev) {
+    fd = ::ioctl(dev.get(), USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0) return {UniqueFd(fd), true, 0};
+  }
+#endif
+  return out;
+}
+
+std::string explain(int err) {
+  switch (err) {
+    case EPERM:
+    case EACCES:
+      return "userfaultfd is not permitted for this process (vm.unprivileged_userfaultfd is 0 "
+             "and the process lacks CAP_SYS_PTRACE, or a seccomp filter such as a container's "
+             "refuses it); use --mode guard, or allow it with `sysctl "
+             "vm.unprivileged_userfaultfd=1`";
+    case ENOSYS:
+      return "this kernel has no userfaultfd (CONFIG_USERFAULTFD is off, or a seccomp filter "
+             "hides the system call); use --mode guard";
+    default:
+      return std::string("userfaultfd failed: ") + std::strerror(err) + "; use --mode guard";
+  }
+}
+
+/// API handshake and MISSING-mode registration of [data, data + bytes); returns errno or 0.
+int handshake_and_register(int fd, std::byte* data, std::size_t bytes) {
+  uffdio_api api{};
+  api.api = UFFD_API;
+  if (::ioctl(fd, UFFDIO_API, &api) != 0) return errno;
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<std::uintptr_t>(data);
+  reg.range.len = bytes;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) return errno;
+  if ((reg.ioctls & (std::uint64_t{1} << _UFFDIO_COPY)) == 0) return EOPNOTSUPP;
+  return 0;
+}
+
+}  // namespace
+
+struct UffdRegion::State {
+  Options options;
+  std::size_t system_page = 0;
+  AnonMapping range;
+  AnonMapping staging;  // one page; page-aligned as UFFDIO_COPY wants its source
+  UniqueFd uffd;
+  UniqueFd stop;  // eventfd: written once to end the handler thread
+  bool kernel_faults = false;
+
+  mutable std::mutex mutex;  // guards everything below; callbacks run under it
+  std::vector<std::uint8_t> resident;
+  std::vector<PageId> fill_order;  // resident pages, oldest fill first
+  Stats stats;
+  std::string first_error;
+
+  std::thread handler;
+
+  std::byte* page_address(PageId page) const {
+    return range.data() + static_cast<std::size_t>(page) * options.page_size;
+  }
+
+  void record_error(const std::string& what) {
+    ++stats.fill_errors;
+    if (first_error.empty()) first_error = what;
+  }
+
+  void wake(PageId page) {
+    uffdio_range r{};
+    r.start = reinterpret_cast<std::uintptr_t>(page_address(page));
+    r.len = options.page_size;
+    LEMA_SYS_TRY(::ioctl(uffd.get(), UFFDIO_WAKE, &r));
+  }
+
+  void zap(PageId page) {
+    LEMA_SYS_TRY(::madvise(page_address(page), options.page_size, MADV_DONTNEED));
+    resident[page] = 0;
+    std::erase(fill_order, page);
+    ++stats.evictions;
+    --stats.resident_pages;
+  }
+
+  void evict_for(PageId incoming) {
+    PageId victim = fill_order.front();
+    if (options.choose_victim) {
+      const PageId chosen = options.choose_victim(fill_order);
+      // A chooser outside the resident set must not break the budget: keep the default.
+      if (chosen < options.page_count && resident[chosen] != 0 && chosen != incoming)
+        victim = chosen;
+    }
+    zap(victim);
+  }
+
+  /// Installs the staging page at `page` without waking; retries what the kernel asks to.
+  void copy_in(PageId page) {
+    std::size_t done = 0;
+    while (done < options.page_size) {
+      uffdio_copy c{};
+      c.dst = reinterpret_cast<std::uintptr_t>(page_address(page) + done);
+      c.src = reinterpret_cast<std::uintptr_t>(staging.data() + done);
+      c.len = options.page_size - done;
+      c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+      if (::ioctl(uffd.get(), UFFDIO_COPY, &c) == 0) return;
+      const int err = errno;
+      if (c.copy > 0) done += static_cast<std::size_t>(c.copy);
+      if (err == EAGAIN) continue;  // the mapping changed under the copy: copy the rest again
+      if (err == EEXIST) {          // that system page is in already (an earlier partial copy)
+        done += system_page;
+        continue;
+      }
+      ::lema::detail::throw_system_error(__FILE__, __LINE__, "ioctl(UFFDIO_COPY)", err);
+    }
+  }
+
+  // Note [Fill errors]
+  // ~~~~~~~~~~~~~~~~~~
+  // A faulting thread cannot be handed an error: it waits in the kernel until its page exists.
+  // Installing anything but the page's bytes would show wrong bytes at its address, so a failed
+  // fill makes the page inaccessible instead and wakes the thread, which then gets SIGSEGV at
+  // that address; the error is kept for first_error(). Callers that can fail softly read
+  // through guard mode.
+  void poison(PageId page) noexcept {
+    ::mprotect(page_address(page), options.page_size, PROT_NONE);
+    try {
+      wake(page);
+    } catch (...) {
+    }
+  }
+
+  /// Makes `page` resident; false when it already was. Caller holds `mutex`. A fill error is
+  /// rethrown for a prefetch; for a fault the page is poisoned (Note [Fill errors]).
+  bool install(PageId page, bool for_fault) {
+    if (resident[page] != 0) return false;
+    if (fill_order.size() >= options.budget_pages) evict_for(page);
+    try {
+      options.fill(page, staging.data());
+    } catch (const std::exception& e) {
+      if (!for_fault) throw;
+      record_error("filling page " + std::to_string(page) + ": " + e.what());
+      poison(page);
+      return false;
+    }
+    copy_in(page);
+    resident[page] = 1;
+    fill_order.push_back(page);
+    stats.peak_resident_pages = std::max(stats.peak_resident_pages, ++stats.resident_pages);
+    wake(page);
+    return true;
+  }
+
+  void serve_fault(std::uintptr_t address) {
+    const auto base = reinterpret_cast<std::uintptr_t>(range.data());
+    const auto page = static_cast<PageId>((address - base) / options.page_size);
+    std::lock_guard lock(mutex);
+    if (install(page, /*for_fault=*/true)) {
+      ++stats.faults;
+    } else if (resident[page] != 0) {
+      ++stats.shared_faults;  // filled since this fault was queued; its thread needs a wake
+      wake(page);
+    }
+  }
+
+  void run_handler() noexcept {
+    pollfd fds[2] = {{uffd.get(), POLLIN, 0}, {stop.get(), POLLIN, 0}};
+    uffd_msg msgs[16];
+    for (;;) {
+      if (::poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return fail("poll on the userfaultfd");
+      }
+      if (fds[1].revents != 0) return;
+      if ((fds[0].revents & (POLLERR | POLLHUP)) != 0) return fail("userfaultfd closed");
+      const ssize_t n = ::read(uffd.get(), msgs, sizeof(msgs));
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR) continue;
+        return fail("read of the userfaultfd");
+      }
+      for (std::size_t i = 0; i < static_cast<std::size_t>(n) / sizeof(uffd_msg); ++i) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+        try {
+          serve_fault(msgs[i].arg.pagefault.address);
+        } catch (const std::exception& e) {
+          std::lock_guard lock(mutex);
+          record_error(e.what());
+        }
+      }
+    }
+  }
+
+  void fail(const char* what) noexcept {
+    const int err = errno;
+    std::lock_guard lock(mutex);
+    record_error(std::string(what) + ": " + std::strerror(err));
+  }
+
+  ~State() {
+    if (handler.joinable()) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] const ssize_t w = ::write(stop.get(), &one, sizeof(one));
+      handler.join();
+    }
+  }
+};
+
+std::optional<std::string> UffdRegion::unavailable_reason() {
+  OpenedUffd opened = open_uffd();
+  if (!opened.fd) return explain(opened.error);
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  try {
+    AnonMapping probe(page);
+    if (const int err = handshake_and_register(opened.fd.get(), probe.data(), page); err != 0)
+      return explain(err);
+  } catch (const SystemError& e) {
+    return std::string(e.what());
+  }
+  return std::nullopt;
+}
+
+UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.system_page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  LEMA_EXPECTS(options.page_count > 0, "a userfaultfd region needs at least one page");
+  LEMA_EXPECTS(options.page_size > 0 && options.page_size % s.system_page == 0,
+               "userfaultfd page size " + std::to_string(options.page_size) +
+                   " is not a multiple of the system page size " +
+                   std::to_string(s.system_page));
+  LEMA_EXPECTS(options.budget_pages >= 1,
+               "a userfaultfd region needs a budget of at least one page (budget 0 pages of " +
+                   std::to_string(options.page_size) + " bytes)");
+  LEMA_EXPECTS(static_cast<bool>(options.fill), "a userfaultfd region needs a fill callback");
+  LEMA_EXPECTS(options.page_count <= (std::size_t{1} << 32) &&
+                   options.page_count <= SIZE_MAX / options.page_size,
+               "userfaultfd region of " + std::to_string(options.page_count) +
+                   " pages is too large");
+  s.options = std::move(options);
+  s.resident.assign(s.options.page_count, 0);
+
+  OpenedUffd opened = open_uffd();
+  if (!opened.fd) throw SystemError(explain(opened.error), opened.error);
+  s.uffd = std::move(opened.fd);
+  s.kernel_faults = opened.kernel_faults;
+  s.range = AnonMapping(s.options.page_count * s.options.page_size);
+  s.staging = AnonMapping(s.options.page_size);
+  if (const int err = handshake_and_register(s.uffd.get(), s.range.data(), s.range.size());
+      err != 0)
+    throw SystemError(explain(err), err);
+  s.stop = UniqueFd(LEMA_SYS_TRY(::eventfd(0, EFD_CLOEXEC)));
+  s.handler = std::thread([&s] { s.run_handler(); });
+}
+
+UffdRegion::UffdRegion(UffdRegion&&) noexcept = default;
+UffdRegion& UffdRegion::operator=(UffdRegion&&) noexcept = default;
+UffdRegion::~UffdRegion() = default;
+
+std::byte* UffdRegion::data() const noexcept { return state_->range.data(); }
+std::size_t UffdRegion::page_size() const noexcept { return state_->options.page_size; }
+std::size_t UffdRegion::page_count() const noexcept { return state_->options.page_count; }
+std::size_t UffdRegion::budget_pages() const noexcept { return state_->options.budget_pages; }
+bool UffdRegion::handles_kernel_faults() const noexcept { return state_->kernel_faults; }
+
+void UffdRegion::evict(PageId page) {
+  LEMA_EXPECTS(page < page_count(), "evict of page " + std::to_string(page) + " outside the " +
+                                        std::to_string(page_count()) + "-page region");
+  std::lock_guard lock(state_->mutex);
+  if (state_->resident[page] != 0) state_->zap(page);
+}
+
+bool UffdRegion::prefetch(PageId page) {
+  LEMA_EXPECTS(page < page_count(), "prefetch of page " + std::to_string(page) +
+                                        " outside the " + std::to_string(page_count()) +
+                                        "-page region");
+  std::lock_guard lock(state_->mutex);
+  const bool filled = state_->install(page, /*for_fault=*/false);
+  if (filled) ++state_->stats.prefetches;
+  return filled;
+}
+
+bool UffdRegion::is_resident(PageId page) const {
+  std::lock_guard lock(state_->mutex);
+  return page < page_count() && state_->resident[page] != 0;
+}
+
+UffdRegion::Stats UffdRegion::stats() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->stats;
+}
+
+std::string UffdRegion::first_error() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->first_error;
+}
+
+}  // namespace lema::runtime::detail

@@ -1,0 +1,79 @@
+// A checkpoint on disk, opened into an address space over a chosen backend, with the expected
+// bytes of every tensor, and helpers that read tensors through a Pager.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lema/io/checkpoint.hpp"
+#include "lema/runtime/address_space.hpp"
+#include "lema/runtime/pager.hpp"
+#include "runtime_fixture.hpp"
+
+namespace lema::test {
+
+struct OpenedModel {
+  OpenedModel(std::unique_ptr<runtime::Backend> b, const ModelShape& shape,
+              std::uint64_t page_size = 0, const std::string& tag = "pager")
+      : dir(tag),
+        ckpt(io::Checkpoint::open(write_model(dir.path(), shape))),
+        backend(std::move(b)),
+        space(*backend, runtime::Layout::plan(ckpt, page_size ? page_size : backend->granularity())) {
+    for (const auto& t : ckpt.tensors()) expected.emplace(t.name, file_bytes(ckpt, t));
+  }
+  std::uint64_t page_size() const { return space.page_size(); }
+  std::size_t pages() const { return space.page_count(); }
+
+  TempDir dir;
+  io::Checkpoint ckpt;
+  std::unique_ptr<runtime::Backend> backend;
+  runtime::AddressSpace space;
+  std::map<std::string, std::vector<std::byte>> expected;
+};
+
+enum class Order { layer, reverse, random };
+
+inline std::vector<const runtime::TensorPlacement*> tensor_order(const runtime::Layout& layout,
+                                                                 Order order, unsigned seed) {
+  std::vector<const runtime::TensorPlacement*> out;
+  for (const auto& t : layout.tensors()) out.push_back(&t);
+  if (order == Order::reverse) std::reverse(out.begin(), out.end());
+  if (order == Order::random) {
+    std::mt19937 rng(seed);
+    std::shuffle(out.begin(), out.end(), rng);
+  }
+  return out;
+}
+
+/// Reads a tensor through the pager and compares it with the file: one acquire per page slice
+/// (works under any budget), or one acquire of the whole tensor.
+inline void check_tensor(runtime::Pager& pager, const OpenedModel& m,
+                         const runtime::TensorPlacement& t, bool whole) {
+  const auto& expect = m.expected.at(t.name);
+  const std::byte* base = m.space.base() + t.offset;
+  if (t.nbytes == 0) return;
+  if (whole) {
+    runtime::Lease lease = pager.acquire(base, t.nbytes);
+    ASSERT_EQ(std::memcmp(base, expect.data(), t.nbytes), 0) << t.name;
+    pager.release(std::move(lease));
+    return;
+  }
+  std::uint64_t done = 0;
+  while (done < t.nbytes) {
+    const std::uint64_t addr = t.offset + done;
+    const std::uint64_t n = std::min(t.nbytes - done, m.page_size() - addr % m.page_size());
+    runtime::Lease lease = pager.acquire(base + done, n);
+    ASSERT_EQ(lease.pages().size(), 1u);
+    ASSERT_EQ(std::memcmp(base + done, expect.data() + done, n), 0) << t.name << " at " << done;
+    done += n;
+  }
+}
+
+}  // namespace lema::test

@@ -1,0 +1,401 @@
+#include "lema/runtime/pager.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <barrier>
+#include <cerrno>
+#include <thread>
+
+#include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
+#include "lema/io/errors.hpp"
+#include "pager_fixture.hpp"
+#include "test_backends.hpp"
+
+namespace lema::test {
+namespace {
+
+using runtime::Lease;
+using runtime::Pager;
+using runtime::PagerOptions;
+using runtime::PolicyKind;
+
+// Small pages keep the files small; the 2 MiB default is covered by DefaultPageSize below.
+constexpr std::uint64_t kPage = 64_KiB;
+
+ModelShape small_model() {
+  ModelShape m;
+  m.layers = 3;
+  m.hidden = 20 * 1024 + 13;
+  m.embed = 90 * 1024 + 7;
+  m.shards = 2;
+  return m;
+}
+
+struct HostSmallPages {
+  static constexpr const char* kName = "host";
+  static std::unique_ptr<runtime::Backend> make() { return runtime::make_host_backend(kPage); }
+};
+struct StagedSmallPages {
+  static constexpr const char* kName = "staged";
+  static std::unique_ptr<runtime::Backend> make() { return std::make_unique<StagedBackend>(kPage); }
+};
+
+template <typename Factory>
+class PagerConformance : public ::testing::Test {};
+
+struct Names {
+  template <typename T>
+  static std::string GetName(int) {
+    return T::kName;
+  }
+};
+using PagerBackends = ::testing::Types<HostSmallPages, StagedSmallPages>;
+TYPED_TEST_SUITE(PagerConformance, PagerBackends, Names);
+
+// Every tensor's bytes through the address space equal the file, for budgets from one page to
+// the whole model, in several orders, with both policies; resident bytes never exceed the
+// budget.
+TYPED_TEST(PagerConformance, BytesEqualTheFileUnderEveryBudget) {
+  auto backend = TypeParam::make();
+  const std::uint64_t page = backend->granularity();
+  OpenedModel m(std::move(backend), small_model(), page);
+  ASSERT_GE(m.pages(), 8u);
+  for (std::size_t budget_pages : {std::size_t{1}, std::size_t{2}, std::size_t{3}, m.pages() / 2,
+                                   m.pages()}) {
+    for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
+      for (Order order : {Order::layer, Order::reverse, Order::random}) {
+        SCOPED_TRACE("budget " + std::to_string(budget_pages) + " pages, policy " +
+                     std::to_string(static_cast<int>(policy)) + ", order " +
+                     std::to_string(static_cast<int>(order)));
+        PagerOptions opt;
+        opt.budget_bytes = budget_pages * m.page_size() + 123;  // not a multiple: rounds down
+        opt.policy = policy;
+        Pager pager(m.space, opt);
+        for (int pass = 0; pass < 2; ++pass) {
+          for (const auto* t : tensor_order(m.space.layout(), order, 42 + pass)) {
+            const bool whole =
+                align_up(t->offset % m.page_size() + t->nbytes, m.page_size()) / m.page_size() <=
+                budget_pages;
+            check_tensor(pager, m, *t, whole && pass == 1);
+          }
+        }
+        const auto st = pager.stats();
+        EXPECT_LE(st.peak_resident_bytes, opt.budget_bytes);
+        EXPECT_LE(st.peak_resident_bytes, budget_pages * m.page_size());
+        EXPECT_GT(st.faults, 0u);
+        EXPECT_EQ(st.page_size, m.page_size());
+        EXPECT_EQ(st.budget_bytes, opt.budget_bytes);
+        EXPECT_FALSE(st.io_path.empty());
+        EXPECT_LE(st.bytes_read, (st.faults + st.prefetches_issued) * m.page_size());
+      }
+    }
+  }
+}
+
+TEST(Pager, DefaultPageSizeIsTwoMiB) {
+  ModelShape shape = small_model();
+  shape.hidden = 300 * 1024 + 1;
+  OpenedModel m(runtime::make_host_backend(), shape);
+  EXPECT_EQ(m.page_size(), 2_MiB);
+  PagerOptions opt;
+  opt.budget_bytes = 4_MiB;
+  Pager pager(m.space, opt);
+  for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0)) check_tensor(pager, m, *t, true);
+  EXPECT_LE(pager.stats().peak_resident_bytes, 4_MiB);
+}
+
+TEST(Pager, UnmappedPagesAreNotReadable) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = 2 * kPage;
+  Pager pager(m.space, opt);
+  EXPECT_EQ(mapping_perms(m.space.page_address(0)), "---p");
+  {
+    Lease a = pager.acquire_pages({0, 2});
+    EXPECT_EQ(mapping_perms(m.space.page_address(0)), "r--s");
+    EXPECT_TRUE(pager.is_resident(1));
+  }
+  Lease b = pager.acquire_pages({3, 2});  // evicts both
+  EXPECT_FALSE(pager.is_resident(0));
+  EXPECT_EQ(mapping_perms(m.space.page_address(0)), "---p");
+  EXPECT_EQ(mapping_perms(m.space.page_address(4)), "r--s");
+  EXPECT_EQ(pager.stats().evictions, 2u);
+}
+
+TEST(Pager, BudgetSmallerThanAPageIsRefusedWithBothNumbers) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = kPage - 1;
+  try {
+    Pager pager(m.space, opt);
+    FAIL();
+  } catch (const BudgetError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(std::to_string(kPage - 1)), std::string::npos) << what;
+    EXPECT_NE(what.find("64 KiB"), std::string::npos) << what;
+    EXPECT_NE(what.find("--budget"), std::string::npos) << what;
+  }
+}
+
+TEST(Pager, AcquireLargerThanTheBudgetIsRefusedBeforeAnyChange) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = 4 * kPage;
+  Pager pager(m.space, opt);
+  Lease keep = pager.acquire_pages({0, 1});
+  try {
+    (void)pager.acquire_pages({1, 6});
+    FAIL();
+  } catch (const BudgetError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("acquire needs 6 pages (384 KiB) but the budget holds 4 pages (256 KiB)"),
+              std::string::npos)
+        << what;
+  }
+  const auto st = pager.stats();
+  EXPECT_EQ(st.faults, 1u);
+  EXPECT_EQ(st.resident_bytes, kPage);
+  EXPECT_FALSE(pager.is_resident(1));
+}
+
+TEST(Pager, OwnLeasesMakingAnAcquireImpossibleAreAnErrorNotADeadlock) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = 3 * kPage;
+  Pager pager(m.space, opt);
+  Lease held = pager.acquire_pages({0, 2});
+  EXPECT_THROW((void)pager.acquire_pages({4, 2}), BudgetError);
+  // Overlapping the held pages is fine: only distinct pages count.
+  Lease more = pager.acquire_pages({1, 2});
+  EXPECT_EQ(more.pages().size(), 2u);
+  pager.release(std::move(held));
+  Lease now = pager.acquire_pages({4, 1});
+  EXPECT_TRUE(pager.is_resident(4));
+}
+
+TEST(Pager, WaitsForLeasesOfOtherThreads) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = 2 * kPage;
+  Pager pager(m.space, opt);
+  Lease held = pager.acquire_pages({0, 2});
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    Lease l = pager.acquire_pages({5, 1});
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(done.load());  // every chunk is pinned: it must wait, not evict a pinned page
+  EXPECT_TRUE(pager.is_resident(0));
+  EXPECT_TRUE(pager.is_resident(1));
+  pager.release(std::move(held));
+  t.join();
+  EXPECT_TRUE(done.load());
+}
+
+// Fails reads of one file region until switched off.
+struct FailingRegion : io::FaultInjector {
+  std::atomic<bool> on{true};
+  std::uint32_t file = 0;
+  std::uint64_t begin = 0, end = 0;
+  std::optional<long> inject(std::uint32_t f, std::uint64_t offset, std::uint64_t length) override {
+    if (on && f == file && offset < end && offset + length > begin) return -EIO;
+    return std::nullopt;
+  }
+};
+
+TEST(Pager, ReadErrorFailsTheAcquireLeavesThePageUnmappedAndALaterAcquireRetries) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  const auto& t = *m.space.layout().find("model.layers.1.mlp.up_proj.weight");
+  auto injector = std::make_shared<FailingRegion>();
+  injector->file = t.file;
+  injector->begin = t.file_offset;
+  injector->end = t.file_offset + t.nbytes;
+  PagerOptions opt;
+  opt.budget_bytes = 3 * kPage;
+  opt.reader.fault_injector = injector;
+  opt.reader.direct = false;
+  Pager pager(m.space, opt);
+  const std::byte* addr = m.space.base() + t.offset;
+  const auto page = m.space.page_of(addr);
+  try {
+    (void)pager.acquire(addr, 1);
+    FAIL() << "no error";
+  } catch (const io::ReadError& e) {
+    EXPECT_EQ(std::filesystem::path(e.file()), m.space.layout().files()[t.file]) << e.what();
+    EXPECT_GE(e.offset() + e.length(), t.file_offset);
+    EXPECT_LT(e.offset(), t.file_offset + t.nbytes);
+  }
+  EXPECT_FALSE(pager.is_resident(page));
+  EXPECT_EQ(mapping_perms(m.space.page_address(page)), "---p");
+  EXPECT_EQ(pager.stats().resident_bytes, 0u);
+  // The chunk went back: the whole budget is still usable.
+  { Lease l = pager.acquire_pages({0, 3}); }
+  injector->on = false;
+  check_tensor(pager, m, t, false);
+}
+
+TEST(Pager, ConcurrentAcquirersOfAMissingPageFillItOnce) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  for (int round = 0; round < 20; ++round) {
+    PagerOptions opt;
+    opt.budget_bytes = 4 * kPage;
+    Pager pager(m.space, opt);
+    std::barrier start(4);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i) {
+      threads.emplace_back([&] {
+        start.arrive_and_wait();
+        Lease l = pager.acquire_pages({2, 2});
+        EXPECT_EQ(std::memcmp(m.space.page_address(2), m.space.page_address(2), 1), 0);
+      });
+    }
+    for (auto& t : threads) t.join();
+    const auto st = pager.stats();
+    EXPECT_EQ(st.faults, 2u);
+    EXPECT_EQ(st.hits, 6u);
+    EXPECT_EQ(st.bytes_read, m.space.layout().page_fill_bytes(2) + m.space.layout().page_fill_bytes(3));
+  }
+}
+
+TEST(Pager, ChunkIsNotReusedBeforeTheLastUseFenceCompleted) {
+  ModelShape shape = small_model();
+  auto delayed = std::make_unique<DelayedFenceBackend>();
+  DelayedFenceBackend* fences = delayed.get();
+  OpenedModel m(std::move(delayed), shape, 2_MiB);
+  PagerOptions opt;
+  opt.budget_bytes = 2_MiB;
+  Pager pager(m.space, opt);
+  Lease first = pager.acquire_pages({0, 1});
+  const runtime::Fence last_use = fences->record_fence_for(
+      {m.space.page_address(0)}, std::numeric_limits<std::uint64_t>::max());
+  pager.release(std::move(first), last_use);
+
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    Lease second = pager.acquire_pages({1, 1});
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(done.load());
+  EXPECT_TRUE(pager.is_resident(0));  // still mapped: its last use may still be running
+  DelayedFenceBackend::signal(last_use);
+  t.join();
+  EXPECT_TRUE(pager.is_resident(1));
+  EXPECT_FALSE(pager.is_resident(0));
+  EXPECT_EQ(fences->violations.load(), 0u);
+}
+
+TEST(Pager, DelayedFencesUnderConcurrencyNeverLetAChunkBeReusedEarly) {
+  auto delayed = std::make_unique<DelayedFenceBackend>();
+  DelayedFenceBackend* fences = delayed.get();
+  OpenedModel m(std::move(delayed), small_model(), 2_MiB);
+  PagerOptions opt;
+  opt.budget_bytes = 3 * 2_MiB;
+  Pager pager(m.space, opt);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] {
+      std::mt19937 rng(100 + i);
+      for (int k = 0; k < 60; ++k) {
+        const auto page = static_cast<runtime::PageId>(rng() % m.pages());
+        Lease l = pager.acquire_pages({page, 1});
+        const auto f = fences->record_fence_for({m.space.page_address(page)}, (rng() % 200) * 1000);
+        pager.release(std::move(l), f);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(fences->violations.load(), 0u);
+  EXPECT_LE(pager.stats().peak_resident_bytes, opt.budget_bytes);
+}
+
+TEST(Pager, EvictHookSeesEveryEvictionAndFaultInDoesNotPin) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = 2 * kPage;
+  Pager pager(m.space, opt);
+  std::vector<runtime::PageId> evicted;
+  pager.set_evict_hook([&](runtime::PageId p) { evicted.push_back(p); });
+  pager.fault_in(0);
+  pager.fault_in(1);
+  pager.fault_in(2);  // no pins held: evicts one of the others
+  EXPECT_TRUE(pager.is_resident(2));
+  ASSERT_EQ(evicted.size(), 1u);
+  EXPECT_EQ(evicted[0], 0u);  // lru
+  EXPECT_EQ(pager.stats().evictions, 1u);
+}
+
+TEST(Pager, EventsRecordFaultsHitsAndEvictions) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = kPage;
+  Pager pager(m.space, opt);
+  { Lease l = pager.acquire_pages({0, 1}); }
+  { Lease l = pager.acquire_pages({0, 1}); }
+  { Lease l = pager.acquire_pages({1, 1}); }
+  std::map<runtime::EventKind, int> kinds;
+  for (const auto& e : pager.events().snapshot()) ++kinds[e.kind];
+  EXPECT_EQ(kinds[runtime::EventKind::fault], 2);
+  EXPECT_EQ(kinds[runtime::EventKind::hit], 1);
+  EXPECT_EQ(kinds[runtime::EventKind::evict], 1);
+  const auto st = pager.stats();
+  EXPECT_EQ(st.faults, 2u);
+  EXPECT_EQ(st.hits, 1u);
+}
+
+}  // namespace
+}  // namespace lema::test
+
+namespace lema::test {
+namespace {
+
+// On a repeating access sequence, the trace policy with prefetch fetches per pass exactly what
+// Belady's MIN fetches, and turns most of those fetches into prefetches.
+TEST(Pager, TracePolicyWithPrefetchFetchesWhatBeladyFetches) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  const auto n = static_cast<runtime::PageId>(m.pages());
+  std::vector<runtime::PageId> step;  // a training step: forward, then backward
+  for (runtime::PageId p = 0; p < n; ++p) step.push_back(p);
+  for (runtime::PageId p = n; p-- > 0;) step.push_back(p);
+  constexpr std::size_t kCapacity = 5;
+  constexpr int kWarmup = 4, kMeasured = 3;
+
+  PagerOptions opt;
+  opt.budget_bytes = kCapacity * kPage;
+  opt.policy = PolicyKind::trace;
+  Pager pager(m.space, opt);
+  std::uint64_t fetches_before = 0;
+  for (int pass = 0; pass < kWarmup + kMeasured; ++pass) {
+    if (pass == kWarmup) {
+      const auto st = pager.stats();
+      fetches_before = st.faults + st.prefetches_issued;
+    }
+    for (runtime::PageId p : step) {
+      Lease l = pager.acquire_pages({p, 1});
+      pager.release(std::move(l));
+      pager.quiesce();
+    }
+  }
+  const auto st = pager.stats();
+  const std::uint64_t fetched = st.faults + st.prefetches_issued - fetches_before;
+
+  auto repeat = [&](int passes) {
+    std::vector<runtime::PageId> seq;
+    for (int i = 0; i < passes; ++i) seq.insert(seq.end(), step.begin(), step.end());
+    return seq;
+  };
+  const auto all = repeat(kWarmup + kMeasured);
+  const auto warm = repeat(kWarmup);
+  const std::uint64_t belady = runtime::belady_fetches(all, kCapacity) -
+                               runtime::belady_fetches(warm, kCapacity);
+  const std::uint64_t lru = runtime::lru_fetches(all, kCapacity) - runtime::lru_fetches(warm, kCapacity);
+  EXPECT_EQ(fetched, belady) << "lru would fetch " << lru;
+  EXPECT_GT(st.prefetches_used, 0u);
+  EXPECT_LE(st.peak_resident_bytes, opt.budget_bytes);
+}
+
+}  // namespace
+}  // namespace lema::test

@@ -1,0 +1,195 @@
+// Backends for tests, built over the host backend:
+//  - StagedBackend: its pool is not host-visible (window() == nullptr), so fills must take the
+//    device path: staging buffer + copy_to_chunk + fence, as on a GPU;
+//  - DelayedFenceBackend: fences complete only after a delay or when the test signals them,
+//    and every unmap checks that no fence recorded for that page is still pending.
+// Plus the backend factories the conformance suite is typed over.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lema/runtime/backend.hpp"
+#include "lema/runtime/events.hpp"
+
+namespace lema::test {
+
+using runtime::Access;
+using runtime::Backend;
+using runtime::Fence;
+using runtime::PhysicalPool;
+using runtime::Queue;
+using runtime::Reservation;
+using runtime::StagingBuffer;
+
+/// Forwards every primitive to an inner backend.
+class ForwardingBackend : public Backend {
+ public:
+  explicit ForwardingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  std::string_view name() const noexcept override { return inner_->name(); }
+  std::uint64_t granularity() const noexcept override { return inner_->granularity(); }
+  bool host_accessible() const noexcept override { return inner_->host_accessible(); }
+  Reservation reserve(std::uint64_t bytes) override { return inner_->reserve(bytes); }
+  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t bytes) override {
+    return inner_->create_pool(chunks, bytes);
+  }
+  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+    inner_->map(pool, chunk, addr, access);
+  }
+  void unmap(std::byte* addr, std::uint64_t bytes) override { inner_->unmap(addr, bytes); }
+  std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {
+    return inner_->allocate_staging(bytes);
+  }
+  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                      std::span<const std::byte> src) override {
+    return inner_->copy_to_chunk(pool, chunk, offset, src);
+  }
+  Fence record_fence(Queue q) override { return inner_->record_fence(q); }
+  bool fence_complete(const Fence& f) override { return inner_->fence_complete(f); }
+  void wait_fence(const Fence& f) override { inner_->wait_fence(f); }
+  void queue_wait(Queue q, const Fence& f) override { inner_->queue_wait(q, f); }
+
+ protected:
+  // Reservations come from the inner backend and are released through it.
+  void release(std::byte*, std::uint64_t) noexcept override {}
+  Backend& inner() { return *inner_; }
+
+ private:
+  std::unique_ptr<Backend> inner_;
+};
+
+/// A pool whose memory the "host" cannot see directly.
+class StagedBackend final : public ForwardingBackend {
+ public:
+  explicit StagedBackend(std::uint64_t granularity = std::uint64_t{2} << 20)
+      : ForwardingBackend(runtime::make_host_backend(granularity)) {}
+  std::string_view name() const noexcept override { return "staged"; }
+
+  class Pool final : public PhysicalPool {
+   public:
+    explicit Pool(std::unique_ptr<PhysicalPool> inner) : inner_(std::move(inner)) {}
+    std::size_t chunk_count() const noexcept override { return inner_->chunk_count(); }
+    std::uint64_t chunk_bytes() const noexcept override { return inner_->chunk_bytes(); }
+    std::byte* window(std::size_t) const noexcept override { return nullptr; }
+    PhysicalPool& inner() { return *inner_; }
+
+   private:
+    std::unique_ptr<PhysicalPool> inner_;
+  };
+
+  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t bytes) override {
+    return std::make_unique<Pool>(inner().create_pool(chunks, bytes));
+  }
+  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+    inner().map(static_cast<Pool&>(pool).inner(), chunk, addr, access);
+  }
+  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                      std::span<const std::byte> src) override {
+    copies.fetch_add(1);
+    return inner().copy_to_chunk(static_cast<Pool&>(pool).inner(), chunk, offset, src);
+  }
+  std::atomic<std::uint64_t> copies{0};
+};
+
+/// Fences that complete late: at a deadline, or only when signalled.
+class DelayedFenceBackend final : public ForwardingBackend {
+ public:
+  struct State final : runtime::FenceState {
+    std::atomic<std::uint64_t> deadline_ns{std::numeric_limits<std::uint64_t>::max()};
+    bool complete() const { return runtime::now_ns() >= deadline_ns.load(); }
+  };
+
+  DelayedFenceBackend() : ForwardingBackend(runtime::make_host_backend()) {}
+  std::string_view name() const noexcept override { return "delayed-fence"; }
+
+  /// A fence over the last use of the pages at `addrs`, completing after `delay_ns`, or never
+  /// until signal() when delay_ns is max().
+  Fence record_fence_for(std::vector<const std::byte*> addrs, std::uint64_t delay_ns) {
+    auto st = std::make_shared<State>();
+    if (delay_ns != std::numeric_limits<std::uint64_t>::max())
+      st->deadline_ns = runtime::now_ns() + delay_ns;
+    std::lock_guard lock(mutex_);
+    for (const std::byte* a : addrs) pending_[a].push_back(st);
+    return Fence(st);
+  }
+  static void signal(const Fence& f) {
+    static_cast<State*>(f.state())->deadline_ns = 0;
+  }
+
+  Fence record_fence(Queue) override { return record_fence_for({}, 1'000'000); }
+  bool fence_complete(const Fence& f) override {
+    fence_queries.fetch_add(1);
+    return f.trivially_complete() || static_cast<State*>(f.state())->complete();
+  }
+  void wait_fence(const Fence& f) override {
+    fence_waits.fetch_add(1);
+    while (!fence_complete(f)) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  void unmap(std::byte* addr, std::uint64_t bytes) override {
+    {
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(addr);
+      if (it != pending_.end()) {
+        for (const auto& st : it->second)
+          if (!st->complete()) violations.fetch_add(1);
+        pending_.erase(it);
+      }
+    }
+    ForwardingBackend::unmap(addr, bytes);
+  }
+
+  std::atomic<std::uint64_t> violations{0};  // unmaps of a page whose last use was pending
+  std::atomic<std::uint64_t> fence_queries{0};
+  std::atomic<std::uint64_t> fence_waits{0};
+
+ private:
+  std::mutex mutex_;
+  std::map<const std::byte*, std::vector<std::shared_ptr<State>>> pending_;
+};
+
+// ---- factories for typed suites ----
+
+struct HostBackendFactory {
+  static constexpr const char* kName = "host";
+  static std::unique_ptr<Backend> make() { return runtime::make_host_backend(); }
+};
+struct StagedBackendFactory {
+  static constexpr const char* kName = "staged";
+  static std::unique_ptr<Backend> make() { return std::make_unique<StagedBackend>(); }
+};
+struct DelayedFenceBackendFactory {
+  static constexpr const char* kName = "delayed-fence";
+  static std::unique_ptr<Backend> make() { return std::make_unique<DelayedFenceBackend>(); }
+};
+
+/// Protection of the mapping holding `addr` in /proc/self/maps ("r--s", "---p"), or "" when
+/// the address is not mapped at all.
+inline std::string mapping_perms(const void* addr) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  while (std::getline(maps, line)) {
+    std::istringstream ls(line);
+    std::string range, perms;
+    ls >> range >> perms;
+    const auto dash = range.find('-');
+    const std::uintptr_t lo = std::stoull(range.substr(0, dash), nullptr, 16);
+    const std::uintptr_t hi = std::stoull(range.substr(dash + 1), nullptr, 16);
+    if (a >= lo && a < hi) return perms;
+  }
+  return "";
+}
+
+}  // namespace lema::test
