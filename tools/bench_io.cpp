@@ -3,12 +3,12 @@
 // from a cold and a warm page cache, against fio measured in the same run.
 //
 // Other `bench` commands live in their own files and are registered from register_bench().
-#include <CLI/CLI.hpp>
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <zlib.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -38,6 +38,7 @@ void register_bench(CLI::App& app) {
   CLI::App* bench = app.add_subcommand("bench", "Measure LEMA's data paths against baselines");
   bench->require_subcommand(1);
   register_bench_io(*bench);
+  register_bench_pager(*bench);
 }
 
 namespace {
@@ -56,7 +57,8 @@ struct BenchIoArgs {
 /// Page-aligned destination memory, touched once so that page faults are not timed.
 class Destination {
  public:
-  explicit Destination(std::uint64_t bytes) : bytes_(align_up(std::max<std::uint64_t>(bytes, 1), 2_MiB)) {
+  explicit Destination(std::uint64_t bytes)
+      : bytes_(align_up(std::max<std::uint64_t>(bytes, 1), 2_MiB)) {
     void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
       throw OutOfMemory("cannot map " + format_size(bytes_) +
@@ -110,7 +112,9 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-double mb_per_s(std::uint64_t bytes, double seconds) { return bytes / seconds / 1e6; }
+double mb_per_s(std::uint64_t bytes, double seconds) {
+  return bytes / seconds / 1e6;
+}
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -123,9 +127,10 @@ double median(std::vector<double> v) {
 struct Series {
   std::string name;
   bool cold;
-  std::function<void()> run;  // reads the whole file once
+  std::function<double()> measure;  // reads the whole file once; returns MB/s
   std::vector<double> mb_s;
   std::string note;
+  bool baseline = false;  // fio
 };
 
 std::optional<std::string> find_on_path(const std::string& program) {
@@ -163,7 +168,8 @@ double run_fio(const std::string& fio, const BenchIoArgs& a, std::uint64_t block
   const int status = ::pclose(pipe.release());
   const std::size_t brace = output.find('{');
   if (status != 0 || brace == std::string::npos) {
-    throw Error("fio failed (exit status " + std::to_string(status) + "): " + output.substr(0, 2000));
+    throw Error("fio failed (exit status " + std::to_string(status) +
+                "): " + output.substr(0, 2000));
   }
   const auto json = nlohmann::json::parse(output.substr(brace));
   const double bw = json.at("jobs").at(0).at("read").at("bw_bytes").get<double>();
@@ -201,6 +207,14 @@ void bench_io(const BenchIoArgs& a) {
     return io::Reader::open({file}, o);
   };
 
+  auto timed = [size](std::function<void()> run) {
+    return [size, run = std::move(run)] {
+      const auto start = Clock::now();
+      run();
+      return mb_per_s(size, seconds_since(start));
+    };
+  };
+
   std::vector<Series> series;
   std::vector<std::shared_ptr<io::Reader>> readers;  // opened once, outside the timings
   auto add_reader = [&](const std::string& label, io::IoKind kind, bool direct, bool cold) {
@@ -212,7 +226,7 @@ void bench_io(const BenchIoArgs& a) {
       return;
     }
     readers.push_back(r);
-    series.push_back({label, cold, [r, &whole] { r->read(whole); }, {}, r->path_name()});
+    series.push_back({label, cold, timed([r, &whole] { r->read(whole); }), {}, r->path_name()});
   };
   auto mmap_copy = [&] {
     UniqueFd fd(LEMA_SYS_TRY(::open(file.c_str(), O_RDONLY | O_CLOEXEC)));
@@ -223,49 +237,58 @@ void bench_io(const BenchIoArgs& a) {
     ::munmap(p, size);
   };
 
+  const std::optional<std::string> fio = find_on_path("fio");
+  const std::string fio_note = fio ? *fio : "fio not found on PATH: install it to get the baseline";
+  if (fio) {
+    series.push_back({"fio io_uring O_DIRECT",
+                      true,
+                      [&] { return run_fio(*fio, a, block); },
+                      {},
+                      "baseline",
+                      true});
+  }
   add_reader("io_uring O_DIRECT", io::IoKind::uring, true, true);
   for (bool cold : {true, false}) {
     add_reader("io_uring buffered", io::IoKind::uring, false, cold);
     add_reader(fmt::format("pread ({} threads)", a.threads), io::IoKind::pread, false, cold);
-    series.push_back({"mmap+memcpy", cold, mmap_copy, {}, "1 thread"});
+    series.push_back({"mmap+memcpy", cold, timed(mmap_copy), {}, "1 thread"});
   }
 
-  const std::optional<std::string> fio = find_on_path("fio");
-  std::vector<double> fio_mb_s;
-  std::string fio_note = fio ? *fio : "fio not found on PATH: install it to get the baseline";
-
-  // Rounds interleave the paths so that drift in the device affects all of them alike.
+  // Rounds interleave the paths, and each round starts at another one, so that drift in the
+  // device, and whatever the host below caches, favour none of them.
   std::optional<std::uint32_t> reference_crc;
   std::vector<std::string> crc_mismatch;
   for (unsigned round = 0; round < a.runs; ++round) {
-    if (fio) {
-      dropper.drop();
-      fio_mb_s.push_back(run_fio(*fio, a, block));
-    }
     for (bool cold : {true, false}) {
+      std::vector<Series*> order;
+      for (Series& s : series)
+        if (s.cold == cold) order.push_back(&s);
+      if (order.empty()) continue;
+      std::rotate(order.begin(), order.begin() + round % order.size(), order.end());
       if (!cold) {
         // Populate the page cache for the warm runs.
         UniqueFd fd(LEMA_SYS_TRY(::open(file.c_str(), O_RDONLY | O_CLOEXEC)));
         ::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_WILLNEED);
         mmap_copy();
       }
-      for (Series& s : series) {
-        if (s.cold != cold) continue;
+      for (Series* s : order) {
         if (cold) dropper.drop();
         if (round == 0) std::memset(dest.data(), 0, size);
-        const auto start = Clock::now();
-        s.run();
-        s.mb_s.push_back(mb_per_s(size, seconds_since(start)));
-        if (round == 0) {  // every path must deliver the same bytes
+        s->mb_s.push_back(s->measure());
+        if (round == 0 && !s->baseline) {  // every path must deliver the same bytes
           const std::uint32_t crc = crc_of(dest.data(), size);
-          if (!reference_crc) reference_crc = crc;
-          else if (crc != *reference_crc) crc_mismatch.push_back(s.name);
+          if (!reference_crc)
+            reference_crc = crc;
+          else if (crc != *reference_crc)
+            crc_mismatch.push_back(s->name);
         }
       }
     }
   }
 
-  const double fio_median = median(fio_mb_s);
+  double fio_median = 0;
+  for (const Series& s : series)
+    if (s.baseline) fio_median = median(s.mb_s);
   fmt::print("file {} ({}), block size {}, queue depth {}, {} runs (median), cold cache: {}\n",
              file.string(), format_size(size), format_size(block), a.queue_depth, a.runs,
              dropper.method());
@@ -274,8 +297,10 @@ void bench_io(const BenchIoArgs& a) {
     const std::string ratio = fio_median > 0 ? fmt::format("{:.2f}", mbs / fio_median) : "-";
     fmt::print("{:<22} {:<5} {:>12.0f} {:>8}  {}\n", name, cache, mbs, ratio, note);
   };
-  if (fio) row("fio io_uring O_DIRECT", "cold", fio_median, "baseline");
-  else fmt::print("{:<22} {:<5} {:>12} {:>8}  {}\n", "fio io_uring O_DIRECT", "cold", "-", "-", fio_note);
+  if (!fio) {
+    fmt::print("{:<22} {:<5} {:>12} {:>8}  {}\n", "fio io_uring O_DIRECT", "cold", "-", "-",
+               fio_note);
+  }
   for (const Series& s : series) row(s.name, s.cold ? "cold" : "warm", median(s.mb_s), s.note);
   fmt::print("MB/s = 10^6 bytes/s. ");
   if (crc_mismatch.empty()) {
@@ -296,7 +321,7 @@ void bench_io(const BenchIoArgs& a) {
     j["runs"] = a.runs;
     j["cold_cache_method"] = dropper.method();
     j["unit"] = "MB/s (10^6 bytes per second)";
-    j["fio"] = fio ? nlohmann::json{{"path", *fio}, {"mb_per_s", fio_mb_s}, {"median", fio_median}}
+    j["fio"] = fio ? nlohmann::json{{"path", *fio}, {"median", fio_median}}
                    : nlohmann::json{{"missing", fio_note}};
     for (const Series& s : series) {
       const double m = median(s.mb_s);
@@ -319,14 +344,17 @@ void bench_io(const BenchIoArgs& a) {
 void register_bench_io(CLI::App& bench) {
   auto args = std::make_shared<BenchIoArgs>();
   CLI::App* io = bench.add_subcommand(
-      "io", "Sequential read throughput of FILE through each read path, cold and warm, against fio");
+      "io",
+      "Sequential read throughput of FILE through each read path, cold and warm, against fio");
   io->add_option("FILE", args->file, "File to read (e.g. 1 GiB on the disk that holds checkpoints)")
       ->required()
       ->check(CLI::ExistingFile);
-  io->add_option("--block-size", args->block_size, "Request size (fio --bs)")->capture_default_str();
+  io->add_option("--block-size", args->block_size, "Request size (fio --bs)")
+      ->capture_default_str();
   io->add_option("--queue-depth", args->queue_depth, "Requests in flight (fio --iodepth)")
       ->capture_default_str();
-  io->add_option("--runs", args->runs, "Repetitions; the table shows medians")->capture_default_str();
+  io->add_option("--runs", args->runs, "Repetitions; the table shows medians")
+      ->capture_default_str();
   io->add_option("--threads", args->threads, "pread threads")->capture_default_str();
   io->add_option("--json", args->json, "Write the raw numbers to this file");
   io->callback([args] { bench_io(*args); });

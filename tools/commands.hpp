@@ -13,5 +13,6 @@ void register_inspect(CLI::App& app);
 void register_gen(CLI::App& app);
 void register_verify(CLI::App& app);
 void register_bench(CLI::App& app);  // bench io (and later bench pager ...)
+void register_bench_pager(CLI::App& bench);
 
 }  // namespace lema::tools

@@ -4,8 +4,8 @@
 // pieces), so a 7B-shaped checkpoint is written holding a few MiB. Files are named, sharded and
 // indexed the way transformers' save_pretrained does it, so the output loads with
 // LlamaForCausalLM.from_pretrained.
-#include <CLI/CLI.hpp>
 #include <spdlog/fmt/fmt.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -51,14 +51,29 @@ const std::map<std::string, LlamaShape>& presets() {
     std::map<std::string, LlamaShape> t;
     t["tiny"] = {};  // about 0.4 MB in f32
     // About 20 MB in f32.
-    t["small"] = {.hidden = 256, .layers = 4, .heads = 8, .kv_heads = 4, .intermediate = 688,
-                  .vocab = 4096, .max_position = 1024};
+    t["small"] = {.hidden = 256,
+                  .layers = 4,
+                  .heads = 8,
+                  .kv_heads = 4,
+                  .intermediate = 688,
+                  .vocab = 4096,
+                  .max_position = 1024};
     // About 1 GB in f32.
-    t["medium"] = {.hidden = 1024, .layers = 16, .heads = 16, .kv_heads = 8,
-                   .intermediate = 2816, .vocab = 32000, .max_position = 2048};
+    t["medium"] = {.hidden = 1024,
+                   .layers = 16,
+                   .heads = 16,
+                   .kv_heads = 8,
+                   .intermediate = 2816,
+                   .vocab = 32000,
+                   .max_position = 2048};
     // Llama-2-7B's shape: 13.5 GB in bf16.
-    t["llama-7b-shape"] = {.hidden = 4096, .layers = 32, .heads = 32, .kv_heads = 32,
-                           .intermediate = 11008, .vocab = 32000, .max_position = 4096,
+    t["llama-7b-shape"] = {.hidden = 4096,
+                           .layers = 32,
+                           .heads = 32,
+                           .kv_heads = 32,
+                           .intermediate = 11008,
+                           .vocab = 32000,
+                           .max_position = 4096,
                            .dtype = "bf16"};
     return t;
   }();
@@ -358,20 +373,19 @@ void run_gen(const GenSettings& g, const LlamaShape& s) {
   std::set<std::string> written;
   nlohmann::json weight_map = nlohmann::json::object();
   for (std::size_t k = 0; k < shards.size(); ++k) {
-    const std::string file =
-        shards.size() == 1 ? "model.safetensors"
-                           : fmt::format("model-{:05d}-of-{:05d}.safetensors", k + 1,
-                                         shards.size());
+    const std::string file = shards.size() == 1 ? "model.safetensors"
+                                                : fmt::format("model-{:05d}-of-{:05d}.safetensors",
+                                                              k + 1, shards.size());
     std::vector<io::TensorToWrite> tensors;
     for (std::size_t i : shards[k]) {
       const WeightSpec* spec = &specs[i];
       const std::uint64_t seed = tensor_seed(g.seed, spec->name);
       const double stddev = s.initializer_range;
-      tensors.push_back({spec->name, dtype, spec->shape,
-                         [spec, seed, stddev, dtype, threads](std::span<std::byte> bytes,
-                                                              std::uint64_t offset) {
-                           fill_parallel(*spec, seed, stddev, dtype, threads, bytes, offset);
-                         }});
+      tensors.push_back(
+          {spec->name, dtype, spec->shape,
+           [spec, seed, stddev, dtype, threads](std::span<std::byte> bytes, std::uint64_t offset) {
+             fill_parallel(*spec, seed, stddev, dtype, threads, bytes, offset);
+           }});
       weight_map[spec->name] = file;
     }
     io::write_safetensors(out / file, std::move(tensors), {{"format", "pt"}});

@@ -1,7 +1,7 @@
 // `lema inspect`: the tensor table of a checkpoint, per-layer totals, or the same as JSON.
 // Only headers are read; opening validates them (errors propagate to main).
-#include <CLI/CLI.hpp>
 #include <spdlog/fmt/fmt.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -23,13 +23,13 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
-// "model.layers.12." for a layer's tensor; the tensor's own name otherwise.
+// "model.layers.12" for a layer's tensor; the tensor's own name otherwise.
 std::string group_of(const std::string& name) {
   constexpr std::string_view kPrefix = "model.layers.";
   if (name.starts_with(kPrefix)) {
     std::size_t i = kPrefix.size();
     while (i < name.size() && std::isdigit(static_cast<unsigned char>(name[i]))) ++i;
-    if (i > kPrefix.size() && i < name.size() && name[i] == '.') return name.substr(0, i + 1);
+    if (i > kPrefix.size() && i < name.size() && name[i] == '.') return name.substr(0, i);
   }
   return name;
 }

@@ -34,10 +34,12 @@ inline void normal_pair(std::uint64_t seed, std::uint64_t pair, double& z0, doub
   // Up to 256 tries per pair; the chance that all are rejected is about 0.215^256.
   for (std::uint64_t attempt = 0; attempt < 256; ++attempt) {
     const std::uint64_t counter = (pair << 8 | attempt) * 2;
-    const double u = static_cast<double>(splitmix64_mix(seed + (counter + 1) * kGolden) >> 11) *
-                         kUnit * 2.0 - 1.0;
-    const double v = static_cast<double>(splitmix64_mix(seed + (counter + 2) * kGolden) >> 11) *
-                         kUnit * 2.0 - 1.0;
+    const double u =
+        static_cast<double>(splitmix64_mix(seed + (counter + 1) * kGolden) >> 11) * kUnit * 2.0 -
+        1.0;
+    const double v =
+        static_cast<double>(splitmix64_mix(seed + (counter + 2) * kGolden) >> 11) * kUnit * 2.0 -
+        1.0;
     const double s = u * u + v * v;
     if (s > 0.0 && s < 1.0) {
       const double f = std::sqrt(-2.0 * std::log(s) / s);
@@ -54,10 +56,11 @@ constexpr std::uint16_t float_to_f16(float value) {
   const std::uint32_t x = std::bit_cast<std::uint32_t>(value);
   const std::uint32_t sign = (x >> 16) & 0x8000u;
   const std::uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) return static_cast<std::uint16_t>(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (ax >= 0x7f800000u)
+    return static_cast<std::uint16_t>(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
   if (ax >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520
   if (ax < 0x38800000u) {                                                    // below 2^-14
-    if (ax <= 0x33000000u) return static_cast<std::uint16_t>(sign);  // <= 2^-25: ties to 0
+    if (ax <= 0x33000000u) return static_cast<std::uint16_t>(sign);          // <= 2^-25: ties to 0
     const std::uint32_t exponent = ax >> 23;
     const std::uint32_t mantissa = (ax & 0x7fffffu) | 0x800000u;
     const std::uint32_t shift = 126 - exponent;  // 14..24

@@ -2,8 +2,8 @@
 #include "lema/io/reader.hpp"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <cerrno>
@@ -84,12 +84,12 @@ SplitBatch split_batch(const std::vector<ReadRequest>& batch, std::size_t file_c
   std::vector<ReadPiece> pieces;
   for (std::size_t i = 0; i < batch.size(); ++i) {
     const ReadRequest& r = batch[i];
-    LEMA_EXPECTS(r.file < file_count,
-                 "read request " + std::to_string(i) + " names file " + std::to_string(r.file) +
-                     " but the reader has " + std::to_string(file_count) + " file(s)");
-    LEMA_EXPECTS(r.length == 0 || r.dest != nullptr,
-                 "read request " + std::to_string(i) + " has no destination for its " +
-                     std::to_string(r.length) + " bytes");
+    LEMA_EXPECTS(r.file < file_count, "read request " + std::to_string(i) + " names file " +
+                                          std::to_string(r.file) + " but the reader has " +
+                                          std::to_string(file_count) + " file(s)");
+    LEMA_EXPECTS(r.length == 0 || r.dest != nullptr, "read request " + std::to_string(i) +
+                                                         " has no destination for its " +
+                                                         std::to_string(r.length) + " bytes");
     LEMA_EXPECTS(r.offset + r.length >= r.offset,
                  "read request " + std::to_string(i) + ": offset " + std::to_string(r.offset) +
                      " + length " + std::to_string(r.length) + " overflows");
@@ -151,7 +151,9 @@ void ReadTicket::wait() const {
   if (state_) state_->wait();
 }
 
-bool ReadTicket::ready() const { return !state_ || state_->ready(); }
+bool ReadTicket::ready() const {
+  return !state_ || state_->ready();
+}
 
 // ---- Reader::open --------------------------------------------------------------------------
 
@@ -190,12 +192,13 @@ std::unique_ptr<Reader> Reader::open(std::vector<std::filesystem::path> files,
     reader = detail::make_uring_reader(files, options, why);
     if (!reader) {
       if (kind == IoKind::uring) {
-        throw InvalidArgument("the io_uring reader was asked for (LEMA_IO=uring or "
-                              "ReaderOptions::kind) but cannot be used: " +
-                              why + "; use LEMA_IO=pread");
+        throw InvalidArgument(
+            "the io_uring reader was asked for (LEMA_IO=uring or "
+            "ReaderOptions::kind) but cannot be used: " +
+            why + "; use LEMA_IO=pread");
       }
-      spdlog::log(once_level(g_fallback_logged), "io_uring is not available ({}); reading with pread",
-                  why);
+      spdlog::log(once_level(g_fallback_logged),
+                  "io_uring is not available ({}); reading with pread", why);
     }
   }
   if (!reader) reader = detail::make_pread_reader(std::move(files), options);

@@ -86,7 +86,8 @@ class AtomicFile {
   void commit() {
     if (::fsync(fd_.get()) != 0) throw_errno("cannot fsync", temp_, errno);
     if (::close(fd_.release()) != 0) throw_errno("cannot close", temp_, errno);
-    if (::rename(temp_.c_str(), target_.c_str()) != 0) throw_errno("cannot rename onto", target_, errno);
+    if (::rename(temp_.c_str(), target_.c_str()) != 0)
+      throw_errno("cannot rename onto", target_, errno);
     committed_ = true;
     fsync_directory(directory());
   }

@@ -23,8 +23,8 @@ std::vector<std::uint32_t> dense_ids(std::span<const PageId> accesses, std::size
   distinct = pages.size();
   std::vector<std::uint32_t> ids(accesses.size());
   for (std::size_t i = 0; i < accesses.size(); ++i) {
-    ids[i] = static_cast<std::uint32_t>(
-        std::lower_bound(pages.begin(), pages.end(), accesses[i]) - pages.begin());
+    ids[i] = static_cast<std::uint32_t>(std::lower_bound(pages.begin(), pages.end(), accesses[i]) -
+                                        pages.begin());
   }
   return ids;
 }

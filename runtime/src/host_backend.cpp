@@ -113,9 +113,9 @@ class HostBackend final : public Backend {
 
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
                                             std::uint64_t chunk_bytes) override {
-    LEMA_EXPECTS(chunks > 0 && chunk_bytes > 0 && chunk_bytes % granularity_ == 0,
-                 "create_pool: need at least one chunk of a multiple of " +
-                     format_size(granularity_));
+    LEMA_EXPECTS(
+        chunks > 0 && chunk_bytes > 0 && chunk_bytes % granularity_ == 0,
+        "create_pool: need at least one chunk of a multiple of " + format_size(granularity_));
     const std::uint64_t bytes = chunks * chunk_bytes;
     UniqueFd fd(LEMA_SYS_TRY(::memfd_create("lema-pool", MFD_CLOEXEC)));
     if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
@@ -126,8 +126,7 @@ class HostBackend final : public Backend {
       detail::throw_system_error(__FILE__, __LINE__, "ftruncate(memfd)", err);
     }
     void* w = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    if (w == MAP_FAILED)
-      detail::throw_system_error(__FILE__, __LINE__, "mmap(pool window)", errno);
+    if (w == MAP_FAILED) detail::throw_system_error(__FILE__, __LINE__, "mmap(pool window)", errno);
     return std::make_unique<HostPool>(std::move(fd), Mapping(w, bytes), chunks, chunk_bytes);
   }
 
@@ -137,7 +136,8 @@ class HostBackend final : public Backend {
     const int prot = access == Access::read ? PROT_READ : PROT_READ | PROT_WRITE;
     void* p = ::mmap(addr, host.chunk_bytes(), prot, MAP_FIXED | MAP_SHARED, host.fd(),
                      static_cast<off_t>(chunk * host.chunk_bytes()));
-    if (p == MAP_FAILED) detail::throw_system_error(__FILE__, __LINE__, "mmap(MAP_FIXED page)", errno);
+    if (p == MAP_FAILED)
+      detail::throw_system_error(__FILE__, __LINE__, "mmap(MAP_FIXED page)", errno);
   }
 
   void unmap(std::byte* addr, std::uint64_t bytes) override {
@@ -145,7 +145,8 @@ class HostBackend final : public Backend {
     // there, and a touch faults instead of reading stale memory.
     void* p = ::mmap(addr, bytes, PROT_NONE,
                      MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) detail::throw_system_error(__FILE__, __LINE__, "mmap(PROT_NONE unmap)", errno);
+    if (p == MAP_FAILED)
+      detail::throw_system_error(__FILE__, __LINE__, "mmap(PROT_NONE unmap)", errno);
   }
 
   std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {

@@ -13,10 +13,10 @@
 
 namespace lema::runtime {
 
-std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested,
-                                std::uint64_t granularity) {
+std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested, std::uint64_t granularity) {
   const std::uint64_t size = requested.value_or(granularity);
-  const bool ok = size >= granularity && size % granularity == 0 && is_power_of_two(size / granularity);
+  const bool ok =
+      size >= granularity && size % granularity == 0 && is_power_of_two(size / granularity);
   LEMA_EXPECTS(ok, "--page-size " + format_size(size) + " is not a power-of-two multiple of the " +
                        "backend's granularity " + format_size(granularity) + "; use " +
                        format_size(granularity) + ", " + format_size(2 * granularity) + ", " +
@@ -39,7 +39,7 @@ constexpr std::string_view kLayerPrefix = "model.layers.";
 // Execution order inside a decoder layer; names are matched as the component after the layer
 // prefix ("self_attn.q_proj.weight" contains "q_proj").
 constexpr std::array<std::string_view, 9> kLayerOrder = {
-    "input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+    "input_layernorm",          "q_proj",    "k_proj",  "v_proj",   "o_proj",
     "post_attention_layernorm", "gate_proj", "up_proj", "down_proj"};
 
 bool has_component(std::string_view rest, std::string_view component) {
@@ -130,8 +130,9 @@ Layout Layout::plan(std::span<const io::TensorInfo> tensors,
   std::size_t group = 0;
   const OrderKey* prev = nullptr;
   for (const Item& item : items) {
-    const bool new_group = prev != nullptr && (prev->section != item.key.section ||
-                                               (item.key.section == 1 && prev->layer != item.key.layer));
+    const bool new_group =
+        prev != nullptr && (prev->section != item.key.section ||
+                            (item.key.section == 1 && prev->layer != item.key.layer));
     if (new_group) {
       cursor = align_up(cursor, page_size);
       ++group;
@@ -140,8 +141,8 @@ Layout Layout::plan(std::span<const io::TensorInfo> tensors,
     LEMA_EXPECTS(item.info->nbytes <= std::numeric_limits<std::uint64_t>::max() / 2 - cursor,
                  "layout: tensor '" + item.info->name + "' does not fit in 64-bit offsets");
     out.by_name_.emplace(item.info->name, out.tensors_.size());
-    out.tensors_.push_back({item.info->name, cursor, item.info->nbytes, item.info->file,
-                            item.info->offset, group});
+    out.tensors_.push_back(
+        {item.info->name, cursor, item.info->nbytes, item.info->file, item.info->offset, group});
     out.tensor_bytes_ += item.info->nbytes;
     cursor += item.info->nbytes;
     prev = &item.key;
@@ -158,8 +159,7 @@ Layout Layout::plan(std::span<const io::TensorInfo> tensors,
   for (std::uint64_t p = 0; p < pages; ++p) {
     const std::uint64_t page_begin = p * page_size;
     const std::uint64_t page_end = page_begin + page_size;
-    while (t < out.tensors_.size() &&
-           out.tensors_[t].offset + out.tensors_[t].nbytes <= page_begin)
+    while (t < out.tensors_.size() && out.tensors_[t].offset + out.tensors_[t].nbytes <= page_begin)
       ++t;
     for (std::size_t i = t; i < out.tensors_.size() && out.tensors_[i].offset < page_end; ++i) {
       const TensorPlacement& tp = out.tensors_[i];

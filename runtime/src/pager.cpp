@@ -15,9 +15,7 @@ namespace lema::runtime {
 // ---- Lease ----
 
 Lease::Lease(Lease&& o) noexcept
-    : pager_(std::exchange(o.pager_, nullptr)),
-      pages_(std::move(o.pages_)),
-      owner_(o.owner_) {
+    : pager_(std::exchange(o.pager_, nullptr)), pages_(std::move(o.pages_)), owner_(o.owner_) {
   o.pages_.clear();
 }
 
@@ -73,7 +71,8 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   s->chunk_owner.assign(s->chunk_count, kNoPage);
   s->free_chunks.reserve(s->chunk_count);
   // Handed out from the back: chunk 0 first.
-  for (std::size_t c = s->chunk_count; c-- > 0;) s->free_chunks.push_back(static_cast<std::uint32_t>(c));
+  for (std::size_t c = s->chunk_count; c-- > 0;)
+    s->free_chunks.push_back(static_cast<std::uint32_t>(c));
   s->policy = make_policy(s->options.policy, space.page_count());
   spdlog::debug("pager: {} pages of {}, pool of {} chunks ({}), policy {}, io {}",
                 space.page_count(), format_size(page_size), s->chunk_count,
@@ -145,8 +144,8 @@ void Pager::release_pins(Lease& lease, const Fence& last_use) noexcept {
 }
 
 void Pager::fault_in(PageId page) {
-  LEMA_EXPECTS(page < state_->pages.size(), "fault_in: page " + std::to_string(page) +
-                                                " is outside the address space");
+  LEMA_EXPECTS(page < state_->pages.size(),
+               "fault_in: page " + std::to_string(page) + " is outside the address space");
   Lease lease = acquire_pages({page, 1});
   release(std::move(lease));
 }
@@ -177,9 +176,15 @@ PagerStats Pager::stats() const {
                                    state_->io_path);
 }
 
-const EventRing& Pager::events() const noexcept { return state_->events; }
-const AddressSpace& Pager::space() const noexcept { return *state_->space; }
-std::size_t Pager::chunk_count() const noexcept { return state_->chunk_count; }
+const EventRing& Pager::events() const noexcept {
+  return state_->events;
+}
+const AddressSpace& Pager::space() const noexcept {
+  return *state_->space;
+}
+std::size_t Pager::chunk_count() const noexcept {
+  return state_->chunk_count;
+}
 const char* Pager::policy_name() const noexcept {
   return state_->options.policy == PolicyKind::trace ? "trace" : "lru";
 }

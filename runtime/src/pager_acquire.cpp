@@ -165,7 +165,8 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages) {
       s.counters.add(s.counters.stall_ns, took);
       for (const FillClaim& c : to_fill) {
         if (c.error && !error) error = c.error;
-        record_event(s, EventKind::fault, c.page, 1, s.layout->page_fill_bytes(c.page), start, took);
+        record_event(s, EventKind::fault, c.page, 1, s.layout->page_fill_bytes(c.page), start,
+                     took);
       }
       bool wake = false;
       {

@@ -73,7 +73,8 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims) {
       tickets[i].wait();
       if (staging[i]) {
         const Fence copied = s.backend->copy_to_chunk(
-            *s.pool, c.chunk, 0, std::span<const std::byte>(staging[i]->bytes().data(), s.page_size));
+            *s.pool, c.chunk, 0,
+            std::span<const std::byte>(staging[i]->bytes().data(), s.page_size));
         s.backend->wait_fence(copied);
       }
       // Note [Map after fill]: the page appears at its model address only now that every byte
@@ -87,6 +88,10 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims) {
         throw;
       }
       s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(c.page));
+    } catch (const io::ReadError& e) {
+      // A copy owned by this thread: the original is shared with the reader's thread, which
+      // may free it after this function returns.
+      c.error = std::make_exception_ptr(io::ReadError(e));
     } catch (...) {
       c.error = std::current_exception();
     }

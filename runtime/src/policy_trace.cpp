@@ -27,8 +27,9 @@ namespace {
 // page MIN will evict at that moment: the resident page whose first use at or after d is the
 // furthest. If that page is used before d, evicting it now would cost a fetch MIN does not make,
 // so the prefetcher waits; likewise for the page just accessed when that page has been seen
-// accessed twice in a row (repeats are collapsed, so the next access may be it again). Since q is the soonest missing page, nothing else is fetched before d, so
-// MIN's resident set at d is the current one and the choice is exactly MIN's.
+// accessed twice in a row (repeats are collapsed, so the next access may be it again). Since q is
+// the soonest missing page, nothing else is fetched before d, so MIN's resident set at d is the
+// current one and the choice is exactly MIN's.
 class TracePolicy final : public EvictionPolicy {
  public:
   explicit TracePolicy(std::size_t page_count)

@@ -304,16 +304,15 @@ UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
   LEMA_EXPECTS(options.page_count > 0, "a userfaultfd region needs at least one page");
   LEMA_EXPECTS(options.page_size > 0 && options.page_size % s.system_page == 0,
                "userfaultfd page size " + std::to_string(options.page_size) +
-                   " is not a multiple of the system page size " +
-                   std::to_string(s.system_page));
+                   " is not a multiple of the system page size " + std::to_string(s.system_page));
   LEMA_EXPECTS(options.budget_pages >= 1,
                "a userfaultfd region needs a budget of at least one page (budget 0 pages of " +
                    std::to_string(options.page_size) + " bytes)");
   LEMA_EXPECTS(static_cast<bool>(options.fill), "a userfaultfd region needs a fill callback");
-  LEMA_EXPECTS(options.page_count <= (std::size_t{1} << 32) &&
-                   options.page_count <= SIZE_MAX / options.page_size,
-               "userfaultfd region of " + std::to_string(options.page_count) +
-                   " pages is too large");
+  LEMA_EXPECTS(
+      options.page_count <= (std::size_t{1} << 32) &&
+          options.page_count <= SIZE_MAX / options.page_size,
+      "userfaultfd region of " + std::to_string(options.page_count) + " pages is too large");
   s.options = std::move(options);
   s.resident.assign(s.options.page_count, 0);
 
@@ -334,11 +333,21 @@ UffdRegion::UffdRegion(UffdRegion&&) noexcept = default;
 UffdRegion& UffdRegion::operator=(UffdRegion&&) noexcept = default;
 UffdRegion::~UffdRegion() = default;
 
-std::byte* UffdRegion::data() const noexcept { return state_->range.data(); }
-std::size_t UffdRegion::page_size() const noexcept { return state_->options.page_size; }
-std::size_t UffdRegion::page_count() const noexcept { return state_->options.page_count; }
-std::size_t UffdRegion::budget_pages() const noexcept { return state_->options.budget_pages; }
-bool UffdRegion::handles_kernel_faults() const noexcept { return state_->kernel_faults; }
+std::byte* UffdRegion::data() const noexcept {
+  return state_->range.data();
+}
+std::size_t UffdRegion::page_size() const noexcept {
+  return state_->options.page_size;
+}
+std::size_t UffdRegion::page_count() const noexcept {
+  return state_->options.page_count;
+}
+std::size_t UffdRegion::budget_pages() const noexcept {
+  return state_->options.budget_pages;
+}
+bool UffdRegion::handles_kernel_faults() const noexcept {
+  return state_->kernel_faults;
+}
 
 void UffdRegion::evict(PageId page) {
   LEMA_EXPECTS(page < page_count(), "evict of page " + std::to_string(page) + " outside the " +
@@ -348,9 +357,8 @@ void UffdRegion::evict(PageId page) {
 }
 
 bool UffdRegion::prefetch(PageId page) {
-  LEMA_EXPECTS(page < page_count(), "prefetch of page " + std::to_string(page) +
-                                        " outside the " + std::to_string(page_count()) +
-                                        "-page region");
+  LEMA_EXPECTS(page < page_count(), "prefetch of page " + std::to_string(page) + " outside the " +
+                                        std::to_string(page_count()) + "-page region");
   std::lock_guard lock(state_->mutex);
   const bool filled = state_->install(page, /*for_fault=*/false);
   if (filled) ++state_->stats.prefetches;

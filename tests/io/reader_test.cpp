@@ -49,7 +49,8 @@ void write_pattern_file(const fs::path& path, std::uint32_t file, std::uint64_t 
 class Buffer {
  public:
   explicit Buffer(std::uint64_t bytes)
-      : mem_(static_cast<std::byte*>(std::aligned_alloc(4096, lema::align_up(bytes + 4096, 4096)))) {
+      : mem_(
+            static_cast<std::byte*>(std::aligned_alloc(4096, lema::align_up(bytes + 4096, 4096)))) {
     std::memset(mem_.get(), 0xEE, lema::align_up(bytes + 4096, 4096));
   }
   std::byte* at(std::uint64_t misalign) { return mem_.get() + misalign; }
@@ -76,7 +77,8 @@ fs::path make_test_dir() {
   if (::statfs("/var/tmp", &st) == 0 && st.f_type != 0x01021994 /* TMPFS_MAGIC */)
     base = "/var/tmp";
   std::string templ = (base / "lema_reader_test_XXXXXX").string();
-  if (::mkdtemp(templ.data()) == nullptr) throw std::runtime_error("mkdtemp failed in " + base.string());
+  if (::mkdtemp(templ.data()) == nullptr)
+    throw std::runtime_error("mkdtemp failed in " + base.string());
   return templ;
 }
 
@@ -169,8 +171,8 @@ class ReaderTest : public ::testing::TestWithParam<PathParam> {
       throw;
     }
   }
-#define OPEN_OR_SKIP(var, ...)                                          \
-  auto var = open(__VA_ARGS__);                                         \
+#define OPEN_OR_SKIP(var, ...)  \
+  auto var = open(__VA_ARGS__); \
   if (!var) GTEST_SKIP() << "io_uring is not available on this machine"
 
   static fs::path* dir_;
@@ -231,12 +233,12 @@ TEST_P(ReaderTest, UnalignedOffsetsLengthsAndDestinations) {
   };
   const std::uint64_t size0 = kSizes[0];
   add(0, 0, 1, 0);
-  add(0, size0 - 1, 1, 4095);                 // last byte
-  add(0, size0 - 5000, 5000, 17);             // up to the end, unaligned tail
-  add(0, 4095, 2, 1);                         // straddles a block boundary
-  add(0, 4096, 8192, 0);                      // aligned everything
-  add(0, 4096 + 100, 3_MiB, 100);             // same misalignment as the offset
-  add(0, 4096 + 100, 3_MiB, 99);              // a different one
+  add(0, size0 - 1, 1, 4095);      // last byte
+  add(0, size0 - 5000, 5000, 17);  // up to the end, unaligned tail
+  add(0, 4095, 2, 1);              // straddles a block boundary
+  add(0, 4096, 8192, 0);           // aligned everything
+  add(0, 4096 + 100, 3_MiB, 100);  // same misalignment as the offset
+  add(0, 4096 + 100, 3_MiB, 99);   // a different one
   add(1, 0, kSizes[1], 1);
   add(2, 3, 90, 5);
   for (int i = 0; i < 150; ++i) {
@@ -272,9 +274,11 @@ TEST_P(ReaderTest, ConcurrentBatchesFromSeveralThreads) {
         for (int i = 0; i < kRequestsPerBatch; ++i) {
           const std::uint32_t file = static_cast<std::uint32_t>(rng() % 3);
           const std::uint64_t offset = rng() % kSizes[file];
-          const std::uint64_t length = 1 + rng() % std::min<std::uint64_t>(kSizes[file] - offset, 700_KiB);
+          const std::uint64_t length =
+              1 + rng() % std::min<std::uint64_t>(kSizes[file] - offset, 700_KiB);
           buffers[b].push_back(std::make_unique<Buffer>(length));
-          batches[b].push_back({file, offset, length, buffers[b].back()->at(rng() % 2 ? 0 : rng() % 4096)});
+          batches[b].push_back(
+              {file, offset, length, buffers[b].back()->at(rng() % 2 ? 0 : rng() % 4096)});
         }
         const int id = t * kBatchesPerThread + b;
         tickets.push_back(reader->submit(batches[b], [&calls, &failures, id](std::exception_ptr e) {
@@ -415,13 +419,12 @@ TEST_P(ReaderTest, MissingFileIsASystemError) {
   EXPECT_THROW(Reader::open({*dir_ / "does_not_exist.bin"}, options()), SystemError);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Paths, ReaderTest,
-    ::testing::Values(PathParam{IoKind::uring, true, "uring_direct"},
-                      PathParam{IoKind::uring, false, "uring_buffered"},
-                      PathParam{IoKind::pread, true, "pread_direct"},
-                      PathParam{IoKind::pread, false, "pread_buffered"}),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Paths, ReaderTest,
+                         ::testing::Values(PathParam{IoKind::uring, true, "uring_direct"},
+                                           PathParam{IoKind::uring, false, "uring_buffered"},
+                                           PathParam{IoKind::pread, true, "pread_direct"},
+                                           PathParam{IoKind::pread, false, "pread_buffered"}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 // ---- choice of path ----------------------------------------------------------------------
 
@@ -434,8 +437,10 @@ class LemaIoEnv : public ::testing::Test {
     if (const char* v = std::getenv("LEMA_IO")) saved_ = v;
   }
   void TearDown() override {
-    if (saved_) ::setenv("LEMA_IO", saved_->c_str(), 1);
-    else ::unsetenv("LEMA_IO");
+    if (saved_)
+      ::setenv("LEMA_IO", saved_->c_str(), 1);
+    else
+      ::unsetenv("LEMA_IO");
     std::error_code ec;
     fs::remove_all(dir_, ec);
   }

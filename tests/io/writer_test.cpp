@@ -69,11 +69,11 @@ TEST_F(WriterTest, MatchesTheReferenceWriterByteForByte) {
       R"("c":{"dtype":"BF16","shape":[1],"data_offsets":[24,26]},)"
       R"("z":{"dtype":"F16","shape":[0,3],"data_offsets":[26,26]},)"
       R"("a":{"dtype":"I8","shape":[3],"data_offsets":[26,29]}}     )";
-  const std::vector<unsigned char> expected_data = {
-      7, 0, 0, 0, 0, 0, 0, 0,                                       // s
-      0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64, 0, 0, 128, 64,      // b
-      192, 63,                                                      // c
-      1, 2, 3};                                                     // a
+  const std::vector<unsigned char> expected_data = {7,   0,  0,   0,  0, 0, 0,   0,  // s
+                                                    0,   0,  128, 63, 0, 0, 0,   64,
+                                                    0,   0,  64,  64, 0, 0, 128, 64,  // b
+                                                    192, 63,                          // c
+                                                    1,   2,  3};                      // a
   std::string expected = std::string("\x38\x01\x00\x00\x00\x00\x00\x00", 8) + expected_header +
                          std::string(expected_data.begin(), expected_data.end());
   ASSERT_EQ(expected.size(), 349u);
@@ -128,7 +128,9 @@ TEST_F(WriterTest, StreamsALargeTensorInBoundedPieces) {
   const std::uint64_t size = 20_MiB + 3;
   std::uint64_t expected_offset = 0, largest_piece = 0, calls = 0;
   std::vector<TensorToWrite> tensors;
-  tensors.push_back({"big", Dtype::U8, {static_cast<std::int64_t>(size)},
+  tensors.push_back({"big",
+                     Dtype::U8,
+                     {static_cast<std::int64_t>(size)},
                      [&](std::span<std::byte> out, std::uint64_t offset) {
                        EXPECT_EQ(offset, expected_offset);  // increasing, no gaps
                        for (std::size_t i = 0; i < out.size(); ++i) {
@@ -201,8 +203,7 @@ TEST_F(WriterTest, WriteFileAtomicallyReplacesContents) {
 }
 
 TEST_F(WriterTest, MissingDirectoryIsASystemError) {
-  EXPECT_THROW(lema::io::write_file_atomically(dir_ / "no" / "such" / "x", "x"),
-               lema::SystemError);
+  EXPECT_THROW(lema::io::write_file_atomically(dir_ / "no" / "such" / "x", "x"), lema::SystemError);
   EXPECT_THROW(lema::io::write_safetensors(dir_ / "no" / "x.safetensors", {}), lema::SystemError);
 }
 

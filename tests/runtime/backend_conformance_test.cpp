@@ -130,7 +130,8 @@ TYPED_TEST(BackendConformance, StagingCopyLandsInChunk) {
   auto pool = b.create_pool(2, g);
   auto staging = b.allocate_staging(4096);
   for (std::size_t i = 0; i < 4096; ++i) staging->bytes()[i] = std::byte(i * 13);
-  b.wait_fence(b.copy_to_chunk(*pool, 1, 8192, std::span<const std::byte>(staging->bytes().data(), 4096)));
+  b.wait_fence(
+      b.copy_to_chunk(*pool, 1, 8192, std::span<const std::byte>(staging->bytes().data(), 4096)));
   if (!b.host_accessible()) GTEST_SKIP() << "mapped pages not visible to the CPU";
   b.map(*pool, 1, r.base(), Access::read);
   for (std::size_t i = 0; i < 4096; i += 511) EXPECT_EQ(r.base()[8192 + i], std::byte(i * 13));

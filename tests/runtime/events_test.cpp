@@ -16,8 +16,7 @@ using runtime::EventRing;
 TEST(EventRing, KeepsEventsInOrderUntilFull) {
   EventRing ring(5);  // rounded up to 8
   EXPECT_EQ(ring.capacity(), 8u);
-  for (std::uint32_t i = 0; i < 6; ++i)
-    ring.record(Event{i, EventKind::fault, i, 1, i * 10, 7});
+  for (std::uint32_t i = 0; i < 6; ++i) ring.record(Event{i, EventKind::fault, i, 1, i * 10, 7});
   auto events = ring.snapshot();
   ASSERT_EQ(events.size(), 6u);
   for (std::uint32_t i = 0; i < 6; ++i) {

@@ -48,8 +48,9 @@ std::vector<std::filesystem::path> file_names(std::uint32_t n) {
 }
 
 int rank_in_layer(const std::string& name) {
-  static const char* kOrder[] = {"input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj"};
+  static const char* kOrder[] = {"input_layernorm", "q_proj",  "k_proj",
+                                 "v_proj",          "o_proj",  "post_attention_layernorm",
+                                 "gate_proj",       "up_proj", "down_proj"};
   for (int i = 0; i < 9; ++i)
     if (name.find(kOrder[i]) != std::string::npos) return i;
   return 9;
@@ -69,14 +70,16 @@ TEST(PageSize, DefaultIsGranularityAndMultiplesMustBePowersOfTwo) {
   }
 }
 
-class LayoutProperties : public ::testing::TestWithParam<std::tuple<std::uint64_t, int, unsigned>> {};
+class LayoutProperties : public ::testing::TestWithParam<std::tuple<std::uint64_t, int, unsigned>> {
+};
 
 TEST_P(LayoutProperties, LayerMajorAlignedPageAlignedGroupsAndExtentsCoverEveryByte) {
   const auto [page_size, files, seed] = GetParam();
   ModelShape m;
   m.layers = 5;
   const auto tensors = table(m, static_cast<std::uint32_t>(files), seed);
-  const Layout layout = Layout::plan(tensors, file_names(static_cast<std::uint32_t>(files)), page_size);
+  const Layout layout =
+      Layout::plan(tensors, file_names(static_cast<std::uint32_t>(files)), page_size);
   const auto& placed = layout.tensors();
   ASSERT_EQ(placed.size(), tensors.size());
 
@@ -152,8 +155,7 @@ TEST_P(LayoutProperties, LayerMajorAlignedPageAlignedGroupsAndExtentsCoverEveryB
 
 INSTANTIATE_TEST_SUITE_P(Shapes, LayoutProperties,
                          ::testing::Combine(::testing::Values(2_MiB, 4_MiB),
-                                            ::testing::Values(1, 3),
-                                            ::testing::Values(1u, 7u)));
+                                            ::testing::Values(1, 3), ::testing::Values(1u, 7u)));
 
 TEST(Layout, SmallPagesSpanTensorsAndShards) {
   ModelShape m;
@@ -207,7 +209,8 @@ TEST(AddressSpace, PageArithmetic) {
   EXPECT_FALSE(space.contains(space.base() + space.size()));
   EXPECT_FALSE(space.contains(&m));
   const auto q = space.tensor("model.layers.1.self_attn.q_proj.weight");
-  EXPECT_EQ(q.data, space.base() + space.layout().find("model.layers.1.self_attn.q_proj.weight")->offset);
+  EXPECT_EQ(q.data,
+            space.base() + space.layout().find("model.layers.1.self_attn.q_proj.weight")->offset);
   EXPECT_THROW(space.tensor("missing"), InvalidArgument);
   EXPECT_FALSE(space.find("missing").has_value());
 

@@ -25,7 +25,8 @@ struct OpenedModel {
       : dir(tag),
         ckpt(io::Checkpoint::open(write_model(dir.path(), shape))),
         backend(std::move(b)),
-        space(*backend, runtime::Layout::plan(ckpt, page_size ? page_size : backend->granularity())) {
+        space(*backend,
+              runtime::Layout::plan(ckpt, page_size ? page_size : backend->granularity())) {
     for (const auto& t : ckpt.tensors()) expected.emplace(t.name, file_bytes(ckpt, t));
   }
   std::uint64_t page_size() const { return space.page_size(); }

@@ -62,8 +62,7 @@ TYPED_TEST(PagerConformance, BytesEqualTheFileUnderEveryBudget) {
   const std::uint64_t page = backend->granularity();
   OpenedModel m(std::move(backend), small_model(), page);
   ASSERT_GE(m.pages(), 8u);
-  for (std::size_t budget_pages : {std::size_t{1}, std::size_t{2}, std::size_t{3}, m.pages() / 2,
-                                   m.pages()}) {
+  for (std::size_t budget_pages : {std::size_t{1}, std::size_t{2}, m.pages() / 2, m.pages()}) {
     for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
       for (Order order : {Order::layer, Order::reverse, Order::random}) {
         SCOPED_TRACE("budget " + std::to_string(budget_pages) + " pages, policy " +
@@ -102,7 +101,8 @@ TEST(Pager, DefaultPageSizeIsTwoMiB) {
   PagerOptions opt;
   opt.budget_bytes = 4_MiB;
   Pager pager(m.space, opt);
-  for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0)) check_tensor(pager, m, *t, true);
+  for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0))
+    check_tensor(pager, m, *t, true);
   EXPECT_LE(pager.stats().peak_resident_bytes, 4_MiB);
 }
 
@@ -239,7 +239,7 @@ TEST(Pager, ReadErrorFailsTheAcquireLeavesThePageUnmappedAndALaterAcquireRetries
 
 TEST(Pager, ConcurrentAcquirersOfAMissingPageFillItOnce) {
   OpenedModel m(runtime::make_host_backend(kPage), small_model());
-  for (int round = 0; round < 20; ++round) {
+  for (int round = 0; round < 8; ++round) {
     PagerOptions opt;
     opt.budget_bytes = 4 * kPage;
     Pager pager(m.space, opt);
@@ -256,7 +256,8 @@ TEST(Pager, ConcurrentAcquirersOfAMissingPageFillItOnce) {
     const auto st = pager.stats();
     EXPECT_EQ(st.faults, 2u);
     EXPECT_EQ(st.hits, 6u);
-    EXPECT_EQ(st.bytes_read, m.space.layout().page_fill_bytes(2) + m.space.layout().page_fill_bytes(3));
+    EXPECT_EQ(st.bytes_read,
+              m.space.layout().page_fill_bytes(2) + m.space.layout().page_fill_bytes(3));
   }
 }
 
@@ -389,9 +390,10 @@ TEST(Pager, TracePolicyWithPrefetchFetchesWhatBeladyFetches) {
   };
   const auto all = repeat(kWarmup + kMeasured);
   const auto warm = repeat(kWarmup);
-  const std::uint64_t belady = runtime::belady_fetches(all, kCapacity) -
-                               runtime::belady_fetches(warm, kCapacity);
-  const std::uint64_t lru = runtime::lru_fetches(all, kCapacity) - runtime::lru_fetches(warm, kCapacity);
+  const std::uint64_t belady =
+      runtime::belady_fetches(all, kCapacity) - runtime::belady_fetches(warm, kCapacity);
+  const std::uint64_t lru =
+      runtime::lru_fetches(all, kCapacity) - runtime::lru_fetches(warm, kCapacity);
   EXPECT_EQ(fetched, belady) << "lru would fetch " << lru;
   EXPECT_GT(st.prefetches_used, 0u);
   EXPECT_LE(st.peak_resident_bytes, opt.budget_bytes);

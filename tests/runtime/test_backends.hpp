@@ -124,9 +124,7 @@ class DelayedFenceBackend final : public ForwardingBackend {
     for (const std::byte* a : addrs) pending_[a].push_back(st);
     return Fence(st);
   }
-  static void signal(const Fence& f) {
-    static_cast<State*>(f.state())->deadline_ns = 0;
-  }
+  static void signal(const Fence& f) { static_cast<State*>(f.state())->deadline_ns = 0; }
 
   Fence record_fence(Queue) override { return record_fence_for({}, 1'000'000); }
   bool fence_complete(const Fence& f) override {

@@ -131,9 +131,8 @@ MinRun reference_min(const Seq& step, std::size_t capacity, Seq resident, std::s
       if (!next_of.count(seq[i])) {
         ++fetches;
         if (next_of.size() == capacity) {
-          auto victim = std::max_element(next_of.begin(), next_of.end(), [](auto& a, auto& b) {
-            return a.second < b.second;
-          });
+          auto victim = std::max_element(next_of.begin(), next_of.end(),
+                                         [](auto& a, auto& b) { return a.second < b.second; });
           next_of.erase(victim);
         }
       }
@@ -158,8 +157,7 @@ std::uint64_t sum(std::span<const std::uint64_t> v) {
 }
 
 /// belady_fetches grows by this much when `k` steps are appended to `n` steps.
-std::uint64_t belady_growth(const Seq& step, std::size_t capacity, std::size_t n,
-                            std::size_t k) {
+std::uint64_t belady_growth(const Seq& step, std::size_t capacity, std::size_t n, std::size_t k) {
   return belady_fetches(repeat(step, n + k), capacity) - belady_fetches(repeat(step, n), capacity);
 }
 
@@ -340,8 +338,8 @@ TEST(TracePolicy, LearnsTrainingStepAndPredicts) {
   EXPECT_EQ(trace->predict_next(4), (Seq{1, 2, 3, 4}));
   EXPECT_EQ(trace->next_use(1), 0u);
   EXPECT_EQ(trace->next_use(4), 3u);
-  EXPECT_EQ(trace->next_use(7), 6u);    // the head page, after layers 0..2
-  EXPECT_EQ(trace->next_use(0), 13u);   // the embedding: end of the backward pass
+  EXPECT_EQ(trace->next_use(7), 6u);               // the head page, after layers 0..2
+  EXPECT_EQ(trace->next_use(0), 13u);              // the embedding: end of the backward pass
   EXPECT_EQ(trace->predict_next(100).size(), 8u);  // distinct pages only
 
   // Among candidates the furthest next use goes first.
@@ -527,16 +525,17 @@ TEST(TracePolicy, SteadyStateFetchesEqualBelady) {
     for (std::size_t c = 1; c <= distinct; ++c) {
       for (bool prefetch : {false, true}) {
         const WindowComparison cmp = compare_window(shape.step, c, prefetch);
-        EXPECT_EQ(cmp.trace, cmp.belady) << shape.name << " capacity " << c
-                                         << (prefetch ? " with prefetch" : "") << " over "
-                                         << cmp.window << " steps";
+        EXPECT_EQ(cmp.trace, cmp.belady)
+            << shape.name << " capacity " << c << (prefetch ? " with prefetch" : "") << " over "
+            << cmp.window << " steps";
         if (c == distinct / 2 && !prefetch) {
-          std::printf("%-22s %2zu pages, %2zu frames, over %2zu steps: trace %4llu, Belady %4llu, "
-                      "LRU %4llu fetches\n",
-                      shape.name.c_str(), distinct, c, cmp.window,
-                      static_cast<unsigned long long>(cmp.trace),
-                      static_cast<unsigned long long>(cmp.belady),
-                      static_cast<unsigned long long>(cmp.lru));
+          std::printf(
+              "%-22s %2zu pages, %2zu frames, over %2zu steps: trace %4llu, Belady %4llu, "
+              "LRU %4llu fetches\n",
+              shape.name.c_str(), distinct, c, cmp.window,
+              static_cast<unsigned long long>(cmp.trace),
+              static_cast<unsigned long long>(cmp.belady),
+              static_cast<unsigned long long>(cmp.lru));
           ::testing::Test::RecordProperty(shape.name + "_belady", std::to_string(cmp.belady));
           ::testing::Test::RecordProperty(shape.name + "_lru", std::to_string(cmp.lru));
         }
@@ -549,7 +548,7 @@ TEST(TracePolicy, CyclicScanBeatsLru) {
   const WindowComparison cmp = compare_window(cyclic_scan(12), 8, /*prefetch=*/false);
   EXPECT_EQ(cmp.window, 11u);
   EXPECT_EQ(cmp.trace, cmp.belady);
-  EXPECT_EQ(cmp.belady, 12u * 4u);           // n (n - c) per n - 1 steps
+  EXPECT_EQ(cmp.belady, 12u * 4u);       // n (n - c) per n - 1 steps
   EXPECT_EQ(cmp.lru, 12u * cmp.window);  // LRU misses every access
 }
 

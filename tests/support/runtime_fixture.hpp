@@ -48,7 +48,7 @@ struct ModelShape {
   std::uint64_t hidden = 40 * 1024 + 13;  // bytes of a projection; odd on purpose
   std::uint64_t norm = 1000;
   std::uint64_t embed = 300 * 1024 + 7;
-  int shards = 1;  // > 1: a sharded directory with model.safetensors.index.json
+  int shards = 1;     // > 1: a sharded directory with model.safetensors.index.json
   bool extra = true;  // an unknown per-layer tensor and a stray top-level one
 };
 

@@ -38,11 +38,11 @@ struct BatchState {
 
   mutable std::mutex mutex_;
   std::condition_variable done_cv_;
-  std::size_t outstanding_;      // guarded by mutex_
-  std::exception_ptr error_;     // guarded by mutex_; immutable once outstanding_ hits 0
-  bool done_ = false;            // guarded by mutex_
+  std::size_t outstanding_;   // guarded by mutex_
+  std::exception_ptr error_;  // guarded by mutex_; immutable once outstanding_ hits 0
+  bool done_ = false;         // guarded by mutex_
   std::atomic<bool> failed_{false};
-  Callback callback_;            // touched only by the thread that completes the batch
+  Callback callback_;  // touched only by the thread that completes the batch
 };
 
 }  // namespace lema::io::detail

@@ -44,8 +44,7 @@ struct SplitBatch {
 /// With no pieces (an empty batch, zero lengths) the state is already complete: the callback
 /// has run on the calling thread.
 SplitBatch split_batch(const std::vector<ReadRequest>& batch, std::size_t file_count,
-                       std::uint64_t request_bytes, bool direct_cuts,
-                       BatchState::Callback on_done);
+                       std::uint64_t request_bytes, bool direct_cuts, BatchState::Callback on_done);
 
 /// Throws InvalidArgument when an option is out of range.
 void validate(const ReaderOptions& options);

@@ -14,8 +14,8 @@
 namespace lema::runtime::detail {
 
 inline void check_page(PageId page, std::size_t page_count) {
-  LEMA_EXPECTS(page < page_count, "page " + std::to_string(page) +
-                                      " is outside the policy's " + std::to_string(page_count) +
+  LEMA_EXPECTS(page < page_count, "page " + std::to_string(page) + " is outside the policy's " +
+                                      std::to_string(page_count) +
                                       " pages; create the policy with the address space's page "
                                       "count");
 }

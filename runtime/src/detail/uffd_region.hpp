@@ -54,7 +54,7 @@ class UffdRegion {
   };
 
   struct Stats {
-    std::uint64_t faults = 0;        // fault messages served by a fill
+    std::uint64_t faults = 0;         // fault messages served by a fill
     std::uint64_t shared_faults = 0;  // fault messages for a page already filled (just a wake)
     std::uint64_t prefetches = 0;
     std::uint64_t evictions = 0;

@@ -1,9 +1,10 @@
 // The pager's event log: a fixed-capacity, lock-free ring of what happened when.
 //
 // Writers never block and never allocate: a slot is claimed with one relaxed fetch_add and its
-// fields are written with relaxed atomic stores, bracketed by a per-slot sequence number (a
-// seqlock), so a reader can tell a complete event from one being overwritten and skips the
-// latter. When the ring is full the oldest events are overwritten; dropped() counts them.
+// fields are written with release stores (plain moves on x86), bracketed by a per-slot sequence
+// number (a seqlock), so a reader can tell a complete event from one being overwritten and skips
+// the latter. When the ring is full the oldest events are overwritten; dropped() counts them.
+// A writer that laps the ring onto a slot another writer is still filling drops its own event.
 //
 // Thread safety: record() from any number of threads; snapshot() from any thread, concurrently.
 #pragma once
@@ -24,7 +25,7 @@ enum class EventKind : std::uint8_t { fault, hit, prefetch_issued, prefetch_done
 std::string_view event_kind_name(EventKind kind);
 
 struct Event {
-  std::uint64_t time_ns = 0;      // steady clock, at the event's start
+  std::uint64_t time_ns = 0;  // steady clock, at the event's start
   EventKind kind = EventKind::fault;
   PageId first_page = 0;
   std::uint32_t page_count = 0;

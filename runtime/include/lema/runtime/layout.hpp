@@ -43,10 +43,10 @@ std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested, std::uin
 
 /// Bytes of one file that fill part of a page.
 struct FillExtent {
-  std::uint32_t file = 0;          // index into Layout::files()
-  std::uint64_t file_offset = 0;   // absolute offset in the file
+  std::uint32_t file = 0;         // index into Layout::files()
+  std::uint64_t file_offset = 0;  // absolute offset in the file
   std::uint64_t length = 0;
-  std::uint64_t page_offset = 0;   // where the bytes go inside the page
+  std::uint64_t page_offset = 0;  // where the bytes go inside the page
 };
 
 /// Where one tensor lives.
@@ -56,7 +56,7 @@ struct TensorPlacement {
   std::uint64_t nbytes = 0;
   std::uint32_t file = 0;
   std::uint64_t file_offset = 0;
-  std::size_t group = 0;     // index of its group in layout order (0 = first group)
+  std::size_t group = 0;  // index of its group in layout order (0 = first group)
 };
 
 class Layout {

@@ -56,12 +56,12 @@ struct ByteRange {
 };
 
 struct PagerOptions {
-  std::uint64_t budget_bytes = 0;   // the pool holds budget_bytes / page_size chunks
+  std::uint64_t budget_bytes = 0;  // the pool holds budget_bytes / page_size chunks
   PolicyKind policy = PolicyKind::lru;
-  bool prefetch = true;             // run the prefetch thread (only useful with a predicting policy)
-  std::size_t prefetch_depth = 8;   // pages asked of predict_next() after each access
-  Access access = Access::read;     // protection of mapped pages (weights are read-only)
-  io::ReaderOptions reader;         // used when the Pager opens its own Reader
+  bool prefetch = true;            // run the prefetch thread (only useful with a predicting policy)
+  std::size_t prefetch_depth = 8;  // pages asked of predict_next() after each access
+  Access access = Access::read;    // protection of mapped pages (weights are read-only)
+  io::ReaderOptions reader;        // used when the Pager opens its own Reader
   std::size_t event_capacity = 1u << 16;
 };
 

@@ -30,7 +30,7 @@ struct PagerStats {
   std::uint64_t stall_ns = 0;
   std::uint64_t resident_bytes = 0;
   std::uint64_t peak_resident_bytes = 0;
-  std::uint64_t budget_bytes = 0;  // chunk count × page size (the pool actually created)
+  std::uint64_t budget_bytes = 0;  // as given; the pool holds floor(budget / page size) pages
   std::uint64_t page_size = 0;
   std::string io_path;  // Reader::path_name()
 };

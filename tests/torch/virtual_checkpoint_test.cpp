@@ -1,0 +1,228 @@
+// VirtualCheckpoint: dtypes, ownership, frozen weights and budget errors.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lema/base/error.hpp"
+#include "lema/io/safetensors_writer.hpp"
+#include "lema/torch/dtype_map.hpp"
+#include "lema/torch/virtual_checkpoint.hpp"
+#include "runtime_fixture.hpp"
+
+namespace lema::test {
+namespace {
+
+constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
+
+std::byte byte_at(std::uint64_t i) {
+  return static_cast<std::byte>((i * 13 + 5) & 0xFF);
+}
+
+io::TensorToWrite pattern_tensor(std::string name, io::Dtype dtype,
+                                 std::vector<std::int64_t> shape) {
+  // BOOL holds 0 or 1; everything else any byte.
+  const bool boolean = dtype == io::Dtype::BOOL;
+  return {std::move(name), dtype, std::move(shape),
+          [boolean](std::span<std::byte> out, std::uint64_t offset) {
+            for (std::size_t i = 0; i < out.size(); ++i) {
+              out[i] =
+                  boolean ? static_cast<std::byte>((offset + i) % 3 == 0) : byte_at(offset + i);
+            }
+          }};
+}
+
+std::vector<std::byte> bytes_of(const at::Tensor& t) {
+  const at::Tensor copy = t.clone();  // an op: the guard makes the weight resident for it
+  const auto* p = static_cast<const std::byte*>(copy.data_ptr());
+  return {p, p + copy.nbytes()};
+}
+
+std::vector<std::byte> expected_bytes(const io::TensorToWrite& t) {
+  std::vector<std::byte> out(io::tensor_nbytes(t.dtype, t.shape));
+  t.fill(out, 0);
+  return out;
+}
+
+torch::Options guard_options(std::uint64_t budget = 8 * kMiB) {
+  torch::Options options;
+  options.budget_bytes = budget;
+  return options;
+}
+
+std::string error_text(const std::function<void()>& body) {
+  try {
+    body();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(VirtualCheckpoint, EveryDtypeTorchHasMapsWithTheFileBytes) {
+  TempDir dir("torch-dtypes");
+  std::vector<io::TensorToWrite> tensors;
+  std::vector<io::Dtype> mapped;
+  for (int i = 0; i < io::kDtypeCount; ++i) {
+    const auto dtype = static_cast<io::Dtype>(i);
+    if (!torch::to_scalar_type(dtype)) continue;
+    mapped.push_back(dtype);
+    tensors.push_back(
+        pattern_tensor(std::string("t.") + std::string(io::dtype_name(dtype)), dtype, {3, 5}));
+  }
+  ASSERT_GE(mapped.size(), 14u) << "F32 F16 BF16 F64 I64 I32 I16 I8 U8 BOOL F8 at least";
+  std::vector<io::TensorToWrite> expected = tensors;
+  io::write_safetensors(dir.path() / "m.safetensors", std::move(tensors));
+
+  torch::VirtualCheckpoint checkpoint = torch::open(dir.path() / "m.safetensors", guard_options());
+  for (std::size_t i = 0; i < mapped.size(); ++i) {
+    const at::Tensor t = checkpoint.tensor(expected[i].name);
+    EXPECT_EQ(t.scalar_type(), *torch::to_scalar_type(mapped[i])) << expected[i].name;
+    EXPECT_EQ(t.sizes().vec(), (std::vector<std::int64_t>{3, 5})) << expected[i].name;
+    EXPECT_EQ(bytes_of(t), expected_bytes(expected[i])) << expected[i].name;
+  }
+  EXPECT_EQ(checkpoint.named_tensors().size(), mapped.size());
+}
+
+TEST(VirtualCheckpoint, ADtypeTorchLacksIsRefusedAtOpenNamingTheTensor) {
+  TempDir dir("torch-f4");
+  std::vector<io::TensorToWrite> tensors;
+  tensors.push_back(pattern_tensor("ok", io::Dtype::F32, {4}));
+  tensors.push_back(pattern_tensor("packed.weight", io::Dtype::F4, {8}));
+  io::write_safetensors(dir.path() / "m.safetensors", std::move(tensors));
+  const std::string text =
+      error_text([&] { torch::open(dir.path() / "m.safetensors", guard_options()); });
+  EXPECT_NE(text.find("packed.weight"), std::string::npos) << text;
+  EXPECT_NE(text.find("F4"), std::string::npos) << text;
+}
+
+class GuardedWeights : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::vector<io::TensorToWrite> tensors;
+    tensors.push_back(pattern_tensor("small.weight", io::Dtype::F32, {64, 64}));
+    tensors.push_back(pattern_tensor("big.weight", io::Dtype::F32, {768, 1024}));  // 3 MiB
+    io::write_safetensors(dir_.path() / "m.safetensors", std::move(tensors));
+  }
+  std::filesystem::path path() const { return dir_.path() / "m.safetensors"; }
+  TempDir dir_{"torch-guard"};
+};
+
+TEST_F(GuardedWeights, AnOpWritingIntoAFrozenWeightFailsNamingIt) {
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options());
+  at::Tensor w = checkpoint.tensor("small.weight");
+  const std::vector<std::byte> before = bytes_of(w);
+
+  for (const auto& write : std::vector<std::function<void()>>{
+           [&] { w.add_(1); },
+           [&] {
+             w.copy_(at::zeros({64, 64}));
+           },
+           [&] { w.view({-1}).mul_(2); },  // through a view
+           [&] {
+             at::add_out(w, at::ones({64, 64}), at::ones({64, 64}));
+           },  // an out= argument
+       }) {
+    const std::string text = error_text(write);
+    EXPECT_NE(text.find("small.weight"), std::string::npos) << text;
+    EXPECT_NE(text.find("frozen"), std::string::npos) << text;
+  }
+  EXPECT_EQ(bytes_of(w), before);
+  // Reading still works, and so do ops producing new tensors.
+  EXPECT_TRUE(at::equal(w * 1, w.clone()));
+}
+
+TEST_F(GuardedWeights, TensorsOutliveTheCheckpointObject) {
+  at::Tensor w;
+  at::Tensor view;
+  {
+    torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options());
+    w = checkpoint.tensor("big.weight");
+    view = checkpoint.tensor("small.weight").t();
+  }
+  const std::vector<std::byte> bytes = bytes_of(w);
+  ASSERT_EQ(bytes.size(), 768u * 1024 * 4);
+  for (std::size_t i = 0; i < bytes.size(); i += 4099) ASSERT_EQ(bytes[i], byte_at(i)) << i;
+  EXPECT_EQ(view.size(0), 64);
+  EXPECT_TRUE(at::equal(view.t().clone(), view.t()));
+}
+
+TEST_F(GuardedWeights, ABudgetTooSmallForOneOpNamesTheOpTheTensorsAndTheSizes) {
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options(2 * kMiB));
+  const at::Tensor big = checkpoint.tensor("big.weight");
+  const std::string text = error_text([&] { (void)at::sum(big); });
+  EXPECT_NE(text.find("aten::sum"), std::string::npos) << text;
+  EXPECT_NE(text.find("big.weight"), std::string::npos) << text;
+  EXPECT_NE(text.find("3 MiB"), std::string::npos) << text;
+  EXPECT_NE(text.find("2 MiB"), std::string::npos) << text;
+  // A piece of the tensor that fits still works.
+  EXPECT_NO_THROW((void)at::sum(big.narrow(0, 0, 16)));
+  EXPECT_LE(checkpoint.stats().peak_resident_bytes, 2 * kMiB);
+}
+
+TEST_F(GuardedWeights, BackwardOnAutogradThreadsSeesResidentWeights) {
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options(4 * kMiB));
+  const at::Tensor w = checkpoint.tensor("small.weight");
+  const at::Tensor plain = w.clone();
+  at::Tensor x1 = at::ones({4, 64}).requires_grad_();
+  at::Tensor x2 = at::ones({4, 64}).requires_grad_();
+  at::linear(x1, w).square().sum().backward();
+  at::linear(x2, plain).square().sum().backward();
+  EXPECT_TRUE(at::equal(x1.grad(), x2.grad()));
+}
+
+TEST_F(GuardedWeights, OpsOnSeveralThreadsShareTheBudget) {
+  // Two pages: each thread's op needs the big weight's two pages or the small one's one.
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options(4 * kMiB));
+  const at::Tensor big = checkpoint.tensor("big.weight");
+  const at::Tensor small = checkpoint.tensor("small.weight");
+  const at::Tensor big_sum = at::sum(big.clone());
+  const at::Tensor small_sum = at::sum(small.clone());
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i) {
+        const bool use_big = (i + t) % 2 == 0;
+        const at::Tensor got = at::sum(use_big ? big : small);
+        if (!at::equal(got, use_big ? big_sum : small_sum)) ++mismatches;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_LE(checkpoint.stats().peak_resident_bytes, 4 * kMiB);
+}
+
+TEST_F(GuardedWeights, PrefetchLoadsPagesAndStatsCountThem) {
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options());
+  EXPECT_EQ(checkpoint.stats().bytes_read, 0u);
+  const std::vector<std::string> names = {"big.weight"};
+  checkpoint.prefetch(names);
+  EXPECT_GE(checkpoint.stats().bytes_read, 768u * 1024 * 4);
+  const std::uint64_t faults = checkpoint.stats().faults;
+  (void)at::sum(checkpoint.tensor("big.weight"));
+  EXPECT_EQ(checkpoint.stats().faults, faults) << "prefetched pages are hits";
+}
+
+TEST_F(GuardedWeights, CudaDevicesAreRefusedForNow) {
+  torch::Options options = guard_options();
+  options.device = c10::Device(c10::kCUDA, 0);
+  const std::string text = error_text([&] { torch::open(path(), options); });
+  EXPECT_NE(text.find("not yet supported"), std::string::npos) << text;
+}
+
+TEST_F(GuardedWeights, AnUnknownNameIsRefusedNamingIt) {
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options());
+  EXPECT_THROW(checkpoint.tensor("nope.weight"), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace lema::test

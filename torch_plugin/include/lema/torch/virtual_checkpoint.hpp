@@ -1,0 +1,82 @@
+// A checkpoint seen by libtorch: every weight is an ordinary at::Tensor whose storage lies at the
+// weight's fixed address in the checkpoint's virtual range.
+//
+//  - guard mode: the tensors carry a dispatch key on which the residency guard (a boxed fallback,
+//    see residency_guard.cpp) runs before every op that receives one of them: it pins the pages
+//    of every such input for the duration of the op and refuses ops that would write into a
+//    frozen weight. Code that reads data_ptr() itself, outside an op, must use fault mode.
+//  - fault mode: plain CPU tensors; userfaultfd fills missing pages on first touch. Writes into
+//    weights are not detected (the pages are read-only: the process would fault).
+//
+// The tensors share ownership of the checkpoint: it stays open while any tensor (or a view of
+// one) lives, whether or not the VirtualCheckpoint object still exists.
+//
+// Thread safety: every member may be called from any thread.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "lema/runtime/mapped_checkpoint.hpp"
+#include "lema/runtime/policy.hpp"
+#include "lema/runtime/stats.hpp"
+
+namespace lema::torch {
+
+struct Options {
+  std::uint64_t budget_bytes = 0;
+  std::optional<std::uint64_t> page_size;  // nullopt: the backend's granularity
+  runtime::PolicyKind policy = runtime::PolicyKind::lru;
+  c10::Device device = c10::Device(c10::kCPU);  // only the CPU for now
+  runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
+  bool prefetch = true;
+};
+
+namespace detail {
+struct CheckpointState;
+}
+
+class VirtualCheckpoint {
+ public:
+  explicit VirtualCheckpoint(std::shared_ptr<detail::CheckpointState> state);
+
+  /// The weight as a tensor of the file's dtype and shape. Throws InvalidArgument naming it when
+  /// the checkpoint has no such tensor.
+  at::Tensor tensor(std::string_view name) const;
+  /// Every weight, in the checkpoint's order.
+  std::vector<std::pair<std::string, at::Tensor>> named_tensors() const;
+  std::vector<std::string> names() const;
+
+  /// Loads the tensors' pages now (guard mode; a no-op in fault mode, where pages load on touch).
+  /// A tensor larger than the budget loads its last budget's worth.
+  void prefetch(std::span<const std::string> names);
+  /// A training step ended (the policy may use it).
+  void mark_step();
+
+  runtime::PagerStats stats() const;
+  /// The mode in use (fault falls back to guard where userfaultfd is refused).
+  runtime::ResidencyMode mode() const;
+  /// Why fault mode fell back to guard; empty otherwise.
+  const std::string& fallback_reason() const;
+  runtime::MappedCheckpoint& mapped() const;
+
+ private:
+  std::shared_ptr<detail::CheckpointState> state_;
+};
+
+/// Opens `path` (a .safetensors file, a sharded index or a directory). Throws InvalidArgument for
+/// a device other than the CPU or a tensor whose dtype this torch lacks (naming the tensor), and
+/// whatever runtime::MappedCheckpoint::open throws.
+VirtualCheckpoint open(const std::filesystem::path& path, Options options);
+
+}  // namespace lema::torch

@@ -1,0 +1,130 @@
+// torch.ops.lema: the plugin for Python users of PyTorch (python/lema wraps these ops).
+// Checkpoints are held in a table under integer handles; tensors keep their checkpoint open
+// after close() like in C++.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "lema/base/error.hpp"
+#include "lema/runtime/policy.hpp"
+#include "lema/torch/virtual_checkpoint.hpp"
+
+namespace lema::torch {
+namespace {
+
+struct OpenCheckpoints {
+  std::mutex mutex;
+  std::int64_t next = 1;
+  std::map<std::int64_t, VirtualCheckpoint> by_handle;
+};
+
+OpenCheckpoints& open_checkpoints() {
+  static OpenCheckpoints* const table = new OpenCheckpoints;  // outlives static destruction
+  return *table;
+}
+
+VirtualCheckpoint find(std::int64_t handle) {
+  OpenCheckpoints& table = open_checkpoints();
+  std::lock_guard lock(table.mutex);
+  const auto it = table.by_handle.find(handle);
+  TORCH_CHECK(it != table.by_handle.end(), "lema: no open checkpoint has handle ", handle,
+              " (closed already?)");
+  return it->second;
+}
+
+/// Runs `body`, turning LEMA's errors into c10::Error so Python sees RuntimeError with the text.
+template <class Body>
+auto translated(Body&& body) {
+  try {
+    return body();
+  } catch (const lema::Error& e) {
+    TORCH_CHECK(false, "lema: ", e.what());
+  }
+}
+
+std::int64_t open_op(std::string path, std::int64_t budget, std::string policy, std::string mode,
+                     std::int64_t page_size) {
+  return translated([&] {
+    Options options;
+    TORCH_CHECK(budget > 0, "lema: the budget must be positive, got ", budget);
+    options.budget_bytes = static_cast<std::uint64_t>(budget);
+    if (page_size > 0) options.page_size = static_cast<std::uint64_t>(page_size);
+    const auto kind = runtime::parse_policy(policy);
+    TORCH_CHECK(kind.has_value(), "lema: unknown policy '", policy, "'");
+    options.policy = *kind;
+    const auto residency = runtime::parse_residency_mode(mode);
+    TORCH_CHECK(residency.has_value(), "lema: unknown mode '", mode, "' (guard or fault)");
+    options.mode = *residency;
+    VirtualCheckpoint checkpoint = lema::torch::open(path, options);
+    OpenCheckpoints& table = open_checkpoints();
+    std::lock_guard lock(table.mutex);
+    const std::int64_t handle = table.next++;
+    table.by_handle.emplace(handle, std::move(checkpoint));
+    return handle;
+  });
+}
+
+at::Tensor tensor_op(std::int64_t handle, std::string name) {
+  return translated([&] { return find(handle).tensor(name); });
+}
+
+std::vector<std::string> names_op(std::int64_t handle) {
+  return translated([&] { return find(handle).names(); });
+}
+
+std::string stats_op(std::int64_t handle) {
+  return translated([&] {
+    const VirtualCheckpoint checkpoint = find(handle);
+    const runtime::PagerStats s = checkpoint.stats();
+    nlohmann::json j = {{"mode", std::string(runtime::residency_mode_name(checkpoint.mode()))},
+                        {"fallback_reason", checkpoint.fallback_reason()},
+                        {"faults", s.faults},
+                        {"hits", s.hits},
+                        {"prefetches_issued", s.prefetches_issued},
+                        {"prefetches_used", s.prefetches_used},
+                        {"prefetches_wasted", s.prefetches_wasted},
+                        {"bytes_read", s.bytes_read},
+                        {"evictions", s.evictions},
+                        {"stall_ns", s.stall_ns},
+                        {"resident_bytes", s.resident_bytes},
+                        {"peak_resident_bytes", s.peak_resident_bytes},
+                        {"budget_bytes", s.budget_bytes},
+                        {"page_size", s.page_size},
+                        {"io_path", s.io_path}};
+    return j.dump();
+  });
+}
+
+void prefetch_op(std::int64_t handle, std::vector<std::string> names) {
+  translated([&] { find(handle).prefetch(names); });
+}
+
+void mark_step_op(std::int64_t handle) {
+  translated([&] { find(handle).mark_step(); });
+}
+
+void close_op(std::int64_t handle) {
+  OpenCheckpoints& table = open_checkpoints();
+  std::lock_guard lock(table.mutex);
+  table.by_handle.erase(handle);
+}
+
+}  // namespace
+}  // namespace lema::torch
+
+TORCH_LIBRARY(lema, m) {
+  using namespace lema::torch;
+  m.def("open(str path, int budget, str policy, str mode, int page_size=0) -> int", &open_op);
+  m.def("tensor(int handle, str name) -> Tensor", &tensor_op);
+  m.def("names(int handle) -> str[]", &names_op);
+  m.def("stats(int handle) -> str", &stats_op);
+  m.def("prefetch(int handle, str[] names) -> ()", &prefetch_op);
+  m.def("mark_step(int handle) -> ()", &mark_step_op);
+  m.def("close(int handle) -> ()", &close_op);
+}
