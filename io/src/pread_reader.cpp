@@ -48,6 +48,9 @@ class PreadReader final : public Reader {
 
   std::string path_name() const override { return "pread"; }
   ReaderStats stats() const override { return counters_.snapshot(); }
+  int cached_read_fd(std::uint32_t file) const noexcept override {
+    return options_.fault_injector || file >= fds_.size() ? -1 : fds_[file].get();
+  }
   const std::vector<std::filesystem::path>& files() const override { return files_; }
 
  private:

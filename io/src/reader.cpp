@@ -4,7 +4,9 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -211,6 +213,42 @@ std::unique_ptr<Reader> Reader::open(const Checkpoint& checkpoint, ReaderOptions
   files.reserve(checkpoint.files().size());
   for (const FileInfo& f : checkpoint.files()) files.push_back(f.path);
   return open(std::move(files), std::move(options));
+}
+
+}  // namespace lema::io
+
+namespace lema::io {
+
+std::vector<ReadRequest> Reader::read_cached(std::vector<ReadRequest> batch) {
+  if (nowait_refused_.load(std::memory_order_relaxed)) return batch;
+  std::vector<ReadRequest> rest;
+  std::uint64_t delivered = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    ReadRequest r = batch[i];
+    const int fd = cached_read_fd(r.file);
+    while (fd >= 0 && r.length > 0) {
+      iovec iov{r.dest, static_cast<std::size_t>(std::min<std::uint64_t>(r.length, 1u << 30))};
+      const ssize_t n = ::preadv2(fd, &iov, 1, static_cast<off_t>(r.offset), RWF_NOWAIT);
+      if (n > 0) {
+        r.offset += static_cast<std::uint64_t>(n);
+        r.dest += n;
+        r.length -= static_cast<std::uint64_t>(n);
+        delivered += static_cast<std::uint64_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      // EOF, EAGAIN (not cached) or an error: submit() reads (or reports) the rest.
+      if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
+        nowait_refused_.store(true, std::memory_order_relaxed);
+        spdlog::debug("reader: preadv2(RWF_NOWAIT) refused ({}); cached reads go through the "
+                      "reader's threads", std::strerror(errno));
+      }
+      break;
+    }
+    if (r.length > 0) rest.push_back(r);
+  }
+  cached_bytes_.fetch_add(delivered, std::memory_order_relaxed);
+  return rest;
 }
 
 }  // namespace lema::io

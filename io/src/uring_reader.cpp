@@ -173,6 +173,9 @@ class UringReader final : public Reader {
 
   std::string path_name() const override { return any_direct_ ? "io_uring+O_DIRECT" : "io_uring"; }
   ReaderStats stats() const override { return counters_.snapshot(); }
+  int cached_read_fd(std::uint32_t file) const noexcept override {
+    return options_.fault_injector || file >= fds_.size() ? -1 : fds_[file].get();
+  }
   const std::vector<std::filesystem::path>& files() const override { return files_; }
 
  private:

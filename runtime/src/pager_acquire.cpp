@@ -159,7 +159,7 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages) {
     std::exception_ptr error;
     if (!to_fill.empty()) {
       const std::uint64_t start = now_ns();
-      fill_and_map(s, to_fill);
+      fill_and_map(s, to_fill, FillOrigin::demand);
       const std::uint64_t took = now_ns() - start;
       s.counters.add(s.counters.faults, to_fill.size());
       s.counters.add(s.counters.stall_ns, took);

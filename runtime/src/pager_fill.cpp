@@ -45,7 +45,7 @@ void give_back_staging(Pager::State& s, std::unique_ptr<StagingBuffer> b) {
 
 }  // namespace
 
-void fill_and_map(Pager::State& s, std::span<FillClaim> claims) {
+void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origin) {
   const Layout& layout = *s.layout;
   // Host-visible pools are filled in place through the pool window; device pools through a
   // staging buffer and a copy on the backend's copy queue.
@@ -60,8 +60,12 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims) {
         dest = staging[i]->bytes().data();
       }
       zero_gaps(layout.extents(c.page), dest, s.page_size);
-      // All pages' reads are in flight together; they complete in any order.
-      tickets[i] = s.reader->submit(requests_for(layout, c.page, dest));
+      std::vector<io::ReadRequest> requests = requests_for(layout, c.page, dest);
+      // A demand fault's caller waits anyway: what the page cache holds is copied on its own
+      // thread, without the two hand-offs to the reader's threads and back.
+      if (origin == FillOrigin::demand) requests = s.reader->read_cached(std::move(requests));
+      // All pages' remaining reads are in flight together; they complete in any order.
+      if (!requests.empty()) tickets[i] = s.reader->submit(std::move(requests));
     } catch (...) {
       c.error = std::current_exception();
     }
@@ -70,7 +74,7 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims) {
     FillClaim& c = claims[i];
     if (c.error) continue;
     try {
-      tickets[i].wait();
+      if (tickets[i].valid()) tickets[i].wait();
       if (staging[i]) {
         const Fence copied = s.backend->copy_to_chunk(
             *s.pool, c.chunk, 0,

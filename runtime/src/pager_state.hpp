@@ -108,9 +108,11 @@ std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates);
 
 // ---- pager_fill.cpp (caller holds no lock) ----
 
+/// Who fills: a caller that faulted (and waits), or the prefetch thread.
+enum class FillOrigin { demand, prefetch };
 /// Reads each claim's page into its chunk and maps it at the model address. Errors are stored
 /// per claim; never throws.
-void fill_and_map(Pager::State& s, std::span<FillClaim> claims);
+void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origin);
 
 // ---- pager_acquire.cpp / pager.cpp (caller holds State::mutex) ----
 

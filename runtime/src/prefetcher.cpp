@@ -33,11 +33,16 @@ std::vector<FillClaim> claim_predictions(Pager::State& s) {
         collect_candidates(s, {}, ready, nullptr);
         collected = true;
       }
+      // The pages claimed earlier in this round are offered too: MIN would count them as
+      // resident, and if it picks one of them the round stops (they cannot be evicted while
+      // filling) instead of evicting a page MIN keeps.
+      std::vector<PageId> offered = ready;
+      for (const FillClaim& c : claims) offered.push_back(c.page);
       // Predictions come soonest first: once no swap is free of extra fetches, stop.
-      const std::optional<PageId> victim = s.policy->prefetch_victim(p, ready);
+      const std::optional<PageId> victim = s.policy->prefetch_victim(p, offered);
       if (!victim) break;
       const auto it = std::find(ready.begin(), ready.end(), *victim);
-      if (it == ready.end()) break;  // not a candidate (pinned, fenced): never evict it
+      if (it == ready.end()) break;  // not evictable (claimed, pinned, fenced): stop here
       ready.erase(it);
       chunk = evict_page(s, *victim);
     }
@@ -72,7 +77,7 @@ void run_prefetcher(Pager::State& s) {
       record_event(s, EventKind::prefetch_issued, c.page, 1, s.layout->page_fill_bytes(c.page),
                    start, 0);
     // IO without the lock: hits on other pages proceed meanwhile.
-    fill_and_map(s, claims);
+    fill_and_map(s, claims, FillOrigin::prefetch);
     const std::uint64_t took = now_ns() - start;
     for (const FillClaim& c : claims) {
       if (!c.error)

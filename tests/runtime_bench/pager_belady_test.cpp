@@ -361,11 +361,9 @@ std::string mode_name(const ::testing::TestParamInfo<Mode>& info) {
 INSTANTIATE_TEST_SUITE_P(Pager, TraceEqualsBelady,
                          ::testing::Values(Mode{Prefetch::off}, Mode{Prefetch::quiesced, 1}),
                          mode_name);
-// The default depth (8) is not yet exact: within one prefetch round, pages claimed earlier in
-// the round are not among the victim candidates of later predictions, so a later prediction
-// evicts a page MIN keeps (a cyclic scan then fetches as much as LRU). Run it with
-// --gtest_also_run_disabled_tests.
-INSTANTIATE_TEST_SUITE_P(DISABLED_DeepPrefetch, TraceEqualsBelady,
+// The default depth (8): several pages claimed in one prefetch round, each in place of the
+// victim MIN names with the earlier claims counted as resident.
+INSTANTIATE_TEST_SUITE_P(DeepPrefetch, TraceEqualsBelady,
                          ::testing::Values(Mode{Prefetch::quiesced}), mode_name);
 
 // A free-running prefetcher races the next acquire: while the caller pins the page it just

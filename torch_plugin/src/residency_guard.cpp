@@ -172,11 +172,11 @@ void guard_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 void install_residency_guard() {
-  // Registered once and kept for the life of the process: only tensors carrying kGuardKey reach
-  // it, so an idle registration costs nothing.
-  static ::torch::Library* const library = [] {
-    auto* lib = new ::torch::Library(::torch::Library::IMPL, "_", kGuardKey, __FILE__, __LINE__);
-    lib->fallback(::torch::CppFunction::makeFromBoxedFunction<&guard_fallback>());
+  // Registered once, deregistered at exit: only tensors carrying kGuardKey reach it, so an idle
+  // registration costs nothing.
+  static ::torch::Library library = [] {
+    ::torch::Library lib(::torch::Library::IMPL, "_", kGuardKey, __FILE__, __LINE__);
+    lib.fallback(::torch::CppFunction::makeFromBoxedFunction<&guard_fallback>());
     return lib;
   }();
   (void)library;

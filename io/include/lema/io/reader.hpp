@@ -12,6 +12,7 @@
 // Completion callbacks run on one of the reader's own threads and must not block on the reader.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -83,6 +84,8 @@ class ReadTicket {
   void wait() const;
   /// True once the batch completed (successfully or not). Never blocks.
   bool ready() const;
+  /// False for a default-constructed ticket (nothing was submitted).
+  bool valid() const noexcept { return state_ != nullptr; }
 
  private:
   std::shared_ptr<detail::BatchState> state_;
@@ -106,11 +109,30 @@ class Reader {
   /// submit() + wait().
   void read(std::vector<ReadRequest> batch) { submit(std::move(batch)).wait(); }
 
+  /// Reads on the calling thread what of `batch` the page cache already holds (preadv2 with
+  /// RWF_NOWAIT: it never waits for the disk and hands nothing to the reader's threads) and
+  /// returns the requests, or their remainders, still to be read: submit those. For a caller
+  /// that waits for the bytes anyway (a demand fault), this saves two thread hand-offs when the
+  /// data is cached. Returns `batch` unchanged where it cannot help (a fault injector is
+  /// installed, the kernel or file system refuses RWF_NOWAIT). Never throws for IO errors: a
+  /// failing range is left for submit() to report.
+  std::vector<ReadRequest> read_cached(std::vector<ReadRequest> batch);
+  /// Bytes read_cached() delivered.
+  std::uint64_t cached_bytes() const noexcept { return cached_bytes_.load(std::memory_order_relaxed); }
+
   /// "io_uring+O_DIRECT", "io_uring" (buffered) or "pread".
   virtual std::string path_name() const = 0;
   virtual ReaderStats stats() const = 0;
   /// The files, in index order.
   virtual const std::vector<std::filesystem::path>& files() const = 0;
+
+ protected:
+  /// A buffered descriptor of `file` for read_cached(), or -1 to disable it.
+  virtual int cached_read_fd(std::uint32_t file) const noexcept = 0;
+
+ private:
+  std::atomic<bool> nowait_refused_{false};
+  std::atomic<std::uint64_t> cached_bytes_{0};
 };
 
 }  // namespace lema::io
