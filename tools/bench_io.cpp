@@ -26,6 +26,7 @@
 
 #include "commands.hpp"
 #include "lema/base/error.hpp"
+#include "lema/base/memory_mapping.hpp"
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
 #include "lema/io/reader.hpp"
@@ -55,27 +56,12 @@ struct BenchIoArgs {
 };
 
 /// Page-aligned destination memory, touched once so that page faults are not timed.
-class Destination {
- public:
-  explicit Destination(std::uint64_t bytes)
-      : bytes_(align_up(std::max<std::uint64_t>(bytes, 1), 2_MiB)) {
-    void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      throw OutOfMemory("cannot map " + format_size(bytes_) +
-                        " of memory to read the file into; use a smaller file");
-    }
-    data_ = static_cast<std::byte*>(p);
-    std::memset(data_, 0, bytes_);
-  }
-  Destination(const Destination&) = delete;
-  Destination& operator=(const Destination&) = delete;
-  ~Destination() { ::munmap(data_, bytes_); }
-  std::byte* data() const { return data_; }
-
- private:
-  std::uint64_t bytes_;
-  std::byte* data_ = nullptr;
-};
+MemoryMapping make_destination(std::uint64_t bytes) {
+  MemoryMapping m = MemoryMapping::anonymous(align_up(std::max<std::uint64_t>(bytes, 1), 2_MiB),
+                                             "the file's bytes (use a smaller file)");
+  std::memset(m.data(), 0, m.size());
+  return m;
+}
 
 /// How the page cache is emptied before a cold run.
 class CacheDropper {
@@ -193,7 +179,7 @@ void bench_io(const BenchIoArgs& a) {
   const std::uint64_t block = parse_size(a.block_size, "--block-size");
   LEMA_EXPECTS(a.runs >= 1, "--runs must be at least 1");
 
-  Destination dest(size);
+  const MemoryMapping dest = make_destination(size);
   const CacheDropper dropper(file);
   const std::vector<io::ReadRequest> whole{{0, 0, size, dest.data()}};
 

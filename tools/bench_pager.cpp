@@ -34,6 +34,7 @@
 
 #include "commands.hpp"
 #include "lema/base/error.hpp"
+#include "lema/base/memory_mapping.hpp"
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
 #include "lema/io/checkpoint.hpp"
@@ -71,24 +72,12 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
-/// Page-aligned anonymous memory, touched once so that its page faults are never timed.
-class AlignedBuffer {
- public:
-  explicit AlignedBuffer(std::uint64_t bytes) : bytes_(align_up(bytes, 2_MiB)) {
-    void* p = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw OutOfMemory("cannot map a " + format_size(bytes_) + " buffer");
-    data_ = static_cast<std::byte*>(p);
-    std::memset(data_, 1, bytes_);
-  }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  ~AlignedBuffer() { ::munmap(data_, bytes_); }
-  std::byte* data() const { return data_; }
-
- private:
-  std::uint64_t bytes_;
-  std::byte* data_ = nullptr;
-};
+/// A page-aligned buffer, touched once so that page faults are not timed.
+MemoryMapping make_buffer(std::uint64_t bytes) {
+  MemoryMapping m = MemoryMapping::anonymous(align_up(bytes, 2_MiB), "a benchmark buffer");
+  std::memset(m.data(), 1, m.size());
+  return m;
+}
 
 /// A directory removed with everything in it on destruction.
 class TempModelDir {
@@ -212,7 +201,7 @@ void pread_page_direct(const Model& m, const std::vector<UniqueFd>& direct_fds, 
 }
 
 void warm_page_cache(const Model& m) {
-  AlignedBuffer buf(8_MiB);
+  const MemoryMapping buf = make_buffer(8_MiB);
   for (std::size_t i = 0; i < m.fds.size(); ++i) {
     const std::uint64_t size = m.ckpt.files()[i].file_size;
     for (std::uint64_t off = 0; off < size; off += 8_MiB)
@@ -269,7 +258,8 @@ FaultComparison measure_faults(Model& m, const std::string& name, io::IoKind kin
           LEMA_SYS_TRY(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT)));
     drop_page_cache(m);
   }
-  AlignedBuffer buf(m.page_size() + 2_MiB);  // room for the 4 KiB enclosure of direct reads
+  // Room for the 4 KiB enclosure of direct reads.
+  const MemoryMapping buf = make_buffer(m.page_size() + 2_MiB);
   std::uint64_t faults_before = pager.stats().faults;
   std::size_t i = 0;
   for (unsigned run = 0; run < runs; ++run) {

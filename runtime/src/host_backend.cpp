@@ -12,6 +12,7 @@
 #include "lema/base/error.hpp"
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
+#include "lema/base/memory_mapping.hpp"
 #include "lema/runtime/backend.hpp"
 
 namespace lema::runtime {
@@ -20,39 +21,10 @@ namespace {
 // The default granularity is 2 MiB although the OS page is 4 KiB: pages are the unit of fill and
 // eviction, and a fill of 2 MiB amortizes the read and map costs (DESIGN.md, "Physical pool").
 
-/// Move-only owner of one mmap'ed region.
-class Mapping {
- public:
-  Mapping() = default;
-  Mapping(void* addr, std::size_t bytes) noexcept : addr_(addr), bytes_(bytes) {}
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
-  Mapping(Mapping&& o) noexcept
-      : addr_(std::exchange(o.addr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  Mapping& operator=(Mapping&& o) noexcept {
-    if (this != &o) {
-      reset();
-      addr_ = std::exchange(o.addr_, nullptr);
-      bytes_ = std::exchange(o.bytes_, 0);
-    }
-    return *this;
-  }
-  ~Mapping() { reset(); }
-  std::byte* data() const noexcept { return static_cast<std::byte*>(addr_); }
-  void reset() noexcept {
-    if (addr_ != nullptr) ::munmap(addr_, bytes_);
-    addr_ = nullptr;
-    bytes_ = 0;
-  }
-
- private:
-  void* addr_ = nullptr;
-  std::size_t bytes_ = 0;
-};
 
 class HostPool final : public PhysicalPool {
  public:
-  HostPool(UniqueFd memfd, Mapping window, std::size_t chunks, std::uint64_t chunk_bytes)
+  HostPool(UniqueFd memfd, MemoryMapping window, std::size_t chunks, std::uint64_t chunk_bytes)
       : memfd_(std::move(memfd)),
         window_(std::move(window)),
         chunks_(chunks),
@@ -67,7 +39,7 @@ class HostPool final : public PhysicalPool {
  private:
   // Released in reverse order: the window mapping, then the memfd.
   UniqueFd memfd_;
-  Mapping window_;
+  MemoryMapping window_;
   std::size_t chunks_;
   std::uint64_t chunk_bytes_;
 };
@@ -127,7 +99,7 @@ class HostBackend final : public Backend {
     }
     void* w = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
     if (w == MAP_FAILED) detail::throw_system_error(__FILE__, __LINE__, "mmap(pool window)", errno);
-    return std::make_unique<HostPool>(std::move(fd), Mapping(w, bytes), chunks, chunk_bytes);
+    return std::make_unique<HostPool>(std::move(fd), MemoryMapping(w, bytes), chunks, chunk_bytes);
   }
 
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {

@@ -20,46 +20,13 @@
 #include <vector>
 
 #include "lema/base/error.hpp"
+#include "lema/base/memory_mapping.hpp"
 #include "lema/base/unique_fd.hpp"
 
 namespace lema::runtime::detail {
 namespace {
 
 /// Move-only owner of an anonymous private mapping.
-class AnonMapping {
- public:
-  AnonMapping() = default;
-  explicit AnonMapping(std::size_t bytes) : bytes_(bytes) {
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) fail("mmap of the userfaultfd range", errno);
-    data_ = static_cast<std::byte*>(p);
-  }
-  AnonMapping(AnonMapping&& o) noexcept
-      : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  AnonMapping& operator=(AnonMapping&& o) noexcept {
-    if (this != &o) {
-      reset();
-      data_ = std::exchange(o.data_, nullptr);
-      bytes_ = std::exchange(o.bytes_, 0);
-    }
-    return *this;
-  }
-  ~AnonMapping() { reset(); }
-  std::byte* data() const { return data_; }
-  std::size_t size() const { return bytes_; }
-
- private:
-  static void fail(const char* what, int err) {
-    throw SystemError(std::string(what) + " failed: " + std::strerror(err), err);
-  }
-  void reset() noexcept {
-    if (data_ != nullptr) ::munmap(data_, bytes_);
-    data_ = nullptr;
-  }
-  std::byte* data_ = nullptr;
-  std::size_t bytes_ = 0;
-};
 
 struct OpenedUffd {
   UniqueFd fd;
@@ -124,8 +91,8 @@ int handshake_and_register(int fd, std::byte* data, std::size_t bytes) {
 struct UffdRegion::State {
   Options options;
   std::size_t system_page = 0;
-  AnonMapping range;
-  AnonMapping staging;  // one page; page-aligned as UFFDIO_COPY wants its source
+  MemoryMapping range;
+  MemoryMapping staging;  // one page; page-aligned as UFFDIO_COPY wants its source
   UniqueFd uffd;
   UniqueFd stop;  // eventfd: written once to end the handler thread
   bool kernel_faults = false;
@@ -289,7 +256,7 @@ std::optional<std::string> UffdRegion::unavailable_reason() {
   if (!opened.fd) return explain(opened.error);
   const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   try {
-    AnonMapping probe(page);
+    MemoryMapping probe = MemoryMapping::anonymous(page, "the userfaultfd probe", MAP_NORESERVE);
     if (const int err = handshake_and_register(opened.fd.get(), probe.data(), page); err != 0)
       return explain(err);
   } catch (const SystemError& e) {
@@ -320,8 +287,10 @@ UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
   if (!opened.fd) throw SystemError(explain(opened.error), opened.error);
   s.uffd = std::move(opened.fd);
   s.kernel_faults = opened.kernel_faults;
-  s.range = AnonMapping(s.options.page_count * s.options.page_size);
-  s.staging = AnonMapping(s.options.page_size);
+  s.range = MemoryMapping::anonymous(s.options.page_count * s.options.page_size,
+                                     "the userfaultfd range", MAP_NORESERVE);
+  s.staging = MemoryMapping::anonymous(s.options.page_size, "the userfaultfd staging page",
+                                       MAP_NORESERVE);
   if (const int err = handshake_and_register(s.uffd.get(), s.range.data(), s.range.size());
       err != 0)
     throw SystemError(explain(err), err);
