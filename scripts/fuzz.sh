@@ -35,8 +35,14 @@ seed two 10 '{"__metadata__":{"format":"pt"},"a":{"dtype":"BF16","shape":[3],"da
 seed scalar 4 '  {"s":{"dtype":"I32","shape":[],"data_offsets":[0,4]}}   '
 seed subbyte 4 '{"f4":{"dtype":"F4","shape":[2],"data_offsets":[0,1]},"f6":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[1,4]},"z":{"dtype":"F8_E8M0","shape":[0,5],"data_offsets":[4,4]}}'
 
-echo "fuzzing header_fuzzer for ${seconds}s (corpus $corpus)"
-"$build/fuzz/header_fuzzer" "$corpus" \
+echo "fuzzing header_fuzzer for ${seconds}s (corpus $corpus, log $build/fuzz.log)"
+if ! "$build/fuzz/header_fuzzer" "$corpus" \
   -dict="$root/fuzz/header.dict" \
   -max_total_time="$seconds" -timeout=10 -max_len=4096 \
-  -artifact_prefix="$artifacts/" -print_final_stats=1
+  -artifact_prefix="$artifacts/" -print_final_stats=1 >"$build/fuzz.log" 2>&1; then
+  tail -n 60 "$build/fuzz.log"
+  echo "fuzz: header_fuzzer found a failure; the input is in $artifacts/" >&2
+  exit 1
+fi
+runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$build/fuzz.log" | grep -o '[0-9]*$' || true)
+echo "fuzz: header_fuzzer ran ${runs:-?} inputs in ${seconds}s without a failure"
