@@ -1,8 +1,8 @@
 // `lema verify`: streams every tensor of a checkpoint through the address space under a budget
 // and prints each tensor's CRC32 (zlib's), with the pager's counters.
+#include <zlib.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <zlib.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -19,8 +19,8 @@
 #include "lema/runtime/address_space.hpp"
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/layout.hpp"
-#include "lema/runtime/pager.hpp"
 #include "lema/runtime/mapped_checkpoint.hpp"
+#include "lema/runtime/pager.hpp"
 
 namespace lema::tools {
 namespace {
@@ -123,13 +123,13 @@ int run_verify(const VerifyArgs& a) {
         "\n%zu tensors, %u pass(es), mode %s, policy %s, io %s\n"
         "faults %llu  hits %llu  evictions %llu  prefetches %llu (used %llu, wasted %llu)\n"
         "read %s  stall %.3f s  peak resident %s of budget %s (page %s)\n",
-        names.size(), a.passes, std::string(runtime::residency_mode_name(session->mode())).c_str(), a.policy.c_str(),
-        s.io_path.c_str(), (unsigned long long)s.faults, (unsigned long long)s.hits,
-        (unsigned long long)s.evictions, (unsigned long long)s.prefetches_issued,
-        (unsigned long long)s.prefetches_used, (unsigned long long)s.prefetches_wasted,
-        format_size(s.bytes_read).c_str(), static_cast<double>(s.stall_ns) * 1e-9,
-        format_size(s.peak_resident_bytes).c_str(), format_size(s.budget_bytes).c_str(),
-        format_size(s.page_size).c_str());
+        names.size(), a.passes, std::string(runtime::residency_mode_name(session->mode())).c_str(),
+        a.policy.c_str(), s.io_path.c_str(), (unsigned long long)s.faults,
+        (unsigned long long)s.hits, (unsigned long long)s.evictions,
+        (unsigned long long)s.prefetches_issued, (unsigned long long)s.prefetches_used,
+        (unsigned long long)s.prefetches_wasted, format_size(s.bytes_read).c_str(),
+        static_cast<double>(s.stall_ns) * 1e-9, format_size(s.peak_resident_bytes).c_str(),
+        format_size(s.budget_bytes).c_str(), format_size(s.page_size).c_str());
   }
   return 0;
 }

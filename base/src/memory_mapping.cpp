@@ -12,8 +12,8 @@ namespace lema {
 
 MemoryMapping MemoryMapping::anonymous(std::size_t bytes, const std::string& purpose,
                                        int extra_flags) {
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | extra_flags,
-                   -1, 0);
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | extra_flags, -1, 0);
   if (p == MAP_FAILED) {
     const int err = errno;
     throw OutOfMemory("cannot map " + format_size(bytes) + " for " + purpose + ": " +

@@ -240,8 +240,10 @@ std::vector<ReadRequest> Reader::read_cached(std::vector<ReadRequest> batch) {
       // EOF, EAGAIN (not cached) or an error: submit() reads (or reports) the rest.
       if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
         nowait_refused_.store(true, std::memory_order_relaxed);
-        spdlog::debug("reader: preadv2(RWF_NOWAIT) refused ({}); cached reads go through the "
-                      "reader's threads", std::strerror(errno));
+        spdlog::debug(
+            "reader: preadv2(RWF_NOWAIT) refused ({}); cached reads go through the "
+            "reader's threads",
+            std::strerror(errno));
       }
       break;
     }

@@ -10,9 +10,9 @@
 #include <utility>
 
 #include "lema/base/error.hpp"
+#include "lema/base/memory_mapping.hpp"
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
-#include "lema/base/memory_mapping.hpp"
 #include "lema/runtime/backend.hpp"
 
 namespace lema::runtime {
@@ -20,7 +20,6 @@ namespace {
 
 // The default granularity is 2 MiB although the OS page is 4 KiB: pages are the unit of fill and
 // eviction, and a fill of 2 MiB amortizes the read and map costs (DESIGN.md, "Physical pool").
-
 
 class HostPool final : public PhysicalPool {
  public:

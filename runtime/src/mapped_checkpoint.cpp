@@ -31,7 +31,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
       : checkpoint_(std::move(checkpoint)),
         backend_(make_host_backend()),
         space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
-                                                                       backend_->granularity()))),
+                                                                      backend_->granularity()))),
         pager_(space_, PagerOptions{.budget_bytes = options.budget_bytes,
                                     .policy = options.policy,
                                     .prefetch = options.prefetch,

@@ -40,8 +40,8 @@ class FaultCheckpoint final : public MappedCheckpoint {
  public:
   FaultCheckpoint(io::Checkpoint checkpoint, const MappedCheckpointOptions& options)
       : checkpoint_(std::move(checkpoint)),
-        layout_(Layout::plan(checkpoint_, resolve_page_size(options.page_size,
-                                                            make_host_backend()->granularity()))),
+        layout_(Layout::plan(
+            checkpoint_, resolve_page_size(options.page_size, make_host_backend()->granularity()))),
         reader_(io::Reader::open(layout_.files(), options.reader)),
         policy_(make_policy(options.policy, layout_.page_count())),
         budget_pages_(std::min<std::size_t>(budget_pages(options.budget_bytes, layout_.page_size()),
@@ -51,12 +51,13 @@ class FaultCheckpoint final : public MappedCheckpoint {
             .page_size = layout_.page_size(),
             .budget_pages = budget_pages_,
             .fill = [this](PageId page, std::byte* staging) { fill(page, staging); },
-            .choose_victim = [this](std::span<const PageId> resident) {
-              std::lock_guard lock(policy_mutex_);
-              const PageId victim = policy_->choose_victim(resident);
-              policy_->on_evicted(victim);
-              return victim;
-            }}) {}
+            .choose_victim =
+                [this](std::span<const PageId> resident) {
+                  std::lock_guard lock(policy_mutex_);
+                  const PageId victim = policy_->choose_victim(resident);
+                  policy_->on_evicted(victim);
+                  return victim;
+                }}) {}
 
   const io::Checkpoint& checkpoint() const noexcept override { return checkpoint_; }
   const Layout& layout() const noexcept override { return layout_; }

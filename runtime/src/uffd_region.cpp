@@ -289,8 +289,8 @@ UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
   s.kernel_faults = opened.kernel_faults;
   s.range = MemoryMapping::anonymous(s.options.page_count * s.options.page_size,
                                      "the userfaultfd range", MAP_NORESERVE);
-  s.staging = MemoryMapping::anonymous(s.options.page_size, "the userfaultfd staging page",
-                                       MAP_NORESERVE);
+  s.staging =
+      MemoryMapping::anonymous(s.options.page_size, "the userfaultfd staging page", MAP_NORESERVE);
   if (const int err = handshake_and_register(s.uffd.get(), s.range.data(), s.range.size());
       err != 0)
     throw SystemError(explain(err), err);

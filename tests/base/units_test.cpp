@@ -17,8 +17,8 @@ TEST(ParseSize, PlainBytesAndUnits) {
 }
 
 TEST(ParseSize, RejectsMalformedWithTheSettingName) {
-  for (const char* bad : {"", "MiB", "12 parsecs", "1.2.3", "-4", "99999999999999999999",
-                          "20000000TiB"}) {
+  for (const char* bad :
+       {"", "MiB", "12 parsecs", "1.2.3", "-4", "99999999999999999999", "20000000TiB"}) {
     try {
       parse_size(bad, "--budget");
       FAIL() << "accepted '" << bad << "'";

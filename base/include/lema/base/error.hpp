@@ -53,17 +53,16 @@ namespace detail {
 }  // namespace lema
 
 /// Throws lema::InvalidArgument with `msg` when `cond` is false.
-#define LEMA_EXPECTS(cond, msg)                                             \
-  do {                                                                      \
-    if (!(cond)) ::lema::detail::throw_invalid_argument(__FILE__, __LINE__, \
-                                                        #cond, (msg));      \
+#define LEMA_EXPECTS(cond, msg)                                                            \
+  do {                                                                                     \
+    if (!(cond)) ::lema::detail::throw_invalid_argument(__FILE__, __LINE__, #cond, (msg)); \
   } while (0)
 
 /// Evaluates a POSIX call that returns -1 and sets errno on failure; throws lema::SystemError.
-#define LEMA_SYS_TRY(call)                                                        \
-  ([&]() {                                                                        \
-    auto lema_sys_try_result_ = (call);                                           \
-    if (lema_sys_try_result_ == -1)                                               \
-      ::lema::detail::throw_system_error(__FILE__, __LINE__, #call, errno);       \
-    return lema_sys_try_result_;                                                  \
+#define LEMA_SYS_TRY(call)                                                  \
+  ([&]() {                                                                  \
+    auto lema_sys_try_result_ = (call);                                     \
+    if (lema_sys_try_result_ == -1)                                         \
+      ::lema::detail::throw_system_error(__FILE__, __LINE__, #call, errno); \
+    return lema_sys_try_result_;                                            \
   }())

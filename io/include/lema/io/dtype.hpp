@@ -10,8 +10,8 @@ namespace lema::io {
 
 enum class Dtype : std::uint8_t {
   BOOL,
-  F4,        // float4 e2m1, two per byte
-  F6_E2M3,   // float6, four per three bytes
+  F4,       // float4 e2m1, two per byte
+  F6_E2M3,  // float6, four per three bytes
   F6_E3M2,
   U8,
   I8,

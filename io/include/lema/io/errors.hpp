@@ -13,7 +13,8 @@ namespace lema::io {
 /// `error: <file>: <what>` and tests can check which rule fired.
 class CheckpointError : public Error {
  public:
-  CheckpointError(std::string file, std::string tensor, std::string rule, const std::string& detail);
+  CheckpointError(std::string file, std::string tensor, std::string rule,
+                  const std::string& detail);
   const std::string& file() const noexcept { return file_; }
   const std::string& tensor() const noexcept { return tensor_; }
   /// Short stable identifier of the violated rule, e.g. "header-too-large", "bad-dtype".

@@ -57,17 +57,17 @@ struct ReaderOptions {
   unsigned queue_depth = 8;         // io_uring requests in flight (1–1024)
   // Large reads are split into requests of this size: a multiple of 4096, 4 KiB–64 MiB.
   std::uint64_t request_bytes = 2u << 20;
-  unsigned threads = 4;             // pread worker threads (1–256)
+  unsigned threads = 4;                           // pread worker threads (1–256)
   std::shared_ptr<FaultInjector> fault_injector;  // tests only; null in production
 };
 
 struct ReaderStats {
   std::uint64_t batches = 0;
-  std::uint64_t requests = 0;        // device requests issued (after splitting)
-  std::uint64_t bytes = 0;           // bytes delivered to callers
-  std::uint64_t direct_bytes = 0;    // of which read with O_DIRECT
-  std::uint64_t short_reads = 0;     // resubmitted partial reads
-  std::uint64_t retries = 0;         // EAGAIN/EINTR retries
+  std::uint64_t requests = 0;      // device requests issued (after splitting)
+  std::uint64_t bytes = 0;         // bytes delivered to callers
+  std::uint64_t direct_bytes = 0;  // of which read with O_DIRECT
+  std::uint64_t short_reads = 0;   // resubmitted partial reads
+  std::uint64_t retries = 0;       // EAGAIN/EINTR retries
   std::uint64_t errors = 0;
 };
 
@@ -118,7 +118,9 @@ class Reader {
   /// failing range is left for submit() to report.
   std::vector<ReadRequest> read_cached(std::vector<ReadRequest> batch);
   /// Bytes read_cached() delivered.
-  std::uint64_t cached_bytes() const noexcept { return cached_bytes_.load(std::memory_order_relaxed); }
+  std::uint64_t cached_bytes() const noexcept {
+    return cached_bytes_.load(std::memory_order_relaxed);
+  }
 
   /// "io_uring+O_DIRECT", "io_uring" (buffered) or "pread".
   virtual std::string path_name() const = 0;
