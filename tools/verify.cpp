@@ -73,14 +73,14 @@ int run_verify(const VerifyArgs& a) {
                "--order must be file, layer or random (got '" + a.order + "')");
   LEMA_EXPECTS(a.passes >= 1, "--passes must be at least 1");
 
-  auto session = runtime::MappedCheckpoint::open(a.path, options);
-  const auto names = visit_order(session->checkpoint(), session->layout(), a.order, a.seed);
+  auto mapped = runtime::MappedCheckpoint::open(a.path, options);
+  const auto names = visit_order(mapped->checkpoint(), mapped->layout(), a.order, a.seed);
 
   std::vector<std::uint32_t> crcs(names.size());
   for (unsigned pass = 0; pass < a.passes; ++pass) {
     for (std::size_t i = 0; i < names.size(); ++i) {
       std::uint32_t crc = static_cast<std::uint32_t>(crc32(0L, Z_NULL, 0));
-      session->read_tensor(names[i], [&](const std::byte* data, std::uint64_t n) {
+      mapped->read_tensor(names[i], [&](const std::byte* data, std::uint64_t n) {
         crc = static_cast<std::uint32_t>(
             crc32(crc, reinterpret_cast<const Bytef*>(data), static_cast<uInt>(n)));
       });
@@ -89,10 +89,10 @@ int run_verify(const VerifyArgs& a) {
                     " then " + hex32(crc) + "): the pager returned different bytes");
       crcs[i] = crc;
     }
-    session->mark_step();
+    mapped->mark_step();
   }
 
-  const runtime::PagerStats s = session->stats();
+  const runtime::PagerStats s = mapped->stats();
   if (a.json) {
     nlohmann::ordered_json out;
     out["tensors"] = nlohmann::json::array();
@@ -110,7 +110,7 @@ int run_verify(const VerifyArgs& a) {
                     {"budget_bytes", s.budget_bytes},
                     {"page_size", s.page_size},
                     {"io_path", s.io_path},
-                    {"mode", std::string(runtime::residency_mode_name(session->mode()))},
+                    {"mode", std::string(runtime::residency_mode_name(mapped->mode()))},
                     {"policy", a.policy},
                     {"passes", a.passes}};
     std::printf("%s\n", out.dump(2).c_str());
@@ -123,7 +123,7 @@ int run_verify(const VerifyArgs& a) {
         "\n%zu tensors, %u pass(es), mode %s, policy %s, io %s\n"
         "faults %llu  hits %llu  evictions %llu  prefetches %llu (used %llu, wasted %llu)\n"
         "read %s  stall %.3f s  peak resident %s of budget %s (page %s)\n",
-        names.size(), a.passes, std::string(runtime::residency_mode_name(session->mode())).c_str(),
+        names.size(), a.passes, std::string(runtime::residency_mode_name(mapped->mode())).c_str(),
         a.policy.c_str(), s.io_path.c_str(), (unsigned long long)s.faults,
         (unsigned long long)s.hits, (unsigned long long)s.evictions,
         (unsigned long long)s.prefetches_issued, (unsigned long long)s.prefetches_used,
