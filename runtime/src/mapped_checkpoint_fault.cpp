@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "detail/pool_size.hpp"
 #include "detail/uffd_region.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
@@ -28,14 +29,6 @@ std::string fault_mode_unavailable_reason() {
 
 namespace {
 
-std::size_t budget_pages(std::uint64_t budget, std::uint64_t page_size) {
-  if (budget < page_size)
-    throw BudgetError("budget " + format_size(budget) + " (" + std::to_string(budget) +
-                      " bytes) is smaller than one page (" + format_size(page_size) +
-                      "); raise --budget or lower --page-size");
-  return static_cast<std::size_t>(budget / page_size);
-}
-
 class FaultCheckpoint final : public MappedCheckpoint {
  public:
   FaultCheckpoint(io::Checkpoint checkpoint, const MappedCheckpointOptions& options)
@@ -44,8 +37,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
             checkpoint_, resolve_page_size(options.page_size, make_host_backend()->granularity()))),
         reader_(io::Reader::open(layout_.files(), options.reader)),
         policy_(make_policy(options.policy, layout_.page_count())),
-        budget_pages_(std::min<std::size_t>(budget_pages(options.budget_bytes, layout_.page_size()),
-                                            std::max<std::size_t>(layout_.page_count(), 1))),
+        budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count())),
         region_(UffdRegion::Options{
             .page_count = std::max<std::size_t>(layout_.page_count(), 1),
             .page_size = layout_.page_size(),

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <string>
 
+#include "detail/pool_size.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "pager_state.hpp"
@@ -50,19 +51,14 @@ Pager::Pager(AddressSpace& space, PagerOptions options)
 Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptions options) {
   const std::uint64_t page_size = space.page_size();
   // Checked before anything is created.
-  if (options.budget_bytes < page_size) {
-    throw BudgetError("budget " + format_size(options.budget_bytes) + " (" +
-                      std::to_string(options.budget_bytes) + " bytes) is smaller than one page (" +
-                      format_size(page_size) + "); raise --budget or lower --page-size");
-  }
+  const std::size_t chunk_count =
+      detail::pool_pages(options.budget_bytes, page_size, space.page_count());
   auto s = std::make_unique<State>(options.event_capacity);
   s->space = &space;
   s->backend = &space.backend();
   s->layout = &space.layout();
   s->page_size = page_size;
-  // More chunks than pages would never be used: the pool is capped at the model's size.
-  s->chunk_count = static_cast<std::size_t>(std::min<std::uint64_t>(
-      options.budget_bytes / page_size, std::max<std::size_t>(space.page_count(), 1)));
+  s->chunk_count = chunk_count;
   s->options = std::move(options);
   s->reader = reader ? std::move(reader) : open_reader(space, s->options);
   s->io_path = s->reader->path_name();
