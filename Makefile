@@ -42,7 +42,7 @@ tsan: setup
 	@cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLEMA_SANITIZE=thread \
 	  -DLEMA_WITH_TORCH=OFF -DLEMA_BUILD_BENCHMARKS=OFF -DLEMA_PYTHON=$(PY) >/dev/null
 	@cmake --build build-tsan -j $(JOBS)
-	@cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -j $(JOBS) -LE 'python|slow' --timeout 600
+	@cd build-tsan && ctest --output-on-failure -j $(JOBS) -LE 'python|slow' --timeout 600
 
 # Bounded libFuzzer run of the header parser under ASan+UBSan (clang).
 fuzz: setup
