@@ -26,6 +26,18 @@ if(NOT LEMA_WITH_URING STREQUAL "OFF")
 endif()
 lema_found("liburing" "${LEMA_HAVE_URING}")
 
+# SentencePiece (tokenizer.model files) for the trainer's text data; optional.
+set(LEMA_HAVE_SENTENCEPIECE OFF)
+find_path(SENTENCEPIECE_INCLUDE_DIR sentencepiece_processor.h)
+find_library(SENTENCEPIECE_LIBRARY sentencepiece)
+if(SENTENCEPIECE_INCLUDE_DIR AND SENTENCEPIECE_LIBRARY)
+  add_library(lema_sentencepiece_dep INTERFACE)
+  target_include_directories(lema_sentencepiece_dep INTERFACE ${SENTENCEPIECE_INCLUDE_DIR})
+  target_link_libraries(lema_sentencepiece_dep INTERFACE ${SENTENCEPIECE_LIBRARY})
+  set(LEMA_HAVE_SENTENCEPIECE ON)
+endif()
+lema_found("SentencePiece" "${LEMA_HAVE_SENTENCEPIECE}")
+
 # CUDA toolkit headers (the backends dlopen the driver; nothing links libcuda).
 set(LEMA_HAVE_CUDA OFF)
 if(NOT LEMA_WITH_CUDA STREQUAL "OFF")
