@@ -1,0 +1,54 @@
+# `cmake --install` lays out headers, libraries, the tool and a CMake package, so a user's project
+# can `find_package(lema)` and link lema::torch (or lema::runtime, lema::io, lema::base).
+include(GNUInstallDirs)
+include(CMakePackageConfigHelpers)
+
+set(LEMA_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/lema)
+
+# Exported names drop the lema_ prefix: lema_torch → lema::torch.
+set(_lema_exported lema_base lema_io lema_runtime)
+foreach(dep lema_uring_dep lema_sentencepiece_dep)
+  if(TARGET ${dep})
+    list(APPEND _lema_exported ${dep})  # interface targets our static libraries link through
+  endif()
+endforeach()
+foreach(lib lema_torch lema_trainer_data lema_trainer)
+  if(TARGET ${lib})
+    list(APPEND _lema_exported ${lib})
+  endif()
+endforeach()
+foreach(target ${_lema_exported})
+  string(REGEX REPLACE "^lema_" "" short ${target})
+  set_target_properties(${target} PROPERTIES EXPORT_NAME ${short})
+endforeach()
+
+install(TARGETS ${_lema_exported} EXPORT lemaTargets
+        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+        LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
+        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(TARGETS lema RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+if(TARGET lema_torch_ops)
+  install(TARGETS lema_torch_ops LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
+endif()
+
+foreach(component base io runtime torch_plugin trainer)
+  if(EXISTS ${PROJECT_SOURCE_DIR}/${component}/include)
+    install(DIRECTORY ${PROJECT_SOURCE_DIR}/${component}/include/
+            DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+  endif()
+endforeach()
+
+install(EXPORT lemaTargets NAMESPACE lema:: DESTINATION ${LEMA_INSTALL_CMAKEDIR})
+
+# What the config must find again for the exported targets: the packages our static libraries
+# link, and the same libtorch (by the directory it was found in here).
+set(LEMA_CONFIG_TORCH_DIR "")
+if(LEMA_HAVE_TORCH)
+  set(LEMA_CONFIG_TORCH_DIR "${Torch_DIR}")
+endif()
+configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/lemaConfig.cmake.in
+  ${PROJECT_BINARY_DIR}/lemaConfig.cmake INSTALL_DESTINATION ${LEMA_INSTALL_CMAKEDIR})
+write_basic_package_version_file(${PROJECT_BINARY_DIR}/lemaConfigVersion.cmake
+  COMPATIBILITY SameMinorVersion)
+install(FILES ${PROJECT_BINARY_DIR}/lemaConfig.cmake ${PROJECT_BINARY_DIR}/lemaConfigVersion.cmake
+        DESTINATION ${LEMA_INSTALL_CMAKEDIR})

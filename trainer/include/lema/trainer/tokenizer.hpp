@@ -1,0 +1,64 @@
+// Text → token ids for the trainer's text data (JSONL and plain text).
+//
+// With a SentencePiece `tokenizer.model` beside the checkpoint (and LEMA built with
+// SentencePiece) the text is encoded the way the model was trained. Without one, a byte-level
+// fallback maps each UTF-8 byte b to id b + byte_offset. The default offset 3 is where Llama's
+// SentencePiece vocabulary keeps its byte tokens <0x00>..<0xFF> (after <unk>=0, <s>=1, </s>=2),
+// so fallback ids mean the same bytes to a Llama tokenizer; the vocabulary must hold
+// byte_offset + 256 ids.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lema::trainer {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  /// The ids of `text`, without BOS/EOS.
+  virtual std::vector<std::uint32_t> encode(std::string_view text) const = 0;
+  /// Beginning/end-of-sequence ids placed around each document; nullopt when there is none.
+  virtual std::optional<std::uint32_t> bos_id() const = 0;
+  virtual std::optional<std::uint32_t> eos_id() const = 0;
+  /// One past the largest id encode() can produce.
+  virtual std::int64_t vocab_size() const = 0;
+  /// "sentencepiece <path>" or "byte-level (offset 3)", for logs.
+  virtual std::string describe() const = 0;
+};
+
+/// Byte-level fallback: byte b → b + byte_offset; BOS 1 and EOS 2 when byte_offset ≥ 3.
+class ByteTokenizer final : public Tokenizer {
+ public:
+  static constexpr std::uint32_t kDefaultOffset = 3;
+  /// Throws InvalidArgument when byte_offset + 256 > model_vocab (the ids would not fit).
+  explicit ByteTokenizer(std::int64_t model_vocab, std::uint32_t byte_offset = kDefaultOffset);
+  std::vector<std::uint32_t> encode(std::string_view text) const override;
+  std::optional<std::uint32_t> bos_id() const override;
+  std::optional<std::uint32_t> eos_id() const override;
+  std::int64_t vocab_size() const override { return byte_offset_ + 256; }
+  std::string describe() const override;
+
+ private:
+  std::uint32_t byte_offset_;
+};
+
+/// True when this build can read SentencePiece models.
+bool have_sentencepiece() noexcept;
+
+/// Loads a SentencePiece model file. Throws InvalidArgument naming the file when it cannot be
+/// loaded or when the build has no SentencePiece.
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file);
+
+/// The tokenizer for a checkpoint directory: `model_dir/tokenizer.model` through SentencePiece
+/// when present and supported, else ByteTokenizer(model_vocab) (logged as a warning when a
+/// tokenizer.model exists but this build cannot read it).
+std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir,
+                                          std::int64_t model_vocab);
+
+}  // namespace lema::trainer

@@ -1,0 +1,53 @@
+#include "lema/trainer/tokenizer.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <string>
+
+#include "lema/base/error.hpp"
+
+namespace lema::trainer {
+
+ByteTokenizer::ByteTokenizer(std::int64_t model_vocab, std::uint32_t byte_offset)
+    : byte_offset_(byte_offset) {
+  if (model_vocab < static_cast<std::int64_t>(byte_offset) + 256) {
+    throw InvalidArgument("the byte-level tokenizer needs " + std::to_string(byte_offset + 256) +
+                          " token ids (256 bytes after offset " + std::to_string(byte_offset) +
+                          ") but the model's vocabulary has " + std::to_string(model_vocab) +
+                          "; put a tokenizer.model beside the checkpoint or give token ids "
+                          "(.bin/.npy) instead of text");
+  }
+}
+
+std::vector<std::uint32_t> ByteTokenizer::encode(std::string_view text) const {
+  std::vector<std::uint32_t> ids;
+  ids.reserve(text.size());
+  for (const char c : text) ids.push_back(static_cast<unsigned char>(c) + byte_offset_);
+  return ids;
+}
+
+// Llama's convention (<unk>=0, <s>=1, </s>=2) when the offset leaves room for it.
+std::optional<std::uint32_t> ByteTokenizer::bos_id() const {
+  return byte_offset_ >= 3 ? std::optional<std::uint32_t>(1) : std::nullopt;
+}
+std::optional<std::uint32_t> ByteTokenizer::eos_id() const {
+  return byte_offset_ >= 3 ? std::optional<std::uint32_t>(2) : std::nullopt;
+}
+
+std::string ByteTokenizer::describe() const {
+  return "byte-level (byte b -> id b + " + std::to_string(byte_offset_) + ")";
+}
+
+std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir,
+                                          std::int64_t model_vocab) {
+  const auto model_file = model_dir / "tokenizer.model";
+  std::error_code ec;
+  if (std::filesystem::is_regular_file(model_file, ec)) {
+    if (have_sentencepiece()) return load_sentencepiece(model_file);
+    spdlog::warn("{}: this build has no SentencePiece; tokenizing text byte by byte instead",
+                 model_file.string());
+  }
+  return std::make_unique<ByteTokenizer>(model_vocab);
+}
+
+}  // namespace lema::trainer
