@@ -3,13 +3,14 @@
 // userfaultfd is allowed). Prints the median step time of each and the ratios.
 //
 //   torch_step_bench [hidden] [intermediate] [layers] [tokens per sequence] [steps] [threads]
-//                    [policy: lru|trace]
+//                    [policy: lru|trace] [rounds]
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,6 +58,7 @@ int main(int argc, char** argv) {
   config.heads = std::max<std::int64_t>(1, config.hidden / 64);
   const int steps = static_cast<int>(arg(5, 5));
   const int threads = static_cast<int>(arg(6, 1));
+  const int rounds = static_cast<int>(std::max(1L, arg(8, 5)));
   at::set_num_threads(threads);
   const auto policy = lema::runtime::parse_policy(argc > 7 ? argv[7] : "lru");
   if (!policy) {
@@ -78,35 +80,70 @@ int main(int argc, char** argv) {
       static_cast<double>(config.hidden * config.intermediate * 4) / (1 << 20), threads, steps,
       argc > 7 ? argv[7] : "lru");
 
-  const double plain = median_step_ms(config, lema::test::read_weights_fully(path), steps);
-  std::printf("plain tensors:              %9.2f ms/step\n", plain);
-
-  auto run = [&](const char* label, std::uint64_t budget, lema::runtime::ResidencyMode mode) {
-    lema::torch::Options options;
-    options.budget_bytes = budget;
-    options.mode = mode;
-    options.policy = *policy;
-    lema::torch::VirtualCheckpoint checkpoint = lema::torch::open(path, options);
-    if (checkpoint.mode() != mode) {
-      std::printf("%-27s skipped: %s\n", label, checkpoint.fallback_reason().c_str());
-      return;
-    }
-    const double ms =
-        median_step_ms(config, as_map(checkpoint), steps, [&] { checkpoint.mark_step(); });
-    const auto s = checkpoint.stats();
-    std::printf(
-        "%-27s %9.2f ms/step  %.3fx plain  (budget %.1f MiB, faults %lu, hits %lu, "
-        "stall %.1f ms)\n",
-        label, ms, ms / plain, static_cast<double>(budget) / (1 << 20),
-        static_cast<unsigned long>(s.faults), static_cast<unsigned long>(s.hits),
-        static_cast<double>(s.stall_ns) / 1e6);
+  // Variants run in rounds, interleaved, and each ratio is taken against the plain run of the
+  // same round: on a shared machine the load moves by tens of percent within a minute, which a
+  // start-and-end baseline cannot separate from the overhead being measured.
+  struct Variant {
+    std::string label;
+    std::uint64_t budget;
+    lema::runtime::ResidencyMode mode;
+    std::optional<lema::torch::VirtualCheckpoint> checkpoint = {};
+    Weights weights = {};
+    std::vector<double> ms = {}, ratios = {};
   };
+  std::vector<Variant> variants;
   // Everything fits (twice the weights covers page padding between groups): the guard alone.
-  run("guard, fully resident:", 2 * bytes, lema::runtime::ResidencyMode::guard);
-  run("guard, quarter budget:", bytes / 4, lema::runtime::ResidencyMode::guard);
-  run("fault, quarter budget:", bytes / 4, lema::runtime::ResidencyMode::fault);
-  // Again at the end: how much the machine's load moved the baseline meanwhile.
-  std::printf("plain tensors, again:       %9.2f ms/step\n",
-              median_step_ms(config, lema::test::read_weights_fully(path), steps));
+  variants.push_back({"guard, fully resident", 2 * bytes, lema::runtime::ResidencyMode::guard});
+  variants.push_back({"guard, quarter budget", bytes / 4, lema::runtime::ResidencyMode::guard});
+  variants.push_back({"fault, quarter budget", bytes / 4, lema::runtime::ResidencyMode::fault});
+  for (Variant& v : variants) {
+    lema::torch::Options options;
+    options.budget_bytes = v.budget;
+    options.mode = v.mode;
+    options.policy = *policy;
+    v.checkpoint.emplace(lema::torch::open(path, options));
+    if (v.checkpoint->mode() != v.mode) {
+      std::printf("%-23s skipped: %s\n", v.label.c_str(), v.checkpoint->fallback_reason().c_str());
+      v.checkpoint.reset();
+      continue;
+    }
+    v.weights = as_map(*v.checkpoint);
+  }
+  const Weights plain_weights = lema::test::read_weights_fully(path);
+  std::vector<double> plain_ms;
+  for (int round = 0; round < rounds; ++round) {
+    const double plain = median_step_ms(config, plain_weights, steps);
+    plain_ms.push_back(plain);
+    for (Variant& v : variants) {
+      if (!v.checkpoint) continue;
+      const double ms =
+          median_step_ms(config, v.weights, steps, [&] { v.checkpoint->mark_step(); });
+      v.ms.push_back(ms);
+      v.ratios.push_back(ms / plain);
+    }
+  }
+  auto median = [](std::vector<double> x) {
+    std::sort(x.begin(), x.end());
+    return x.empty() ? 0.0 : x[x.size() / 2];
+  };
+  auto spread = [](std::vector<double> x) {
+    std::sort(x.begin(), x.end());
+    return x.empty() ? std::pair{0.0, 0.0} : std::pair{x.front(), x.back()};
+  };
+  const auto [plain_lo, plain_hi] = spread(plain_ms);
+  std::printf("%-23s %9.2f ms/step (rounds %.2f..%.2f)\n", "plain tensors", median(plain_ms),
+              plain_lo, plain_hi);
+  for (const Variant& v : variants) {
+    if (!v.checkpoint) continue;
+    const auto s = v.checkpoint->stats();
+    const auto [lo, hi] = spread(v.ratios);
+    std::printf(
+        "%-23s %9.2f ms/step  %.3fx plain (median of %d rounds, %.3f..%.3f)  budget %.1f MiB, "
+        "faults %lu, hits %lu, prefetches %lu used / %lu wasted, stall %.1f ms\n",
+        v.label.c_str(), median(v.ms), median(v.ratios), rounds, lo, hi,
+        static_cast<double>(v.budget) / (1 << 20), static_cast<unsigned long>(s.faults),
+        static_cast<unsigned long>(s.hits), static_cast<unsigned long>(s.prefetches_used),
+        static_cast<unsigned long>(s.prefetches_wasted), static_cast<double>(s.stall_ns) / 1e6);
+  }
   return 0;
 }
