@@ -41,8 +41,13 @@ struct FactoryNames {
   }
 };
 
-using BackendTypes =
-    ::testing::Types<HostBackendFactory, StagedBackendFactory, DelayedFenceBackendFactory>;
+using BackendTypes = ::testing::Types<HostBackendFactory, StagedBackendFactory,
+                                      DelayedFenceBackendFactory
+#ifdef LEMA_FAKE_CUDA_DRIVER
+                                      ,
+                                      FakeCudaBackendFactory
+#endif
+                                      >;
 TYPED_TEST_SUITE(BackendConformance, BackendTypes, FactoryNames);
 
 TYPED_TEST(BackendConformance, GranularityIsAPowerOfTwo) {

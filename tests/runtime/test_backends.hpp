@@ -24,6 +24,14 @@
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/events.hpp"
 
+#ifdef LEMA_FAKE_CUDA_DRIVER  // defined for the tests only where the CUDA toolkit was found
+#include <dlfcn.h>
+
+#include <cstdlib>
+
+#include "lema/runtime/cuda_backend.hpp"
+#endif
+
 namespace lema::test {
 
 using runtime::Access;
@@ -171,6 +179,39 @@ struct DelayedFenceBackendFactory {
   static constexpr const char* kName = "delayed-fence";
   static std::unique_ptr<Backend> make() { return std::make_unique<DelayedFenceBackend>(); }
 };
+
+#ifdef LEMA_FAKE_CUDA_DRIVER
+/// The fake CUDA driver the tests load: $LEMA_CUDA_DRIVER (ctest sets it), else the one built
+/// beside the tests.
+inline std::string fake_cuda_driver_path() {
+  const char* env = std::getenv("LEMA_CUDA_DRIVER");
+  return env != nullptr && *env != '\0' ? env : LEMA_FAKE_CUDA_DRIVER;
+}
+
+/// The cuda backend over the fake driver, with the fake's misuse detectors armed (a misuse
+/// aborts with the fake's message). The fake's device memory is host memory mapped at the device
+/// addresses, so the CPU may read mapped pages and the suite checks their bytes and protections
+/// as for the host backend.
+class FakeCudaBackend final : public ForwardingBackend {
+ public:
+  explicit FakeCudaBackend(std::uint64_t granularity = 0)
+      : ForwardingBackend(runtime::make_cuda_backend(
+            {.device = 0, .driver_library = fake_cuda_driver_path(), .granularity = granularity})) {
+    if (void* lib = ::dlopen(fake_cuda_driver_path().c_str(), RTLD_NOW | RTLD_NOLOAD)) {
+      using Configure = long long (*)(const char*, long long);
+      if (auto configure = reinterpret_cast<Configure>(::dlsym(lib, "fake_cuda_configure")))
+        configure("strict", 1);
+      ::dlclose(lib);
+    }
+  }
+  bool host_accessible() const noexcept override { return true; }
+};
+
+struct FakeCudaBackendFactory {
+  static constexpr const char* kName = "fake-cuda";
+  static std::unique_ptr<Backend> make() { return std::make_unique<FakeCudaBackend>(); }
+};
+#endif
 
 /// Protection of the mapping holding `addr` in /proc/self/maps ("r--s", "---p"), or "" when
 /// the address is not mapped at all.

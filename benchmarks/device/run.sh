@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The device run: builds LEMA against the local PyTorch's libtorch and the CUDA toolkit, runs the
+# gpu-labelled tests and the device benchmarks, and writes the results into OUT_DIR:
+#   OUT_DIR/environment.txt     card, driver, date, toolkit, torch
+#   OUT_DIR/ctest_gpu.log       the gpu-labelled tests (they skip, naming the reason, without GPU)
+#   OUT_DIR/device_bench.json   H2D bandwidth (driver baseline vs the backend's pipeline) and
+#   OUT_DIR/device_bench.md     map / set-access / unmap cost per chunk size (2, 8, 32, 64 MiB)
+#
+#   benchmarks/device/run.sh OUT_DIR                    # on the GPU machine
+#   benchmarks/device/run.sh --cpu-rehearsal OUT_DIR    # here: system packages, the fake driver
+#
+# The GPU machine has no network and no Debian packages: the .debs fetched beforehand by
+# fetch_debs.sh (benchmarks/device/debs/) are unpacked into a prefix. The rehearsal builds the
+# same targets against the system's packages and runs the same steps against the fake CUDA
+# driver (tests/fakes/): its figures are host memcpy and mmap costs, NOT GPU figures.
+set -euo pipefail
+
+rehearsal=0
+if [[ "${1:-}" == "--cpu-rehearsal" ]]; then rehearsal=1; shift; fi
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 [--cpu-rehearsal] OUT_DIR" >&2
+  exit 2
+fi
+out="$(mkdir -p "$1" && cd "$1" && pwd)"
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+build="${LEMA_DEVICE_BUILD_DIR:-$repo/build-device}"
+jobs="${LEMA_DEVICE_JOBS:-$(nproc)}"
+python="${LEMA_PYTHON:-python3}"
+start=$(date +%s)
+log() { echo "[$(( $(date +%s) - start ))s] $*"; }
+
+# ---- dependencies ----
+# -O2 (the project default): GCC 12 at -O3 reports a false -Wrestrict in libstdc++ string code.
+cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLEMA_WITH_CUDA=ON -DLEMA_PYTHON="$python")
+if [[ $rehearsal -eq 0 ]]; then
+  prefix="$build/deps"
+  shopt -s nullglob
+  debs=("$here"/debs/*.deb)
+  if [[ ${#debs[@]} -eq 0 ]]; then
+    echo "no .deb files in $here/debs: run benchmarks/device/fetch_debs.sh on a machine with network first" >&2
+    exit 2
+  fi
+  mkdir -p "$prefix"
+  for deb in "${debs[@]}"; do
+    if command -v dpkg-deb > /dev/null; then
+      dpkg-deb -x "$deb" "$prefix"
+    else  # no dpkg: a .deb is an ar archive holding data.tar.*
+      "$python" - "$deb" "$prefix" <<'PY'
+import io, sys, tarfile
+deb, dest = sys.argv[1], sys.argv[2]
+data = open(deb, "rb").read()
+assert data[:8] == b"!<arch>\n", deb
+pos = 8
+while pos < len(data):
+    name = data[pos:pos + 16].decode().strip().rstrip("/")
+    size = int(data[pos + 48:pos + 58].decode().strip())
+    body = data[pos + 60:pos + 60 + size]
+    if name.startswith("data.tar"):
+        tarfile.open(fileobj=io.BytesIO(body)).extractall(dest)
+    pos += 60 + size + (size & 1)
+PY
+    fi
+  done
+  # Debian's absolute symlinks (libz.so -> /lib/...) would point outside the prefix.
+  find "$prefix" -type l | while read -r l; do
+    t="$(readlink "$l")"
+    if [[ "$t" == /* && -e "$prefix$t" ]]; then ln -sfn "$prefix$t" "$l"; fi
+  done
+  multiarch="$prefix/usr/lib/x86_64-linux-gnu"
+  export LD_LIBRARY_PATH="$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  cmake_args+=(-DCMAKE_PREFIX_PATH="$prefix/usr;$multiarch/cmake"
+               -DCMAKE_INCLUDE_PATH="$prefix/usr/include" -DCMAKE_LIBRARY_PATH="$multiarch")
+  log "unpacked ${#debs[@]} packages into $prefix"
+else
+  # The fake driver stands in for libcuda.so.1 in every step below.
+  export LEMA_CUDA_DRIVER="$build/tests/libfake_cuda_driver.so"
+  cmake_args+=(-DLEMA_WITH_TORCH=OFF)  # the rehearsal proves the CUDA parts, not the torch build
+fi
+
+# ---- build ----
+cmake -S "$repo" -B "$build" "${cmake_args[@]}" > "$out/configure.log" 2>&1 ||
+  { tail -30 "$out/configure.log"; exit 1; }
+log "configured ($build)"
+targets=(runtime_cuda_gpu_test device_bench)
+[[ $rehearsal -eq 1 ]] && targets+=(fake_cuda_driver runtime_cuda_backend_test runtime_backend_test)
+ninja -C "$build" -j"$jobs" "${targets[@]}" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+log "built ${targets[*]}"
+
+# ---- environment ----
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -srm)"
+  if [[ $rehearsal -eq 1 ]]; then
+    echo "mode: CPU rehearsal against the fake CUDA driver ($LEMA_CUDA_DRIVER): NOT GPU figures"
+  else
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+  fi
+  nvcc --version 2>/dev/null | tail -1 || true
+  "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 || true
+} > "$out/environment.txt"
+
+# ---- tests ----
+(cd "$build" && ctest -L gpu --output-on-failure -j1) > "$out/ctest_gpu.log" 2>&1 || {
+  tail -40 "$out/ctest_gpu.log"; echo "gpu tests failed (log: $out/ctest_gpu.log)" >&2; exit 1; }
+grep -E "tests passed|Skipped" "$out/ctest_gpu.log" | head -20 || true
+log "gpu-labelled tests done"
+if [[ $rehearsal -eq 1 ]]; then
+  (cd "$build" && ctest -R "BackendConformance|CudaBackend|CudaPager|ManagedPager|FakeMisuse" \
+     --output-on-failure -j"$jobs") > "$out/ctest_fake_driver.log" 2>&1 ||
+    { tail -40 "$out/ctest_fake_driver.log"; exit 1; }
+  log "fake-driver suite passed"
+fi
+
+# ---- benchmarks ----
+if [[ $rehearsal -eq 1 ]]; then bench_args=(--total 256MiB --reps 10); else bench_args=(--total 8GiB --reps 100); fi
+"$build/benchmarks/device/device_bench" "$out" "${bench_args[@]}" > "$out/device_bench.log" 2>&1 ||
+  { tail -20 "$out/device_bench.log"; exit 1; }
+if [[ $rehearsal -eq 1 ]]; then
+  sed -i '1i **CPU rehearsal against the fake CUDA driver: these are host memcpy/mmap costs, not GPU figures; the GPU figures are still to be measured.**\n' "$out/device_bench.md"
+fi
+cat "$out/device_bench.md"
+log "done: results in $out"

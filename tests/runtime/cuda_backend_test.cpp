@@ -1,0 +1,414 @@
+// The CUDA backends over the fake driver: why they are unavailable, out-of-memory rollback,
+// handles released, the fake's misuse detectors, and a Pager filling and evicting through them.
+#include "lema/runtime/cuda_backend.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "fake_cuda_control.hpp"
+#include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
+#include "lema/runtime/pager.hpp"
+#include "pager_fixture.hpp"
+#include "test_backends.hpp"
+
+namespace lema::test {
+namespace {
+
+using runtime::CudaBackendOptions;
+using runtime::CudaUnavailable;
+using runtime::Lease;
+using runtime::Pager;
+using runtime::PagerOptions;
+using runtime::PolicyKind;
+
+FakeCudaControl& fake() {
+  static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
+  return *control;
+}
+
+CudaBackendOptions fake_options() {
+  CudaBackendOptions o;
+  o.driver_library = fake_cuda_driver_path();
+  return o;
+}
+
+// Sets a fake-driver setting for the scope of a test.
+class FakeSetting {
+ public:
+  FakeSetting(const char* key, long long value) : key_(key), old_(fake().configure(key, value)) {}
+  FakeSetting(const FakeSetting&) = delete;
+  FakeSetting& operator=(const FakeSetting&) = delete;
+  ~FakeSetting() { fake().configure(key_, old_); }
+
+ private:
+  const char* key_;
+  long long old_;
+};
+
+std::span<const std::byte> first(StagingBuffer& s, std::size_t n) {
+  return {s.bytes().data(), n};
+}
+
+// ---- unavailable ----
+
+TEST(CudaBackend, MissingDriverLibraryIsNamedInTheReason) {
+  CudaBackendOptions o;
+  o.driver_library = "/nonexistent/libcuda.so.1";
+  const std::string reason = runtime::cuda_backend_unavailable_reason(o);
+  EXPECT_NE(reason.find("/nonexistent/libcuda.so.1"), std::string::npos) << reason;
+  EXPECT_NE(reason.find("LEMA_CUDA_DRIVER"), std::string::npos) << reason;
+  EXPECT_NE(runtime::managed_backend_unavailable_reason(o), "");
+  try {
+    (void)runtime::make_cuda_backend(o);
+    FAIL() << "no CudaUnavailable";
+  } catch (const CudaUnavailable& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent"), std::string::npos);
+  }
+  std::string why;
+  EXPECT_EQ(runtime::try_make_cuda_backend(o, &why), nullptr);
+  EXPECT_EQ(why, reason);
+}
+
+TEST(CudaBackend, DriverNamedByTheEnvironmentIsLoaded) {
+  const std::string saved = fake_cuda_driver_path();
+  ::setenv("LEMA_CUDA_DRIVER", "/nonexistent/fake-driver.so", 1);
+  const std::string reason = runtime::cuda_backend_unavailable_reason();
+  ::setenv("LEMA_CUDA_DRIVER", saved.c_str(), 1);
+  EXPECT_NE(reason.find("/nonexistent/fake-driver.so"), std::string::npos) << reason;
+  EXPECT_EQ(runtime::cuda_backend_unavailable_reason(), "");
+}
+
+TEST(CudaBackend, DeviceWithoutVirtualMemoryManagementIsRefusedWithTheReason) {
+  FakeSetting no_vmm("vmm", 0);
+  const std::string reason = runtime::cuda_backend_unavailable_reason(fake_options());
+  EXPECT_NE(reason.find("virtual memory management"), std::string::npos) << reason;
+  EXPECT_THROW((void)runtime::make_cuda_backend(fake_options()), CudaUnavailable);
+  EXPECT_EQ(runtime::managed_backend_unavailable_reason(fake_options()), "");
+}
+
+TEST(CudaBackend, NoDeviceIsRefusedWithTheReason) {
+  FakeSetting none("devices", 0);
+  const std::string reason = runtime::cuda_backend_unavailable_reason(fake_options());
+  EXPECT_NE(reason.find("CUDA_ERROR_NO_DEVICE"), std::string::npos) << reason;
+  CudaBackendOptions o = fake_options();
+  EXPECT_THROW((void)runtime::make_cuda_backend(o), CudaUnavailable);
+}
+
+TEST(CudaBackend, MissingDeviceOrdinalIsRefusedWithTheCount) {
+  CudaBackendOptions o = fake_options();
+  o.device = 3;
+  const std::string reason = runtime::cuda_backend_unavailable_reason(o);
+  EXPECT_NE(reason.find("device 3"), std::string::npos) << reason;
+  EXPECT_NE(reason.find("1 device(s)"), std::string::npos) << reason;
+}
+
+// ---- resources ----
+
+TEST(CudaBackend, OutOfMemoryAtPoolCreationNamesTheSizesAndRollsBack) {
+  const std::uint64_t before = fake().live_handles();
+  {
+    FakeSetting small("memory", static_cast<long long>(10_MiB));
+    auto b = runtime::make_cuda_backend(fake_options());
+    const std::uint64_t with_backend = fake().live_handles();
+    try {
+      (void)b->create_pool(8, 2_MiB);
+      FAIL() << "no OutOfMemory";
+    } catch (const OutOfMemory& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("8 chunks of 2 MiB = 16 MiB"), std::string::npos) << m;
+      EXPECT_NE(m.find("chunk 5"), std::string::npos) << m;
+      EXPECT_NE(m.find("10 MiB free of 10 MiB"), std::string::npos) << m;
+    }
+    EXPECT_EQ(fake().live_handles(), with_backend);  // nothing created survives the failure
+    auto pool = b->create_pool(5, 2_MiB);            // and all of it can be created again
+    EXPECT_EQ(pool->chunk_count(), 5u);
+  }
+  EXPECT_EQ(fake().live_handles(), before);
+}
+
+TEST(CudaBackend, EveryHandleIsReleasedWithItsOwner) {
+  const std::uint64_t before = fake().live_handles();
+  const std::uint64_t misuses = fake().misuse_count();
+  {
+    auto b = runtime::make_cuda_backend(fake_options());
+    const auto g = b->granularity();
+    Reservation r = b->reserve(4 * g);
+    auto pool = b->create_pool(2, g);
+    auto staging = b->allocate_staging(4096);
+    runtime::Fence f = b->copy_to_chunk(*pool, 1, 0, first(*staging, 4096));
+    b->wait_fence(f);
+    b->map(*pool, 1, r.base() + g, Access::read);
+    EXPECT_EQ(fake().query_mapped(r.base() + g), FakeMapping::read);
+    EXPECT_EQ(fake().query_mapped(r.base()), FakeMapping::reserved);
+    b->unmap(r.base(), 4 * g);
+    EXPECT_EQ(fake().query_mapped(r.base() + g), FakeMapping::reserved);
+    EXPECT_GT(fake().live_handles(), before);
+  }
+  EXPECT_EQ(fake().live_handles(), before);
+  EXPECT_EQ(fake().misuse_count(), misuses);
+}
+
+TEST(CudaBackend, QueueWaitOrdersAStreamAfterAFenceWithoutBlockingTheHost) {
+  auto b = runtime::make_cuda_backend(fake_options());
+  void* producer = fake().test_stream(nullptr, 1);
+  void* consumer = fake().test_stream(nullptr, 1);
+  fake().hold(producer, true);
+  fake().touch(producer, nullptr, 0);  // some work on the producer
+  const runtime::Fence produced = b->record_fence(Queue{producer});
+  b->queue_wait(Queue{consumer}, produced);
+  const runtime::Fence consumed = b->record_fence(Queue{consumer});
+  EXPECT_FALSE(b->fence_complete(produced));
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_FALSE(b->fence_complete(consumed));  // still waiting for the producer
+  fake().hold(producer, false);
+  b->wait_fence(consumed);
+  EXPECT_TRUE(b->fence_complete(produced));
+  fake().test_stream(consumer, 0);
+  fake().test_stream(producer, 0);
+}
+
+// ---- the fake's misuse detectors ----
+
+class FakeMisuse : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    strict_ = fake().configure("strict", 0);
+    misuses_ = fake().misuse_count();
+  }
+  void TearDown() override { fake().configure("strict", strict_); }
+  std::uint64_t new_misuses() { return fake().misuse_count() - misuses_; }
+
+  std::unique_ptr<Backend> backend = runtime::make_cuda_backend(fake_options());
+
+ private:
+  long long strict_ = 0;
+  std::uint64_t misuses_ = 0;
+};
+
+TEST_F(FakeMisuse, UnmapWhileACopyIntoTheChunkIsPending) {
+  Backend& b = *backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(g);
+  auto pool = b.create_pool(1, g);
+  auto staging = b.allocate_staging(g);
+  b.map(*pool, 0, r.base(), Access::read);
+  runtime::Fence copied;
+  {
+    FakeSetting hold("hold", 1);
+    copied = b.copy_to_chunk(*pool, 0, 0, first(*staging, g));
+    EXPECT_FALSE(b.fence_complete(copied));
+    b.unmap(r.base(), g);
+  }
+  EXPECT_EQ(new_misuses(), 1u);
+  EXPECT_NE(fake().last_misuse().find("not complete"), std::string::npos) << fake().last_misuse();
+  b.wait_fence(copied);
+}
+
+TEST_F(FakeMisuse, UnmapWhileAKernelReadingThePageIsPending) {
+  Backend& b = *backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(g);
+  auto pool = b.create_pool(1, g);
+  b.map(*pool, 0, r.base(), Access::read);
+  void* compute = fake().test_stream(nullptr, 1);
+  fake().hold(compute, true);
+  ASSERT_EQ(fake().touch(compute, r.base(), g), 0);
+  const runtime::Fence last_use = b.record_fence(Queue{compute});
+  EXPECT_FALSE(b.fence_complete(last_use));
+  b.unmap(r.base(), g);  // the bug the pager must never commit
+  EXPECT_EQ(new_misuses(), 1u);
+  fake().hold(compute, false);
+  b.wait_fence(last_use);
+  fake().test_stream(compute, 0);
+}
+
+TEST_F(FakeMisuse, KernelTouchingAnUnmappedPage) {
+  Backend& b = *backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(2 * g);
+  auto pool = b.create_pool(1, g);
+  b.map(*pool, 0, r.base(), Access::read);
+  void* compute = fake().test_stream(nullptr, 1);
+  EXPECT_EQ(fake().touch(compute, r.base(), g), 0);
+  EXPECT_EQ(new_misuses(), 0u);
+  EXPECT_EQ(fake().query_mapped(r.base() + g), FakeMapping::reserved);
+  EXPECT_EQ(fake().touch(compute, r.base(), 2 * g), -1);
+  EXPECT_EQ(new_misuses(), 1u);
+  EXPECT_NE(fake().last_misuse().find("not mapped"), std::string::npos);
+  b.unmap(r.base(), g);
+  fake().test_stream(compute, 0);
+}
+
+// The raw driver calls the backends never make wrongly, made wrongly on purpose.
+class RawDriver {
+ public:
+  RawDriver() {
+    handle_ = ::dlopen(fake_cuda_driver_path().c_str(), RTLD_NOW | RTLD_LOCAL);
+    using Get = int (*)(const char*, void**, int, unsigned long long, int*);
+    auto get = reinterpret_cast<Get>(::dlsym(handle_, "cuGetProcAddress_v2"));
+    auto find = [&](const char* name, auto& fn) {
+      void* p = nullptr;
+      int status = 0;
+      get(name, &p, 13000, 0, &status);
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
+    };
+    find("cuMemRelease", release);
+    find("cuMemFreeHost", free_host);
+    find("cuMemHostAlloc", host_alloc);
+  }
+  ~RawDriver() { ::dlclose(handle_); }
+  int (*release)(unsigned long long) = nullptr;
+  int (*free_host)(void*) = nullptr;
+  int (*host_alloc)(void**, std::size_t, unsigned) = nullptr;
+
+ private:
+  void* handle_;
+};
+
+TEST_F(FakeMisuse, DoubleReleaseAndDoubleFree) {
+  RawDriver raw;
+  void* p = nullptr;
+  ASSERT_EQ(raw.host_alloc(&p, 4096, 0), 0);
+  EXPECT_EQ(raw.free_host(p), 0);
+  EXPECT_NE(raw.free_host(p), 0);
+  EXPECT_EQ(new_misuses(), 1u);
+  EXPECT_NE(raw.release(987654), 0);
+  EXPECT_EQ(new_misuses(), 2u);
+  EXPECT_NE(fake().last_misuse().find("double release"), std::string::npos);
+}
+
+TEST_F(FakeMisuse, MapOutsideAReservationOrOverAMapping) {
+  Backend& b = *backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(g);
+  auto pool = b.create_pool(2, g);
+  EXPECT_THROW(b.map(*pool, 0, r.base() + g, Access::read), runtime::CudaError);
+  EXPECT_EQ(new_misuses(), 1u);
+  EXPECT_NE(fake().last_misuse().find("outside any reservation"), std::string::npos);
+  b.map(*pool, 0, r.base(), Access::read);
+  EXPECT_THROW(b.map(*pool, 1, r.base(), Access::read), runtime::CudaError);
+  EXPECT_EQ(new_misuses(), 2u);
+  EXPECT_NE(fake().last_misuse().find("existing mapping"), std::string::npos);
+  b.unmap(r.base(), g);
+}
+
+TEST_F(FakeMisuse, LeakedHandleIsCounted) {
+  RawDriver raw;
+  const std::uint64_t before = fake().live_handles();
+  void* p = nullptr;
+  ASSERT_EQ(raw.host_alloc(&p, 4096, 0), 0);
+  EXPECT_EQ(fake().live_handles(), before + 1);  // what the exit report would name
+  EXPECT_EQ(raw.free_host(p), 0);
+  EXPECT_EQ(fake().live_handles(), before);
+  EXPECT_EQ(new_misuses(), 0u);
+}
+
+// ---- a Pager over the backends ----
+
+constexpr std::uint64_t kPage = 64_KiB;
+
+ModelShape small_model() {
+  ModelShape m;
+  m.layers = 3;
+  m.hidden = 20 * 1024 + 13;
+  m.embed = 90 * 1024 + 7;
+  return m;
+}
+
+TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
+  FakeSetting pages("granularity", static_cast<long long>(kPage));
+  const std::uint64_t misuses = fake().misuse_count();
+  const std::uint64_t before = fake().live_handles();
+  {
+    OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-pager");
+    ASSERT_GE(m.pages(), 8u);
+    for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
+      PagerOptions opt;
+      opt.budget_bytes = 3 * kPage;
+      opt.policy = policy;
+      Pager pager(m.space, opt);
+      for (int pass = 0; pass < 2; ++pass)
+        for (const auto* t : tensor_order(m.space.layout(), Order::layer, 7))
+          check_tensor(pager, m, *t, false);
+      pager.quiesce();
+      const auto st = pager.stats();
+      EXPECT_LE(st.peak_resident_bytes, opt.budget_bytes);
+      EXPECT_GT(st.evictions, 0u);
+      std::size_t mapped = 0;
+      for (runtime::PageId p = 0; p < m.pages(); ++p) {
+        const FakeMapping state = fake().query_mapped(m.space.page_address(p));
+        EXPECT_EQ(state == FakeMapping::read, pager.is_resident(p)) << "page " << p;
+        mapped += state == FakeMapping::read;
+      }
+      EXPECT_LE(mapped, 3u);
+    }
+  }
+  EXPECT_EQ(fake().misuse_count(), misuses);
+  EXPECT_EQ(fake().live_handles(), before);
+}
+
+// A page's chunk is reused only after the kernel that read it (a pending stream operation) has
+// completed: the fake reports any unmap before that as misuse.
+TEST(CudaPager, LastUseFenceHoldsTheChunkUntilTheKernelCompleted) {
+  FakeSetting pages("granularity", static_cast<long long>(kPage));
+  const std::uint64_t misuses = fake().misuse_count();
+  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-fence");
+  PagerOptions opt;
+  opt.budget_bytes = kPage;
+  opt.prefetch = false;
+  Pager pager(m.space, opt);
+  void* compute = fake().test_stream(nullptr, 1);
+  fake().hold(compute, true);
+  {
+    Lease lease = pager.acquire_pages({0, 1});
+    ASSERT_EQ(fake().touch(compute, m.space.page_address(0), kPage), 0);
+    pager.release(std::move(lease), m.backend->record_fence(Queue{compute}));
+  }
+  std::atomic<bool> resumed{false};
+  std::thread resume([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    resumed = true;
+    fake().hold(compute, false);
+  });
+  Lease other = pager.acquire_pages({1, 1});  // needs page 0's chunk
+  EXPECT_TRUE(resumed.load());
+  pager.release(std::move(other));
+  resume.join();
+  EXPECT_EQ(fake().misuse_count(), misuses);
+  fake().test_stream(compute, 0);
+}
+
+TEST(ManagedPager, FillsAndPrefetchesWithTheBytesOfTheFile) {
+  CudaBackendOptions o = fake_options();
+  o.granularity = kPage;
+  const std::uint64_t to_device = fake().prefetches(true);
+  const std::uint64_t to_host = fake().prefetches(false);
+  const std::uint64_t before = fake().live_handles();
+  {
+    OpenedModel m(runtime::make_managed_backend(o), small_model(), kPage, "managed-pager");
+    EXPECT_EQ(m.backend->name(), "managed");
+    EXPECT_TRUE(m.backend->host_accessible());
+    PagerOptions opt;
+    opt.budget_bytes = 3 * kPage;
+    Pager pager(m.space, opt);
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto* t : tensor_order(m.space.layout(), Order::random, 3 + pass))
+        check_tensor(pager, m, *t, false);
+    const auto st = pager.stats();
+    EXPECT_LE(st.peak_resident_bytes, opt.budget_bytes);
+    // Every page made resident was prefetched to the device, every eviction back to the host.
+    EXPECT_GE(fake().prefetches(true) - to_device, st.faults);
+    EXPECT_GE(fake().prefetches(false) - to_host, st.evictions);
+    EXPECT_GT(st.evictions, 0u);
+  }
+  EXPECT_EQ(fake().live_handles(), before);
+}
+
+}  // namespace
+}  // namespace lema::test
