@@ -18,6 +18,7 @@
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/events.hpp"
 #include "lema/runtime/layout.hpp"
+#include "lema/runtime/profile.hpp"
 #include "mapped_checkpoint_fault.hpp"
 
 namespace lema::runtime::detail {
@@ -38,6 +39,16 @@ class FaultCheckpoint final : public MappedCheckpoint {
         reader_(io::Reader::open(layout_.files(), options.reader)),
         policy_(make_policy(options.policy, layout_.page_count())),
         budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count())),
+        profile_(ProfilePublisher::open_if_enabled(
+            ProfileSourceInfo{.kind = "fault",
+                              .policy = std::string(policy_->name()),
+                              .io_path = reader_->path_name(),
+                              .page_size = layout_.page_size(),
+                              .budget_bytes = budget_pages_ * layout_.page_size(),
+                              .pool_pages = budget_pages_,
+                              .page_count = layout_.page_count(),
+                              .tensors = profile_tensors(layout_),
+                              .counters = {}})),
         region_(UffdRegion::Options{
             .page_count = std::max<std::size_t>(layout_.page_count(), 1),
             .page_size = layout_.page_size(),
@@ -48,8 +59,17 @@ class FaultCheckpoint final : public MappedCheckpoint {
                   std::lock_guard lock(policy_mutex_);
                   const PageId victim = policy_->choose_victim(resident);
                   policy_->on_evicted(victim);
+                  if (profile_) {
+                    profile_->publish(
+                        Event{now_ns(), EventKind::evict, victim, 1, layout_.page_size(), 0});
+                    profile_->add(ProfileCounter::evictions);
+                  }
                   return victim;
                 }}) {}
+
+  ~FaultCheckpoint() override {
+    if (profile_) profile_->update(stats());
+  }
 
   const io::Checkpoint& checkpoint() const noexcept override { return checkpoint_; }
   const Layout& layout() const noexcept override { return layout_; }
@@ -113,7 +133,14 @@ class FaultCheckpoint final : public MappedCheckpoint {
       std::memset(staging + covered, 0, layout_.page_size() - covered);
     reader_->read(std::move(batch));
     bytes_read_.fetch_add(bytes, std::memory_order_relaxed);
-    stall_ns_.fetch_add(now_ns() - start, std::memory_order_relaxed);
+    const std::uint64_t took = now_ns() - start;
+    stall_ns_.fetch_add(took, std::memory_order_relaxed);
+    if (profile_) {
+      profile_->publish(Event{start, EventKind::fault, page, 1, bytes, took});
+      profile_->add(ProfileCounter::faults);
+      profile_->add(ProfileCounter::bytes_read, bytes);
+      profile_->add(ProfileCounter::stall_ns, took);
+    }
   }
 
   io::Checkpoint checkpoint_;
@@ -125,6 +152,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
   std::atomic<std::uint64_t> bytes_read_{0};
   std::atomic<std::uint64_t> stall_ns_{0};
   std::string no_reason_;
+  std::unique_ptr<ProfilePublisher> profile_;  // before region_: its handler thread publishes
   UffdRegion region_;  // last: its handler thread uses the members above
 };
 

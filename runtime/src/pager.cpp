@@ -73,6 +73,16 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   spdlog::debug("pager: {} pages of {}, pool of {} chunks ({}), policy {}, io {}",
                 space.page_count(), format_size(page_size), s->chunk_count,
                 format_size(s->chunk_count * page_size), s->policy->name(), s->io_path);
+  s->profile = ProfilePublisher::open_if_enabled(
+      ProfileSourceInfo{.kind = "pager",
+                        .policy = std::string(s->policy->name()),
+                        .io_path = s->io_path,
+                        .page_size = page_size,
+                        .budget_bytes = s->options.budget_bytes,
+                        .pool_pages = s->chunk_count,
+                        .page_count = space.page_count(),
+                        .tensors = profile_tensors(space.layout()),
+                        .counters = {}});
   state_ = std::move(s);
   if (state_->options.prefetch) {
     state_->prefetch_thread = std::thread([st = state_.get()] { run_prefetcher(*st); });
@@ -101,6 +111,7 @@ Pager::~Pager() {
     s.counters.page_unmapped();
     e.state = PageState::absent;
   }
+  if (s.profile) s.profile->update(s.counters, s.page_size);
 }
 
 void Pager::release(Lease&& lease, Fence last_use) {
@@ -206,7 +217,12 @@ void publish_fills(Pager::State& s, std::span<const FillClaim> claims) {
 
 void record_event(Pager::State& s, EventKind kind, PageId first, std::uint32_t count,
                   std::uint64_t bytes, std::uint64_t start_ns, std::uint64_t duration_ns) {
-  s.events.record(Event{start_ns, kind, first, count, bytes, duration_ns});
+  const Event e{start_ns, kind, first, count, bytes, duration_ns};
+  s.events.record(e);
+  if (s.profile) {
+    s.profile->publish(e);
+    s.profile->update(s.counters, s.page_size);
+  }
 }
 
 }  // namespace lema::runtime

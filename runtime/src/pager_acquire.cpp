@@ -137,6 +137,7 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages) {
             e.prefetched = false;
             s.counters.add(s.counters.prefetches_used);
           }
+          record_event(s, EventKind::hit, p, 1, 0, now, 0);
           to_wait.push_back(p);
           break;
         case PageState::absent: {

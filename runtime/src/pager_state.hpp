@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "lema/runtime/pager.hpp"
+#include "lema/runtime/profile.hpp"
 
 namespace lema::runtime {
 
@@ -65,6 +66,7 @@ struct Pager::State {
 
   PagerCounters counters;
   EventRing events;
+  std::unique_ptr<ProfilePublisher> profile;  // set when LEMA_PROFILE is (see profile.hpp)
 
   // ---- guarded by mutex ----
   std::mutex mutex;

@@ -1,0 +1,217 @@
+// The reader's side of a profile segment: attaching read-only and draining events.
+#include <algorithm>
+#include <bit>
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <cstring>
+
+#include "lema/base/error.hpp"
+#include "lema/runtime/profile.hpp"
+#include "profile_shm.hpp"
+
+namespace lema::runtime {
+
+namespace bip = boost::interprocess;
+
+namespace profile_shm {
+
+SegmentView::SegmentView(const std::byte* base, std::size_t size, const std::string& name)
+    : base_(base), name_(name) {
+  auto bad = [&](const std::string& why) {
+    return Error("/dev/shm/" + name + " is not a profile segment this lema can read: " + why);
+  };
+  if (size < sizeof(Header)) throw bad("it holds only " + std::to_string(size) + " bytes");
+  header_ = reinterpret_cast<const Header*>(base);
+  const Header& h = *header_;
+  if (std::memcmp(h.magic, kMagic, sizeof(kMagic)) != 0) throw bad("wrong magic");
+  if (h.version != kVersion)
+    throw bad("it is version " + std::to_string(h.version) + ", this lema reads version " +
+              std::to_string(kVersion) + "; use the lema that started the program");
+  const bool capacity_ok = h.event_capacity >= 2 && std::has_single_bit(h.event_capacity) &&
+                           h.event_capacity <= (std::uint64_t{1} << 32);
+  const Geometry g = capacity_ok && h.max_sources <= 65535
+                         ? geometry(h.max_sources, h.arena_bytes, h.event_capacity)
+                         : Geometry{};
+  if (!capacity_ok || h.header_bytes != sizeof(Header) || h.slot_bytes != sizeof(SourceSlot) ||
+      h.slots_offset != g.slots_offset || h.arena_offset != g.arena_offset ||
+      h.events_offset != g.events_offset || h.total_bytes != g.total_bytes || g.total_bytes > size)
+    throw bad("inconsistent sizes");
+  slots_ = reinterpret_cast<const SourceSlot*>(base + h.slots_offset);
+  arena_ = base + h.arena_offset;
+  events_ = reinterpret_cast<const EventSlot*>(base + h.events_offset);
+}
+
+std::vector<ProfileSourceInfo> SegmentView::sources() const {
+  const Header& h = *header_;
+  const std::uint32_t n = std::min(h.sources.load(std::memory_order_acquire), h.max_sources);
+  std::vector<ProfileSourceInfo> out;
+  out.reserve(n);
+  auto text = [](const char* s, std::size_t cap) { return std::string(s, strnlen(s, cap)); };
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const SourceSlot& s = slots_[i];
+    ProfileSourceInfo info;
+    const std::uint32_t state = s.state.load(std::memory_order_acquire);
+    if (state == kUnwritten) {
+      out.push_back(std::move(info));  // keeps indices aligned with the events' source field
+      continue;
+    }
+    info.pid = s.pid;
+    info.kind = text(s.kind, sizeof(s.kind));
+    info.policy = text(s.policy, sizeof(s.policy));
+    info.io_path = text(s.io_path, sizeof(s.io_path));
+    info.page_size = s.page_size;
+    info.budget_bytes = s.budget_bytes;
+    info.pool_pages = s.pool_pages;
+    info.page_count = s.page_count;
+    info.open_ns = s.open_ns;
+    if (state == kClosed) info.close_ns = s.close_ns.load(std::memory_order_relaxed);
+    auto c = [&](ProfileCounter which) {
+      return s.counters[static_cast<std::size_t>(which)].load(std::memory_order_relaxed);
+    };
+    PagerStats& st = info.counters;
+    st.faults = c(ProfileCounter::faults);
+    st.hits = c(ProfileCounter::hits);
+    st.prefetches_issued = c(ProfileCounter::prefetches_issued);
+    st.prefetches_used = c(ProfileCounter::prefetches_used);
+    st.prefetches_wasted = c(ProfileCounter::prefetches_wasted);
+    st.bytes_read = c(ProfileCounter::bytes_read);
+    st.evictions = c(ProfileCounter::evictions);
+    st.stall_ns = c(ProfileCounter::stall_ns);
+    st.resident_bytes = c(ProfileCounter::resident_bytes);
+    st.peak_resident_bytes = c(ProfileCounter::peak_resident_bytes);
+    st.budget_bytes = s.budget_bytes;
+    st.page_size = s.page_size;
+    st.io_path = info.io_path;
+    // The tensor table, bounds-checked against the arena.
+    if (s.arena_offset <= h.arena_bytes && s.arena_bytes <= h.arena_bytes - s.arena_offset) {
+      const std::byte* at = arena_ + s.arena_offset;
+      const std::byte* end = at + s.arena_bytes;
+      for (std::uint32_t t = 0; t < s.tensor_count; ++t) {
+        if (end - at < static_cast<std::ptrdiff_t>(kTensorRecordFixed)) break;
+        ProfileTensor pt;
+        std::uint32_t name_len = 0;
+        std::memcpy(&pt.first_page, at, 4);
+        std::memcpy(&pt.page_count, at + 4, 4);
+        std::memcpy(&pt.layer, at + 8, 4);
+        std::memcpy(&name_len, at + 12, 4);
+        if (end - at - kTensorRecordFixed < name_len) break;
+        pt.name.assign(reinterpret_cast<const char*>(at + kTensorRecordFixed), name_len);
+        info.tensors.push_back(std::move(pt));
+        at += round_up(kTensorRecordFixed + name_len, 8);
+      }
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+std::size_t SegmentView::drain(std::vector<ProfileEvent>& out, bool final) {
+  const std::uint64_t cap = header_->event_capacity;
+  const std::uint64_t mask = cap - 1;
+  const std::uint64_t head = header_->head.load(std::memory_order_acquire);
+  if (head - next_ > cap) {  // overwritten before we got here
+    dropped_ += head - cap - next_;
+    next_ = head - cap;
+  }
+  const std::size_t before = out.size();
+  for (std::uint64_t i = next_; i < head; ++i) {
+    const EventSlot& s = events_[i & mask];
+    const std::uint64_t want = 2 * i + 2;
+    const std::uint64_t seq1 = s.seq.load(std::memory_order_acquire);
+    if (seq1 == want) {
+      constexpr auto kLoad = std::memory_order_acquire;
+      ProfileEvent e;
+      e.time_ns = s.time_ns.load(kLoad);
+      const std::uint64_t packed = s.packed.load(kLoad);
+      e.page_count = static_cast<std::uint32_t>(s.page_count.load(kLoad));
+      e.bytes = s.bytes.load(kLoad);
+      e.duration_ns = s.duration_ns.load(kLoad);
+      if (s.seq.load(std::memory_order_relaxed) == seq1) {
+        e.kind = static_cast<EventKind>(packed & 0xff);
+        e.source = static_cast<std::uint16_t>((packed >> 8) & 0xffff);
+        e.first_page = static_cast<PageId>(packed >> 32);
+        out.push_back(e);
+      } else {
+        ++dropped_;  // overwritten while we read it
+      }
+    } else if (seq1 > want) {
+      ++dropped_;  // a later lap already reused the slot
+    } else if (!final && waiting_on_ != i) {
+      // Claimed but not complete yet: come back on the next drain. If it is still incomplete
+      // then, its writer gave it up (lapped) or is gone; count it and move on.
+      waiting_on_ = i;
+      next_ = i;
+      return out.size() - before;
+    } else {
+      ++dropped_;
+    }
+    next_ = i + 1;
+  }
+  next_ = head;
+  return out.size() - before;
+}
+
+}  // namespace profile_shm
+
+struct ProfileAttachment::Impl {
+  bip::shared_memory_object shm;
+  bip::mapped_region region;
+  std::optional<profile_shm::SegmentView> view;
+  std::string name;
+};
+
+ProfileAttachment::ProfileAttachment(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ProfileAttachment::ProfileAttachment(ProfileAttachment&&) noexcept = default;
+ProfileAttachment& ProfileAttachment::operator=(ProfileAttachment&&) noexcept = default;
+ProfileAttachment::~ProfileAttachment() = default;
+
+std::optional<ProfileAttachment> ProfileAttachment::try_attach(const std::string& name) {
+  auto impl = std::make_unique<Impl>();
+  impl->name = name;
+  try {
+    impl->shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_only);
+    impl->region = bip::mapped_region(impl->shm, bip::read_only);
+  } catch (const bip::interprocess_exception& e) {
+    if (e.get_error_code() == bip::not_found_error) return std::nullopt;
+    throw Error("cannot open the profile segment /dev/shm/" + name + ": " + e.what());
+  }
+  impl->view.emplace(static_cast<const std::byte*>(impl->region.get_address()),
+                     impl->region.get_size(), name);
+  return ProfileAttachment(std::move(impl));
+}
+
+ProfileAttachment ProfileAttachment::attach(const std::string& name) {
+  auto a = try_attach(name);
+  if (!a)
+    throw Error("no profile segment /dev/shm/" + name +
+                ": the process is not running, or runs without LEMA_PROFILE set (start it with "
+                "LEMA_PROFILE=out.lprof or under `lema prof record`)");
+  return std::move(*a);
+}
+
+const std::string& ProfileAttachment::name() const noexcept {
+  return impl_->name;
+}
+std::uint64_t ProfileAttachment::pid() const noexcept {
+  return impl_->view->header().pid;
+}
+std::uint64_t ProfileAttachment::recorder_pid() const noexcept {
+  return impl_->view->header().recorder_pid;
+}
+std::uint64_t ProfileAttachment::created_ns() const noexcept {
+  return impl_->view->header().created_ns;
+}
+std::vector<ProfileSourceInfo> ProfileAttachment::sources() const {
+  return impl_->view->sources();
+}
+std::size_t ProfileAttachment::drain(std::vector<ProfileEvent>& out, bool final) {
+  return impl_->view->drain(out, final);
+}
+std::uint64_t ProfileAttachment::dropped() const noexcept {
+  return impl_->view->dropped();
+}
+std::uint64_t ProfileAttachment::written() const noexcept {
+  return impl_->view->header().head.load(std::memory_order_relaxed);
+}
+
+}  // namespace lema::runtime

@@ -1,0 +1,97 @@
+// `lema prof`: recording a program's profile segments and reporting a recorded profile.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "lema/runtime/profile.hpp"
+#include "lema/runtime/profile_file.hpp"
+
+namespace lema::tools {
+
+/// Drains every profile segment whose recorder is `recorder_pid` (found under /dev/shm by name)
+/// into one Recording. Not thread-safe; one collector per recording.
+class ProfileCollector {
+ public:
+  explicit ProfileCollector(std::uint64_t recorder_pid);
+  /// Attaches to new segments and drains all of them (call every few milliseconds).
+  void poll();
+  /// The last drain (the writers are gone): removes the segments, returns the recording with
+  /// events sorted by time. start/end/pid/command/exit code are the caller's to fill.
+  runtime::Recording finish();
+  std::size_t segments() const noexcept { return attached_.size(); }
+
+ private:
+  struct Attached {
+    runtime::ProfileAttachment attachment;
+    std::vector<runtime::ProfileEvent> events;
+  };
+  std::uint64_t recorder_pid_;
+  std::vector<Attached> attached_;
+  std::map<std::string, bool> seen_;  // segment names already looked at
+};
+
+/// Stall, faults and bytes attributed to a layer or a tensor.
+struct StallShare {
+  std::string name;
+  std::uint64_t faults = 0;
+  std::uint64_t bytes = 0;
+  double stall_ns = 0;
+};
+
+struct ProfileSummary {
+  std::string command;
+  std::uint64_t pid = 0;
+  std::int32_t exit_code = 0;
+  double wall_s = 0;
+  std::uint64_t events = 0;
+  std::uint64_t dropped = 0;
+  // From the publishers' counters (summed over publishers; peak and budget: the largest).
+  runtime::PagerStats counters;
+  double hit_rate = 0;     // hits / (hits + faults)
+  double stall_share = 0;  // stall time / wall time
+  // From the events.
+  std::uint64_t read_bytes_events = 0;
+  double read_busy_s = 0;     // union of the intervals spent reading
+  double read_bandwidth = 0;  // bytes per second while reading
+  std::string io_path, policy;
+  // Against Belady's MIN for the same access trace (faults and hits in time order) and budget.
+  std::uint64_t accesses = 0;
+  std::uint64_t run_fetches = 0;  // faults + prefetches issued
+  std::uint64_t belady_fetches = 0;
+  std::uint64_t lru_fetches = 0;
+  double belady_bytes = 0;          // belady_fetches × the run's mean bytes per fetch
+  bool trace_complete = true;       // false when events were dropped
+  std::vector<StallShare> layers;   // by stall, descending (top N)
+  std::vector<StallShare> tensors;  // by stall, descending (top N)
+};
+
+/// `top_n`: rows kept in the per-layer and per-tensor lists.
+ProfileSummary summarize(const runtime::Recording& rec, std::size_t top_n);
+std::string format_summary(const ProfileSummary& s);
+nlohmann::json summary_json(const ProfileSummary& s);
+/// Chrome trace event format (opens in Perfetto and chrome://tracing).
+void write_chrome_trace(const runtime::Recording& rec, std::ostream& out);
+/// A timeline: time × page, faults, prefetches and evictions coloured, resident bytes against
+/// the budget below.
+void write_svg(const runtime::Recording& rec, std::ostream& out);
+
+/// Indices of the recording's events in time order (stable).
+std::vector<std::uint32_t> time_order(const runtime::Recording& rec);
+
+/// A label for each page of source `src` ("layer N", "embedding", "head"), and the tensors on it.
+struct PageMap {
+  std::vector<std::int32_t> group;  // per page: index into labels, -1 when no tensor
+  std::vector<std::string> labels;
+  std::vector<std::uint32_t> first;       // per page: [first[p], first[p+1]) into tensor_ids
+  std::vector<std::uint32_t> tensor_ids;  // indices into the source's tensors
+};
+PageMap page_map(const runtime::ProfileSourceInfo& src);
+
+}  // namespace lema::tools
