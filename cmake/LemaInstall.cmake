@@ -27,6 +27,11 @@ install(TARGETS ${_lema_exported} EXPORT lemaTargets
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(TARGETS lema RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+if(TARGET lema_trainer_cli)
+  # Keeps the path to the libtorch it was linked with (the wheel's), which `install` would drop.
+  set_target_properties(lema_trainer_cli PROPERTIES INSTALL_RPATH_USE_LINK_PATH TRUE)
+  install(TARGETS lema_trainer_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+endif()
 if(TARGET lema_torch_ops)
   install(TARGETS lema_torch_ops LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 endif()

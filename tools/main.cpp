@@ -1,9 +1,9 @@
-#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
 #include <exception>
 
+#include "cli_logging.hpp"
 #include "commands.hpp"
 #include "lema/io/errors.hpp"
 
@@ -15,8 +15,9 @@ int main(int argc, char** argv) {
   lema::tools::register_gen(app);
   lema::tools::register_verify(app);
   lema::tools::register_bench(app);
-  spdlog::set_pattern("%^%l%$: %v");
-  spdlog::set_level(spdlog::level::warn);
+  lema::tools::register_prof(app);
+  lema::tools::register_trainer_commands(app);
+  lema::tools::configure_cli_logging();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -33,6 +33,21 @@ class SentencePieceTokenizer final : public Tokenizer {
     }
     return {ids.begin(), ids.end()};
   }
+  std::string decode(const std::vector<std::uint32_t>& ids) const override {
+    std::vector<int> known;
+    for (const std::uint32_t id : ids) {
+      if (id < static_cast<std::uint32_t>(processor_.GetPieceSize())) {
+        known.push_back(static_cast<int>(id));
+      }
+    }
+    std::string text;
+    const auto status = processor_.Decode(known, &text);
+    if (!status.ok()) {
+      throw InvalidArgument(path_.string() + ": SentencePiece could not decode ids (" +
+                            status.ToString() + ")");
+    }
+    return text;
+  }
   std::optional<std::uint32_t> bos_id() const override { return id_or_none(processor_.bos_id()); }
   std::optional<std::uint32_t> eos_id() const override { return id_or_none(processor_.eos_id()); }
   std::int64_t vocab_size() const override { return processor_.GetPieceSize(); }
@@ -49,7 +64,9 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 }  // namespace
 
-bool have_sentencepiece() noexcept { return true; }
+bool have_sentencepiece() noexcept {
+  return true;
+}
 
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file) {
   return std::make_unique<SentencePieceTokenizer>(model_file);
@@ -57,7 +74,9 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model
 
 #else
 
-bool have_sentencepiece() noexcept { return false; }
+bool have_sentencepiece() noexcept {
+  return false;
+}
 
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file) {
   throw InvalidArgument(model_file.string() +

@@ -26,6 +26,14 @@ std::vector<std::uint32_t> ByteTokenizer::encode(std::string_view text) const {
   return ids;
 }
 
+std::string ByteTokenizer::decode(const std::vector<std::uint32_t>& ids) const {
+  std::string text;
+  for (const std::uint32_t id : ids) {
+    if (id >= byte_offset_ && id < byte_offset_ + 256) text += static_cast<char>(id - byte_offset_);
+  }
+  return text;
+}
+
 // Llama's convention (<unk>=0, <s>=1, </s>=2) when the offset leaves room for it.
 std::optional<std::uint32_t> ByteTokenizer::bos_id() const {
   return byte_offset_ >= 3 ? std::optional<std::uint32_t>(1) : std::nullopt;

@@ -23,6 +23,9 @@ class Tokenizer {
   virtual ~Tokenizer() = default;
   /// The ids of `text`, without BOS/EOS.
   virtual std::vector<std::uint32_t> encode(std::string_view text) const = 0;
+  /// The text of `ids`; control ids (BOS, EOS, ...) and ids outside the vocabulary produce
+  /// nothing. May end in an incomplete UTF-8 character when the ids do.
+  virtual std::string decode(const std::vector<std::uint32_t>& ids) const = 0;
   /// Beginning/end-of-sequence ids placed around each document; nullopt when there is none.
   virtual std::optional<std::uint32_t> bos_id() const = 0;
   virtual std::optional<std::uint32_t> eos_id() const = 0;
@@ -39,6 +42,7 @@ class ByteTokenizer final : public Tokenizer {
   /// Throws InvalidArgument when byte_offset + 256 > model_vocab (the ids would not fit).
   explicit ByteTokenizer(std::int64_t model_vocab, std::uint32_t byte_offset = kDefaultOffset);
   std::vector<std::uint32_t> encode(std::string_view text) const override;
+  std::string decode(const std::vector<std::uint32_t>& ids) const override;
   std::optional<std::uint32_t> bos_id() const override;
   std::optional<std::uint32_t> eos_id() const override;
   std::int64_t vocab_size() const override { return byte_offset_ + 256; }

@@ -1,0 +1,241 @@
+"""`lema train`, `lema merge` and `lema generate` end to end, against the reference packages:
+
+- the losses of a run under a budget smaller than the model equal, bit for bit, those of the same
+  run with every weight resident, and the adapters are byte-identical;
+- a run of 6 steps equals 3 steps + --resume to 6, bit for bit;
+- the adapter loads with peft.PeftModel.from_pretrained, and `lema merge`'s output loads with
+  transformers and gives the logits of base + adapter (peft's merge_and_unload);
+- `lema generate --json` prints the ids and text, deterministically for a seed;
+- bad input is one line naming what is wrong, exit status 1, before any training.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+LEMA = os.environ.get("LEMA_BIN", "lema")
+# 'small' is 19 MiB of f32 weights in 2 MiB pages; 6 MiB (three pages) is under a third of it,
+# and holds the largest op's inputs (the 4 MiB embedding and output matrices).
+BUDGET = "6MiB"
+CORPUS = "\n".join(
+    f"the {a} {b} sat on the {c} mat, and the {b} {a} ran to the {c} door."
+    for a in ["red", "small", "old", "quick"] for b in ["cat", "dog", "fox"]
+    for c in ["green", "blue"]) + "\n"
+
+
+def lema(*args, check=True, env=None):
+    proc = subprocess.run([LEMA, *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lema {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "model"
+    lema("gen", "--out", out, "--preset", "small", "--seed", "3")
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def train(model, corpus, out, *extra, steps=4, budget=BUDGET):
+    log = Path(out).with_suffix(".jsonl")
+    lema("train", "--model", model, "--data", corpus, "--out", out, "--steps", steps,
+         "--seq-len", 32, "--batch", 2, "--lr", "3e-3", "--seed", 5, "--budget", budget,
+         "--log-json", log, "--threads", 1, *extra)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def adapter_bytes(out):
+    return (Path(out) / "adapter_model.safetensors").read_bytes()
+
+
+def test_budget_does_not_change_a_single_bit(model, corpus, tmp_path):
+    resident = train(model, corpus, tmp_path / "unlimited", budget="unlimited")
+    paged = train(model, corpus, tmp_path / "paged")
+    assert [r["loss"] for r in paged] == [r["loss"] for r in resident]
+    assert adapter_bytes(tmp_path / "paged") == adapter_bytes(tmp_path / "unlimited")
+    budget = 6 << 20
+    assert all(0 < r["peak_resident_bytes"] <= budget for r in paged)
+    assert paged[-1]["faults"] > 0 and paged[-1]["bytes_read"] > 0
+    for key in ["step", "loss", "tokens", "step_time_s", "faults", "bytes_read",
+                "peak_resident_bytes"]:
+        assert key in paged[0]
+    assert [r["step"] for r in paged] == [1, 2, 3, 4]
+    assert all(r["tokens"] == 64 for r in paged)
+
+
+def test_loss_falls(model, corpus, tmp_path):
+    log = train(model, corpus, tmp_path / "out", steps=12)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
+
+
+def test_resume_continues_exactly(model, corpus, tmp_path):
+    full = train(model, corpus, tmp_path / "full", "--save-every", 3, steps=6)
+    # The first part ends early but keeps the whole run's schedule.
+    half = train(model, corpus, tmp_path / "split", "--save-every", 3, "--schedule-steps", 6,
+                 steps=3)
+    rest = train(model, corpus, tmp_path / "split", "--save-every", 3, "--resume", steps=6)
+    assert [r["loss"] for r in half] == [r["loss"] for r in full[:3]]
+    # The log of a resumed run is appended to.
+    assert [r["loss"] for r in rest] == [r["loss"] for r in full]
+    assert adapter_bytes(tmp_path / "split") == adapter_bytes(tmp_path / "full")
+
+
+def test_adapter_loads_in_peft_and_merge_matches(model, corpus, tmp_path):
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    train(model, corpus, tmp_path / "out", steps=3)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    lema("merge", "--model", model, "--adapter", tmp_path / "out", "--out", tmp_path / "merged",
+         "--budget", BUDGET)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    base = LlamaForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "out")
+        expected = peft_model(ids).logits
+        merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)
+        got = merged(ids).logits
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # The adapter changed the model (B is no longer zero after training).
+    with torch.no_grad():
+        plain = LlamaForCausalLM.from_pretrained(model, torch_dtype=torch.float32)(ids).logits
+    assert not torch.allclose(plain, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_json_is_deterministic(model, corpus, tmp_path):
+    train(model, corpus, tmp_path / "out", steps=2)
+    args = ["generate", "--model", model, "--adapter", tmp_path / "out", "--prompt", "the red",
+            "--max-new-tokens", 6, "--seed", 4, "--json", "--budget", BUDGET, "--ignore-eos"]
+    first = json.loads(lema(*args).stdout)
+    second = json.loads(lema(*args).stdout)
+    assert first == second
+    assert first["prompt_ids"][0] == 1 and len(first["prompt_ids"]) == 1 + len("the red")
+    assert len(first["output_ids"]) == 6 and isinstance(first["text"], str)
+    greedy = json.loads(lema("generate", "--model", model, "--prompt-ids", "1,40,41",
+                             "--max-new-tokens", 3, "--greedy", "--json", "--ignore-eos").stdout)
+    assert greedy["prompt_ids"] == [1, 40, 41] and len(greedy["output_ids"]) == 3
+
+
+def test_killed_run_leaves_a_loadable_checkpoint(model, corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([LEMA, "train", "--model", model, "--data", corpus, "--out", out,
+                             "--steps", 200, "--seq-len", 32, "--batch", 2, "--save-every", 1,
+                             "--budget", BUDGET, "--threads", 1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "latest").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = out / (out / "latest").read_text().strip()
+    assert (latest / "adapter_model.safetensors").exists()
+    from safetensors import safe_open
+    with safe_open(str(latest / "adapter_model.safetensors"), "np") as f:
+        assert len(list(f.keys())) == 4 * 7 * 2
+    # And training continues from it.
+    lema("train", "--model", model, "--data", corpus, "--out", out, "--steps",
+         json.loads((latest / "trainer_state.json").read_text())["step"] + 1, "--seq-len", 32,
+         "--batch", 2, "--budget", BUDGET, "--resume", "--threads", 1)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def expect_error(args, *needles):
+    proc = lema(*args, check=False)
+    assert proc.returncode == 1, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def base_args(model, data, out):
+    return ["train", "--model", model, "--data", data, "--out", out, "--steps", 2, "--seq-len",
+            32, "--batch", 2, "--budget", BUDGET]
+
+
+def test_unsupported_architecture(model, corpus, tmp_path):
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    for f in model.iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "config.json").unlink()
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config["model_type"] = "gpt2"
+    (other / "config.json").write_text(json.dumps(config))
+    expect_error(base_args(other, corpus, tmp_path / "out"), "gpt2")
+    assert not (tmp_path / "out" / "latest").exists()
+
+
+def test_config_disagrees_with_shapes(model, corpus, tmp_path):
+    other = tmp_path / "wrong"
+    other.mkdir()
+    for f in model.iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "config.json").unlink()
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (other / "config.json").write_text(json.dumps(config))
+    expect_error(base_args(other, corpus, tmp_path / "out"), "mlp")
+
+
+def test_empty_and_short_data(model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    expect_error(base_args(model, empty, tmp_path / "o1"), str(empty))
+    short = tmp_path / "short.bin"
+    short.write_bytes(bytes(range(20)))  # ten uint16 ids, fewer than one sequence of 32
+    expect_error(base_args(model, short, tmp_path / "o2"), str(short))
+
+
+def test_ids_beyond_the_vocabulary(model, tmp_path):
+    import numpy as np
+    ids = np.arange(100, dtype=np.uint32)
+    ids[70] = 5000  # the 'small' vocabulary has 4096 ids
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    expect_error(base_args(model, path, tmp_path / "out"), str(path), "5000")
+
+
+def test_unwritable_output(model, corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    expect_error(base_args(model, corpus, blocker / "out"), str(blocker))
+
+
+def test_resume_with_another_lora_shape(model, corpus, tmp_path):
+    train(model, corpus, tmp_path / "out", steps=1)
+    expect_error(base_args(model, corpus, tmp_path / "out") + ["--resume", "--lora-rank", 4],
+                 "rank")
+
+
+def test_budget_too_small_names_the_op(model, corpus, tmp_path):
+    proc = lema(*base_args(model, corpus, tmp_path / "out")[:-2], "--budget", "2MiB", check=False)
+    assert proc.returncode == 1
+    assert "budget" in proc.stderr
+
+
+def test_generate_rejects_ids_outside_the_vocabulary(model):
+    expect_error(["generate", "--model", model, "--prompt-ids", "1,99999", "--max-new-tokens",
+                  1], "99999")

@@ -1,0 +1,183 @@
+// `lema generate`: samples a continuation of a prompt through the same paged weights the trainer
+// uses, with or without an adapter, so a user can see what the adapter learned.
+//
+// Each new token runs the whole sequence again (no key/value cache): the point is to read the
+// model under the budget, not to serve it.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <charconv>
+#include <cstdint>
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "commands.hpp"
+#include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
+#include "lema/trainer/adapter.hpp"
+#include "lema/trainer/llama_model.hpp"
+#include "lema/trainer/tokenizer.hpp"
+#include "model_session.hpp"
+
+namespace lema::tools {
+namespace {
+
+struct GenerateArgs {
+  std::string model;
+  std::string adapter;
+  std::optional<std::string> prompt;
+  std::optional<std::string> prompt_ids;
+  std::int64_t max_new_tokens = 32;
+  bool greedy = false;
+  double top_p = 0.9;
+  double temperature = 1.0;
+  std::uint64_t seed = 0;
+  bool ignore_eos = false;
+  bool json = false;
+  PagingArgs paging;
+};
+
+std::vector<std::int64_t> parse_ids(const std::string& text, std::int64_t vocab) {
+  std::vector<std::int64_t> ids;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t comma = std::min(text.find(',', start), text.size());
+    const std::string_view item(text.data() + start, comma - start);
+    std::int64_t id = -1;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), id);
+    if (ec != std::errc() || end != item.data() + item.size() || id < 0) {
+      throw InvalidArgument(fmt::format(
+          "--prompt-ids: '{}' (item {}) is not a token id; give comma-separated non-negative "
+          "integers like 1,2,3",
+          item, ids.size()));
+    }
+    if (id >= vocab) {
+      throw InvalidArgument(fmt::format(
+          "--prompt-ids: id {} (item {}) is outside the model's vocabulary of {} ids", id,
+          ids.size(), vocab));
+    }
+    ids.push_back(id);
+    start = comma + 1;
+  }
+  return ids;
+}
+
+/// The next token from the last position's logits ([vocab] float32).
+std::int64_t sample(const at::Tensor& logits, const GenerateArgs& args, at::Generator& gen) {
+  if (args.greedy) return logits.argmax().item<std::int64_t>();
+  const at::Tensor probs = at::softmax(logits / args.temperature, -1);
+  const auto [sorted, order] = probs.sort(/*dim=*/-1, /*descending=*/true);
+  // Nucleus: keep the smallest prefix whose mass reaches top_p (always at least one token).
+  const at::Tensor before = sorted.cumsum(-1) - sorted;
+  const at::Tensor kept = sorted.masked_fill(before >= args.top_p, 0.0);
+  const at::Tensor pick = at::multinomial(kept, 1, /*replacement=*/false, gen);
+  return order.index({pick}).item<std::int64_t>();
+}
+
+void run(const GenerateArgs& args) {
+  if (args.prompt.has_value() == args.prompt_ids.has_value()) {
+    throw InvalidArgument("give exactly one of --prompt TEXT and --prompt-ids 1,2,3");
+  }
+  if (args.max_new_tokens < 1) {
+    throw InvalidArgument(
+        fmt::format("--max-new-tokens must be at least 1 (got {})", args.max_new_tokens));
+  }
+  if (!args.greedy && !(args.temperature > 0)) {
+    throw InvalidArgument(fmt::format(
+        "--temperature must be positive (got {}); use --greedy for the most likely token",
+        args.temperature));
+  }
+  if (!(args.top_p > 0 && args.top_p <= 1)) {
+    throw InvalidArgument(fmt::format("--top-p must be in (0, 1] (got {})", args.top_p));
+  }
+  ModelSession session = ModelSession::open(args.model, args.paging);
+  const trainer::ModelConfig& config = session.config();
+  const std::unique_ptr<trainer::Tokenizer> tokenizer =
+      trainer::open_tokenizer(session.dir(), config.vocab_size);
+
+  trainer::LlamaModelOptions options;
+  std::optional<trainer::LoadedAdapter> adapter;
+  if (!args.adapter.empty()) {
+    adapter = trainer::load_adapter(args.adapter);
+    options.lora = adapter->lora;
+  }
+  options.activation_checkpointing = false;
+  trainer::LlamaModel model(config, session.lookup(), options);
+  if (adapter) model.load_adapter_tensors(adapter->tensors);
+  model.set_training(false);
+
+  std::vector<std::int64_t> prompt;
+  if (args.prompt_ids) {
+    prompt = parse_ids(*args.prompt_ids, config.vocab_size);
+  } else {
+    if (auto bos = tokenizer->bos_id()) prompt.push_back(*bos);
+    for (std::uint32_t id : tokenizer->encode(*args.prompt)) prompt.push_back(id);
+  }
+  if (prompt.empty()) throw InvalidArgument("the prompt is empty; give some text or ids");
+
+  at::NoGradGuard no_grad;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(args.seed);
+  std::vector<std::int64_t> sequence = prompt;
+  std::vector<std::int64_t> output;
+  const std::optional<std::uint32_t> eos = tokenizer->eos_id();
+  for (std::int64_t i = 0; i < args.max_new_tokens; ++i) {
+    const at::Tensor ids =
+        at::tensor(sequence, at::kLong).view({1, static_cast<std::int64_t>(sequence.size())});
+    const at::Tensor logits = model.logits(ids).select(0, 0).select(0, -1);
+    const std::int64_t next = sample(logits, args, gen);
+    output.push_back(next);
+    sequence.push_back(next);
+    if (eos && !args.ignore_eos && next == static_cast<std::int64_t>(*eos)) break;
+  }
+
+  std::vector<std::uint32_t> out_u32(output.begin(), output.end());
+  const std::string text = tokenizer->decode(out_u32);
+  if (args.json) {
+    nlohmann::json j;
+    j["prompt_ids"] = prompt;
+    j["output_ids"] = output;
+    j["text"] = text;  // bytes that are not UTF-8 (a cut multi-byte character) print as U+FFFD
+    std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::vector<std::uint32_t> prompt_u32(prompt.begin(), prompt.end());
+    std::printf("%s%s\n", args.prompt ? args.prompt->c_str() : tokenizer->decode(prompt_u32).c_str(),
+                text.c_str());
+    const auto s = session.weights().stats();
+    std::fprintf(stderr, "%zu new tokens; weights: %s; faults %llu, read %s\n", output.size(),
+                 session.describe().c_str(), static_cast<unsigned long long>(s.faults),
+                 format_size(s.bytes_read).c_str());
+  }
+}
+
+}  // namespace
+
+void register_generate(CLI::App& app) {
+  auto args = std::make_shared<GenerateArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "generate", "Continue a prompt with a model (and an adapter) under a memory budget");
+  cmd->add_option("--model", args->model, "Hugging Face model directory")->required();
+  cmd->add_option("--adapter", args->adapter, "LoRA adapter directory (PEFT layout)");
+  cmd->add_option("--prompt", args->prompt, "Prompt text (tokenized with the model's tokenizer)");
+  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma-separated");
+  cmd->add_option("--max-new-tokens", args->max_new_tokens, "Tokens to generate")
+      ->capture_default_str();
+  cmd->add_flag("--greedy", args->greedy, "Always take the most likely token");
+  cmd->add_option("--top-p", args->top_p, "Nucleus sampling mass")->capture_default_str();
+  cmd->add_option("--temperature", args->temperature, "Sampling temperature")
+      ->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Sampling seed")->capture_default_str();
+  cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep going past the end-of-sequence token");
+  cmd->add_flag("--json", args->json,
+                "Print {\"prompt_ids\":[...],\"output_ids\":[...],\"text\":...}");
+  add_paging_options(*cmd, args->paging);
+  cmd->callback([args] { run(*args); });
+}
+
+}  // namespace lema::tools

@@ -1,0 +1,82 @@
+#include "model_session.hpp"
+
+#include <fmt/format.h>
+#include <CLI/CLI.hpp>
+
+#include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
+#include "lema/io/checkpoint.hpp"
+#include "lema/runtime/backend.hpp"
+#include "lema/runtime/layout.hpp"
+#include "lema/runtime/policy.hpp"
+
+namespace lema::tools {
+
+void add_paging_options(CLI::App& cmd, PagingArgs& args) {
+  cmd.add_option("--budget", args.budget,
+                 "Memory for resident weights: a size (512MiB, 2GiB) or 'unlimited'")
+      ->capture_default_str();
+  cmd.add_option("--page-size", args.page_size,
+                 "Paging unit; a power-of-two multiple of 2 MiB (default 2 MiB)");
+  cmd.add_option("--policy", args.policy, "Eviction: lru, or trace (learn the step, prefetch)")
+      ->check(CLI::IsMember({"lru", "trace"}))
+      ->capture_default_str();
+  cmd.add_option("--mode", args.mode,
+                 "guard: pages pinned around each op; fault: userfaultfd demand paging")
+      ->check(CLI::IsMember({"guard", "fault"}))
+      ->capture_default_str();
+  cmd.add_flag("--no-prefetch{false}", args.prefetch, "Load pages only when an op needs them");
+}
+
+ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingArgs& paging) {
+  ModelSession s;
+  s.dir_ = dir;
+  if (!std::filesystem::is_directory(dir)) {
+    throw InvalidArgument(fmt::format(
+        "--model {}: not a directory; give a Hugging Face model directory (config.json and "
+        "safetensors weights)",
+        dir.string()));
+  }
+  s.config_ = trainer::ModelConfig::from_hf_dir(dir);
+  const io::Checkpoint checkpoint = io::Checkpoint::open(dir);
+  trainer::check_checkpoint(s.config_, checkpoint);
+
+  torch::Options options;
+  if (!paging.page_size.empty()) options.page_size = parse_size(paging.page_size, "--page-size");
+  const std::uint64_t page =
+      runtime::resolve_page_size(options.page_size, std::uint64_t{2} << 20);
+  const runtime::Layout layout = runtime::Layout::plan(checkpoint, page);
+  s.model_bytes_ = layout.tensor_bytes();
+  if (paging.budget == "unlimited") {
+    s.unlimited_ = true;
+    s.budget_bytes_ = layout.virtual_bytes();  // every page, padding included
+  } else {
+    s.budget_bytes_ = parse_size(paging.budget, "--budget");
+  }
+  options.budget_bytes = s.budget_bytes_;
+  options.policy = *runtime::parse_policy(paging.policy);
+  options.mode = *runtime::parse_residency_mode(paging.mode);
+  options.prefetch = paging.prefetch;
+  s.weights_ = std::make_shared<torch::VirtualCheckpoint>(torch::open(dir, options));
+  return s;
+}
+
+std::string ModelSession::describe() const {
+  const auto stats = weights_->stats();
+  std::string budget = unlimited_ ? fmt::format("unlimited budget ({})", format_size(budget_bytes_))
+                                  : fmt::format("{} budget ({:.0f}% of the {} model)",
+                                                format_size(budget_bytes_),
+                                                100.0 * static_cast<double>(budget_bytes_) /
+                                                    static_cast<double>(model_bytes_),
+                                                format_size(model_bytes_));
+  std::string text =
+      fmt::format("{}, {} mode, {} pages, io {}", budget,
+                  runtime::residency_mode_name(weights_->mode()), format_size(stats.page_size),
+                  stats.io_path);
+  if (!weights_->fallback_reason().empty()) {
+    text += fmt::format(" (fault mode unavailable: {})", weights_->fallback_reason());
+  }
+  return text;
+}
+
+}  // namespace lema::tools

@@ -1,0 +1,59 @@
+// What every trainer command opens first: a Hugging Face model directory's config, checked
+// against its tensors, and its weights as paged tensors under a memory budget.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "lema/runtime/mapped_checkpoint.hpp"
+#include "lema/torch/virtual_checkpoint.hpp"
+#include "lema/trainer/model_config.hpp"
+#include "lema/trainer/weights.hpp"
+
+namespace CLI {
+class App;
+}
+
+namespace lema::tools {
+
+/// The weight-paging settings the commands share, as given on the command line.
+struct PagingArgs {
+  std::string budget = "unlimited";  // a size, or "unlimited": every page resident
+  std::string page_size;             // empty: the backend's granularity
+  std::string policy = "trace";
+  std::string mode = "guard";
+  bool prefetch = true;
+};
+
+/// Adds --budget, --page-size, --policy, --mode, --no-prefetch to `cmd`.
+void add_paging_options(CLI::App& cmd, PagingArgs& args);
+
+class ModelSession {
+ public:
+  /// Reads `dir`/config.json, checks it against the checkpoint's tensors and opens the weights
+  /// under the budget. Throws InvalidArgument / CheckpointError / BudgetError naming what is wrong.
+  static ModelSession open(const std::filesystem::path& dir, const PagingArgs& paging);
+
+  const std::filesystem::path& dir() const noexcept { return dir_; }
+  const trainer::ModelConfig& config() const noexcept { return config_; }
+  torch::VirtualCheckpoint& weights() noexcept { return *weights_; }
+  trainer::WeightLookup lookup() const { return trainer::lookup_in(*weights_); }
+  /// Bytes of the checkpoint's tensors, and the budget in effect (resolved from "unlimited").
+  std::uint64_t model_bytes() const noexcept { return model_bytes_; }
+  std::uint64_t budget_bytes() const noexcept { return budget_bytes_; }
+  bool unlimited() const noexcept { return unlimited_; }
+  /// "12.0 MiB budget (a quarter of 48.1 MiB), guard mode, trace policy, 2 MiB pages".
+  std::string describe() const;
+
+ private:
+  std::filesystem::path dir_;
+  trainer::ModelConfig config_;
+  std::shared_ptr<torch::VirtualCheckpoint> weights_;
+  std::uint64_t model_bytes_ = 0;
+  std::uint64_t budget_bytes_ = 0;
+  bool unlimited_ = false;
+};
+
+}  // namespace lema::tools

@@ -1,0 +1,261 @@
+// `lema train`: fine-tunes a LoRA adapter on a Hugging Face Llama-family checkpoint under a
+// memory budget, with each step's loss, speed, paging and memory in front of the user.
+//
+// Everything a user can get wrong is checked before the first step: the settings, the model
+// (architecture, config against tensor shapes), the data (format, length, ids against the
+// vocabulary), the output directory, and on --resume the checkpoint against this run.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <sys/resource.h>
+#include <unistd.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "commands.hpp"
+#include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
+#include "lema/trainer/llama_model.hpp"
+#include "lema/trainer/token_batches.hpp"
+#include "lema/trainer/token_source.hpp"
+#include "lema/trainer/tokenizer.hpp"
+#include "lema/trainer/train_state.hpp"
+#include "lema/trainer/trainer.hpp"
+#include "model_session.hpp"
+#include "progress_line.hpp"
+
+namespace lema::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TrainArgs {
+  std::string model;
+  std::string data;
+  std::string data_format = "auto";
+  std::string out = "lema-out";
+  bool resume = false;
+  std::string log_json;
+  std::string dtype = "f32";
+  bool no_activation_checkpointing = false;
+  int threads = 0;
+  trainer::TrainOptions train;
+  trainer::LoraSettings lora;
+  PagingArgs paging;
+};
+
+std::uint64_t peak_rss_bytes() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<std::uint64_t>(u.ru_maxrss) * 1024;
+}
+
+c10::ScalarType parse_compute_dtype(const std::string& name) {
+  if (name == "f32") return at::kFloat;
+  if (name == "bf16") return at::kBFloat16;
+  if (name == "f16") return at::kHalf;
+  throw InvalidArgument("--dtype must be f32, bf16 or f16 (got '" + name + "')");
+}
+
+/// Without --data: a fixed pseudo-random token stream from the seed, long enough that the run
+/// never repeats a sequence; for trying the trainer and measuring it, not for learning.
+trainer::TokenBatches synthetic_data(const trainer::TrainOptions& o, std::int64_t vocab) {
+  const std::uint64_t sequences =
+      static_cast<std::uint64_t>(o.steps * o.grad_accum * o.batch) + 1;
+  std::vector<std::uint32_t> tokens(sequences * static_cast<std::uint64_t>(o.seq_len));
+  std::mt19937_64 rng(o.seed ^ 0x5eed'da7aULL);
+  for (auto& t : tokens) t = static_cast<std::uint32_t>(rng() % static_cast<std::uint64_t>(vocab));
+  return trainer::TokenBatches(std::move(tokens), "synthetic tokens", o.seq_len, o.batch, o.seed);
+}
+
+void run(TrainArgs args) {
+  args.train.out_dir = args.out;
+  if (args.train.schedule_steps == 0) args.train.schedule_steps = args.train.steps;
+  trainer::validate(args.train);
+  const c10::ScalarType compute = parse_compute_dtype(args.dtype);
+  if (args.threads < 0) throw InvalidArgument("--threads must be positive (0: torch's default)");
+  if (args.threads > 0) at::set_num_threads(args.threads);
+
+  ModelSession session = ModelSession::open(args.model, args.paging);
+  const trainer::ModelConfig& config = session.config();
+
+  std::unique_ptr<trainer::Tokenizer> tokenizer;
+  std::optional<trainer::TokenBatches> data;
+  if (args.data.empty()) {
+    data.emplace(synthetic_data(args.train, config.vocab_size));
+  } else {
+    trainer::TokenSourceOptions source;
+    source.vocab_size = config.vocab_size;
+    source.format = trainer::parse_token_file_format(args.data_format);
+    tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size);
+    source.tokenizer = tokenizer.get();
+    data.emplace(trainer::load_tokens(args.data, source), args.train.seq_len, args.train.batch,
+                 args.train.seed);
+  }
+
+  trainer::LlamaModelOptions model_options;
+  model_options.lora = args.lora;
+  model_options.seed = args.train.seed;
+  model_options.compute_dtype = compute;
+  model_options.activation_checkpointing = !args.no_activation_checkpointing;
+  trainer::LlamaModel model(config, session.lookup(), model_options);
+
+  trainer::RunIdentity identity{trainer::model_fingerprint(session.dir()),
+                                fs::absolute(session.dir()).lexically_normal().string(),
+                                args.lora};
+  trainer::Trainer trainer(model, std::move(*data), args.train, identity);
+  std::optional<fs::path> resumed;
+  if (args.resume) resumed = trainer.resume();
+
+  std::ofstream log;
+  if (!args.log_json.empty()) {
+    log.open(args.log_json, resumed ? std::ios::app : std::ios::trunc);
+    if (!log) {
+      throw InvalidArgument(fmt::format("--log-json {}: cannot open it for writing ({})",
+                                        args.log_json, std::strerror(errno)));
+    }
+  }
+
+  std::fprintf(stderr,
+               "model %s: %s, %ld layers, hidden %ld, vocab %ld; %s\n"
+               "data: %s, %llu sequences of %ld tokens; LoRA rank %ld alpha %g on %zu modules, "
+               "%s compute\n",
+               args.model.c_str(), config.model_type.c_str(),
+               static_cast<long>(config.num_hidden_layers), static_cast<long>(config.hidden_size),
+               static_cast<long>(config.vocab_size), session.describe().c_str(),
+               trainer.data().source().c_str(),
+               static_cast<unsigned long long>(trainer.data().num_sequences()),
+               static_cast<long>(args.train.seq_len), static_cast<long>(args.lora.rank),
+               args.lora.alpha, args.lora.target_modules.size(), args.dtype.c_str());
+  if (resumed) {
+    std::fprintf(stderr, "resumed from %s at step %ld\n", resumed->c_str(),
+                 static_cast<long>(trainer.step_count()));
+  }
+
+  ProgressLine progress(args.train.steps, ::isatty(STDERR_FILENO) != 0);
+  const auto start = std::chrono::steady_clock::now();
+  std::int64_t tokens = 0;
+  double first_loss = 0, last_loss = 0;
+  const std::int64_t first_step = trainer.step_count() + 1;
+  runtime::PagerStats before = session.weights().stats();
+  trainer.run([&](const trainer::StepResult& r) {
+    const runtime::PagerStats s = session.weights().stats();
+    tokens += r.tokens;
+    if (r.step == first_step) first_loss = r.loss;
+    last_loss = r.loss;
+    progress.update(r, s);
+    if (log.is_open()) {
+      nlohmann::json j;
+      j["step"] = r.step;
+      j["loss"] = r.loss;
+      j["tokens"] = r.tokens;
+      j["step_time_s"] = r.step_time_s;
+      j["tokens_per_s"] = r.step_time_s > 0 ? static_cast<double>(r.tokens) / r.step_time_s : 0;
+      j["lr"] = r.lr;
+      j["grad_norm"] = r.grad_norm;
+      j["faults"] = s.faults;
+      j["hits"] = s.hits;
+      j["step_faults"] = s.faults - before.faults;
+      j["bytes_read"] = s.bytes_read;
+      j["step_bytes_read"] = s.bytes_read - before.bytes_read;
+      j["stall_s"] = static_cast<double>(s.stall_ns - before.stall_ns) * 1e-9;
+      j["resident_bytes"] = s.resident_bytes;
+      j["peak_resident_bytes"] = s.peak_resident_bytes;
+      j["budget_bytes"] = s.budget_bytes;
+      j["peak_rss_bytes"] = peak_rss_bytes();
+      log << j.dump() << '\n' << std::flush;
+    }
+    before = s;
+  });
+  progress.finish();
+
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const runtime::PagerStats s = session.weights().stats();
+  std::fprintf(stderr,
+               "done: steps %ld-%ld in %.1f s, %.0f tokens/s; loss %.4f -> %.4f\n"
+               "paging: %llu faults, %llu hits, %s read, stall %.1f s (%.0f%% of the time), "
+               "prefetches %llu used / %llu wasted, peak resident %s of a %s budget (model %s)\n"
+               "memory: peak RSS %s\n"
+               "adapter: %s (adapter_model.safetensors, adapter_config.json)\n",
+               static_cast<long>(first_step), static_cast<long>(trainer.step_count()), seconds,
+               seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0, first_loss, last_loss,
+               static_cast<unsigned long long>(s.faults), static_cast<unsigned long long>(s.hits),
+               format_size(s.bytes_read).c_str(), static_cast<double>(s.stall_ns) * 1e-9,
+               seconds > 0 ? 100.0 * static_cast<double>(s.stall_ns) * 1e-9 / seconds : 0.0,
+               static_cast<unsigned long long>(s.prefetches_used),
+               static_cast<unsigned long long>(s.prefetches_wasted),
+               format_size(s.peak_resident_bytes).c_str(), format_size(s.budget_bytes).c_str(),
+               format_size(session.model_bytes()).c_str(), format_size(peak_rss_bytes()).c_str(),
+               args.out.c_str());
+}
+
+}  // namespace
+
+void register_train(CLI::App& app) {
+  auto args = std::make_shared<TrainArgs>();
+  args->train.steps = 100;
+  args->train.seq_len = 256;
+  args->train.batch = 1;
+  CLI::App* cmd = app.add_subcommand(
+      "train", "Fine-tune a LoRA adapter on a model larger than the memory budget");
+  trainer::TrainOptions& t = args->train;
+  cmd->add_option("--model", args->model, "Hugging Face model directory (Llama or Mistral)")
+      ->required();
+  cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();
+  cmd->add_option("--seq-len", t.seq_len, "Tokens per sequence")->capture_default_str();
+  cmd->add_option("--batch", t.batch, "Sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--grad-accum", t.grad_accum, "Micro-batches per optimizer step")
+      ->capture_default_str();
+  cmd->add_option("--lr", t.lr, "Peak learning rate")->capture_default_str();
+  cmd->add_option("--warmup-steps", t.warmup_steps, "Linear warm-up steps")->capture_default_str();
+  cmd->add_option("--schedule-steps", t.schedule_steps,
+                  "Step at which the cosine decay ends (default --steps); a run trained in parts "
+                  "keeps its schedule when every part gives the same value");
+  cmd->add_option("--min-lr-ratio", t.min_lr_ratio, "Cosine decay floor, as a fraction of --lr")
+      ->capture_default_str();
+  cmd->add_option("--weight-decay", t.weight_decay, "AdamW weight decay")->capture_default_str();
+  cmd->add_option("--max-grad-norm", t.max_grad_norm, "Gradient clipping (0: off)")
+      ->capture_default_str();
+  cmd->add_option("--seed", t.seed, "Seed of the adapters, dropout and data order")
+      ->capture_default_str();
+  cmd->add_option("--save-every", t.save_every, "Checkpoint every K steps (0: only at the end)")
+      ->capture_default_str();
+  cmd->add_option("--lora-rank", args->lora.rank, "LoRA rank r")->capture_default_str();
+  cmd->add_option("--lora-alpha", args->lora.alpha, "LoRA alpha (scaling alpha / r)")
+      ->capture_default_str();
+  cmd->add_option("--lora-dropout", args->lora.dropout, "Dropout on the adapters' input")
+      ->capture_default_str();
+  cmd->add_option("--target-modules", args->lora.target_modules,
+                  "Projections to adapt (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--data", args->data,
+                  "Token ids (.bin uint16/uint32, .npy) or text (.jsonl with \"text\", plain); "
+                  "without it, synthetic tokens");
+  cmd->add_option("--data-format", args->data_format, "auto, bin, npy, jsonl or text")
+      ->capture_default_str();
+  cmd->add_option("--out", args->out, "Checkpoints and the final adapter")->capture_default_str();
+  cmd->add_flag("--resume", args->resume, "Continue from the newest checkpoint in --out");
+  cmd->add_option("--log-json", args->log_json, "Write one JSON object per step to this file");
+  cmd->add_option("--dtype", args->dtype, "Compute dtype: f32, bf16 or f16")
+      ->capture_default_str();
+  cmd->add_flag("--no-activation-checkpointing", args->no_activation_checkpointing,
+                "Keep every layer's activations instead of recomputing them in backward");
+  cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
+  add_paging_options(*cmd, args->paging);
+  cmd->callback([args] { run(*args); });
+}
+
+}  // namespace lema::tools

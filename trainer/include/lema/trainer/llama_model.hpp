@@ -1,0 +1,100 @@
+// The Llama-family decoder (Llama 1-3, Mistral) in libtorch, with LoRA adapters on chosen
+// projections. It computes what transformers' LlamaForCausalLM / MistralForCausalLM compute for
+// the same weights (RMSNorm in float32, rotary embeddings with optional llama3 scaling,
+// grouped-query causal attention, SwiGLU MLP, tied or untied output projection), and what peft's
+// LoRA layers add: y = x W^T + dropout(x) A^T B^T * alpha / r.
+//
+// The base weights are looked up once, at construction, and never given gradients: they may be
+// read-only paged tensors of a lema::torch::VirtualCheckpoint in any float dtype; they are cast
+// to the compute dtype where they are used. The adapters are float32 leaves.
+//
+// Thread safety: none; one thread drives a model (autograd may run its backward elsewhere).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lema/trainer/adapter.hpp"
+#include "lema/trainer/model_config.hpp"
+#include "lema/trainer/trainable_model.hpp"
+#include "lema/trainer/weights.hpp"
+
+namespace lema::trainer {
+
+struct LlamaModelOptions {
+  LoraSettings lora;
+  /// Seeds the adapters' initial values (A: kaiming-uniform as peft does, B: zeros). Dropout
+  /// draws from the default CPU generator (torch::manual_seed), as torch's dropout does, so a
+  /// training checkpoint that saves that generator's state resumes exactly.
+  std::uint64_t seed = 0;
+  /// Float32, BFloat16 or Half. Norms, rotary tables and the loss are computed in float32.
+  c10::ScalarType compute_dtype = c10::ScalarType::Float;
+  /// Keep only each decoder layer's input in forward and recompute the layer in backward (see
+  /// Note [Layer checkpointing]). Applies whenever gradients are recorded.
+  bool activation_checkpointing = true;
+};
+
+namespace detail {
+struct DecoderLayer;
+}
+
+class LlamaModel : public TrainableModel {
+ public:
+  /// Looks up every weight of expected_tensors(config) and checks its shape; throws
+  /// InvalidArgument naming the tensor, the expected and the actual shape, an unknown LoRA
+  /// target module, a rank below 1, a dropout outside [0, 1) or an unsupported compute dtype.
+  LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaModelOptions options = {});
+  LlamaModel(ModelConfig config, const std::map<std::string, at::Tensor>& weights,
+             LlamaModelOptions options = {});
+  ~LlamaModel() override;
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+  LlamaModel(LlamaModel&&) noexcept;
+  LlamaModel& operator=(LlamaModel&&) noexcept;
+
+  /// [batch, seq, vocab] float32 logits of `input_ids` ([batch, seq] integer). Throws
+  /// InvalidArgument for ids outside [0, vocab_size), a wrong rank, or (Mistral) a sequence
+  /// longer than the sliding window.
+  at::Tensor logits(const at::Tensor& input_ids);
+  /// Mean next-token cross entropy (labels = input_ids, as transformers computes it); seq >= 2.
+  at::Tensor loss(const at::Tensor& input_ids) override;
+
+  /// Every adapter matrix, PEFT-named, layer by layer, modules in the order q k v o gate up
+  /// down, A before B. The tensors are the parameters themselves.
+  std::vector<std::pair<std::string, at::Tensor>> named_trainable() override;
+  void set_training(bool training) override;
+  bool training() const { return training_; }
+  std::int64_t vocab_size() const override { return config_.vocab_size; }
+
+  const ModelConfig& config() const { return config_; }
+  const LlamaModelOptions& options() const { return options_; }
+  void set_activation_checkpointing(bool enabled) { options_.activation_checkpointing = enabled; }
+
+  /// Copies of the adapter values, PEFT key → float32 CPU tensor (what save_adapter writes).
+  std::map<std::string, at::Tensor> adapter_tensors() const;
+  /// Sets the adapter values (any float dtype; converted). Every key of named_trainable() must be
+  /// present with its shape and no other key: throws InvalidArgument naming the key otherwise.
+  void load_adapter_tensors(const std::map<std::string, at::Tensor>& tensors);
+
+ private:
+  at::Tensor hidden_states(const at::Tensor& input_ids);
+
+  ModelConfig config_;
+  LlamaModelOptions options_;
+  bool training_ = true;
+  at::Tensor embed_tokens_, norm_, lm_head_;
+  at::Tensor inv_freq_;  // float32 [head_dim / 2]
+  std::vector<std::unique_ptr<detail::DecoderLayer>> layers_;
+};
+
+/// The projections LoRA may target, as peft names them.
+const std::vector<std::string>& lora_target_candidates();
+
+}  // namespace lema::trainer

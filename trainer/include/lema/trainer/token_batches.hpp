@@ -1,0 +1,81 @@
+// Packing a token stream into training batches.
+//
+// The stream is cut into consecutive, non-overlapping sequences of seq_len ids (the tail that
+// does not fill a sequence is dropped); the loss of a sequence has position t predict t + 1, so
+// one sequence is exactly seq_len ids and a stream must hold at least that many. Each epoch
+// visits every sequence once in an order shuffled from (seed, epoch); a batch takes the next
+// `batch` sequences of that order and runs on into the next epoch's order when one ends, so any
+// number of sequences ≥ 1 serves any batch size.
+//
+// The shuffle is the same on every machine and standard library: std::mt19937_64 (whose output
+// the standard fixes) drives a Fisher-Yates shuffle with its own unbiased bounded draw, not
+// std::shuffle or std::uniform_int_distribution (implementation-defined).
+//
+// The position (epoch, index into the epoch's order) is all the state there is: restoring it
+// continues the exact batch sequence. Not thread-safe; one owner.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lema/trainer/token_source.hpp"
+
+namespace lema::trainer {
+
+struct DataPosition {
+  std::uint64_t epoch = 0;
+  std::uint64_t index = 0;  // sequences of this epoch's order already served
+  bool operator==(const DataPosition&) const = default;
+};
+
+/// One batch: `rows` sequences of `cols` ids, row-major, as int64 for torch.
+struct TokenBatch {
+  std::vector<std::int64_t> ids;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+};
+
+/// The order in which epoch `epoch` visits n sequences (a permutation of 0..n-1).
+std::vector<std::uint64_t> shuffled_order(std::uint64_t n, std::uint64_t seed, std::uint64_t epoch);
+
+class TokenBatches {
+ public:
+  /// Throws InvalidArgument naming `source` when the stream holds fewer than seq_len ids, or
+  /// when seq_len < 2 or batch < 1.
+  TokenBatches(std::vector<std::uint32_t> tokens, std::string source, std::int64_t seq_len,
+               std::int64_t batch, std::uint64_t seed);
+  TokenBatches(TokenStream stream, std::int64_t seq_len, std::int64_t batch, std::uint64_t seed);
+
+  /// The next `batch` sequences.
+  TokenBatch next();
+
+  DataPosition position() const noexcept { return position_; }
+  /// Continues from `position` (from position() of a loader over the same data and settings).
+  /// Throws InvalidArgument when the index is beyond this data's sequence count.
+  void restore(DataPosition position);
+
+  std::uint64_t num_sequences() const noexcept { return num_sequences_; }
+  std::uint64_t num_tokens() const noexcept { return tokens_.size(); }
+  std::int64_t seq_len() const noexcept { return seq_len_; }
+  std::int64_t batch() const noexcept { return batch_; }
+  std::uint64_t seed() const noexcept { return seed_; }
+  const std::string& source() const noexcept { return source_; }
+  /// FNV-1a 64 over the ids: tells a resumed run whether its data is the data it started with.
+  std::uint64_t fingerprint() const noexcept { return fingerprint_; }
+
+ private:
+  void enter_epoch(std::uint64_t epoch);
+
+  std::vector<std::uint32_t> tokens_;
+  std::string source_;
+  std::int64_t seq_len_;
+  std::int64_t batch_;
+  std::uint64_t seed_;
+  std::uint64_t num_sequences_ = 0;
+  std::uint64_t fingerprint_ = 0;
+  DataPosition position_;
+  std::vector<std::uint64_t> order_;  // the current epoch's
+};
+
+}  // namespace lema::trainer

@@ -1,0 +1,100 @@
+// The training loop: AdamW on a TrainableModel's adapters, fed by TokenBatches.
+//
+// One step = grad_accum micro-batches of `batch` sequences, each loss scaled by 1/grad_accum
+// and back-propagated; then the gradients' total L2 norm is clipped to max_grad_norm, the
+// learning rate set from the schedule (train_options.hpp) and AdamW steps. The same seed, data
+// and model give the same losses and adapters bit for bit, also across a checkpoint and resume
+// (train_state.hpp) when the resumed run keeps the settings the checkpoint records.
+//
+// Seeding: the constructor seeds torch's global generators with options.seed (dropout draws
+// from them); a resume restores their state from the checkpoint. Not thread-safe.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "lema/trainer/adapter.hpp"
+#include "lema/trainer/token_batches.hpp"
+#include "lema/trainer/train_options.hpp"
+#include "lema/trainer/trainable_model.hpp"
+
+namespace lema::trainer {
+
+/// Who the adapters belong to: written into adapter_config.json and checked on resume.
+struct RunIdentity {
+  std::string model_fingerprint;        // model_fingerprint(model_dir) (train_state.hpp)
+  std::string base_model_name_or_path;  // adapter_config.json's
+  LoraSettings lora;
+};
+
+struct StepResult {
+  std::int64_t step = 0;    // 1-based number of the step just taken
+  double loss = 0;          // mean of the micro-batches' losses
+  std::int64_t tokens = 0;  // tokens fed this step: grad_accum · batch · seq_len
+  double step_time_s = 0;   // wall time of the step, forward to optimizer update
+  double lr = 0;            // the learning rate this step used
+  double grad_norm = 0;     // total L2 norm of the gradients before clipping
+};
+
+class Trainer {
+ public:
+  /// Validates `options` (and that `data` was packed with options.batch and seq_len), creates
+  /// options.out_dir and proves it writable, and seeds torch's generators. Throws
+  /// InvalidArgument naming the setting. `model` must outlive the Trainer.
+  Trainer(TrainableModel& model, TokenBatches data, TrainOptions options, RunIdentity identity);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  /// Takes one optimizer step.
+  StepResult step();
+
+  /// Steps until options.steps, writing a checkpoint every save_every steps and the final
+  /// adapter at the end (save_final); `on_step` sees each result.
+  void run(const std::function<void(const StepResult&)>& on_step = {});
+
+  /// Steps taken so far (restored by resume).
+  std::int64_t step_count() const noexcept { return step_; }
+  bool finished() const noexcept { return step_ >= options_.steps; }
+  /// True when a checkpoint is due after the step just taken (save_every).
+  bool checkpoint_due() const noexcept;
+
+  /// Writes out_dir/checkpoint-<step> (adapter, optimizer, trainer_state.json) atomically and
+  /// points out_dir/latest at it. Returns its path.
+  std::filesystem::path save_checkpoint();
+  /// The checkpoint of the current step (unless it exists) and the adapter files in out_dir.
+  void save_final();
+
+  /// Continues from the newest complete checkpoint in out_dir: checks that it matches this run
+  /// (check_resumable: model, LoRA shape, seq_len, batch, grad_accum, seed, data) and restores
+  /// the adapters, AdamW's state, torch's RNG, the data position and the step count. Returns
+  /// the checkpoint used; nullopt (nothing changed) when out_dir holds none. Throws
+  /// InvalidArgument (one line, naming the setting and both values) on a mismatch.
+  std::optional<std::filesystem::path> resume();
+  /// The same from a given checkpoint directory.
+  void resume_from(const std::filesystem::path& checkpoint_dir);
+
+  const TrainOptions& options() const noexcept { return options_; }
+  const TokenBatches& data() const noexcept { return data_; }
+  TrainableModel& model() noexcept { return model_; }
+
+ private:
+  struct Optimizer;
+
+  TrainableModel& model_;
+  TokenBatches data_;
+  TrainOptions options_;
+  RunIdentity identity_;
+  std::vector<std::pair<std::string, at::Tensor>> params_;
+  std::unique_ptr<Optimizer> optimizer_;
+  std::int64_t step_ = 0;
+  std::int64_t last_saved_step_ = -1;
+};
+
+}  // namespace lema::trainer

@@ -1,0 +1,266 @@
+#include "lema/trainer/llama_model.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <c10/core/GradMode.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "decoder_layer.hpp"
+#include "layer_checkpoint.hpp"
+#include "lema/base/error.hpp"
+#include "rotary.hpp"
+
+namespace lema::trainer {
+
+const std::vector<std::string>& lora_target_candidates() {
+  static const std::vector<std::string> names = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  return names;
+}
+
+namespace {
+
+void check_options(const LlamaModelOptions& o) {
+  const LoraSettings& lora = o.lora;
+  if (lora.rank < 1) {
+    throw InvalidArgument(fmt::format("LoRA rank must be at least 1 (got {})", lora.rank));
+  }
+  if (!(lora.dropout >= 0 && lora.dropout < 1)) {
+    throw InvalidArgument(fmt::format("LoRA dropout must be in [0, 1) (got {})", lora.dropout));
+  }
+  if (lora.target_modules.empty()) {
+    throw InvalidArgument("LoRA needs at least one target module (e.g. q_proj,v_proj)");
+  }
+  const auto& known = lora_target_candidates();
+  for (const std::string& m : lora.target_modules) {
+    if (std::find(known.begin(), known.end(), m) == known.end()) {
+      throw InvalidArgument(
+          fmt::format("LoRA target module '{}' is not a projection of a Llama "
+                      "layer; choose among {}",
+                      m, fmt::join(known, ",")));
+    }
+  }
+  const auto d = o.compute_dtype;
+  if (d != at::kFloat && d != at::kBFloat16 && d != at::kHalf) {
+    throw InvalidArgument(
+        fmt::format("compute dtype {} is not supported; use float32, bfloat16 "
+                    "or float16",
+                    c10::toString(d)));
+  }
+}
+
+// The weight, checked against the shape the config implies.
+at::Tensor take(const WeightLookup& weights, const ExpectedTensor& want, const ModelConfig& c) {
+  at::Tensor t = weights(want.name);
+  if (!t.defined()) {
+    throw InvalidArgument(fmt::format("tensor '{}' {} that {} implies is missing", want.name,
+                                      shape_string(want.shape), c.source.string()));
+  }
+  if (t.sizes().vec() != want.shape) {
+    throw InvalidArgument(fmt::format(
+        "tensor '{}' has shape {} but {} implies {}; the weights "
+        "and the config disagree",
+        want.name, shape_string(t.sizes().vec()), c.source.string(), shape_string(want.shape)));
+  }
+  if (!at::isFloatingType(t.scalar_type())) {
+    throw InvalidArgument(fmt::format("tensor '{}' has dtype {}; weights must be floating point",
+                                      want.name, c10::toString(t.scalar_type())));
+  }
+  return t;
+}
+
+// peft's default init of A: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+at::Tensor init_lora_a(std::int64_t rank, std::int64_t in, at::Generator& g) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  return at::empty({rank, in}, at::kFloat).uniform_(-bound, bound, g);
+}
+
+std::string peft_key(const detail::LoraLinear& p, const char* matrix) {
+  return fmt::format("base_model.model.{}.{}.weight", p.module_path, matrix);
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(ModelConfig config, const std::map<std::string, at::Tensor>& weights,
+                       LlamaModelOptions options)
+    : LlamaModel(std::move(config), lookup_in(weights), std::move(options)) {}
+
+LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaModelOptions options)
+    : config_(std::move(config)), options_(std::move(options)) {
+  check_options(options_);
+  const ModelConfig& c = config_;
+  const std::vector<ExpectedTensor> expected = expected_tensors(c);
+  std::map<std::string, at::Tensor> w;
+  for (const ExpectedTensor& e : expected) w[e.name] = take(weights, e, c);
+
+  embed_tokens_ = w.at("model.embed_tokens.weight");
+  norm_ = w.at("model.norm.weight");
+  lm_head_ = c.tie_word_embeddings ? embed_tokens_ : w.at("lm_head.weight");
+  inv_freq_ = detail::rope_inv_freq(c);
+
+  at::Generator init = at::make_generator<at::CPUGeneratorImpl>(options_.seed);
+  const auto& targets = options_.lora.target_modules;
+  const auto is_target = [&](const std::string& name) {
+    return std::find(targets.begin(), targets.end(), name) != targets.end();
+  };
+  const std::int64_t r = options_.lora.rank;
+  for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    auto layer = std::make_unique<detail::DecoderLayer>();
+    const std::string prefix = fmt::format("model.layers.{}.", i);
+    layer->index = i;
+    layer->heads = c.num_attention_heads;
+    layer->kv_heads = c.num_key_value_heads;
+    layer->head_dim = c.head_dim;
+    layer->rms_norm_eps = c.rms_norm_eps;
+    layer->input_layernorm = w.at(prefix + "input_layernorm.weight");
+    layer->post_attention_layernorm = w.at(prefix + "post_attention_layernorm.weight");
+    const std::pair<detail::LoraLinear*, std::string> projections[] = {
+        {&layer->q_proj, "self_attn.q_proj"}, {&layer->k_proj, "self_attn.k_proj"},
+        {&layer->v_proj, "self_attn.v_proj"}, {&layer->o_proj, "self_attn.o_proj"},
+        {&layer->gate_proj, "mlp.gate_proj"}, {&layer->up_proj, "mlp.up_proj"},
+        {&layer->down_proj, "mlp.down_proj"}};
+    for (const auto& [p, path] : projections) {
+      p->module_path = prefix + path;
+      p->weight = w.at(p->module_path + ".weight");
+      const std::string leaf = path.substr(path.find('.') + 1);
+      if (!is_target(leaf)) continue;
+      p->lora_a = init_lora_a(r, p->weight.size(1), init).requires_grad_(true);
+      p->lora_b = at::zeros({p->weight.size(0), r}, at::kFloat).requires_grad_(true);
+      p->scaling = options_.lora.scaling();
+      p->dropout = options_.lora.dropout;
+    }
+    layers_.push_back(std::move(layer));
+  }
+}
+
+LlamaModel::~LlamaModel() = default;
+LlamaModel::LlamaModel(LlamaModel&&) noexcept = default;
+LlamaModel& LlamaModel::operator=(LlamaModel&&) noexcept = default;
+
+at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids) {
+  if (input_ids.dim() != 2 || !at::isIntegralType(input_ids.scalar_type(), /*includeBool=*/false)) {
+    throw InvalidArgument(
+        fmt::format("input ids must be a [batch, seq] integer tensor (got {} "
+                    "of shape {})",
+                    c10::toString(input_ids.scalar_type()), shape_string(input_ids.sizes().vec())));
+  }
+  const std::int64_t seq = input_ids.size(1);
+  if (input_ids.numel() == 0) throw InvalidArgument("input ids are empty");
+  const std::int64_t lowest = input_ids.min().item<std::int64_t>();
+  const std::int64_t highest = input_ids.max().item<std::int64_t>();
+  if (lowest < 0 || highest >= config_.vocab_size) {
+    throw InvalidArgument(fmt::format("token id {} is outside the vocabulary of {} tokens ({})",
+                                      lowest < 0 ? lowest : highest, config_.vocab_size,
+                                      config_.source.string()));
+  }
+  if (config_.sliding_window && seq > *config_.sliding_window) {
+    throw InvalidArgument(fmt::format(
+        "sequence length {} exceeds the sliding window {} of {}; "
+        "sliding-window attention is not implemented, use a "
+        "sequence length of at most {}",
+        seq, *config_.sliding_window, config_.source.string(), *config_.sliding_window));
+  }
+
+  at::Tensor h = at::embedding(embed_tokens_, input_ids.to(at::kLong)).to(options_.compute_dtype);
+  const detail::ForwardContext ctx{
+      options_.compute_dtype, training_,
+      training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator()};
+  const detail::RopeTables rope = detail::rope_tables(inv_freq_, seq, ctx.dtype);
+  const bool recompute = options_.activation_checkpointing && at::GradMode::is_enabled();
+  for (const auto& layer_ptr : layers_) {
+    if (!recompute) {
+      h = layer_ptr->forward(h, rope, ctx);
+      continue;
+    }
+    // The closure holds copies of the layer's tensor and generator handles, so backward does
+    // not depend on this model object.
+    detail::LayerFunction run = [layer = *layer_ptr, rope, ctx](const at::Tensor& x) {
+      return layer.forward(x, rope, ctx);
+    };
+    h = detail::checkpointed(std::move(run), h, layer_ptr->adapter_parameters(),
+                             ctx.dropout_generator);
+  }
+  return detail::rms_norm(h, norm_, config_.rms_norm_eps);
+}
+
+at::Tensor LlamaModel::logits(const at::Tensor& input_ids) {
+  const at::Tensor h = hidden_states(input_ids);
+  return at::linear(h, lm_head_.to(options_.compute_dtype)).to(at::kFloat);
+}
+
+at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
+  if (input_ids.dim() == 2 && input_ids.size(1) < 2) {
+    throw InvalidArgument(
+        fmt::format("the loss needs sequences of at least 2 tokens (got {})", input_ids.size(1)));
+  }
+  const at::Tensor all = logits(input_ids);
+  const std::int64_t seq = all.size(1);
+  const at::Tensor predicted = all.narrow(1, 0, seq - 1).reshape({-1, config_.vocab_size});
+  const at::Tensor targets = input_ids.narrow(1, 1, seq - 1).reshape({-1}).to(at::kLong);
+  return at::cross_entropy_loss(predicted, targets);
+}
+
+std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_trainable() {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& layer : layers_) {
+    for (const detail::LoraLinear* p : std::as_const(*layer).projections()) {
+      if (!p->adapted()) continue;
+      out.emplace_back(peft_key(*p, "lora_A"), p->lora_a);
+      out.emplace_back(peft_key(*p, "lora_B"), p->lora_b);
+    }
+  }
+  return out;
+}
+
+void LlamaModel::set_training(bool training) {
+  training_ = training;
+}
+
+std::map<std::string, at::Tensor> LlamaModel::adapter_tensors() const {
+  std::map<std::string, at::Tensor> out;
+  for (auto& [name, t] : const_cast<LlamaModel*>(this)->named_trainable()) {
+    out.emplace(name, t.detach().to(at::kCPU).clone());
+  }
+  return out;
+}
+
+void LlamaModel::load_adapter_tensors(const std::map<std::string, at::Tensor>& tensors) {
+  const auto params = named_trainable();
+  std::set<std::string> expected;
+  for (const auto& [name, param] : params) {
+    expected.insert(name);
+    const auto it = tensors.find(name);
+    if (it == tensors.end()) {
+      throw InvalidArgument(
+          fmt::format("the adapter has no tensor '{}' {} (LoRA rank {}, "
+                      "targets {})",
+                      name, shape_string(param.sizes().vec()), options_.lora.rank,
+                      fmt::join(options_.lora.target_modules, ",")));
+    }
+    if (it->second.sizes() != param.sizes()) {
+      throw InvalidArgument(
+          fmt::format("adapter tensor '{}' has shape {} but this model's LoRA "
+                      "(rank {}) needs {}",
+                      name, shape_string(it->second.sizes().vec()), options_.lora.rank,
+                      shape_string(param.sizes().vec())));
+    }
+  }
+  for (const auto& [name, t] : tensors) {
+    if (!expected.count(name)) {
+      throw InvalidArgument(
+          fmt::format("adapter tensor '{}' has no place in this model (LoRA "
+                      "targets {})",
+                      name, fmt::join(options_.lora.target_modules, ",")));
+    }
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [name, param] : params) param.copy_(tensors.at(name));
+}
+
+}  // namespace lema::trainer

@@ -1,0 +1,36 @@
+// A frozen projection with an optional LoRA adapter, computed as peft's lora.Linear computes it:
+// y = x W^T + (dropout(x) A^T) B^T * scaling.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+namespace lema::trainer::detail {
+
+/// What a forward pass needs besides the weights.
+struct ForwardContext {
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  bool training = false;
+  at::Generator dropout_generator;  // shared handle; undefined: no dropout
+};
+
+struct LoraLinear {
+  std::string module_path;  // "model.layers.0.self_attn.q_proj"
+  at::Tensor weight;        // frozen [out, in], any float dtype
+  at::Tensor lora_a;        // float32 [r, in] leaf; undefined when not adapted
+  at::Tensor lora_b;        // float32 [out, r] leaf
+  double scaling = 1.0;
+  double dropout = 0.0;
+
+  bool adapted() const { return lora_a.defined(); }
+  at::Tensor forward(const at::Tensor& x, const ForwardContext& ctx) const;
+};
+
+/// Inverted dropout with `generator`: x * mask / (1 - p), mask ~ Bernoulli(1 - p).
+at::Tensor dropout(const at::Tensor& x, double p, const at::Generator& generator);
+
+}  // namespace lema::trainer::detail

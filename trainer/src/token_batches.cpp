@@ -1,0 +1,114 @@
+#include "lema/trainer/token_batches.hpp"
+
+#include <random>
+#include <utility>
+
+#include "lema/base/error.hpp"
+
+namespace lema::trainer {
+
+namespace {
+
+std::uint64_t splitmix64(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [0, n) for n ≥ 1: accept draws in the top multiple-of-n part of [0, 2^64).
+std::uint64_t bounded_draw(std::mt19937_64& gen, std::uint64_t n) {
+  const std::uint64_t reject_below = (0 - n) % n;  // 2^64 mod n
+  for (;;) {
+    const std::uint64_t r = gen();
+    if (r >= reject_below) return r % n;
+  }
+}
+
+std::uint64_t fnv1a(const std::vector<std::uint32_t>& ids) {
+  std::uint64_t h = 0xCBF29CE484222325ULL;
+  for (const std::uint32_t id : ids) {
+    for (int b = 0; b < 4; ++b) {
+      h ^= (id >> (8 * b)) & 0xFF;
+      h *= 0x100000001B3ULL;
+    }
+  }
+  return h;
+}
+
+}  // namespace
+
+std::vector<std::uint64_t> shuffled_order(std::uint64_t n, std::uint64_t seed,
+                                          std::uint64_t epoch) {
+  std::vector<std::uint64_t> order(n);
+  for (std::uint64_t i = 0; i < n; ++i) order[i] = i;
+  std::mt19937_64 gen(splitmix64(seed ^ splitmix64(epoch)));
+  for (std::uint64_t i = n; i > 1; --i) {
+    std::swap(order[i - 1], order[bounded_draw(gen, i)]);
+  }
+  return order;
+}
+
+TokenBatches::TokenBatches(TokenStream stream, std::int64_t seq_len, std::int64_t batch,
+                           std::uint64_t seed)
+    : TokenBatches(std::move(stream.tokens), stream.path.string(), seq_len, batch, seed) {}
+
+TokenBatches::TokenBatches(std::vector<std::uint32_t> tokens, std::string source,
+                           std::int64_t seq_len, std::int64_t batch, std::uint64_t seed)
+    : tokens_(std::move(tokens)),
+      source_(std::move(source)),
+      seq_len_(seq_len),
+      batch_(batch),
+      seed_(seed) {
+  if (seq_len_ < 2) {
+    throw InvalidArgument("--seq-len " + std::to_string(seq_len_) +
+                          " is too short: a sequence needs at least 2 tokens to predict one");
+  }
+  if (batch_ < 1) {
+    throw InvalidArgument("--batch " + std::to_string(batch_) + " must be at least 1");
+  }
+  if (tokens_.empty()) {
+    throw InvalidArgument("data file " + source_ + " holds no tokens; give a file with tokens");
+  }
+  if (tokens_.size() < static_cast<std::uint64_t>(seq_len_)) {
+    throw InvalidArgument("data file " + source_ + " holds " + std::to_string(tokens_.size()) +
+                          " tokens, fewer than one sequence of --seq-len " +
+                          std::to_string(seq_len_) + "; lower --seq-len or give more data");
+  }
+  num_sequences_ = tokens_.size() / static_cast<std::uint64_t>(seq_len_);
+  fingerprint_ = fnv1a(tokens_);
+  enter_epoch(0);
+}
+
+void TokenBatches::enter_epoch(std::uint64_t epoch) {
+  order_ = shuffled_order(num_sequences_, seed_, epoch);
+  position_ = {epoch, 0};
+}
+
+TokenBatch TokenBatches::next() {
+  TokenBatch out;
+  out.rows = batch_;
+  out.cols = seq_len_;
+  out.ids.reserve(static_cast<std::size_t>(batch_ * seq_len_));
+  for (std::int64_t r = 0; r < batch_; ++r) {
+    if (position_.index == num_sequences_) enter_epoch(position_.epoch + 1);
+    const std::uint64_t first = order_[position_.index++] * static_cast<std::uint64_t>(seq_len_);
+    out.ids.insert(out.ids.end(), tokens_.begin() + static_cast<std::ptrdiff_t>(first),
+                   tokens_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
+  }
+  return out;
+}
+
+void TokenBatches::restore(DataPosition position) {
+  if (position.index > num_sequences_) {
+    throw InvalidArgument("data position " + std::to_string(position.index) + " of epoch " +
+                          std::to_string(position.epoch) + " is beyond the " +
+                          std::to_string(num_sequences_) + " sequences of " + source_ +
+                          "; the data or --seq-len changed since the checkpoint");
+  }
+  if (position.epoch != position_.epoch)
+    order_ = shuffled_order(num_sequences_, seed_, position.epoch);
+  position_ = position;
+}
+
+}  // namespace lema::trainer

@@ -1,0 +1,328 @@
+#include "lema/trainer/trainer.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <spdlog/fmt/fmt.h>
+#include <torch/cuda.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+#include <torch/utils.h>
+
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <mutex>
+
+#include "lema/base/error.hpp"
+#include "lema/trainer/train_state.hpp"
+
+namespace lema::trainer {
+
+struct Trainer::Optimizer {
+  torch::optim::AdamW adamw;
+};
+
+namespace {
+
+std::string to_hex(const at::Tensor& bytes) {
+  const at::Tensor b = bytes.contiguous();
+  const auto* p = b.const_data_ptr<std::uint8_t>();
+  std::string out;
+  out.reserve(static_cast<std::size_t>(b.numel()) * 2);
+  for (std::int64_t i = 0; i < b.numel(); ++i) out += fmt::format("{:02x}", p[i]);
+  return out;
+}
+
+at::Tensor from_hex(const std::string& hex, const std::string& what) {
+  if (hex.size() % 2 != 0) throw InvalidArgument(what + ": odd-length hex string");
+  at::Tensor out = at::empty({static_cast<std::int64_t>(hex.size() / 2)}, at::kByte);
+  auto* p = out.data_ptr<std::uint8_t>();
+  auto nibble = [&](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    throw InvalidArgument(what + ": '" + std::string(1, c) + "' is not a hex digit");
+  };
+  for (std::size_t i = 0; i < hex.size(); i += 2) {
+    p[i / 2] = static_cast<std::uint8_t>(nibble(hex[i]) * 16 + nibble(hex[i + 1]));
+  }
+  return out;
+}
+
+std::string generator_state(at::Generator gen) {
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return to_hex(gen.get_state());
+}
+
+void set_generator_state(at::Generator gen, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+std::optional<at::Generator> cuda_generator() {
+  if (!torch::cuda::is_available()) return std::nullopt;
+  return at::globalContext().defaultGenerator(at::kCUDA);
+}
+
+std::string shape_text(at::IntArrayRef sizes) {
+  std::string out;
+  for (const auto d : sizes) out += (out.empty() ? "" : "x") + std::to_string(d);
+  return "[" + out + "]";
+}
+
+double total_grad_norm(const std::vector<at::Tensor>& params) {
+  std::vector<at::Tensor> norms;
+  for (const auto& p : params) {
+    if (p.grad().defined()) norms.push_back(p.grad().norm(2));
+  }
+  if (norms.empty()) return 0.0;
+  return at::stack(norms).norm(2).item<double>();
+}
+
+}  // namespace
+
+Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
+                 RunIdentity identity)
+    : model_(model),
+      data_(std::move(data)),
+      options_(std::move(options)),
+      identity_(std::move(identity)) {
+  validate(options_);
+  if (data_.batch() != options_.batch || data_.seq_len() != options_.seq_len ||
+      data_.seed() != options_.seed) {
+    throw InvalidArgument(fmt::format(
+        "the data was packed with batch {}, seq-len {}, seed {} but the run has --batch {}, "
+        "--seq-len {}, --seed {}; pack it with the run's settings",
+        data_.batch(), data_.seq_len(), data_.seed(), options_.batch, options_.seq_len,
+        options_.seed));
+  }
+  params_ = model_.named_trainable();
+  if (params_.empty()) {
+    throw InvalidArgument("the model has no trainable parameters; check the LoRA target modules");
+  }
+  std::vector<at::Tensor> tensors;
+  for (const auto& [name, p] : params_) {
+    LEMA_EXPECTS(p.requires_grad(), "trainable parameter '" + name + "' does not require grad");
+    tensors.push_back(p);
+  }
+  prepare_output_dir(options_.out_dir);
+  torch::manual_seed(options_.seed);
+  auto adamw_options = torch::optim::AdamWOptions(options_.lr)
+                           .betas({options_.beta1, options_.beta2})
+                           .eps(options_.eps)
+                           .weight_decay(options_.weight_decay);
+  optimizer_ = std::make_unique<Optimizer>(Optimizer{torch::optim::AdamW(tensors, adamw_options)});
+}
+
+Trainer::~Trainer() = default;
+
+StepResult Trainer::step() {
+  const auto start = std::chrono::steady_clock::now();
+  auto& adamw = optimizer_->adamw;
+  model_.set_training(true);
+  adamw.zero_grad();
+
+  const at::Device device = params_.front().second.device();
+  double loss_sum = 0;
+  for (std::int64_t micro = 0; micro < options_.grad_accum; ++micro) {
+    TokenBatch batch = data_.next();
+    const at::Tensor ids =
+        at::from_blob(batch.ids.data(), {batch.rows, batch.cols}, at::kLong)
+            .to(at::TensorOptions().device(device), /*non_blocking=*/false, /*copy=*/true);
+    const at::Tensor loss = model_.loss(ids);
+    LEMA_EXPECTS(loss.numel() == 1, "the model's loss must be a scalar");
+    (loss / static_cast<double>(options_.grad_accum)).backward();
+    loss_sum += loss.item<double>();
+  }
+
+  std::vector<at::Tensor> tensors;
+  for (const auto& [name, p] : params_) tensors.push_back(p);
+  const double grad_norm = options_.max_grad_norm > 0
+                               ? torch::nn::utils::clip_grad_norm_(tensors, options_.max_grad_norm)
+                               : total_grad_norm(tensors);
+  const double loss = loss_sum / static_cast<double>(options_.grad_accum);
+  if (!std::isfinite(grad_norm)) {
+    throw Error(fmt::format(
+        "step {}: the gradients are not finite (loss {}, gradient norm {}); the adapters were "
+        "left unchanged; lower --lr or compute in float32",
+        step_ + 1, loss, grad_norm));
+  }
+
+  const double lr = scheduled_lr(options_, step_ + 1);
+  for (auto& group : adamw.param_groups()) group.options().set_lr(lr);
+  adamw.step();
+  ++step_;
+
+  StepResult result;
+  result.step = step_;
+  result.loss = loss;
+  result.tokens = options_.grad_accum * options_.batch * options_.seq_len;
+  result.step_time_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.lr = lr;
+  result.grad_norm = grad_norm;
+  return result;
+}
+
+bool Trainer::checkpoint_due() const noexcept {
+  return options_.save_every > 0 && step_ > 0 && step_ % options_.save_every == 0;
+}
+
+void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
+  while (!finished()) {
+    const StepResult result = step();
+    if (on_step) on_step(result);
+    if (checkpoint_due() && !finished()) save_checkpoint();
+  }
+  save_final();
+}
+
+namespace {
+
+TrainState identity_state(const TrainOptions& options, const RunIdentity& identity,
+                          const TokenBatches& data) {
+  TrainState s;
+  s.model_fingerprint = identity.model_fingerprint;
+  s.base_model_name_or_path = identity.base_model_name_or_path;
+  s.lora = identity.lora;
+  s.seq_len = options.seq_len;
+  s.batch = options.batch;
+  s.grad_accum = options.grad_accum;
+  s.seed = options.seed;
+  s.data_fingerprint = fmt::format("{:016x}", data.fingerprint());
+  s.data_sequences = data.num_sequences();
+  s.lr = options.lr;
+  s.steps = options.steps;
+  return s;
+}
+
+}  // namespace
+
+std::filesystem::path Trainer::save_checkpoint() {
+  TrainState state = identity_state(options_, identity_, data_);
+  state.step = step_;
+  state.data = data_.position();
+  state.rng_cpu = generator_state(at::detail::getDefaultCPUGenerator());
+  if (const auto cuda = cuda_generator()) state.rng_cuda = generator_state(*cuda);
+
+  OptimizerState optimizer;
+  auto& adamw_state = optimizer_->adamw.state();
+  for (const auto& [name, p] : params_) {
+    const auto it = adamw_state.find(p.unsafeGetTensorImpl());
+    if (it == adamw_state.end()) continue;  // no step has touched it yet
+    const auto& s = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    optimizer.step = s.step();
+    optimizer.exp_avg.emplace_back(name, s.exp_avg());
+    optimizer.exp_avg_sq.emplace_back(name, s.exp_avg_sq());
+  }
+
+  std::vector<std::pair<std::string, at::Tensor>> adapters;
+  for (const auto& [name, p] : params_) adapters.emplace_back(name, p.detach());
+
+  const auto dir = publish_checkpoint(
+      options_.out_dir, checkpoint_name(step_), [&](const std::filesystem::path& temp) {
+        save_adapter(temp, adapters, identity_.lora, identity_.base_model_name_or_path);
+        write_optimizer_state(temp / kOptimizerStateFile, optimizer);
+        write_train_state(temp / kTrainStateFile, state);
+      });
+  last_saved_step_ = step_;
+  return dir;
+}
+
+void Trainer::save_final() {
+  if (last_saved_step_ != step_) save_checkpoint();
+  std::vector<std::pair<std::string, at::Tensor>> adapters;
+  for (const auto& [name, p] : params_) adapters.emplace_back(name, p.detach());
+  save_adapter(options_.out_dir, adapters, identity_.lora, identity_.base_model_name_or_path);
+}
+
+std::optional<std::filesystem::path> Trainer::resume() {
+  auto latest = find_latest_checkpoint(options_.out_dir);
+  if (latest) resume_from(*latest);
+  return latest;
+}
+
+void Trainer::resume_from(const std::filesystem::path& dir) {
+  // Everything is read and checked before anything changes, so a failed resume leaves the
+  // trainer as it was.
+  const TrainState saved = read_train_state(dir / kTrainStateFile);
+  check_resumable(saved, identity_state(options_, identity_, data_), dir);
+  if (saved.step > options_.steps) {
+    throw InvalidArgument(fmt::format(
+        "cannot resume from {}: it is at step {}, beyond this run's --steps {}; raise --steps",
+        dir.string(), saved.step, options_.steps));
+  }
+  const LoadedAdapter adapter = load_adapter(dir);
+  const OptimizerState optimizer = read_optimizer_state(dir / kOptimizerStateFile);
+  const at::Tensor rng_cpu = from_hex(saved.rng_cpu, (dir / kTrainStateFile).string());
+  const auto cuda = cuda_generator();
+  const at::Tensor rng_cuda = cuda && !saved.rng_cuda.empty()
+                                  ? from_hex(saved.rng_cuda, (dir / kTrainStateFile).string())
+                                  : at::Tensor();
+
+  std::map<std::string, at::Tensor> exp_avg(optimizer.exp_avg.begin(), optimizer.exp_avg.end());
+  std::map<std::string, at::Tensor> exp_avg_sq(optimizer.exp_avg_sq.begin(),
+                                               optimizer.exp_avg_sq.end());
+  auto expect_shape = [&](const std::string& file, const std::string& name, const at::Tensor& t,
+                          const at::Tensor& p) {
+    if (t.sizes() != p.sizes()) {
+      throw InvalidArgument(
+          fmt::format("cannot resume from {}: {} holds '{}' of shape {} but the model's is {}",
+                      dir.string(), file, name, shape_text(t.sizes()), shape_text(p.sizes())));
+    }
+  };
+  for (const auto& [name, p] : params_) {
+    const auto a = adapter.tensors.find(name);
+    if (a == adapter.tensors.end()) {
+      throw InvalidArgument("cannot resume from " + dir.string() + ": its adapter has no tensor '" +
+                            name + "'");
+    }
+    expect_shape("the adapter", name, a->second, p);
+    const bool has_avg = exp_avg.contains(name), has_sq = exp_avg_sq.contains(name);
+    if (has_avg != has_sq || (saved.step > 0 && !has_avg)) {
+      throw InvalidArgument("cannot resume from " + dir.string() + ": " + kOptimizerStateFile +
+                            " lacks the state of '" + name + "'");
+    }
+    if (has_avg) {
+      expect_shape(kOptimizerStateFile, name, exp_avg.at(name), p);
+      expect_shape(kOptimizerStateFile, name, exp_avg_sq.at(name), p);
+    }
+  }
+  if (saved.data.index > data_.num_sequences()) {
+    throw InvalidArgument(
+        fmt::format("cannot resume from {}: its data position {} is beyond the "
+                    "{} sequences of the data",
+                    dir.string(), saved.data.index, data_.num_sequences()));
+  }
+  if (rng_cpu.numel() != at::detail::getDefaultCPUGenerator().get_state().numel()) {
+    throw InvalidArgument("cannot resume from " + dir.string() +
+                          ": its CPU random-generator state has the wrong size (another torch?)");
+  }
+  if (adapter.tensors.size() != params_.size()) {
+    throw InvalidArgument(fmt::format(
+        "cannot resume from {}: its adapter has {} tensors, the model {}; the LoRA targets differ",
+        dir.string(), adapter.tensors.size(), params_.size()));
+  }
+
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, p] : params_) p.copy_(adapter.tensors.at(name));
+  }
+  auto& adamw_state = optimizer_->adamw.state();
+  for (const auto& [name, p] : params_) {
+    adamw_state.erase(p.unsafeGetTensorImpl());
+    if (!exp_avg.contains(name)) continue;
+    auto s = std::make_unique<torch::optim::AdamWParamState>();
+    s->step(optimizer.step);
+    s->exp_avg(exp_avg.at(name).to(p.options()).clone());
+    s->exp_avg_sq(exp_avg_sq.at(name).to(p.options()).clone());
+    adamw_state[p.unsafeGetTensorImpl()] = std::move(s);
+  }
+  data_.restore(saved.data);
+  set_generator_state(at::detail::getDefaultCPUGenerator(), rng_cpu);
+  if (rng_cuda.defined()) set_generator_state(*cuda, rng_cuda);
+  step_ = saved.step;
+  last_saved_step_ = saved.step;
+}
+
+}  // namespace lema::trainer
