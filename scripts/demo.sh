@@ -40,10 +40,11 @@ done >"$WORK/corpus.txt"
 head -n 4 "$WORK/corpus.txt"
 echo "... ($(wc -l <"$WORK/corpus.txt") lines, byte-level tokens: this model has no tokenizer.model)"
 
-heading "4. Fine-tune a LoRA adapter: 40 steps, $BUDGET budget for 19 MiB of weights"
+heading "4. Fine-tune a LoRA adapter: 150 steps, $BUDGET budget for 19 MiB of weights"
 rm -rf "$WORK/adapter"
 "$LEMA" train --model "$MODEL" --data "$WORK/corpus.txt" --out "$WORK/adapter" --budget "$BUDGET" \
-  --steps 40 --seq-len 64 --batch 4 --lr 3e-3 --warmup-steps 4 --seed 1 --save-every 20 \
+  --steps 150 --seq-len 64 --batch 4 --lr 3e-3 --warmup-steps 4 --lora-rank 16 --lora-alpha 32 \
+  --seed 1 --save-every 50 \
   --log-json "$WORK/train.jsonl"
 
 heading "5. Generate with the adapter (greedy)"

@@ -136,9 +136,9 @@ def test_generate_json_is_deterministic(model, corpus, tmp_path):
 
 def test_killed_run_leaves_a_loadable_checkpoint(model, corpus, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([LEMA, "train", "--model", model, "--data", corpus, "--out", out,
-                             "--steps", 200, "--seq-len", 32, "--batch", 2, "--save-every", 1,
-                             "--budget", BUDGET, "--threads", 1],
+    args = ["train", "--model", model, "--data", corpus, "--out", out, "--steps", 200,
+            "--seq-len", 32, "--batch", 2, "--save-every", 1, "--budget", BUDGET, "--threads", 1]
+    proc = subprocess.Popen([LEMA, *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "latest").exists():

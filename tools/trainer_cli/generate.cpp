@@ -149,6 +149,7 @@ void run(const GenerateArgs& args) {
     std::vector<std::uint32_t> prompt_u32(prompt.begin(), prompt.end());
     std::printf("%s%s\n", args.prompt ? args.prompt->c_str() : tokenizer->decode(prompt_u32).c_str(),
                 text.c_str());
+    std::fflush(stdout);  // the text first, then the paging summary
     const auto s = session.weights().stats();
     std::fprintf(stderr, "%zu new tokens; weights: %s; faults %llu, read %s\n", output.size(),
                  session.describe().c_str(), static_cast<unsigned long long>(s.faults),

@@ -206,7 +206,7 @@ at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
   return at::cross_entropy_loss(predicted, targets);
 }
 
-std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_trainable() {
+std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_adapters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& layer : layers_) {
     for (const detail::LoraLinear* p : std::as_const(*layer).projections()) {
@@ -218,13 +218,17 @@ std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_trainable() {
   return out;
 }
 
+std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_trainable() {
+  return named_adapters();
+}
+
 void LlamaModel::set_training(bool training) {
   training_ = training;
 }
 
 std::map<std::string, at::Tensor> LlamaModel::adapter_tensors() const {
   std::map<std::string, at::Tensor> out;
-  for (auto& [name, t] : const_cast<LlamaModel*>(this)->named_trainable()) {
+  for (const auto& [name, t] : named_adapters()) {
     out.emplace(name, t.detach().to(at::kCPU).clone());
   }
   return out;

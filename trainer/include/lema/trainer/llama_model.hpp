@@ -85,6 +85,7 @@ class LlamaModel : public TrainableModel {
 
  private:
   at::Tensor hidden_states(const at::Tensor& input_ids);
+  std::vector<std::pair<std::string, at::Tensor>> named_adapters() const;
 
   ModelConfig config_;
   LlamaModelOptions options_;
