@@ -41,7 +41,7 @@ double median(std::vector<double> x) {
 
 struct Variant {
   std::string label;
-  std::optional<torch::VirtualCheckpoint> checkpoint;
+  std::optional<lema::torch::VirtualCheckpoint> checkpoint;
   std::unique_ptr<trainer::LlamaModel> model;
   std::unique_ptr<trainer::Trainer> trainer;
   std::vector<double> step_s, ratios;
@@ -91,10 +91,10 @@ int main(int argc, char** argv) {
     if (i == 0) {
       v.model = std::make_unique<trainer::LlamaModel>(config, trainer::read_tensors(dir), options);
     } else {
-      torch::Options o;
+      lema::torch::Options o;
       o.budget_bytes = i == 1 ? layout.virtual_bytes() : budget;
       o.policy = *policy;
-      v.checkpoint.emplace(torch::open(dir, o));
+      v.checkpoint.emplace(lema::torch::open(dir, o));
       v.model = std::make_unique<trainer::LlamaModel>(config, trainer::lookup_in(*v.checkpoint),
                                                       options);
     }
