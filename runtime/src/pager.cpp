@@ -173,6 +173,21 @@ void Pager::mark_step() {
   state_->policy->mark_step();
 }
 
+std::size_t Pager::evict(PageRange range) {
+  std::lock_guard lock(state_->mutex);
+  State& s = *state_;
+  LEMA_EXPECTS(range.first + range.count <= s.pages.size(),
+               "evict: pages beyond the end of the address space");
+  std::size_t evicted = 0;
+  for (PageId page = range.first; page < range.first + range.count; ++page) {
+    if (!evictable(s, page)) continue;
+    s.free_chunks.push_back(evict_page(s, page));
+    ++evicted;
+  }
+  if (evicted != 0 && s.waiters != 0) s.changed.notify_all();
+  return evicted;
+}
+
 bool Pager::is_resident(PageId page) const {
   std::lock_guard lock(state_->mutex);
   return page < state_->pages.size() && state_->pages[page].state == PageState::resident;

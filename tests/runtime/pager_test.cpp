@@ -124,6 +124,28 @@ TEST(Pager, UnmappedPagesAreNotReadable) {
   EXPECT_EQ(pager.stats().evictions, 2u);
 }
 
+TEST(Pager, EvictFreesUnpinnedPagesAndSkipsPinnedOnes) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  PagerOptions opt;
+  opt.budget_bytes = 4 * kPage;
+  opt.prefetch = false;
+  Pager pager(m.space, opt);
+  pager.release(pager.acquire_pages({0, 2}));
+  Lease pinned = pager.acquire_pages({2, 1});
+  EXPECT_EQ(pager.evict({0, 3}), 2u) << "pages 0 and 1; page 2 is pinned";
+  EXPECT_FALSE(pager.is_resident(0));
+  EXPECT_TRUE(pager.is_resident(2));
+  EXPECT_EQ(mapping_perms(m.space.page_address(0)), "---p");
+  EXPECT_EQ(pager.stats().resident_bytes, kPage);
+  EXPECT_EQ(pager.evict({5, 1}), 0u) << "absent pages are skipped";
+  // The freed chunks serve new pages without evicting anything else.
+  pager.release(pager.acquire_pages({4, 3}));
+  EXPECT_TRUE(pager.is_resident(2));
+  EXPECT_EQ(pager.stats().evictions, 2u);
+  pager.release(std::move(pinned));
+  check_tensor(pager, m, *tensor_order(m.space.layout(), Order::layer, 0).front(), false);
+}
+
 TEST(Pager, BudgetSmallerThanAPageIsRefusedWithBothNumbers) {
   OpenedModel m(runtime::make_host_backend(kPage), small_model());
   PagerOptions opt;

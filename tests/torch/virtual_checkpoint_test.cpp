@@ -212,6 +212,21 @@ TEST_F(GuardedWeights, PrefetchLoadsPagesAndStatsCountThem) {
   EXPECT_EQ(checkpoint.stats().faults, faults) << "prefetched pages are hits";
 }
 
+TEST_F(GuardedWeights, EvictFreesTheTensorsPagesAndTheBytesComeBack) {
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options());
+  const std::vector<std::string> names = {"big.weight"};
+  const at::Tensor expected = checkpoint.tensor("big.weight").clone();
+  const std::uint64_t resident = checkpoint.stats().resident_bytes;
+  ASSERT_GT(resident, 0u);
+  const std::size_t evicted = checkpoint.evict(names);
+  EXPECT_GT(evicted, 0u);
+  EXPECT_EQ(checkpoint.stats().resident_bytes, resident - evicted * checkpoint.stats().page_size);
+  EXPECT_EQ(checkpoint.stats().evictions, evicted);
+  const std::uint64_t faults = checkpoint.stats().faults;
+  EXPECT_TRUE(at::equal(checkpoint.tensor("big.weight").clone(), expected));
+  EXPECT_GT(checkpoint.stats().faults, faults) << "evicted pages are read again";
+}
+
 TEST_F(GuardedWeights, CudaDevicesAreRefusedForNow) {
   torch::Options options = guard_options();
   options.device = c10::Device(c10::kCUDA, 0);

@@ -83,6 +83,18 @@ void VirtualCheckpoint::prefetch(std::span<const std::string> names) {
   }
 }
 
+std::size_t VirtualCheckpoint::evict(std::span<const std::string> names) {
+  runtime::Pager* pager = state_->mapped->pager();
+  if (pager == nullptr) return 0;
+  std::size_t evicted = 0;
+  for (const std::string& name : names) {
+    const runtime::TensorAddress t = state_->mapped->tensor(name);
+    if (t.nbytes == 0) continue;
+    evicted += pager->evict(pager->space().pages_of(t.data, t.nbytes));
+  }
+  return evicted;
+}
+
 void VirtualCheckpoint::mark_step() {
   state_->mapped->mark_step();
 }

@@ -121,6 +121,11 @@ class Pager {
   /// deterministic pager state between accesses).
   void quiesce();
 
+  /// A hint that `pages` will not be needed soon: unmaps those that are resident, unpinned and
+  /// past their last-use fences, and frees their chunks; skips the others (pinned, being filled,
+  /// or still in use on the device). Returns how many it evicted.
+  std::size_t evict(PageRange pages);
+
   /// A training step ended (forwarded to the policy).
   void mark_step();
   /// True when `page` is mapped at its model address now.

@@ -60,6 +60,10 @@ class VirtualCheckpoint {
   /// Loads the tensors' pages now (guard mode; a no-op in fault mode, where pages load on touch).
   /// A tensor larger than the budget loads its last budget's worth.
   void prefetch(std::span<const std::string> names);
+  /// A hint that the tensors will not be used soon: their pages that are resident and not in use
+  /// by a running op are unmapped and their memory freed for others (guard mode; a no-op in
+  /// fault mode). A page shared with another tensor goes too. Returns the pages evicted.
+  std::size_t evict(std::span<const std::string> names);
   /// A training step ended (the policy may use it).
   void mark_step();
 
