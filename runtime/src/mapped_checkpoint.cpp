@@ -47,17 +47,18 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   void mark_step() override { pager_.mark_step(); }
   PagerStats stats() const override { return pager_.stats(); }
 
-  void read_tensor(std::string_view name,
-                   const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
-    const TensorAddress t = space_.tensor(name);
+  void read_tensor_range(
+      std::string_view name, std::uint64_t offset, std::uint64_t bytes,
+      const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
+    const TensorAddress t = checked_range(name, offset, bytes);
     // Half the pool per piece leaves the other half to the prefetcher.
     const std::uint64_t page = space_.page_size();
     const std::uint64_t piece_pages = std::max<std::uint64_t>(1, pager_.chunk_count() / 2);
     std::uint64_t done = 0;
-    while (done < t.nbytes) {
-      const std::byte* at = t.data + done;
+    while (done < bytes) {
+      const std::byte* at = t.data + offset + done;
       const std::uint64_t in_page = static_cast<std::uint64_t>(at - space_.base()) % page;
-      const std::uint64_t n = std::min(t.nbytes - done, piece_pages * page - in_page);
+      const std::uint64_t n = std::min(bytes - done, piece_pages * page - in_page);
       Lease lease = pager_.acquire(at, n);
       visit(at, n);
       pager_.release(std::move(lease));
@@ -74,6 +75,16 @@ class GuardedCheckpoint final : public MappedCheckpoint {
 };
 
 }  // namespace
+
+TensorAddress MappedCheckpoint::checked_range(std::string_view name, std::uint64_t offset,
+                                              std::uint64_t bytes) const {
+  const TensorAddress t = tensor(name);
+  LEMA_EXPECTS(offset <= t.nbytes && bytes <= t.nbytes - offset,
+               "bytes [" + std::to_string(offset) + ", " + std::to_string(offset + bytes) +
+                   ") are outside tensor '" + std::string(name) + "' of " +
+                   std::to_string(t.nbytes) + " bytes");
+  return t;
+}
 
 std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::path& path,
                                                          MappedCheckpointOptions options) {

@@ -85,10 +85,11 @@ class FaultCheckpoint final : public MappedCheckpoint {
     return {region_.data() + t->offset, t->nbytes};
   }
 
-  void read_tensor(std::string_view name,
-                   const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
-    const TensorAddress t = tensor(name);
-    visit(t.data, t.nbytes);
+  void read_tensor_range(
+      std::string_view name, std::uint64_t offset, std::uint64_t bytes,
+      const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
+    const TensorAddress t = checked_range(name, offset, bytes);
+    visit(t.data + offset, bytes);
     if (auto err = region_.first_error(); !err.empty()) throw Error(err);
   }
 

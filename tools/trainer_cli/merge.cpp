@@ -27,7 +27,6 @@
 #include "lema/base/units.hpp"
 #include "lema/io/checkpoint.hpp"
 #include "lema/io/safetensors_writer.hpp"
-#include "lema/runtime/pager.hpp"
 #include "lema/torch/dtype_map.hpp"
 #include "lema/trainer/adapter.hpp"
 #include "model_session.hpp"
@@ -48,8 +47,8 @@ struct MergeArgs {
 /// The files of a model directory that describe it besides the weights.
 const std::vector<std::string>& companion_files() {
   static const std::vector<std::string> names = {
-      "config.json",           "generation_config.json", "tokenizer.model",
-      "tokenizer.json",        "tokenizer_config.json",  "special_tokens_map.json",
+      "config.json",    "generation_config.json", "tokenizer.model",
+      "tokenizer.json", "tokenizer_config.json",  "special_tokens_map.json",
   };
   return names;
 }
@@ -69,25 +68,17 @@ struct Delta {
   double scaling = 1.0;
 };
 
-/// Pins [offset, offset + bytes) of `name` piece by piece (at most half the pool each, leaving
-/// the rest to the prefetcher) and calls `visit(piece, piece_offset, piece_bytes)`.
+/// Calls `visit(piece, offset_in_tensor, piece_bytes)` for bytes [offset, offset + bytes) of
+/// `name`, each piece pinned while it is visited (MappedCheckpoint::read_tensor_range).
 template <typename Visit>
 void visit_pinned(torch::VirtualCheckpoint& weights, const std::string& name, std::uint64_t offset,
                   std::uint64_t bytes, const Visit& visit) {
-  runtime::Pager& pager = *weights.mapped().pager();
-  const runtime::TensorAddress t = weights.mapped().tensor(name);
-  const std::uint64_t page = pager.space().page_size();
-  const std::uint64_t piece_pages = std::max<std::uint64_t>(1, pager.chunk_count() / 2);
-  std::uint64_t done = 0;
-  while (done < bytes) {
-    const std::byte* at = t.data + offset + done;
-    const std::uint64_t in_page = static_cast<std::uint64_t>(at - pager.space().base()) % page;
-    const std::uint64_t n = std::min(bytes - done, piece_pages * page - in_page);
-    runtime::Lease lease = pager.acquire(at, n);
-    visit(at, offset + done, n);
-    pager.release(std::move(lease));
-    done += n;
-  }
+  std::uint64_t at = offset;
+  weights.mapped().read_tensor_range(name, offset, bytes,
+                                     [&](const std::byte* piece, std::uint64_t n) {
+                                       visit(piece, at, n);
+                                       at += n;
+                                     });
 }
 
 /// The merged bytes [offset, offset + out.size()) of weight `info`.
@@ -139,8 +130,8 @@ void run(const MergeArgs& args) {
     if (a_at == std::string::npos) continue;
     const std::string module = key.substr(0, a_at);
     if (module.rfind(prefix, 0) != 0) {
-      throw InvalidArgument(fmt::format("{}: adapter key '{}' does not start with '{}'",
-                                        args.adapter, key, prefix));
+      throw InvalidArgument(
+          fmt::format("{}: adapter key '{}' does not start with '{}'", args.adapter, key, prefix));
     }
     const std::string weight = module.substr(prefix.size()) + ".weight";
     const auto b_it = adapter.tensors.find(module + ".lora_B.weight");
@@ -167,7 +158,8 @@ void run(const MergeArgs& args) {
     deltas[weight] = Delta{a, b, adapter.lora.scaling()};
   }
   if (deltas.empty()) {
-    throw InvalidArgument(fmt::format("{}: the adapter holds no lora_A/lora_B pairs", args.adapter));
+    throw InvalidArgument(
+        fmt::format("{}: the adapter holds no lora_A/lora_B pairs", args.adapter));
   }
 
   std::vector<io::TensorToWrite> tensors;
@@ -194,8 +186,9 @@ void run(const MergeArgs& args) {
     const fs::path from = fs::path(args.model) / name;
     if (fs::exists(from)) io::write_file_atomically(out_dir / name, read_whole(from));
   }
-  io::write_safetensors(out_dir / "model.safetensors", std::move(tensors),
-                        {{"format", "pt"}, {"merged_adapter", fs::absolute(args.adapter).string()}});
+  io::write_safetensors(
+      out_dir / "model.safetensors", std::move(tensors),
+      {{"format", "pt"}, {"merged_adapter", fs::absolute(args.adapter).string()}});
   const auto s = weights.stats();
   std::printf("merged %zu projections of %s with %s into %s; weights: %s; peak resident %s\n",
               deltas.size(), args.model.c_str(), args.adapter.c_str(),

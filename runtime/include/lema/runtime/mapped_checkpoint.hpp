@@ -61,13 +61,25 @@ class MappedCheckpoint {
   /// Calls `visit` with the tensor's bytes at its model address, in order, in pieces that fit
   /// the budget (guard mode pins each piece while it is visited; fault mode reads the address
   /// directly and lets the handler fill what is missing).
-  virtual void read_tensor(std::string_view name,
-                           const std::function<void(const std::byte*, std::uint64_t)>& visit) = 0;
+  void read_tensor(std::string_view name,
+                   const std::function<void(const std::byte*, std::uint64_t)>& visit) {
+    read_tensor_range(name, 0, tensor(name).nbytes, visit);
+  }
+  /// The same for bytes [offset, offset + bytes) of the tensor. Throws InvalidArgument naming
+  /// the tensor when the range is outside it.
+  virtual void read_tensor_range(
+      std::string_view name, std::uint64_t offset, std::uint64_t bytes,
+      const std::function<void(const std::byte*, std::uint64_t)>& visit) = 0;
   /// The pager (guard mode only; nullptr in fault mode).
   virtual Pager* pager() noexcept = 0;
   /// A training step ended.
   virtual void mark_step() = 0;
   virtual PagerStats stats() const = 0;
+
+ protected:
+  /// tensor(name), after checking that [offset, offset + bytes) lies inside it.
+  TensorAddress checked_range(std::string_view name, std::uint64_t offset,
+                              std::uint64_t bytes) const;
 };
 
 }  // namespace lema::runtime
