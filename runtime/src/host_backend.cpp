@@ -14,6 +14,7 @@
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
+#include "detail/reservation_size.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -68,9 +69,7 @@ class HostBackend final : public Backend {
   bool host_accessible() const noexcept override { return true; }
 
   Reservation reserve(std::uint64_t bytes) override {
-    LEMA_EXPECTS(bytes > 0 && bytes % granularity_ == 0,
-                 "reserve: " + std::to_string(bytes) + " bytes is not a positive multiple of " +
-                     format_size(granularity_));
+    check_reservation_size(bytes, granularity_);
     void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
       int err = errno;

@@ -12,6 +12,7 @@
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/cuda_backend.hpp"
+#include "detail/reservation_size.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -148,9 +149,7 @@ class CudaBackend final : public cuda::DeviceBackend {
   bool host_accessible() const noexcept override { return false; }
 
   Reservation reserve(std::uint64_t bytes) override {
-    LEMA_EXPECTS(bytes > 0 && bytes % granularity_ == 0,
-                 "reserve: " + std::to_string(bytes) + " bytes is not a positive multiple of " +
-                     format_size(granularity_));
+    check_reservation_size(bytes, granularity_);
     context().enter();
     CUdeviceptr p = 0;
     api().check(api().mem_address_reserve(&p, bytes, granularity_, 0, 0), "cuMemAddressReserve",
