@@ -267,78 +267,41 @@ bool managed_contains(Driver& d, std::uintptr_t p, std::size_t n) {
 
 // ---- the entry points ----
 
-CUresult fGetErrorName(CUresult r, const char** s);
+// The results the fake returns, with the driver's names and texts for them.
+struct ResultText {
+  CUresult result;
+  const char* name;
+  const char* text;
+};
+constexpr ResultText kResultTexts[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {CUDA_ERROR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {CUDA_ERROR_NOT_READY, "CUDA_ERROR_NOT_READY", "device not ready"},
+    {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+};
+
+const ResultText* find_result_text(CUresult r) {
+  for (const ResultText& t : kResultTexts) {
+    if (t.result == r) return &t;
+  }
+  return nullptr;
+}
 
 CUresult fGetErrorString(CUresult r, const char** s) {
-  switch (r) {
-    case CUDA_SUCCESS:
-      *s = "no error";
-      break;
-    case CUDA_ERROR_INVALID_VALUE:
-      *s = "invalid argument";
-      break;
-    case CUDA_ERROR_OUT_OF_MEMORY:
-      *s = "out of memory";
-      break;
-    case CUDA_ERROR_NO_DEVICE:
-      *s = "no CUDA-capable device is detected";
-      break;
-    case CUDA_ERROR_INVALID_DEVICE:
-      *s = "invalid device ordinal";
-      break;
-    case CUDA_ERROR_NOT_READY:
-      *s = "device not ready";
-      break;
-    case CUDA_ERROR_NOT_SUPPORTED:
-      *s = "operation not supported";
-      break;
-    case CUDA_ERROR_INVALID_HANDLE:
-      *s = "invalid resource handle";
-      break;
-    case CUDA_ERROR_NOT_FOUND:
-      *s = "named symbol not found";
-      break;
-    default:
-      *s = "unknown error";
-      return CUDA_ERROR_INVALID_VALUE;
-  }
-  return CUDA_SUCCESS;
+  const ResultText* t = find_result_text(r);
+  *s = t != nullptr ? t->text : "unknown error";
+  return t != nullptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 CUresult fGetErrorName(CUresult r, const char** s) {
-  switch (r) {
-    case CUDA_SUCCESS:
-      *s = "CUDA_SUCCESS";
-      break;
-    case CUDA_ERROR_INVALID_VALUE:
-      *s = "CUDA_ERROR_INVALID_VALUE";
-      break;
-    case CUDA_ERROR_OUT_OF_MEMORY:
-      *s = "CUDA_ERROR_OUT_OF_MEMORY";
-      break;
-    case CUDA_ERROR_NO_DEVICE:
-      *s = "CUDA_ERROR_NO_DEVICE";
-      break;
-    case CUDA_ERROR_INVALID_DEVICE:
-      *s = "CUDA_ERROR_INVALID_DEVICE";
-      break;
-    case CUDA_ERROR_NOT_READY:
-      *s = "CUDA_ERROR_NOT_READY";
-      break;
-    case CUDA_ERROR_NOT_SUPPORTED:
-      *s = "CUDA_ERROR_NOT_SUPPORTED";
-      break;
-    case CUDA_ERROR_INVALID_HANDLE:
-      *s = "CUDA_ERROR_INVALID_HANDLE";
-      break;
-    case CUDA_ERROR_NOT_FOUND:
-      *s = "CUDA_ERROR_NOT_FOUND";
-      break;
-    default:
-      *s = "CUDA_ERROR_UNKNOWN";
-      return CUDA_ERROR_INVALID_VALUE;
-  }
-  return CUDA_SUCCESS;
+  const ResultText* t = find_result_text(r);
+  *s = t != nullptr ? t->name : "CUDA_ERROR_UNKNOWN";
+  return t != nullptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 CUresult fDriverGetVersion(int* v) {
