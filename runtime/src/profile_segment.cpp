@@ -80,16 +80,19 @@ std::shared_ptr<ProfileSegment> ProfileSegment::create(Options options) {
   options.event_capacity = std::bit_ceil(std::max<std::size_t>(options.event_capacity, 2));
   const Geometry g = geometry(options.max_sources, options.layout_bytes, options.event_capacity);
   auto impl = std::make_unique<Impl>();
+  // Readers find segments by listing /dev/shm, so one must never be seen half-made: it is built
+  // under a private name and renamed into place (which also replaces a segment left over by a
+  // process that had our pid and died).
+  const std::string building = "lema-init-" + std::to_string(::getpid()) + "-" + options.name;
   try {
-    // A segment of this name is left over from a process that had our pid and died.
-    bip::shared_memory_object::remove(options.name.c_str());
+    bip::shared_memory_object::remove(building.c_str());
     bip::permissions owner_only(0600);
-    impl->shm = bip::shared_memory_object(bip::create_only, options.name.c_str(), bip::read_write,
-                                          owner_only);
+    impl->shm =
+        bip::shared_memory_object(bip::create_only, building.c_str(), bip::read_write, owner_only);
     impl->shm.truncate(static_cast<bip::offset_t>(g.total_bytes));
     impl->region = bip::mapped_region(impl->shm, bip::read_write);
   } catch (const bip::interprocess_exception& e) {
-    bip::shared_memory_object::remove(options.name.c_str());
+    bip::shared_memory_object::remove(building.c_str());
     throw SystemError("cannot create the profile segment /dev/shm/" + options.name + " of " +
                           std::to_string(g.total_bytes) + " bytes: " + e.what(),
                       e.get_native_error());
@@ -118,6 +121,11 @@ std::shared_ptr<ProfileSegment> ProfileSegment::create(Options options) {
   impl->events = reinterpret_cast<EventSlot*>(base + g.events_offset);
   for (std::size_t i = 0; i < options.event_capacity; ++i) new (&impl->events[i]) EventSlot{};
   impl->mask = options.event_capacity - 1;
+  if (::rename((kShmDirectory + building).c_str(), (kShmDirectory + options.name).c_str()) != 0) {
+    const int err = errno;
+    bip::shared_memory_object::remove(building.c_str());
+    throw SystemError("cannot publish the profile segment " + kShmDirectory + options.name, err);
+  }
   impl->options = std::move(options);
   return std::shared_ptr<ProfileSegment>(new ProfileSegment(std::move(impl)));
 }

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "lema/runtime/profile.hpp"
 
@@ -22,6 +23,8 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 inline constexpr char kMagic[8] = {'L', 'E', 'M', 'A', 'P', 'S', 'H', 'M'};
 inline constexpr std::uint32_t kVersion = 1;
 inline constexpr std::size_t kCounterCount = 10;
+// Where glibc's shm_open keeps its objects; a segment is built elsewhere and renamed in here.
+inline const std::string kShmDirectory = "/dev/shm/";
 
 enum SlotState : std::uint32_t { kUnwritten = 0, kOpen = 1, kClosed = 2 };
 

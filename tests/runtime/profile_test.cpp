@@ -7,6 +7,7 @@
 #include <atomic>
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -205,6 +206,35 @@ TEST(ProfileSegment, AttachRefusesAnAbsentOrForeignSegment) {
   }
   EXPECT_THROW(ProfileAttachment::attach(name), Error);
   bip::shared_memory_object::remove(name.c_str());
+}
+
+// A recorder finds segments by listing /dev/shm while the program creates them: whatever name it
+// sees must already hold a whole, readable segment.
+TEST(ProfileSegment, IsNeverVisibleHalfMade) {
+  const std::string prefix = "lema-prof-test-race-" + std::to_string(::getpid()) + "-";
+  std::atomic<bool> done{false};
+  std::thread creator([&] {
+    for (int i = 0; i < 300; ++i) ProfileSegment::create(options(prefix + std::to_string(i), 1024));
+    done = true;
+  });
+  int attached = 0;
+  std::vector<std::string> refused;
+  while (!done.load()) {
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind(prefix, 0) != 0) continue;
+      try {
+        if (ProfileAttachment::try_attach(name)) ++attached;
+      } catch (const Error& e) {
+        refused.push_back(e.what());
+      }
+    }
+  }
+  creator.join();
+  EXPECT_TRUE(refused.empty()) << refused.size() << " half-made segments seen, first: "
+                               << refused.front();
+  RecordProperty("attached", attached);
 }
 
 // ---- the file ----
