@@ -3,7 +3,8 @@
 // the plain run of the same round:
 //   plain      the model over tensors read fully into memory: libtorch alone, no LEMA;
 //   unlimited  over a guard-mode VirtualCheckpoint holding every page (the guard's cost);
-//   budget     over a guard-mode VirtualCheckpoint with the given budget (paging's cost).
+//   budget     over a guard-mode VirtualCheckpoint with the given budget (paging's cost);
+//   huge       the same over a pool of huge pages, where the system has enough free.
 //
 //   train_step_bench MODEL_DIR BUDGET [seq_len 128] [batch 2] [steps per round 3] [rounds 3]
 //                    [threads 0: torch's default] [policy trace]
@@ -23,6 +24,7 @@
 
 #include "lema/base/units.hpp"
 #include "lema/io/checkpoint.hpp"
+#include "lema/runtime/backend.hpp"
 #include "lema/runtime/layout.hpp"
 #include "lema/torch/virtual_checkpoint.hpp"
 #include "lema/trainer/llama_model.hpp"
@@ -80,10 +82,12 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(7);
   for (auto& t : tokens) t = static_cast<std::uint32_t>(rng() % config.vocab_size);
 
-  std::vector<Variant> variants(3);
+  const bool huge = runtime::huge_page_pool().available * (std::uint64_t{2} << 20) >= budget;
+  std::vector<Variant> variants(huge ? 4 : 3);
   variants[0].label = "plain libtorch";
   variants[1].label = "LEMA, unlimited";
   variants[2].label = "LEMA, budget " + format_size(budget);
+  if (huge) variants[3].label = "LEMA, budget, huge pages";
   for (std::size_t i = 0; i < variants.size(); ++i) {
     Variant& v = variants[i];
     trainer::LlamaModelOptions options;
@@ -94,6 +98,7 @@ int main(int argc, char** argv) {
       lema::torch::Options o;
       o.budget_bytes = i == 1 ? layout.virtual_bytes() : budget;
       o.policy = *policy;
+      o.huge_pages = i == 3;
       v.checkpoint.emplace(lema::torch::open(dir, o));
       v.model = std::make_unique<trainer::LlamaModel>(config, trainer::lookup_in(*v.checkpoint),
                                                       options);

@@ -144,9 +144,9 @@ std::string file_system_note(const fs::path& dir) {
 
 /// The checkpoint, its layout over 2 MiB pages and the address space, opened once.
 struct Model {
-  explicit Model(const fs::path& path)
+  explicit Model(const fs::path& path, runtime::HostPages pages = runtime::HostPages::base)
       : ckpt(io::Checkpoint::open(path)),
-        backend(runtime::make_host_backend()),
+        backend(runtime::make_host_backend(std::uint64_t{2} << 20, pages)),
         space(*backend, runtime::Layout::plan(ckpt, backend->granularity())) {
     for (const auto& f : ckpt.files())
       fds.emplace_back(LEMA_SYS_TRY(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC)));
@@ -226,6 +226,7 @@ std::vector<PageId> full_pages(const Model& m) {
 struct FaultComparison {
   std::string name;
   std::string io_path;
+  std::size_t pool_pages = 1;
   std::vector<double> fault_us, pread_us;
   std::vector<double> reader_us;  // the same page through a Reader alone (no pager)
   // From the pager's event log: a fault's fill and map, and an eviction (unmap).
@@ -233,21 +234,23 @@ struct FaultComparison {
   double ratio() const { return median(fault_us) / median(pread_us); }
 };
 
-/// Every acquire faults: LRU, no prefetch, a budget of two pages, pages visited in order (each
-/// page's previous use is more than two pages ago). The pread of the same page runs right
-/// before or after it, alternating, so drift and background load hit both alike.
+/// Every acquire faults: LRU, no prefetch, a pool of `pool_pages` pages, pages visited in order
+/// (each page's previous use is more than the pool ago). The baseline preads into as much memory
+/// as the pool (one buffer per chunk, in turn), so both write into the same amount of memory;
+/// the fault, the pread and the Reader alone run one after another, their order alternating, so
+/// drift and background load hit all alike.
 FaultComparison measure_faults(Model& m, const std::string& name, io::IoKind kind, bool direct,
-                               unsigned runs) {
+                               unsigned runs, std::size_t pool_pages) {
   const std::vector<PageId> pages = full_pages(m);
   LEMA_EXPECTS(pages.size() >= 4, "the model has too few full 2 MiB pages to measure faults");
   runtime::PagerOptions opt;
-  opt.budget_bytes = 2 * m.page_size();
+  opt.budget_bytes = pool_pages * m.page_size();
   opt.policy = runtime::PolicyKind::lru;
   opt.prefetch = false;
   opt.reader.kind = kind;
   opt.reader.direct = direct;
   runtime::Pager pager(m.space, opt);
-  FaultComparison out{name, pager.stats().io_path, {}, {}, {}, {}, {}};
+  FaultComparison out{name, pager.stats().io_path, pool_pages, {}, {}, {}, {}, {}};
   // A Reader of the same kind, to split the fault into its read and the rest.
   const std::unique_ptr<io::Reader> reader = io::Reader::open(m.ckpt, opt.reader);
 
@@ -258,12 +261,20 @@ FaultComparison measure_faults(Model& m, const std::string& name, io::IoKind kin
           LEMA_SYS_TRY(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT)));
     drop_page_cache(m);
   }
-  // Room for the 4 KiB enclosure of direct reads.
-  const MemoryMapping buf = make_buffer(m.page_size() + 2_MiB);
+  // One buffer per chunk of the pool, each with room for the 4 KiB enclosure of direct reads.
+  const std::uint64_t stride = m.page_size() + 2_MiB;
+  const MemoryMapping buf = make_buffer(pool_pages * stride);
   std::uint64_t faults_before = pager.stats().faults;
   std::size_t i = 0;
+  // The three reads of one round take pages a third of the model apart: a page read just before
+  // sits in the CPU's cache, and whichever read came second would copy from it.
+  const std::size_t n = pages.size();
   for (unsigned run = 0; run < runs; ++run) {
-    for (PageId p : pages) {
+    for (std::size_t k = 0; k < n; ++k) {
+      const PageId p = pages[k];
+      const PageId q = pages[(k + n / 3) % n];
+      const PageId r = pages[(k + 2 * n / 3) % n];
+      std::byte* dest = buf.data() + (k % pool_pages) * stride;
       auto fault = [&] {
         const auto start = Clock::now();
         runtime::Lease lease = pager.acquire_pages({p, 1});
@@ -273,15 +284,15 @@ FaultComparison measure_faults(Model& m, const std::string& name, io::IoKind kin
       auto baseline = [&] {
         const auto start = Clock::now();
         if (direct)
-          pread_page_direct(m, direct_fds, p, buf.data());
+          pread_page_direct(m, direct_fds, q, dest);
         else
-          pread_page(m, p, buf.data());
+          pread_page(m, q, dest);
         out.pread_us.push_back(micros_since(start));
       };
       auto read_only = [&] {
         std::vector<io::ReadRequest> batch;
-        for (const runtime::FillExtent& e : m.layout().extents(p))
-          batch.push_back({e.file, e.file_offset, e.length, buf.data() + e.page_offset});
+        for (const runtime::FillExtent& e : m.layout().extents(r))
+          batch.push_back({e.file, e.file_offset, e.length, dest + e.page_offset});
         const auto start = Clock::now();
         reader->read(std::move(batch));
         out.reader_us.push_back(micros_since(start));
@@ -475,6 +486,9 @@ void bench_pager(const BenchPagerArgs& a) {
     run_self(gen_arguments(model_path));
   }
   Model m(model_path);
+  // The same model over a pool of huge pages, where the system has a few free.
+  std::optional<Model> huge;
+  if (runtime::huge_page_pool().available >= 2) huge.emplace(model_path, runtime::HostPages::huge);
   const std::uint64_t page = m.page_size();
   const std::uint64_t model_bytes = m.layout().virtual_bytes();
   const std::string fs_note = file_system_note(m.ckpt.files().front().path.parent_path());
@@ -493,14 +507,20 @@ void bench_pager(const BenchPagerArgs& a) {
   warm_page_cache(m);
   std::vector<FaultComparison> faults;
   faults.push_back(
-      measure_faults(m, "fault, warm page cache", io::IoKind::automatic, false, a.runs));
+      measure_faults(m, "fault, warm page cache", io::IoKind::automatic, false, a.runs, 1));
   faults.push_back(
-      measure_faults(m, "fault, warm, pread reader", io::IoKind::pread, false, a.runs));
-  faults.push_back(measure_faults(m, "fault, O_DIRECT", io::IoKind::automatic, true, a.runs));
+      measure_faults(m, "fault, warm, pread reader", io::IoKind::pread, false, a.runs, 1));
+  // A destination that no longer fits the CPU's cache as well: the pool's two chunks in turn.
+  faults.push_back(
+      measure_faults(m, "fault, warm, 2-page pool", io::IoKind::automatic, false, a.runs, 2));
+  if (huge)
+    faults.push_back(
+        measure_faults(*huge, "fault, warm, huge pages", io::IoKind::automatic, false, a.runs, 1));
+  faults.push_back(measure_faults(m, "fault, O_DIRECT", io::IoKind::automatic, true, a.runs, 1));
   fmt::print(
       "Fault cost against pread of the same bytes (median over {} faults of full {} "
-      "pages, interleaved; target <= 1.20 warm). Reader = the same read through the "
-      "pager's Reader alone.\n",
+      "pages, interleaved; target <= 1.20 warm). The pread writes into as many buffers as the "
+      "pool has pages, in turn. Reader = the same read through the pager's Reader alone.\n",
       faults.front().fault_us.size(), format_size(page));
   fmt::print("{:<26} {:<18} {:>9} {:>9} {:>7} {:>10} {:>7}\n", "case", "pager io path", "fault us",
              "pread us", "ratio", "Reader us", "ratio");
@@ -516,6 +536,7 @@ void bench_pager(const BenchPagerArgs& a) {
                "", median(f.fill_map_us), median(f.evict_us));
     j["fault_vs_pread"].push_back({{"case", f.name},
                                    {"io_path", f.io_path},
+                                   {"pool_pages", f.pool_pages},
                                    {"samples", f.fault_us.size()},
                                    {"fault_us_median", median(f.fault_us)},
                                    {"pread_us_median", median(f.pread_us)},
@@ -530,22 +551,36 @@ void bench_pager(const BenchPagerArgs& a) {
 
   // b. Map+unmap against fill.
   warm_page_cache(m);
-  const MapCost mc = measure_map(m, a.runs);
-  const double fill = median(mc.fill_us), map = median(mc.map_us), unmap = median(mc.unmap_us),
-               touch = median(mc.touch_us);
-  fmt::print("\nMap+unmap of a {} page through the host backend against its fill (median of {})\n",
-             format_size(page), mc.fill_us.size());
-  fmt::print(
-      "  fill (pread, page cache) {:.1f} us; map {:.1f} us + unmap {:.1f} us = {:.1f} us "
-      "({:.1f}% of the fill); first touch of each 4 KiB after map {:.1f} us ({:.1f}%)\n",
-      fill, map, unmap, map + unmap, 100 * (map + unmap) / fill, touch, 100 * touch / fill);
-  j["map_unmap"] = {{"samples", mc.fill_us.size()},
-                    {"fill_us_median", fill},
-                    {"map_us_median", map},
-                    {"unmap_us_median", unmap},
-                    {"map_unmap_fraction_of_fill", (map + unmap) / fill},
-                    {"first_touch_us_median", touch},
-                    {"first_touch_fraction_of_fill", touch / fill}};
+  auto report_map = [&](Model& model, const std::string& memory) {
+    const MapCost mc = measure_map(model, a.runs);
+    const double fill = median(mc.fill_us), map = median(mc.map_us),
+                 unmap = median(mc.unmap_us), touch = median(mc.touch_us);
+    fmt::print(
+        "\nMap+unmap of a {} page through the host backend ({}) against its fill (median of "
+        "{})\n",
+        format_size(page), memory, mc.fill_us.size());
+    fmt::print(
+        "  fill (pread, page cache) {:.1f} us; map {:.1f} us + unmap {:.1f} us = {:.1f} us "
+        "({:.1f}% of the fill); first touch of each 4 KiB after map {:.1f} us ({:.1f}%)\n",
+        fill, map, unmap, map + unmap, 100 * (map + unmap) / fill, touch, 100 * touch / fill);
+    j["map_unmap"].push_back({{"memory", memory},
+                              {"samples", mc.fill_us.size()},
+                              {"fill_us_median", fill},
+                              {"map_us_median", map},
+                              {"unmap_us_median", unmap},
+                              {"map_unmap_fraction_of_fill", (map + unmap) / fill},
+                              {"first_touch_us_median", touch},
+                              {"first_touch_fraction_of_fill", touch / fill}});
+  };
+  report_map(m, "base pages");
+  if (huge) {
+    report_map(*huge, "huge pages");
+  } else {
+    const runtime::HugePagePool pool = runtime::huge_page_pool();
+    fmt::print(
+        "  (huge pages: {} free of {}; reserve a few with vm.nr_hugepages to measure them)\n",
+        pool.available, format_size(pool.page_bytes));
+  }
 
   // c. Policy quality and step time.
   const std::vector<PageId> step = training_step(m);

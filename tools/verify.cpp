@@ -34,6 +34,7 @@ struct VerifyArgs {
   std::string mode = "guard";
   std::string policy = "lru";
   unsigned passes = 1;
+  bool huge_pages = false;
   bool json = false;
 };
 
@@ -69,6 +70,7 @@ int run_verify(const VerifyArgs& a) {
   const auto mode = runtime::parse_residency_mode(a.mode);
   LEMA_EXPECTS(mode.has_value(), "--mode must be guard or fault (got '" + a.mode + "')");
   options.mode = *mode;
+  options.huge_pages = a.huge_pages;
   LEMA_EXPECTS(a.order == "file" || a.order == "layer" || a.order == "random",
                "--order must be file, layer or random (got '" + a.order + "')");
   LEMA_EXPECTS(a.passes >= 1, "--passes must be at least 1");
@@ -148,6 +150,8 @@ void register_verify(CLI::App& app) {
   cmd->add_option("--mode", args->mode, "guard | fault (userfaultfd)")->default_str("guard");
   cmd->add_option("--policy", args->policy, "lru | trace")->default_str("lru");
   cmd->add_option("--passes", args->passes, "passes over all tensors")->default_str("1");
+  cmd->add_flag("--huge-pages", args->huge_pages,
+                "take the page pool from the system's huge pages (vm.nr_hugepages)");
   cmd->add_flag("--json", args->json, "print JSON");
   cmd->callback([args] {
     int rc = run_verify(*args);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <fstream>
 #include <new>
 #include <string>
 #include <utility>
@@ -61,16 +62,28 @@ class HostStaging final : public StagingBuffer {
   std::uint64_t bytes_;
 };
 
+std::string huge_page_advice(std::uint64_t pages_needed, const HugePagePool& pool) {
+  return "it needs " + std::to_string(pages_needed) + " huge pages of " +
+         format_size(pool.page_bytes) + " and the system has " + std::to_string(pool.available) +
+         " free; reserve more as root (sysctl vm.nr_hugepages=N, or echo N > "
+         "/proc/sys/vm/nr_hugepages), or run without huge pages";
+}
+
 class HostBackend final : public Backend {
  public:
-  explicit HostBackend(std::uint64_t granularity) : granularity_(granularity) {}
+  HostBackend(std::uint64_t granularity, HostPages pages)
+      : granularity_(granularity), pages_(pages) {}
   std::string_view name() const noexcept override { return "host"; }
   std::uint64_t granularity() const noexcept override { return granularity_; }
   bool host_accessible() const noexcept override { return true; }
 
   Reservation reserve(std::uint64_t bytes) override {
     check_reservation_size(bytes, granularity_);
-    void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    // Aligned to the granularity, so that every page boundary is one for the pool's memory too
+    // (a huge page can be mapped only at an address aligned to its size).
+    const std::uint64_t slack = granularity_;
+    void* p = ::mmap(nullptr, bytes + slack, PROT_NONE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
       int err = errno;
       if (err == ENOMEM)
@@ -78,7 +91,13 @@ class HostBackend final : public Backend {
                           " of address space (mmap: ENOMEM); check ulimit -v");
       detail::throw_system_error(__FILE__, __LINE__, "mmap(PROT_NONE reservation)", err);
     }
-    return Reservation(this, static_cast<std::byte*>(p), bytes);
+    auto* raw = static_cast<std::byte*>(p);
+    auto* base = reinterpret_cast<std::byte*>(align_up(reinterpret_cast<std::uintptr_t>(raw),
+                                                       static_cast<std::uintptr_t>(slack)));
+    if (base > raw) ::munmap(raw, static_cast<std::size_t>(base - raw));
+    if (std::byte* tail = base + bytes; tail < raw + bytes + slack)
+      ::munmap(tail, static_cast<std::size_t>(raw + bytes + slack - tail));
+    return Reservation(this, base, bytes);
   }
 
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
@@ -87,7 +106,22 @@ class HostBackend final : public Backend {
         chunks > 0 && chunk_bytes > 0 && chunk_bytes % granularity_ == 0,
         "create_pool: need at least one chunk of a multiple of " + format_size(granularity_));
     const std::uint64_t bytes = chunks * chunk_bytes;
-    UniqueFd fd(LEMA_SYS_TRY(::memfd_create("lema-pool", MFD_CLOEXEC)));
+    const bool huge = pages_ == HostPages::huge;
+    HugePagePool hugetlb;
+    if (huge) {
+      hugetlb = huge_page_pool();
+      const std::uint64_t needed = bytes / hugetlb.page_bytes;
+      if (needed > hugetlb.available)
+        throw OutOfMemory("cannot take the page pool of " + format_size(bytes) +
+                          " from huge pages: " + huge_page_advice(needed, hugetlb));
+    }
+    const int fd_flags = MFD_CLOEXEC | (huge ? MFD_HUGETLB : 0);
+    const int raw_fd = ::memfd_create(huge ? "lema-pool-huge" : "lema-pool", fd_flags);
+    if (raw_fd < 0 && huge)
+      throw SystemError("cannot create a huge-page memfd for the page pool (memfd_create with "
+                        "MFD_HUGETLB); this kernel may lack hugetlbfs: run without huge pages",
+                        errno);
+    UniqueFd fd(LEMA_SYS_TRY(raw_fd));
     if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
       int err = errno;
       if (err == ENOSPC || err == ENOMEM || err == EFBIG)
@@ -95,8 +129,16 @@ class HostBackend final : public Backend {
                           std::to_string(err));
       detail::throw_system_error(__FILE__, __LINE__, "ftruncate(memfd)", err);
     }
+    // A shared hugetlb mapping takes its huge pages from the pool here, or fails with ENOMEM.
     void* w = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
-    if (w == MAP_FAILED) detail::throw_system_error(__FILE__, __LINE__, "mmap(pool window)", errno);
+    if (w == MAP_FAILED) {
+      const int err = errno;
+      if (huge && err == ENOMEM)
+        throw OutOfMemory("cannot take the page pool of " + format_size(bytes) +
+                          " from huge pages: " +
+                          huge_page_advice(bytes / hugetlb.page_bytes, huge_page_pool()));
+      detail::throw_system_error(__FILE__, __LINE__, "mmap(pool window)", err);
+    }
     return std::make_unique<HostPool>(std::move(fd), MemoryMapping(w, bytes), chunks, chunk_bytes);
   }
 
@@ -141,17 +183,58 @@ class HostBackend final : public Backend {
 
  private:
   const std::uint64_t granularity_;
+  const HostPages pages_;
 };
+
+std::uint64_t read_number(const std::string& path) {
+  std::ifstream in(path);
+  std::uint64_t n = 0;
+  return (in >> n) ? n : 0;
+}
 
 }  // namespace
 
-std::unique_ptr<Backend> make_host_backend(std::uint64_t granularity) {
+HugePagePool huge_page_pool() {
+  HugePagePool pool;
+  std::ifstream meminfo("/proc/meminfo");
+  for (std::string key; meminfo >> key;) {
+    if (key == "Hugepagesize:") {
+      std::uint64_t kib = 0;
+      if (meminfo >> kib) pool.page_bytes = kib * 1024;
+      break;
+    }
+  }
+  if (pool.page_bytes == 0) return pool;
+  const std::string dir =
+      "/sys/kernel/mm/hugepages/hugepages-" + std::to_string(pool.page_bytes / 1024) + "kB/";
+  const std::uint64_t free_pages = read_number(dir + "free_hugepages");
+  const std::uint64_t promised = read_number(dir + "resv_hugepages");
+  // Pages the kernel may add beyond the pool on demand (vm.nr_overcommit_hugepages).
+  const std::uint64_t overcommit = read_number(dir + "nr_overcommit_hugepages");
+  const std::uint64_t surplus = read_number(dir + "surplus_hugepages");
+  pool.available = (free_pages > promised ? free_pages - promised : 0) +
+                   (overcommit > surplus ? overcommit - surplus : 0);
+  return pool;
+}
+
+std::unique_ptr<Backend> make_host_backend(std::uint64_t granularity, HostPages pages) {
   const auto os_page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
   LEMA_EXPECTS(is_power_of_two(granularity) && granularity >= os_page,
                "host backend: granularity " + std::to_string(granularity) +
                    " must be a power of two of at least the OS page size " +
                    std::to_string(os_page));
-  return std::make_unique<HostBackend>(granularity);
+  if (pages == HostPages::huge) {
+    const HugePagePool pool = huge_page_pool();
+    if (pool.page_bytes == 0)
+      throw InvalidArgument(
+          "huge pages were asked for, but this kernel has no hugetlb pool (no Hugepagesize in "
+          "/proc/meminfo); run without huge pages");
+    LEMA_EXPECTS(granularity % pool.page_bytes == 0,
+                 "host backend: with huge pages the page size must be a multiple of the "
+                 "system's huge page size " +
+                     format_size(pool.page_bytes) + ", not " + format_size(granularity));
+  }
+  return std::make_unique<HostBackend>(granularity, pages);
 }
 
 }  // namespace lema::runtime

@@ -29,7 +29,8 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   GuardedCheckpoint(io::Checkpoint checkpoint, MappedCheckpointOptions options,
                     std::string fallback_reason)
       : checkpoint_(std::move(checkpoint)),
-        backend_(make_host_backend()),
+        backend_(make_host_backend(std::uint64_t{2} << 20,
+                                   options.huge_pages ? HostPages::huge : HostPages::base)),
         space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
                                                                       backend_->granularity()))),
         pager_(space_, PagerOptions{.budget_bytes = options.budget_bytes,
@@ -88,6 +89,10 @@ TensorAddress MappedCheckpoint::checked_range(std::string_view name, std::uint64
 
 std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::path& path,
                                                          MappedCheckpointOptions options) {
+  if (options.huge_pages && options.mode == ResidencyMode::fault)
+    throw InvalidArgument(
+        "huge pages serve guard mode only (fault mode fills pages through userfaultfd into "
+        "ordinary memory); drop the huge-pages setting or use guard mode");
   io::Checkpoint checkpoint = io::Checkpoint::open(path);
   std::string fallback;
   if (options.mode == ResidencyMode::fault) {

@@ -76,6 +76,39 @@ def test_budget_does_not_change_a_single_bit(model, corpus, tmp_path):
     assert all(r["tokens"] == 64 for r in paged)
 
 
+def free_huge_pages():
+    try:
+        size_kb = next(int(line.split()[1]) for line in open("/proc/meminfo")
+                       if line.startswith("Hugepagesize:"))
+        base = Path(f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB")
+        return int((base / "free_hugepages").read_text()) - int((base / "resv_hugepages").read_text())
+    except (StopIteration, OSError, ValueError):
+        return 0
+
+
+def test_huge_page_pool_does_not_change_a_single_bit(model, corpus, tmp_path):
+    if free_huge_pages() < 3:
+        pytest.skip("fewer than 3 free huge pages (vm.nr_hugepages)")
+    paged = train(model, corpus, tmp_path / "paged")
+    huge = train(model, corpus, tmp_path / "huge", "--huge-pages")
+    assert [r["loss"] for r in huge] == [r["loss"] for r in paged]
+    assert adapter_bytes(tmp_path / "huge") == adapter_bytes(tmp_path / "paged")
+    assert all(0 < r["peak_resident_bytes"] <= 6 << 20 for r in huge)
+
+
+def test_huge_pages_beyond_the_system_name_the_setting(model, corpus, tmp_path):
+    # Every page resident, in pages of 64 MiB: a pool of several hundred MiB of huge pages.
+    if free_huge_pages() >= 256:
+        pytest.skip("this machine has enough free huge pages for the whole pool")
+    proc = lema(*base_args(model, corpus, tmp_path / "out")[:-2], "--budget", "unlimited",
+                "--page-size", "64MiB", "--huge-pages", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "huge pages" in proc.stderr and "nr_hugepages" in proc.stderr, proc.stderr
+    proc = lema(*base_args(model, corpus, tmp_path / "out"), "--huge-pages", "--mode", "fault",
+                check=False)
+    assert proc.returncode == 1 and "guard mode" in proc.stderr, proc.stderr
+
+
 def test_loss_falls(model, corpus, tmp_path):
     log = train(model, corpus, tmp_path / "out", steps=12)
     assert log[-1]["loss"] < log[0]["loss"] - 0.5

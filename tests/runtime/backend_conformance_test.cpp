@@ -16,6 +16,9 @@ template <typename Factory>
 class BackendConformance : public ::testing::Test {
  protected:
   std::unique_ptr<Backend> backend = Factory::make();
+  void SetUp() override {
+    if (!backend) GTEST_SKIP() << Factory::kName << " is not available on this machine";
+  }
 
   // Writes `value` over a whole chunk, through the window or a staging copy.
   void fill_chunk(PhysicalPool& pool, std::size_t chunk, std::byte value) {
@@ -41,8 +44,8 @@ struct FactoryNames {
   }
 };
 
-using BackendTypes = ::testing::Types<HostBackendFactory, StagedBackendFactory,
-                                      DelayedFenceBackendFactory
+using BackendTypes = ::testing::Types<HostBackendFactory, HugeHostBackendFactory,
+                                      StagedBackendFactory, DelayedFenceBackendFactory
 #ifdef LEMA_FAKE_CUDA_DRIVER
                                       ,
                                       FakeCudaBackendFactory
@@ -63,7 +66,7 @@ TYPED_TEST(BackendConformance, ReservationIsInaccessibleAndReleased) {
     ASSERT_TRUE(r);
     base = r.base();
     EXPECT_EQ(r.bytes(), 4 * g);
-    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(base) % 4096, 0u);
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(base) % g, 0u) << "aligned to the granularity";
     if (!this->backend->host_accessible()) GTEST_SKIP() << "address range not visible to the CPU";
     EXPECT_EQ(mapping_perms(base), "---p");
     EXPECT_EQ(mapping_perms(base + 4 * g - 1), "---p");

@@ -106,6 +106,53 @@ TEST(Pager, DefaultPageSizeIsTwoMiB) {
   EXPECT_LE(pager.stats().peak_resident_bytes, 4_MiB);
 }
 
+// The pool from the kernel's huge pages: the same bytes, the same budget. Runs where the system
+// has free huge pages (.ci/run reserves some).
+TEST(Pager, HugePagePoolGivesTheSameBytes) {
+  constexpr std::size_t kBudgetPages = 3;
+  if (runtime::huge_page_pool().available < kBudgetPages)
+    GTEST_SKIP() << "fewer than " << kBudgetPages << " free huge pages (vm.nr_hugepages)";
+  ModelShape shape = small_model();
+  shape.hidden = 300 * 1024 + 1;
+  OpenedModel m(runtime::make_host_backend(2_MiB, runtime::HostPages::huge), shape);
+  ASSERT_GT(m.pages(), 2 * kBudgetPages);
+  for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
+    PagerOptions opt;
+    opt.budget_bytes = kBudgetPages * m.page_size();
+    opt.policy = policy;
+    Pager pager(m.space, opt);
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto* t : tensor_order(m.space.layout(), Order::random, 7 + pass))
+        check_tensor(pager, m, *t, false);
+    EXPECT_LE(pager.stats().peak_resident_bytes, opt.budget_bytes);
+    EXPECT_GT(pager.stats().evictions, 0u);
+  }
+}
+
+TEST(Pager, HugePagePoolLargerThanTheSystemHasNamesTheNumbersAndTheSetting) {
+  const runtime::HugePagePool pool = runtime::huge_page_pool();
+  if (pool.page_bytes == 0) {
+    EXPECT_THROW(runtime::make_host_backend(2_MiB, runtime::HostPages::huge), InvalidArgument);
+    return;
+  }
+  auto backend = runtime::make_host_backend(pool.page_bytes, runtime::HostPages::huge);
+  // Far more than are free, so that pages other tests give back meanwhile cannot make it fit.
+  const std::size_t chunks = pool.available + 65536;
+  try {
+    backend->create_pool(chunks, pool.page_bytes);
+    FAIL() << "a pool of " << chunks << " huge pages was created with " << pool.available
+           << " free";
+  } catch (const OutOfMemory& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("needs " + std::to_string(chunks) + " huge pages"), std::string::npos)
+        << what;
+    EXPECT_NE(what.find("nr_hugepages"), std::string::npos) << what;
+  }
+  EXPECT_THROW(runtime::make_host_backend(pool.page_bytes / 2, runtime::HostPages::huge),
+               InvalidArgument)
+      << "a page smaller than the huge page";
+}
+
 TEST(Pager, UnmappedPagesAreNotReadable) {
   OpenedModel m(runtime::make_host_backend(kPage), small_model());
   PagerOptions opt;

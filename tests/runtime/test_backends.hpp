@@ -171,6 +171,16 @@ struct HostBackendFactory {
   static constexpr const char* kName = "host";
   static std::unique_ptr<Backend> make() { return runtime::make_host_backend(); }
 };
+/// The host backend over huge pages, or nullptr (the suite skips) where the system has too few
+/// free for the suite's pools.
+struct HugeHostBackendFactory {
+  static constexpr const char* kName = "host-huge";
+  static std::unique_ptr<Backend> make() {
+    const runtime::HugePagePool pool = runtime::huge_page_pool();
+    if (pool.available < 4 || pool.page_bytes != (std::uint64_t{2} << 20)) return nullptr;
+    return runtime::make_host_backend(pool.page_bytes, runtime::HostPages::huge);
+  }
+};
 struct StagedBackendFactory {
   static constexpr const char* kName = "staged";
   static std::unique_ptr<Backend> make() { return std::make_unique<StagedBackend>(); }

@@ -26,6 +26,9 @@ void add_paging_options(CLI::App& cmd, PagingArgs& args) {
       ->check(CLI::IsMember({"guard", "fault"}))
       ->capture_default_str();
   cmd.add_flag("--no-prefetch{false}", args.prefetch, "Load pages only when an op needs them");
+  cmd.add_flag("--huge-pages", args.huge_pages,
+               "Take the budget's memory from the system's huge pages (vm.nr_hugepages); guard "
+               "mode");
 }
 
 ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingArgs& paging) {
@@ -57,6 +60,7 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
   options.policy = *runtime::parse_policy(paging.policy);
   options.mode = *runtime::parse_residency_mode(paging.mode);
   options.prefetch = paging.prefetch;
+  options.huge_pages = paging.huge_pages;
   s.weights_ = std::make_shared<torch::VirtualCheckpoint>(torch::open(dir, options));
   return s;
 }

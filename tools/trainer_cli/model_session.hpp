@@ -25,9 +25,10 @@ struct PagingArgs {
   std::string policy = "trace";
   std::string mode = "guard";
   bool prefetch = true;
+  bool huge_pages = false;
 };
 
-/// Adds --budget, --page-size, --policy, --mode, --no-prefetch to `cmd`.
+/// Adds --budget, --page-size, --policy, --mode, --no-prefetch, --huge-pages to `cmd`.
 void add_paging_options(CLI::App& cmd, PagingArgs& args);
 
 class ModelSession {

@@ -121,6 +121,7 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
   mapped_options.policy = options.policy;
   mapped_options.mode = options.mode;
   mapped_options.prefetch = options.prefetch;
+  mapped_options.huge_pages = options.huge_pages;
   auto state = std::make_shared<detail::CheckpointState>();
   state->mapped = runtime::MappedCheckpoint::open(path, mapped_options);
   for (const io::TensorInfo& info : state->mapped->checkpoint().tensors()) {

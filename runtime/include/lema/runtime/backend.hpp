@@ -17,7 +17,9 @@
 // Host backend (make_host_backend): reserve = mmap(PROT_NONE, MAP_NORESERVE); the pool is one
 // memfd of exactly chunks × chunk_bytes, also mapped once, whole, as the private pool window;
 // map = mmap(MAP_FIXED|MAP_SHARED, memfd, chunk offset); unmap = mmap(PROT_NONE, MAP_FIXED|
-// MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE) over the page. Fences are complete at once.
+// MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE) over the page. Fences are complete at once. With
+// HostPages::huge the memfd comes from the hugetlb pool and the reservation is aligned to the
+// huge page, so a 2 MiB page is one page-table entry to map, touch and unmap.
 //
 // Thread safety: every Backend member may be called from any thread concurrently, as long as
 // callers do not map/unmap the same address concurrently (the Pager guarantees that).
@@ -167,9 +169,27 @@ inline void Reservation::reset() noexcept {
   bytes_ = 0;
 }
 
+/// Where the host backend's pool memory comes from.
+enum class HostPages {
+  base,  ///< ordinary shared memory: 4 KiB page-table entries, 512 to map and unmap per 2 MiB
+  huge,  ///< the kernel's hugetlb pool (MFD_HUGETLB): one entry per huge page; the system must
+         ///< have enough free huge pages for the whole pool (vm.nr_hugepages)
+};
+
 /// The host backend (mmap + memfd). `granularity` defaults to 2 MiB (see host_backend.cpp); any
-/// power-of-two multiple of the OS page size is accepted (tests use 4 KiB pages for speed).
-/// Throws InvalidArgument for another value.
-std::unique_ptr<Backend> make_host_backend(std::uint64_t granularity = std::uint64_t{2} << 20);
+/// power-of-two multiple of the OS page size is accepted (tests use 4 KiB pages for speed), with
+/// HostPages::huge any multiple of the system's huge page size. Throws InvalidArgument for
+/// another value.
+std::unique_ptr<Backend> make_host_backend(std::uint64_t granularity = std::uint64_t{2} << 20,
+                                           HostPages pages = HostPages::base);
+
+/// The system's default huge page size and how many of them a new mapping can still take (free
+/// and not yet promised to a mapping, plus the overcommit headroom), from /sys/kernel/mm/hugepages;
+/// both zero where the kernel has no hugetlb pool.
+struct HugePagePool {
+  std::uint64_t page_bytes = 0;
+  std::uint64_t available = 0;
+};
+HugePagePool huge_page_pool();
 
 }  // namespace lema::runtime

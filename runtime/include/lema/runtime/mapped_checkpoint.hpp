@@ -38,6 +38,9 @@ struct MappedCheckpointOptions {
   PolicyKind policy = PolicyKind::lru;
   ResidencyMode mode = ResidencyMode::guard;
   bool prefetch = true;
+  /// Take the page pool from the system's huge pages (HostPages::huge): a page is one page-table
+  /// entry to map, touch and unmap instead of 512. Guard mode only.
+  bool huge_pages = false;
   io::ReaderOptions reader;
 };
 

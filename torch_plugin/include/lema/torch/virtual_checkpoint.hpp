@@ -40,6 +40,7 @@ struct Options {
   c10::Device device = c10::Device(c10::kCPU);  // only the CPU for now
   runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
   bool prefetch = true;
+  bool huge_pages = false;  // the pool from the system's huge pages (guard mode only)
 };
 
 namespace detail {
