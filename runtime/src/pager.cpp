@@ -63,6 +63,21 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   s->reader = reader ? std::move(reader) : open_reader(space, s->options);
   s->io_path = s->reader->path_name();
   s->pool = s->backend->create_pool(s->chunk_count, page_size);
+  if (s->options.host_cache_bytes != 0) {
+    LEMA_EXPECTS(s->pool->window(0) == nullptr,
+                 "a host cache tier serves device pools; the " +
+                     std::string(s->backend->name()) +
+                     " backend's pages are host memory and the kernel's page cache keeps what "
+                     "was read: leave the host cache at 0");
+    const std::uint64_t slots = s->options.host_cache_bytes / page_size;
+    LEMA_EXPECTS(slots > 0, "the host cache of " + format_size(s->options.host_cache_bytes) +
+                                " holds no page of " + format_size(page_size) +
+                                "; give at least one page, or 0 for none");
+    // More slots than pages would never be used.
+    s->host_cache = std::make_unique<HostPageCache>(
+        *s->backend, page_size, static_cast<std::size_t>(std::min<std::uint64_t>(
+                                    slots, space.page_count())));
+  }
   s->pages.resize(space.page_count());
   s->chunk_owner.assign(s->chunk_count, kNoPage);
   s->free_chunks.reserve(s->chunk_count);
@@ -194,8 +209,11 @@ bool Pager::is_resident(PageId page) const {
 }
 
 PagerStats Pager::stats() const {
-  return state_->counters.snapshot(state_->page_size, state_->options.budget_bytes,
-                                   state_->io_path);
+  PagerStats st = state_->counters.snapshot(state_->page_size, state_->options.budget_bytes,
+                                            state_->io_path);
+  if (state_->host_cache)
+    st.host_cache_bytes = state_->host_cache->slot_count() * state_->page_size;
+  return st;
 }
 
 const EventRing& Pager::events() const noexcept {

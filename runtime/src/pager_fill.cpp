@@ -2,6 +2,7 @@
 // page in the `filling` state belongs to the one thread that claimed it, and so do its chunk and
 // its (unmapped) model address.
 #include <cstring>
+#include <optional>
 
 #include "pager_state.hpp"
 
@@ -47,14 +48,26 @@ void give_back_staging(Pager::State& s, std::unique_ptr<StagingBuffer> b) {
 
 void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origin) {
   const Layout& layout = *s.layout;
-  // Host-visible pools are filled in place through the pool window; device pools through a
-  // staging buffer and a copy on the backend's copy queue.
+  HostPageCache* cache = s.host_cache.get();
+  // Host-visible pools are filled in place through the pool window; device pools through host
+  // memory (a slot of the host cache tier, else a staging buffer) and a copy on the backend's
+  // copy queue.
   std::vector<std::unique_ptr<StagingBuffer>> staging(claims.size());
+  std::vector<std::optional<std::size_t>> slot(claims.size());
+  std::vector<bool> cached(claims.size(), false);  // the slot already holds the page: no read
+  std::vector<bool> read_done(claims.size(), false);  // every byte of the page was read
   std::vector<io::ReadTicket> tickets(claims.size());
   for (std::size_t i = 0; i < claims.size(); ++i) {
     FillClaim& c = claims[i];
     try {
       std::byte* dest = s.pool->window(c.chunk);
+      if (dest == nullptr && cache != nullptr) {
+        slot[i] = cache->pin_cached(c.page);
+        cached[i] = slot[i].has_value();
+        if (cached[i]) continue;
+        slot[i] = cache->claim_for(c.page);
+        if (slot[i]) dest = cache->data(*slot[i]);
+      }
       if (dest == nullptr) {
         staging[i] = take_staging(s);
         dest = staging[i]->bytes().data();
@@ -75,10 +88,13 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
     if (c.error) continue;
     try {
       if (tickets[i].valid()) tickets[i].wait();
-      if (staging[i]) {
+      read_done[i] = !cached[i];
+      const std::byte* source = staging[i]   ? staging[i]->bytes().data()
+                                : slot[i] ? cache->data(*slot[i])
+                                          : nullptr;
+      if (source != nullptr) {
         const Fence copied = s.backend->copy_to_chunk(
-            *s.pool, c.chunk, 0,
-            std::span<const std::byte>(staging[i]->bytes().data(), s.page_size));
+            *s.pool, c.chunk, 0, std::span<const std::byte>(source, s.page_size));
         s.backend->wait_fence(copied);
       }
       // Note [Map after fill]: the page appears at its model address only now that every byte
@@ -91,7 +107,10 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
         s.counters.page_unmapped();
         throw;
       }
-      s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(c.page));
+      if (cached[i])
+        s.counters.add(s.counters.host_cache_hits);
+      else
+        s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(c.page));
     } catch (const io::ReadError& e) {
       // A copy owned by this thread: the original is shared with the reader's thread, which
       // may free it after this function returns.
@@ -99,6 +118,17 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
     } catch (...) {
       c.error = std::current_exception();
     }
+  }
+  for (std::size_t i = 0; i < claims.size(); ++i) {
+    if (!slot[i]) continue;
+    // A slot read into keeps its page only when the read succeeded (whether or not the copy or
+    // the map did: the bytes are the file's either way).
+    if (cached[i])
+      cache->unpin(*slot[i]);
+    else if (read_done[i])
+      cache->commit(*slot[i]);
+    else
+      cache->abandon(*slot[i]);
   }
   for (auto& b : staging)
     if (b) give_back_staging(s, std::move(b));

@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "host_page_cache.hpp"
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/profile.hpp"
 
@@ -63,6 +64,7 @@ struct Pager::State {
   std::unique_ptr<io::Reader> reader;
   std::string io_path;
   std::unique_ptr<PhysicalPool> pool;
+  std::unique_ptr<HostPageCache> host_cache;  // device pools with a host cache tier only
 
   PagerCounters counters;
   EventRing events;

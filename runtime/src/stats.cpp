@@ -22,6 +22,7 @@ PagerStats PagerCounters::snapshot(std::uint64_t page_size, std::uint64_t budget
   s.bytes_read = get(bytes_read);
   s.evictions = get(evictions);
   s.stall_ns = get(stall_ns);
+  s.host_cache_hits = get(host_cache_hits);
   s.resident_bytes = get(resident_pages) * page_size;
   s.peak_resident_bytes = get(peak_resident_pages) * page_size;
   s.budget_bytes = budget_bytes;

@@ -353,6 +353,36 @@ TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   EXPECT_EQ(fake().live_handles(), before);
 }
 
+// The host cache tier over the cuda backend: pinned staging slots hold pages read once, later
+// fills only copy host to device, and every pinned buffer is freed with the pager.
+TEST(CudaPager, HostCacheTierServesLaterPassesWithoutReading) {
+  FakeSetting pages("granularity", static_cast<long long>(kPage));
+  const std::uint64_t misuses = fake().misuse_count();
+  const std::uint64_t before = fake().live_handles();
+  {
+    OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-cache");
+    PagerOptions opt;
+    opt.budget_bytes = 3 * kPage;
+    opt.host_cache_bytes = m.pages() * kPage;
+    opt.policy = PolicyKind::trace;
+    Pager pager(m.space, opt);
+    for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0))
+      check_tensor(pager, m, *t, false);
+    pager.quiesce();
+    const auto first = pager.stats();
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0))
+        check_tensor(pager, m, *t, false);
+    pager.quiesce();
+    const auto later = pager.stats();
+    EXPECT_EQ(later.bytes_read, first.bytes_read);
+    EXPECT_GT(later.host_cache_hits, first.host_cache_hits);
+    EXPECT_LE(later.peak_resident_bytes, opt.budget_bytes);
+  }
+  EXPECT_EQ(fake().misuse_count(), misuses);
+  EXPECT_EQ(fake().live_handles(), before) << "a pinned slot outlived the pager";
+}
+
 // A page's chunk is reused only after the kernel that read it (a pending stream operation) has
 // completed: the fake reports any unmap before that as misuse.
 TEST(CudaPager, LastUseFenceHoldsTheChunkUntilTheKernelCompleted) {

@@ -5,14 +5,18 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "lema/io/checkpoint.hpp"
+#include "lema/io/reader.hpp"
 #include "lema/runtime/address_space.hpp"
 #include "lema/runtime/pager.hpp"
 #include "runtime_fixture.hpp"
@@ -37,6 +41,17 @@ struct OpenedModel {
   std::unique_ptr<runtime::Backend> backend;
   runtime::AddressSpace space;
   std::map<std::string, std::vector<std::byte>> expected;
+};
+
+// Fails reads of one file region until switched off.
+struct FailingRegion : io::FaultInjector {
+  std::atomic<bool> on{true};
+  std::uint32_t file = 0;
+  std::uint64_t begin = 0, end = 0;
+  std::optional<long> inject(std::uint32_t f, std::uint64_t offset, std::uint64_t length) override {
+    if (on && f == file && offset < end && offset + length > begin) return -EIO;
+    return std::nullopt;
+  }
 };
 
 enum class Order { layer, reverse, random };

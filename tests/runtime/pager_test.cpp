@@ -264,17 +264,6 @@ TEST(Pager, WaitsForLeasesOfOtherThreads) {
   EXPECT_TRUE(done.load());
 }
 
-// Fails reads of one file region until switched off.
-struct FailingRegion : io::FaultInjector {
-  std::atomic<bool> on{true};
-  std::uint32_t file = 0;
-  std::uint64_t begin = 0, end = 0;
-  std::optional<long> inject(std::uint32_t f, std::uint64_t offset, std::uint64_t length) override {
-    if (on && f == file && offset < end && offset + length > begin) return -EIO;
-    return std::nullopt;
-  }
-};
-
 TEST(Pager, ReadErrorFailsTheAcquireLeavesThePageUnmappedAndALaterAcquireRetries) {
   OpenedModel m(runtime::make_host_backend(kPage), small_model());
   const auto& t = *m.space.layout().find("model.layers.1.mlp.up_proj.weight");

@@ -62,6 +62,11 @@ struct PagerOptions {
   std::size_t prefetch_depth = 8;  // pages asked of predict_next() after each access
   Access access = Access::read;    // protection of mapped pages (weights are read-only)
   io::ReaderOptions reader;        // used when the Pager opens its own Reader
+  // The staged host cache tier of a device pool (a pool without a host window): pages read from
+  // the files stay in this much host staging memory (pinned on CUDA), so a later fill of the
+  // page only copies host to device. 0: off. Rejected for host-visible pools, whose pages the
+  // kernel's page cache keeps already.
+  std::uint64_t host_cache_bytes = 0;
   std::size_t event_capacity = 1u << 16;
 };
 

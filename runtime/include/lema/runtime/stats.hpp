@@ -30,6 +30,8 @@ struct PagerStats {
   std::uint64_t stall_ns = 0;
   std::uint64_t resident_bytes = 0;
   std::uint64_t peak_resident_bytes = 0;
+  std::uint64_t host_cache_hits = 0;   // fills copied from the host cache tier, not read
+  std::uint64_t host_cache_bytes = 0;  // the host cache tier's size (0: none)
   std::uint64_t budget_bytes = 0;  // as given; the pool holds floor(budget / page size) pages
   std::uint64_t page_size = 0;
   std::string io_path;  // Reader::path_name()
@@ -47,6 +49,7 @@ class PagerCounters {
   std::atomic<std::uint64_t> stall_ns{0};
   std::atomic<std::uint64_t> resident_pages{0};
   std::atomic<std::uint64_t> peak_resident_pages{0};
+  std::atomic<std::uint64_t> host_cache_hits{0};
 
   void add(std::atomic<std::uint64_t>& counter, std::uint64_t v = 1) noexcept {
     counter.fetch_add(v, std::memory_order_relaxed);
