@@ -1,14 +1,18 @@
-// device_bench OUT_DIR [--total BYTES] [--reps N]
+// device_bench OUT_DIR [--total BYTES] [--reps N] [--pager-model BYTES] [--passes N]
 //
 // Measures, on the driver LEMA_CUDA_DRIVER names (default libcuda.so.1):
 //  - h2d: pinned host → device copies of 2 MiB and 64 MiB, cuMemcpyHtoDAsync from cuMemHostAlloc
 //    memory into cuMemAlloc memory on one stream (the cudaMemcpyAsync baseline), against the cuda
 //    backend's pipeline: copy_to_chunk from a ring of 4 pinned staging buffers into pool chunks,
 //    each page mapped at its model address after its fill fence and unmapped again;
-//  - vmm: cuMemMap, cuMemSetAccess, cuMemUnmap per call, for chunks of 2, 8, 32 and 64 MiB.
+//  - vmm: cuMemMap, cuMemSetAccess, cuMemUnmap per call, for chunks of 2, 8, 32 and 64 MiB;
+//  - pager: passes of the Pager over a generated checkpoint of --pager-model bytes under a quarter
+//    of it, without and with the host cache tier (later passes then only cross PCIe).
 // Host wall-clock timing around stream synchronization. Writes device_bench.json and
 // device_bench.md into OUT_DIR. Against the fake driver the numbers are host memcpy and mmap
 // costs, not GPU figures.
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +24,7 @@
 #include <vector>
 
 #include "cuda/driver_api.hpp"
+#include "pager_passes.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/cuda_backend.hpp"
 
@@ -175,9 +180,14 @@ int main(int argc, char** argv) {
   const std::filesystem::path out = argv[1];
   std::uint64_t total = std::uint64_t{4} << 30;
   int reps = 50;
+  std::uint64_t pager_model = std::uint64_t{1} << 30;
+  int passes = 3;
   for (int i = 2; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--total") == 0) total = lema::parse_size(argv[i + 1], "--total");
     if (std::strcmp(argv[i], "--reps") == 0) reps = std::atoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--pager-model") == 0)
+      pager_model = lema::parse_size(argv[i + 1], "--pager-model");
+    if (std::strcmp(argv[i], "--passes") == 0) passes = std::atoi(argv[i + 1]);
   }
   const std::string reason = rt::cuda_backend_unavailable_reason();
   if (!reason.empty()) {
@@ -211,6 +221,11 @@ int main(int argc, char** argv) {
                           {"set_access_us", c.set_access_us},
                           {"unmap_us", c.unmap_us}});
     }
+    // Not under OUT_DIR: that folder travels back from the device machine.
+    j["pager"] = lema::bench::measure_pager_passes(
+        std::filesystem::temp_directory_path() /
+            ("lema-device-bench-" + std::to_string(::getpid())),
+        pager_model, passes);
     d.api->primary_ctx_release(d.dev);
 
     std::filesystem::create_directories(out);
@@ -237,6 +252,23 @@ int main(int argc, char** argv) {
                     v["map_us"].get<double>(), v["set_access_us"].get<double>(),
                     v["unmap_us"].get<double>());
       md << row;
+    }
+    const auto& pg = j["pager"];
+    md << "\nPager passes over " << lema::format_size(pg["model_bytes"].get<std::uint64_t>())
+       << " in pages of " << lema::format_size(pg["page_bytes"].get<std::uint64_t>())
+       << ", budget " << lema::format_size(pg["budget_bytes"].get<std::uint64_t>())
+       << ", trace policy\n\n| host cache | pass | s | GB/s | read from files | host cache hits "
+          "|\n|---|---|---|---|---|---|\n";
+    for (const auto& run : pg["runs"]) {
+      int n = 0;
+      for (const auto& p : run["passes"]) {
+        std::snprintf(row, sizeof row, "| %s | %d | %.3f | %.2f | %s | %llu |\n",
+                      lema::format_size(run["host_cache_bytes"].get<std::uint64_t>()).c_str(),
+                      ++n, p["seconds"].get<double>(), p["gbps"].get<double>(),
+                      lema::format_size(p["bytes_read"].get<std::uint64_t>()).c_str(),
+                      static_cast<unsigned long long>(p["host_cache_hits"].get<std::uint64_t>()));
+        md << row;
+      }
     }
     std::printf("%s", j.dump(2).c_str());
     std::printf("\n");

@@ -4,7 +4,8 @@
 #   OUT_DIR/environment.txt     card, driver, date, toolkit, torch
 #   OUT_DIR/ctest_gpu.log       the gpu-labelled tests (they skip, naming the reason, without GPU)
 #   OUT_DIR/device_bench.json   H2D bandwidth (driver baseline vs the backend's pipeline) and
-#   OUT_DIR/device_bench.md     map / set-access / unmap cost per chunk size (2, 8, 32, 64 MiB)
+#   OUT_DIR/device_bench.md     map / set-access / unmap cost per chunk size (2, 8, 32, 64 MiB),
+#                               Pager passes without and with the host cache tier
 #
 #   benchmarks/device/run.sh OUT_DIR                    # on the GPU machine
 #   benchmarks/device/run.sh --cpu-rehearsal OUT_DIR    # here: system packages, the fake driver
@@ -113,7 +114,7 @@ if [[ $rehearsal -eq 1 ]]; then
 fi
 
 # ---- benchmarks ----
-if [[ $rehearsal -eq 1 ]]; then bench_args=(--total 256MiB --reps 10); else bench_args=(--total 8GiB --reps 100); fi
+if [[ $rehearsal -eq 1 ]]; then bench_args=(--total 256MiB --reps 10 --pager-model 64MiB); else bench_args=(--total 8GiB --reps 100 --pager-model 4GiB); fi
 "$build/benchmarks/device/device_bench" "$out" "${bench_args[@]}" > "$out/device_bench.log" 2>&1 ||
   { tail -20 "$out/device_bench.log"; exit 1; }
 if [[ $rehearsal -eq 1 ]]; then
