@@ -53,7 +53,6 @@ void HostPageCache::commit(std::size_t index) {
   Slot& slot = slots_.at(index);
   slot.holds_page = true;
   by_page_[slot.page] = index;
-  --slot.pins;
 }
 
 void HostPageCache::unpin(std::size_t index) {

@@ -33,9 +33,10 @@ class HostPageCache {
   std::optional<std::size_t> claim_for(PageId page);
   /// The slot's bytes, page_size of them (allocates the staging buffer on first use).
   std::byte* data(std::size_t slot);
-  /// The read into a claimed slot succeeded: it holds its page from now on. Unpins.
+  /// The read into a claimed slot succeeded: it holds its page from now on. The slot stays
+  /// pinned until unpin() (its copy to the device may still be running).
   void commit(std::size_t slot);
-  /// Done copying from a slot pinned by pin_cached().
+  /// Done with a slot from pin_cached(), or with a committed one: nothing copies from it now.
   void unpin(std::size_t slot);
   /// The read into a claimed slot failed: it holds no page. Unpins.
   void abandon(std::size_t slot);

@@ -112,6 +112,7 @@ Pager::~Pager() {
   }
   s.prefetch_cv.notify_all();
   if (s.prefetch_thread.joinable()) s.prefetch_thread.join();
+  retire_copies(s, 0);  // staging memory outlives the copies reading it
   // Unmap what is still mapped so the reservation holds no reference to the pool's memory.
   std::lock_guard lock(s.mutex);
   for (PageId p = 0; p < s.pages.size(); ++p) {
@@ -243,6 +244,9 @@ void publish_fills(Pager::State& s, std::span<const FillClaim> claims) {
       s.free_chunks.push_back(c.chunk);
     } else {
       e.state = PageState::resident;
+      e.ready = c.ready;
+      // Not unmapped, nor its chunk reused, while the copy may still write it.
+      if (!c.ready.trivially_complete()) e.fences.push_back(c.ready);
       s.policy->on_resident(c.page);
     }
   }

@@ -40,6 +40,35 @@ std::size_t own_pins_outside(const Pager::State& s, std::span<const PageId> requ
 
 enum class Outcome { done, retry };
 
+// Note [Device fills]: the copies into device chunks that may still run for `pages` (pinned by
+// the caller, so none is evicted meanwhile). A consumer queue waits for them on the device;
+// without one the caller waits on the host.
+void wait_until_ready(Pager::State& s, std::span<const PageId> pages, const Queue* consumer) {
+  std::vector<Fence> running;
+  {
+    std::lock_guard lock(s.mutex);
+    for (PageId p : pages) {
+      PageEntry& e = s.pages[p];
+      if (e.ready.trivially_complete()) continue;
+      if (s.backend->fence_complete(e.ready))
+        e.ready = Fence{};
+      else
+        running.push_back(e.ready);
+    }
+  }
+  if (running.empty()) return;
+  if (consumer != nullptr) {
+    for (const Fence& f : running) s.backend->queue_wait(*consumer, f);
+    return;
+  }
+  const std::uint64_t start = now_ns();
+  for (const Fence& f : running) s.backend->wait_fence(f);
+  const std::uint64_t took = now_ns() - start;
+  s.counters.add(s.counters.stall_ns, took);
+  record_event(s, EventKind::stall, pages.front(), static_cast<std::uint32_t>(pages.size()), 0,
+               start, took);
+}
+
 }  // namespace
 
 Lease Pager::acquire(const void* ptr, std::uint64_t bytes) {
@@ -48,6 +77,14 @@ Lease Pager::acquire(const void* ptr, std::uint64_t bytes) {
 }
 
 Lease Pager::acquire(std::span<const ByteRange> ranges) {
+  return acquire_ranges(ranges, nullptr);
+}
+
+Lease Pager::acquire(std::span<const ByteRange> ranges, Queue consumer) {
+  return acquire_ranges(ranges, &consumer);
+}
+
+Lease Pager::acquire_ranges(std::span<const ByteRange> ranges, const Queue* consumer) {
   std::vector<PageId> pages;
   for (const ByteRange& r : ranges) {
     const PageRange pr = state_->space->pages_of(r.ptr, r.bytes);
@@ -55,10 +92,18 @@ Lease Pager::acquire(std::span<const ByteRange> ranges) {
   }
   std::sort(pages.begin(), pages.end());
   pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-  return acquire_sorted(std::move(pages));
+  return acquire_sorted(std::move(pages), consumer);
 }
 
 Lease Pager::acquire_pages(PageRange range) {
+  return acquire_page_range(range, nullptr);
+}
+
+Lease Pager::acquire_pages(PageRange range, Queue consumer) {
+  return acquire_page_range(range, &consumer);
+}
+
+Lease Pager::acquire_page_range(PageRange range, const Queue* consumer) {
   LEMA_EXPECTS(static_cast<std::uint64_t>(range.first) + range.count <= state_->pages.size(),
                "acquire: pages [" + std::to_string(range.first) + ", " +
                    std::to_string(static_cast<std::uint64_t>(range.first) + range.count) +
@@ -66,10 +111,10 @@ Lease Pager::acquire_pages(PageRange range) {
                    " pages");
   std::vector<PageId> pages(range.count);
   for (std::uint32_t i = 0; i < range.count; ++i) pages[i] = range.first + i;
-  return acquire_sorted(std::move(pages));
+  return acquire_sorted(std::move(pages), consumer);
 }
 
-Lease Pager::acquire_sorted(std::vector<PageId> pages) {
+Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer) {
   State& s = *state_;
   if (pages.size() > s.chunk_count) throw_too_big(s, pages.size());
   Lease lease;
@@ -146,7 +191,7 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages) {
           e.chunk = chunk;
           e.prefetched = false;
           s.chunk_owner[chunk] = p;
-          to_fill.push_back({p, chunk, nullptr});
+          to_fill.push_back({p, chunk, nullptr, {}});
           break;
         }
       }
@@ -204,7 +249,10 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages) {
       release_pins(lease, Fence{});
       std::rethrow_exception(error);
     }
-    if (!lost) return lease;
+    if (!lost) {
+      wait_until_ready(s, pages, consumer);
+      return lease;
+    }
     // Another thread's fill of one of our pages failed: drop everything and start over, so
     // this acquire fills the page itself (and reports the error if it persists).
     release_pins(lease, Fence{});

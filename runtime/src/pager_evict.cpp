@@ -43,6 +43,7 @@ std::uint32_t evict_page(Pager::State& s, PageId page) {
   e.state = PageState::absent;
   e.prefetched = false;
   e.fences.clear();
+  e.ready = Fence{};
   s.chunk_owner[chunk] = kNoPage;
   s.policy->on_evicted(page);
   if (s.evict_hook) s.evict_hook(page);

@@ -1,6 +1,8 @@
 // Filling chunks from the checkpoint files and mapping them. Runs without the pager's lock: a
 // page in the `filling` state belongs to the one thread that claimed it, and so do its chunk and
 // its (unmapped) model address.
+#include <spdlog/spdlog.h>
+
 #include <cstring>
 #include <optional>
 
@@ -27,7 +29,12 @@ std::vector<io::ReadRequest> requests_for(const Layout& layout, PageId page, std
   return batch;
 }
 
+// Copies to the device allowed in flight at once: the pinned staging memory they hold is
+// bounded by this many pages (beyond the host cache tier's own slots).
+constexpr std::size_t kCopiesInFlight = 16;
+
 std::unique_ptr<StagingBuffer> take_staging(Pager::State& s) {
+  retire_copies(s, kCopiesInFlight);
   {
     std::lock_guard lock(s.staging_mutex);
     if (!s.staging_free.empty()) {
@@ -93,13 +100,21 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
                                 : slot[i] ? cache->data(*slot[i])
                                           : nullptr;
       if (source != nullptr) {
-        const Fence copied = s.backend->copy_to_chunk(
-            *s.pool, c.chunk, 0, std::span<const std::byte>(source, s.page_size));
-        s.backend->wait_fence(copied);
+        // Note [Device fills]: the copy is left running on the backend's copy queue. The page
+        // is mapped now (a host-side call) but read only by work that waits for `ready`: the
+        // acquirer's consumer queue, or the acquirer itself on the host. The host memory it
+        // copies from is given back once it completed (retire_copies).
+        c.ready = s.backend->copy_to_chunk(*s.pool, c.chunk, 0,
+                                           std::span<const std::byte>(source, s.page_size));
+        if (slot[i] && !cached[i]) cache->commit(*slot[i]);
+        std::lock_guard lock(s.staging_mutex);
+        s.copies_in_flight.push_back({c.ready, std::move(staging[i]), slot[i]});
+        slot[i].reset();
       }
-      // Note [Map after fill]: the page appears at its model address only now that every byte
-      // of it is in the chunk, so no reader of the model address can ever see a partial page.
-      // Counted before the map so the peak can never miss a mapped page.
+      // Note [Map after fill]: on a host-visible pool the page appears at its model address
+      // only now that every byte of it is in the chunk, so no reader of the model address can
+      // ever see a partial page. Counted before the map so the peak can never miss a mapped
+      // page.
       s.counters.page_mapped();
       try {
         s.backend->map(*s.pool, c.chunk, s.space->page_address(c.page), s.options.access);
@@ -119,19 +134,44 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
       c.error = std::current_exception();
     }
   }
+  // Slots and buffers whose copy was never issued (a read or copy error).
   for (std::size_t i = 0; i < claims.size(); ++i) {
     if (!slot[i]) continue;
-    // A slot read into keeps its page only when the read succeeded (whether or not the copy or
-    // the map did: the bytes are the file's either way).
-    if (cached[i])
+    if (cached[i]) {
       cache->unpin(*slot[i]);
-    else if (read_done[i])
+    } else if (read_done[i]) {  // the bytes are the file's even though the copy failed
       cache->commit(*slot[i]);
-    else
+      cache->unpin(*slot[i]);
+    } else {
       cache->abandon(*slot[i]);
+    }
   }
   for (auto& b : staging)
     if (b) give_back_staging(s, std::move(b));
+  retire_copies(s, kCopiesInFlight);
+}
+
+void retire_copies(Pager::State& s, std::size_t keep) noexcept {
+  for (;;) {
+    CopyInFlight done;
+    {
+      std::lock_guard lock(s.staging_mutex);
+      auto& q = s.copies_in_flight;
+      if (q.empty()) return;
+      const bool over = q.size() > keep;
+      // One copy queue runs them in order: the oldest completes first.
+      if (!over && !s.backend->fence_complete(q.front().copied)) return;
+      done = std::move(q.front());
+      q.pop_front();
+    }
+    try {
+      s.backend->wait_fence(done.copied);  // returns at once unless over the limit
+    } catch (const std::exception& e) {
+      spdlog::error("pager: waiting for a copy to the device failed: {}", e.what());
+    }
+    if (done.cache_slot) s.host_cache->unpin(*done.cache_slot);
+    if (done.staging) give_back_staging(s, std::move(done.staging));
+  }
 }
 
 }  // namespace lema::runtime

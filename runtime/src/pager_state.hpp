@@ -12,6 +12,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -44,7 +45,10 @@ struct PageEntry {
   bool prefetched = false;  // filled by the prefetcher and not accessed since
   std::uint32_t chunk = 0;  // valid unless absent
   std::uint32_t pins = 0;
-  std::vector<Fence> fences;  // last-use fences not yet seen complete
+  std::vector<Fence> fences;  // last-use fences (and the fill's copy) not yet seen complete
+  // The fill's copy to a device chunk, until seen complete: an acquirer makes its consumer
+  // queue wait for it (or waits on the host). Always complete for host-visible pools.
+  Fence ready;
 };
 
 /// A page given a chunk to fill, and the outcome.
@@ -52,6 +56,15 @@ struct FillClaim {
   PageId page = 0;
   std::uint32_t chunk = 0;
   std::exception_ptr error;  // set when the read or the map failed
+  Fence ready;               // the copy into a device chunk (see PageEntry::ready)
+};
+
+/// Host memory a copy to the device still reads from: a staging buffer or a host cache slot,
+/// given back once the copy completed.
+struct CopyInFlight {
+  Fence copied;
+  std::unique_ptr<StagingBuffer> staging;
+  std::optional<std::size_t> cache_slot;
 };
 
 struct Pager::State {
@@ -90,6 +103,7 @@ struct Pager::State {
   // ---- guarded by staging_mutex (device backends only) ----
   std::mutex staging_mutex;
   std::vector<std::unique_ptr<StagingBuffer>> staging_free;
+  std::deque<CopyInFlight> copies_in_flight;  // oldest first
 
   std::thread prefetch_thread;
 
@@ -115,8 +129,12 @@ std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates);
 /// Who fills: a caller that faulted (and waits), or the prefetch thread.
 enum class FillOrigin { demand, prefetch };
 /// Reads each claim's page into its chunk and maps it at the model address. Errors are stored
-/// per claim; never throws.
+/// per claim; never throws. Copies into device chunks are left running: each claim's `ready`
+/// fence says when its bytes are there.
 void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origin);
+/// Gives back the host memory of completed copies; waits on the host for the oldest ones while
+/// more than `keep` are in flight (bounding pinned staging memory).
+void retire_copies(Pager::State& s, std::size_t keep) noexcept;
 
 // ---- pager_acquire.cpp / pager.cpp (caller holds State::mutex) ----
 

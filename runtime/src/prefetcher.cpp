@@ -50,7 +50,7 @@ std::vector<FillClaim> claim_predictions(Pager::State& s) {
     e.chunk = chunk;
     e.prefetched = true;
     s.chunk_owner[chunk] = p;
-    claims.push_back({p, chunk, nullptr});
+    claims.push_back({p, chunk, nullptr, {}});
   }
   return claims;
 }

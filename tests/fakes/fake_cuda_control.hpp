@@ -36,6 +36,7 @@ class FakeCudaControl {
     bind(stream_touch_, "fake_cuda_stream_touch");
     bind(prefetches_, "fake_cuda_prefetches");
     bind(test_stream_, "fake_cuda_test_stream");
+    bind(stream_sum_, "fake_cuda_stream_sum");
   }
   FakeCudaControl(const FakeCudaControl&) = delete;
   FakeCudaControl& operator=(const FakeCudaControl&) = delete;
@@ -43,7 +44,8 @@ class FakeCudaControl {
 
   /// Settings: "vmm" (0/1), "devices", "memory" (bytes of device memory), "granularity",
   /// "strict" (abort on misuse), "managed" (0/1), "hold" (1: every stream, the backends' copy
-  /// streams included, starts no further operation). Returns the previous value.
+  /// streams included, starts no further operation), "hold_backend" (1: the same for every
+  /// stream but the tests' own). Returns the previous value.
   long long configure(const char* key, long long value) { return configure_(key, value); }
   std::uint64_t misuse_count() { return misuse_count_(); }
   std::string last_misuse() {
@@ -59,6 +61,17 @@ class FakeCudaControl {
   /// Enqueues on `stream` an operation that reads [addr, addr + bytes) as a kernel would.
   int touch(void* stream, const void* addr, std::size_t bytes) {
     return stream_touch_(stream, addr, bytes);
+  }
+  /// Enqueues on `stream` a kernel that reads [addr, addr + bytes) and writes a hash of the bytes
+  /// (FNV-style, as hash_bytes below) into *out when it runs.
+  int sum(void* stream, const void* addr, std::size_t bytes, std::uint64_t* out) {
+    return stream_sum_(stream, addr, bytes, out);
+  }
+  static std::uint64_t hash_bytes(const void* addr, std::size_t bytes) {
+    std::uint64_t sum = 0;
+    const auto* p = static_cast<const unsigned char*>(addr);
+    for (std::size_t i = 0; i < bytes; ++i) sum = sum * 1099511628211ull + p[i];
+    return sum;
   }
   /// Prefetches issued so far, to the device (to_device) or to the host.
   std::uint64_t prefetches(bool to_device) { return prefetches_(to_device ? 1 : 0); }
@@ -82,6 +95,7 @@ class FakeCudaControl {
   int (*stream_touch_)(void*, const void*, std::size_t) = nullptr;
   std::uint64_t (*prefetches_)(int) = nullptr;
   void* (*test_stream_)(void*, int) = nullptr;
+  int (*stream_sum_)(void*, const void*, std::size_t, std::uint64_t*) = nullptr;
 };
 
 }  // namespace lema::test

@@ -57,6 +57,7 @@ struct Stream {
   std::uint64_t completed = 0;
   bool held = false;
   bool stop = false;
+  bool test = false;  // made by fake_cuda_test_stream (plays a compute stream)
   std::thread worker;
 };
 
@@ -117,6 +118,7 @@ struct Driver {
   long long managed = static_cast<long long>(env_number("LEMA_FAKE_CUDA_MANAGED", 1));
   long long strict = static_cast<long long>(env_number("LEMA_FAKE_CUDA_STRICT", 0));
   long long hold_all = 0;  // every stream starts no further operation while set
+  long long hold_backend = 0;  // the same for streams the code under test made (copy streams)
 
   std::size_t device_used = 0;
   int context_retains = 0;
@@ -179,7 +181,8 @@ void run_stream(Stream* s) {
   for (;;) {
     d.cv.wait(lk, [&] {
       if (s->queue.empty()) return s->stop;
-      if ((s->held || d.hold_all != 0) && !s->stop) return false;
+      const bool held = s->held || d.hold_all != 0 || (d.hold_backend != 0 && !s->test);
+      if (held && !s->stop) return false;
       const Op& front = s->queue.front();
       return !front.ready || front.ready();
     });
@@ -931,6 +934,7 @@ FAKE_EXPORT long long fake_cuda_configure(const char* key, long long value) {
   if (k == "managed") slot = &d.managed;
   if (k == "strict") slot = &d.strict;
   if (k == "hold") slot = &d.hold_all;
+  if (k == "hold_backend") slot = &d.hold_backend;
   if (slot == nullptr) {
     std::fprintf(stderr, "fake CUDA driver: unknown setting '%s'\n", key);
     std::abort();
@@ -979,23 +983,47 @@ FAKE_EXPORT void fake_cuda_stream_hold(void* stream, int held) {
 }
 
 // A kernel reading [addr, addr + bytes): its memory is in use until the operation completes.
-// Returns 0, or -1 (a misuse) when part of the range is not mapped for the device.
-FAKE_EXPORT int fake_cuda_stream_touch(void* stream, const void* addr, std::size_t bytes) {
-  Driver& d = drv();
-  Lock lk(d.mu);
-  auto s = stream_of(d, static_cast<CUstream>(stream));
-  if (!s) return -1;
-  Op op;
+// False (a misuse) when part of the range is not mapped for the device. Lock held.
+bool kernel_op(Driver& d, const void* addr, std::size_t bytes, Op& op) {
   const auto lo = reinterpret_cast<std::uintptr_t>(addr);
   for (std::uintptr_t p = lo; p < lo + bytes;) {
     auto m = mapping_at(d, p);
     if (m == d.mappings.end() || m->second.prot == PROT_NONE) {
       misuse(d, "a kernel touched " + hex(p) + ", which is not mapped for the device");
-      return -1;
+      return false;
     }
     op.uses.push_back(m->second.handle);
     p = m->first + m->second.size;
   }
+  return true;
+}
+
+// Returns 0, or -1 (a misuse, or an unknown stream).
+FAKE_EXPORT int fake_cuda_stream_touch(void* stream, const void* addr, std::size_t bytes) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  auto s = stream_of(d, static_cast<CUstream>(stream));
+  Op op;
+  if (!s || !kernel_op(d, addr, bytes, op)) return -1;
+  enqueue(d, *s, std::move(op));
+  return 0;
+}
+
+// A kernel that hashes the bytes of [addr, addr + bytes) into *out when it runs: what a kernel
+// ordered after the copies it depends on reads.
+FAKE_EXPORT int fake_cuda_stream_sum(void* stream, const void* addr, std::size_t bytes,
+                                     std::uint64_t* out) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  auto s = stream_of(d, static_cast<CUstream>(stream));
+  Op op;
+  if (!s || !kernel_op(d, addr, bytes, op)) return -1;
+  op.run = [addr, bytes, out] {
+    std::uint64_t sum = 0;
+    const auto* p = static_cast<const unsigned char*>(addr);
+    for (std::size_t i = 0; i < bytes; ++i) sum = sum * 1099511628211ull + p[i];
+    *out = sum;
+  };
   enqueue(d, *s, std::move(op));
   return 0;
 }
@@ -1010,6 +1038,9 @@ FAKE_EXPORT void* fake_cuda_test_stream(void* stream, int create) {
   if (create) {
     CUstream s = nullptr;
     fStreamCreate(&s, 0);
+    Driver& d = drv();
+    Lock lk(d.mu);
+    if (auto st = stream_of(d, s)) st->test = true;
     return s;
   }
   fStreamDestroy(static_cast<CUstream>(stream));

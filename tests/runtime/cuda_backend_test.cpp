@@ -22,10 +22,12 @@ namespace {
 
 using runtime::CudaBackendOptions;
 using runtime::CudaUnavailable;
+using runtime::Fence;
 using runtime::Lease;
 using runtime::Pager;
 using runtime::PagerOptions;
 using runtime::PolicyKind;
+using runtime::Queue;
 
 FakeCudaControl& fake() {
   static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
@@ -351,6 +353,53 @@ TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   }
   EXPECT_EQ(fake().misuse_count(), misuses);
   EXPECT_EQ(fake().live_handles(), before);
+}
+
+// Note [Device fills]: an acquire for a consumer queue returns while the copy into the chunk is
+// still held back, and a kernel enqueued on that queue right after runs only once the copy
+// completed, reading the file's bytes.
+TEST(CudaPager, AcquireForAQueueLeavesTheWaitToTheQueue) {
+  FakeSetting pages("granularity", static_cast<long long>(kPage));
+  const std::uint64_t misuses = fake().misuse_count();
+  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-async");
+  PagerOptions opt;
+  opt.budget_bytes = 3 * kPage;
+  opt.prefetch = false;
+  Pager pager(m.space, opt);
+  void* compute = fake().test_stream(nullptr, 1);
+  constexpr runtime::PageId kPageId = 1;
+  const std::byte* addr = m.space.page_address(kPageId);
+  constexpr std::uint64_t kNotRun = 0x5eed;
+  std::uint64_t sum = kNotRun;
+  {
+    FakeSetting hold("hold_backend", 1);  // the pager's copy stream starts nothing
+    std::atomic<bool> returned{false};
+    Lease lease;
+    std::thread acquirer([&] {
+      lease = pager.acquire_pages({kPageId, 1}, Queue{compute});
+      returned = true;
+    });
+    for (int i = 0; i < 200 && !returned; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    const bool without_host_wait = returned;
+    if (!without_host_wait) fake().configure("hold_backend", 0);  // let it finish
+    acquirer.join();
+    ASSERT_TRUE(without_host_wait) << "the acquire waited on the host for the copy";
+    ASSERT_EQ(fake().sum(compute, addr, kPage, &sum), 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    EXPECT_EQ(sum, kNotRun) << "the kernel ran before the copy it reads";
+    fake().configure("hold_backend", 0);
+    const Fence used = m.backend->record_fence(Queue{compute});
+    m.backend->wait_fence(used);
+    pager.release(std::move(lease), used);
+  }
+  Lease host = pager.acquire_pages({kPageId, 1});  // waits on the host: the bytes as filled
+  EXPECT_EQ(sum, FakeCudaControl::hash_bytes(addr, kPage));
+  pager.release(std::move(host));
+  for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0))
+    check_tensor(pager, m, *t, false);
+  EXPECT_EQ(fake().misuse_count(), misuses) << fake().last_misuse();
+  fake().test_stream(compute, 0);
 }
 
 // The host cache tier over the cuda backend: pinned staging slots hold pages read once, later

@@ -108,9 +108,16 @@ class Pager {
   /// Makes every page of `ranges` resident and pinned; returns once all are mapped. Throws
   /// BudgetError (see above), io::ReadError when a fill failed (that page stays unmapped; a
   /// later acquire retries), InvalidArgument for a range outside the address space.
+  /// On a device pool a page's copy from host memory may still be running when it is mapped;
+  /// these return once every page's bytes are in place (waiting on the host if need be).
   Lease acquire(std::span<const ByteRange> ranges);
   Lease acquire(const void* ptr, std::uint64_t bytes);
   Lease acquire_pages(PageRange pages);
+  /// The same for work that will run on a device queue (a CUDA stream): instead of blocking the
+  /// caller, `consumer` is made to wait for the copies still running, so the caller may enqueue
+  /// its kernels at once. Release with a fence recorded on `consumer` after the last of them.
+  Lease acquire(std::span<const ByteRange> ranges, Queue consumer);
+  Lease acquire_pages(PageRange pages, Queue consumer);
   /// Unpins the lease's pages; their chunks are reused only once `last_use` completed.
   void release(Lease&& lease, Fence last_use = {});
 
@@ -146,7 +153,9 @@ class Pager {
 
  private:
   friend class Lease;
-  Lease acquire_sorted(std::vector<PageId> pages);  // distinct, ascending
+  Lease acquire_ranges(std::span<const ByteRange> ranges, const Queue* consumer);
+  Lease acquire_page_range(PageRange range, const Queue* consumer);
+  Lease acquire_sorted(std::vector<PageId> pages, const Queue* consumer);  // distinct, ascending
   void release_pins(Lease& lease, const Fence& last_use) noexcept;
   std::unique_ptr<State> state_;
 };
