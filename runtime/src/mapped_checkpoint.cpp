@@ -8,6 +8,9 @@
 #include "lema/base/error.hpp"
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/layout.hpp"
+#ifdef LEMA_HAVE_CUDA
+#include "lema/runtime/cuda_backend.hpp"
+#endif
 #include "mapped_checkpoint_fault.hpp"
 
 namespace lema::runtime {
@@ -24,19 +27,32 @@ std::string_view residency_mode_name(ResidencyMode mode) {
 
 namespace {
 
+std::unique_ptr<Backend> make_backend(const MappedCheckpointOptions& options) {
+  if (!options.cuda_device)
+    return make_host_backend(std::uint64_t{2} << 20,
+                             options.huge_pages ? HostPages::huge : HostPages::base);
+#ifdef LEMA_HAVE_CUDA
+  return make_cuda_backend({.device = *options.cuda_device, .driver_library = {}, .granularity = 0});
+#else
+  throw InvalidArgument("weights on CUDA device " + std::to_string(*options.cuda_device) +
+                        " need a LEMA built with the CUDA toolkit (LEMA_WITH_CUDA); this one "
+                        "was built without it");
+#endif
+}
+
 class GuardedCheckpoint final : public MappedCheckpoint {
  public:
   GuardedCheckpoint(io::Checkpoint checkpoint, MappedCheckpointOptions options,
                     std::string fallback_reason)
       : checkpoint_(std::move(checkpoint)),
-        backend_(make_host_backend(std::uint64_t{2} << 20,
-                                   options.huge_pages ? HostPages::huge : HostPages::base)),
+        backend_(make_backend(options)),
         space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
                                                                       backend_->granularity()))),
         pager_(space_, PagerOptions{.budget_bytes = options.budget_bytes,
                                     .policy = options.policy,
                                     .prefetch = options.prefetch,
-                                    .reader = options.reader}),
+                                    .reader = options.reader,
+                                    .host_cache_bytes = options.host_cache_bytes}),
         fallback_reason_(std::move(fallback_reason)) {}
 
   const io::Checkpoint& checkpoint() const noexcept override { return checkpoint_; }
@@ -52,6 +68,9 @@ class GuardedCheckpoint final : public MappedCheckpoint {
       std::string_view name, std::uint64_t offset, std::uint64_t bytes,
       const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
     const TensorAddress t = checked_range(name, offset, bytes);
+    LEMA_EXPECTS(backend_->host_accessible(),
+                 "tensor '" + std::string(name) + "' lies in " + std::string(backend_->name()) +
+                     " device memory, which the host cannot read; read it on the device");
     // Half the pool per piece leaves the other half to the prefetcher.
     const std::uint64_t page = space_.page_size();
     const std::uint64_t piece_pages = std::max<std::uint64_t>(1, pager_.chunk_count() / 2);
@@ -89,6 +108,13 @@ TensorAddress MappedCheckpoint::checked_range(std::string_view name, std::uint64
 
 std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::path& path,
                                                          MappedCheckpointOptions options) {
+  if (options.cuda_device) {
+    LEMA_EXPECTS(options.mode == ResidencyMode::guard,
+                 "weights on a GPU are paged in guard mode only (fault mode serves host memory "
+                 "through userfaultfd); use guard mode");
+    LEMA_EXPECTS(!options.huge_pages, "huge pages are host memory; weights on a GPU ignore "
+                                      "them: drop the huge-pages setting");
+  }
   if (options.huge_pages && options.mode == ResidencyMode::fault)
     throw InvalidArgument(
         "huge pages serve guard mode only (fault mode fills pages through userfaultfd into "

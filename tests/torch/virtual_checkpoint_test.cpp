@@ -227,11 +227,22 @@ TEST_F(GuardedWeights, EvictFreesTheTensorsPagesAndTheBytesComeBack) {
   EXPECT_GT(checkpoint.stats().faults, faults) << "evicted pages are read again";
 }
 
-TEST_F(GuardedWeights, CudaDevicesAreRefusedForNow) {
+TEST_F(GuardedWeights, UnsupportedDevicesAndACudaDeviceWithoutAGpuAreRefused) {
   torch::Options options = guard_options();
+  options.device = c10::Device(c10::kMeta);
+  std::string text = error_text([&] { torch::open(path(), options); });
+  EXPECT_NE(text.find("use the CPU or a CUDA device"), std::string::npos) << text;
+  if (at::globalContext().hasCUDA()) GTEST_SKIP() << "this machine has a GPU";
   options.device = c10::Device(c10::kCUDA, 0);
+  text = error_text([&] { torch::open(path(), options); });
+  EXPECT_NE(text.find("sees no CUDA device"), std::string::npos) << text;
+}
+
+TEST_F(GuardedWeights, AHostCacheOverHostMemoryIsRefused) {
+  torch::Options options = guard_options();
+  options.host_cache_bytes = 8 * kMiB;
   const std::string text = error_text([&] { torch::open(path(), options); });
-  EXPECT_NE(text.find("not yet supported"), std::string::npos) << text;
+  EXPECT_NE(text.find("host cache"), std::string::npos) << text;
 }
 
 TEST_F(GuardedWeights, AnUnknownNameIsRefusedNamingIt) {

@@ -2,6 +2,7 @@
 // a context naming the weight (so the guard finds both from a tensor in O(1)).
 #pragma once
 
+#include <c10/core/Device.h>
 #include <c10/core/Storage.h>
 
 #include <cstdint>
@@ -15,6 +16,7 @@ namespace lema::torch::detail {
 struct CheckpointState {
   std::unique_ptr<runtime::MappedCheckpoint> mapped;
   bool guarded = false;  // the tensors carry the guard's dispatch key
+  c10::Device device = c10::Device(c10::kCPU);  // where the weights' memory is
 };
 
 /// The deleter context of one weight's storage: keeps the checkpoint open.

@@ -8,16 +8,23 @@
 // for ops that have a weight among their arguments, may throw, and brackets the op exactly.
 // Autograd's threads dispatch through the same key, so backward is covered; views inherit the
 // key from their base.
+//
+// Weights in GPU memory: the pins are taken for the op's current CUDA stream. Pages whose copy
+// from the host is still running make that stream wait for it (no host synchronization), and
+// the unpin carries an event recorded on the stream after the op's kernels, so no chunk is
+// reused before they have run.
 #include "residency_guard.hpp"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -102,6 +109,17 @@ bool is_view_op(const c10::FunctionSchema& schema) {
               "); raise the budget or split the op. Pager: ", error.what());
 }
 
+/// The current stream of a weight's CUDA device; nullopt on the CPU.
+std::optional<c10::Stream> current_stream(const WeightContext& weight) {
+  const c10::Device device = weight.state->device;
+  if (!device.is_cuda()) return std::nullopt;
+  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
+}
+
+runtime::Queue queue_of(const c10::Stream& stream) {
+  return runtime::Queue{stream.native_handle()};
+}
+
 /// Pins for one op; unpins (and forgets the held ranges) when the op returns or throws.
 class OpPins {
  public:
@@ -110,7 +128,20 @@ class OpPins {
   OpPins& operator=(const OpPins&) = delete;
   ~OpPins() {
     t_held.resize(held_from_);
-    for (auto& [pager, lease] : leases_) pager->release(std::move(lease));
+    for (Pinned& p : leases_) {
+      runtime::Fence last_use;
+      if (p.stream) {
+        try {
+          last_use = p.pager->space().backend().record_fence(queue_of(*p.stream));
+        } catch (const std::exception& e) {
+          // The kernels' completion cannot be tracked: wait for them on the host instead.
+          TORCH_WARN("lema: recording the last use of weights failed (", e.what(),
+                     "); synchronizing the stream");
+          c10::impl::getDeviceGuardImpl(p.stream->device_type())->synchronizeStream(*p.stream);
+        }
+      }
+      p.pager->release(std::move(p.lease), last_use);
+    }
   }
 
   void pin(const c10::OperatorHandle& op, const std::vector<Piece>& pieces) {
@@ -130,8 +161,12 @@ class OpPins {
         ranges.push_back({reinterpret_cast<const void*>(p.lo), p.hi - p.lo});
       }
       if (all_covered) continue;
+      const std::optional<c10::Stream> stream = current_stream(*pieces[i].weight);
       try {
-        leases_.emplace_back(pager, pager->acquire(ranges));
+        leases_.push_back(
+            {pager,
+             stream ? pager->acquire(ranges, queue_of(*stream)) : pager->acquire(ranges),
+             stream});
       } catch (const BudgetError& e) {
         throw_budget_error(op, pieces, *pager, e);
       }
@@ -142,8 +177,13 @@ class OpPins {
   }
 
  private:
+  struct Pinned {
+    runtime::Pager* pager;
+    runtime::Lease lease;
+    std::optional<c10::Stream> stream;  // the CUDA stream the op's kernels run on
+  };
   std::size_t held_from_ = t_held.size();
-  std::vector<std::pair<runtime::Pager*, runtime::Lease>> leases_;
+  std::vector<Pinned> leases_;
 };
 
 void guard_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys,

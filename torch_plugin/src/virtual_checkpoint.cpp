@@ -1,5 +1,6 @@
 #include "lema/torch/virtual_checkpoint.hpp"
 
+#include <ATen/Context.h>
 #include <c10/core/TensorImpl.h>
 
 #include <algorithm>
@@ -27,10 +28,11 @@ at::Tensor make_weight(const std::shared_ptr<detail::CheckpointState>& state,
   const runtime::TensorAddress address = state->mapped->tensor(info.name);
   const c10::ScalarType type = *to_scalar_type(info.dtype);  // checked at open
   auto* context = new detail::WeightContext{state, info.name};
-  c10::DataPtr data(address.data, context, &detail::delete_weight_context, c10::Device(c10::kCPU));
+  c10::DataPtr data(address.data, context, &detail::delete_weight_context, state->device);
   c10::Storage storage(c10::Storage::use_byte_size_t(), address.nbytes, std::move(data),
                        /*allocator=*/nullptr, /*resizable=*/false);
-  c10::DispatchKeySet keys(c10::DispatchKey::CPU);
+  c10::DispatchKeySet keys(state->device.is_cuda() ? c10::DispatchKey::CUDA
+                                                   : c10::DispatchKey::CPU);
   if (state->guarded) keys = keys.add(detail::kGuardKey);
   auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage), keys,
                                                    c10::scalarTypeToTypeMeta(type));
@@ -112,10 +114,19 @@ runtime::MappedCheckpoint& VirtualCheckpoint::mapped() const {
 }
 
 VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
-  LEMA_EXPECTS(options.device.is_cpu(),
+  LEMA_EXPECTS(options.device.is_cpu() || options.device.is_cuda(),
                "device " + options.device.str() +
-                   " is not yet supported by lema::torch::open; open the checkpoint on the CPU");
+                   " is not supported by lema::torch::open; use the CPU or a CUDA device");
+  if (options.device.is_cuda()) {
+    LEMA_EXPECTS(at::globalContext().hasCUDA(),
+                 "device " + options.device.str() +
+                     ": this torch sees no CUDA device (a CPU build of torch, no GPU, or no "
+                     "driver); open the checkpoint on the CPU");
+    if (!options.device.has_index()) options.device.set_index(0);
+  }
   runtime::MappedCheckpointOptions mapped_options;
+  if (options.device.is_cuda()) mapped_options.cuda_device = options.device.index();
+  mapped_options.host_cache_bytes = options.host_cache_bytes;
   mapped_options.budget_bytes = options.budget_bytes;
   mapped_options.page_size = options.page_size;
   mapped_options.policy = options.policy;
@@ -123,6 +134,7 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
   mapped_options.prefetch = options.prefetch;
   mapped_options.huge_pages = options.huge_pages;
   auto state = std::make_shared<detail::CheckpointState>();
+  state->device = options.device;
   state->mapped = runtime::MappedCheckpoint::open(path, mapped_options);
   for (const io::TensorInfo& info : state->mapped->checkpoint().tensors()) {
     LEMA_EXPECTS(to_scalar_type(info.dtype).has_value(),

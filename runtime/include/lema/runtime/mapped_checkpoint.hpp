@@ -41,6 +41,12 @@ struct MappedCheckpointOptions {
   /// Take the page pool from the system's huge pages (HostPages::huge): a page is one page-table
   /// entry to map, touch and unmap instead of 512. Guard mode only.
   bool huge_pages = false;
+  /// The weights in this GPU's memory (the cuda backend: driver virtual memory, filled over a
+  /// copy stream) instead of host memory. Guard mode only; the pages are not readable by the
+  /// host, so read_tensor_range() refuses.
+  std::optional<int> cuda_device;
+  /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
+  std::uint64_t host_cache_bytes = 0;
   io::ReaderOptions reader;
 };
 

@@ -37,7 +37,10 @@ struct Options {
   std::uint64_t budget_bytes = 0;
   std::optional<std::uint64_t> page_size;  // nullopt: the backend's granularity
   runtime::PolicyKind policy = runtime::PolicyKind::lru;
-  c10::Device device = c10::Device(c10::kCPU);  // only the CPU for now
+  // kCPU: weights in host memory. kCUDA: in the GPU's memory, paged by the cuda backend; ops
+  // on them wait for their pages' copies on the current stream, never on the host (guard mode).
+  c10::Device device = c10::Device(c10::kCPU);
+  std::uint64_t host_cache_bytes = 0;  // kCUDA: pages kept in pinned host memory (0: none)
   runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
   bool prefetch = true;
   bool huge_pages = false;  // the pool from the system's huge pages (guard mode only)
