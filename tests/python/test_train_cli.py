@@ -109,6 +109,17 @@ def test_huge_pages_beyond_the_system_name_the_setting(model, corpus, tmp_path):
     assert proc.returncode == 1 and "guard mode" in proc.stderr, proc.stderr
 
 
+def test_devices_and_the_host_cache_are_checked(model, corpus, tmp_path):
+    proc = lema(*base_args(model, corpus, tmp_path / "out"), "--device", "tpu", check=False)
+    assert proc.returncode == 1 and "--device tpu" in proc.stderr, proc.stderr
+    proc = lema(*base_args(model, corpus, tmp_path / "out"), "--host-cache", "1GiB", check=False)
+    assert proc.returncode == 1 and "--host-cache" in proc.stderr, proc.stderr
+    import torch
+    if not torch.cuda.is_available():
+        proc = lema(*base_args(model, corpus, tmp_path / "out"), "--device", "cuda", check=False)
+        assert proc.returncode == 1 and "no CUDA device" in proc.stderr, proc.stderr
+
+
 def test_loss_falls(model, corpus, tmp_path):
     log = train(model, corpus, tmp_path / "out", steps=12)
     assert log[-1]["loss"] < log[0]["loss"] - 0.5

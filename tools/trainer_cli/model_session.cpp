@@ -31,6 +31,29 @@ void add_paging_options(CLI::App& cmd, PagingArgs& args) {
                "mode");
 }
 
+void add_device_options(CLI::App& cmd, PagingArgs& args) {
+  cmd.add_option("--device", args.device,
+                 "Where the weights are paged in and the model runs: cpu, cuda or cuda:N (the "
+                 "budget is then GPU memory)")
+      ->capture_default_str();
+  cmd.add_option("--host-cache", args.host_cache,
+                 "With a GPU: keep pages read from disk in this much pinned host memory, so "
+                 "later steps only cross PCIe (e.g. 16GiB)");
+}
+
+namespace {
+
+c10::Device parse_device(const std::string& text) {
+  try {
+    const c10::Device device(text);
+    if (device.is_cpu() || device.is_cuda()) return device;
+  } catch (const std::exception&) {
+  }
+  throw InvalidArgument("--device " + text + ": give cpu, cuda or cuda:N");
+}
+
+}  // namespace
+
 ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingArgs& paging) {
   ModelSession s;
   s.dir_ = dir;
@@ -61,6 +84,14 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
   options.mode = *runtime::parse_residency_mode(paging.mode);
   options.prefetch = paging.prefetch;
   options.huge_pages = paging.huge_pages;
+  options.device = parse_device(paging.device);
+  s.device_ = options.device.str();
+  if (!paging.host_cache.empty()) {
+    LEMA_EXPECTS(options.device.is_cuda(),
+                 "--host-cache keeps a GPU's pages in host memory; on the CPU the kernel's page "
+                 "cache does that already: drop it, or add --device cuda");
+    options.host_cache_bytes = parse_size(paging.host_cache, "--host-cache");
+  }
   s.weights_ = std::make_shared<torch::VirtualCheckpoint>(torch::open(dir, options));
   return s;
 }
@@ -73,6 +104,7 @@ std::string ModelSession::describe() const {
                                                 100.0 * static_cast<double>(budget_bytes_) /
                                                     static_cast<double>(model_bytes_),
                                                 format_size(model_bytes_));
+  if (device_ != "cpu") budget += " of " + device_ + " memory";
   std::string text =
       fmt::format("{}, {} mode, {} pages, io {}", budget,
                   runtime::residency_mode_name(weights_->mode()), format_size(stats.page_size),

@@ -26,10 +26,14 @@ struct PagingArgs {
   std::string mode = "guard";
   bool prefetch = true;
   bool huge_pages = false;
+  std::string device = "cpu";  // "cpu", "cuda" or "cuda:N": where the weights are paged in
+  std::string host_cache;      // a size: the host cache tier of a GPU's pages; empty: none
 };
 
 /// Adds --budget, --page-size, --policy, --mode, --no-prefetch, --huge-pages to `cmd`.
 void add_paging_options(CLI::App& cmd, PagingArgs& args);
+/// Adds --device and --host-cache (for commands whose whole computation can run on a GPU).
+void add_device_options(CLI::App& cmd, PagingArgs& args);
 
 class ModelSession {
  public:
@@ -55,6 +59,7 @@ class ModelSession {
   std::uint64_t model_bytes_ = 0;
   std::uint64_t budget_bytes_ = 0;
   bool unlimited_ = false;
+  std::string device_ = "cpu";
 };
 
 }  // namespace lema::tools

@@ -255,6 +255,7 @@ void register_train(CLI::App& app) {
                 "Keep every layer's activations instead of recomputing them in backward");
   cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
   add_paging_options(*cmd, args->paging);
+  add_device_options(*cmd, args->paging);
   cmd->callback([args] { run(*args); });
 }
 

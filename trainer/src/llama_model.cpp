@@ -102,7 +102,9 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
   embed_tokens_ = w.at("model.embed_tokens.weight");
   norm_ = w.at("model.norm.weight");
   lm_head_ = c.tie_word_embeddings ? embed_tokens_ : w.at("lm_head.weight");
-  inv_freq_ = detail::rope_inv_freq(c);
+  // Everything the model creates lives where its weights are (host memory, or a GPU's).
+  const at::Device device = embed_tokens_.device();
+  inv_freq_ = detail::rope_inv_freq(c).to(device);
 
   at::Generator init = at::make_generator<at::CPUGeneratorImpl>(options_.seed);
   const auto& targets = options_.lora.target_modules;
@@ -130,8 +132,11 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
       p->weight = w.at(p->module_path + ".weight");
       const std::string leaf = path.substr(path.find('.') + 1);
       if (!is_target(leaf)) continue;
-      p->lora_a = init_lora_a(r, p->weight.size(1), init).requires_grad_(true);
-      p->lora_b = at::zeros({p->weight.size(0), r}, at::kFloat).requires_grad_(true);
+      // Drawn on the CPU from the seed, so every device starts from the same adapter.
+      p->lora_a = init_lora_a(r, p->weight.size(1), init).to(device).requires_grad_(true);
+      p->lora_b =
+          at::zeros({p->weight.size(0), r}, at::TensorOptions().dtype(at::kFloat).device(device))
+              .requires_grad_(true);
       p->scaling = options_.lora.scaling();
       p->dropout = options_.lora.dropout;
     }

@@ -31,7 +31,8 @@ at::Tensor rope_inv_freq(const ModelConfig& config) {
 }
 
 RopeTables rope_tables(const at::Tensor& inv_freq, std::int64_t seq, c10::ScalarType dtype) {
-  const at::Tensor positions = at::arange(seq, at::kLong).to(at::kFloat);
+  const at::Tensor positions =
+      at::arange(seq, at::TensorOptions().dtype(at::kLong).device(inv_freq.device())).to(at::kFloat);
   const at::Tensor freqs = positions.unsqueeze(-1) * inv_freq;
   const at::Tensor emb = at::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
