@@ -6,6 +6,8 @@
 #   OUT_DIR/device_bench.json   H2D bandwidth (driver baseline vs the backend's pipeline) and
 #   OUT_DIR/device_bench.md     map / set-access / unmap cost per chunk size (2, 8, 32, 64 MiB),
 #                               Pager passes without and with the host cache tier
+#   OUT_DIR/train_steps.md      `lema train --device cuda` step time: weights resident, half of
+#                               them under the budget, the same with the host cache tier
 #
 #   benchmarks/device/run.sh OUT_DIR                    # on the GPU machine
 #   benchmarks/device/run.sh --cpu-rehearsal OUT_DIR    # here: system packages, the fake driver
@@ -84,7 +86,11 @@ cmake -S "$repo" -B "$build" "${cmake_args[@]}" > "$out/configure.log" 2>&1 ||
   { tail -30 "$out/configure.log"; exit 1; }
 log "configured ($build)"
 targets=(runtime_cuda_gpu_test device_bench)
-[[ $rehearsal -eq 1 ]] && targets+=(fake_cuda_driver runtime_cuda_backend_test runtime_backend_test)
+if [[ $rehearsal -eq 1 ]]; then
+  targets+=(fake_cuda_driver runtime_cuda_backend_test runtime_backend_test)
+else
+  targets+=(torch_cuda_weights_test lema lema-trainer)
+fi
 ninja -C "$build" -j"$jobs" "${targets[@]}" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 log "built ${targets[*]}"
 
@@ -121,4 +127,49 @@ if [[ $rehearsal -eq 1 ]]; then
   sed -i '1i **CPU rehearsal against the fake CUDA driver: these are host memcpy/mmap costs, not GPU figures; the GPU figures are still to be measured.**\n' "$out/device_bench.md"
 fi
 cat "$out/device_bench.md"
+
+# ---- LoRA step time on the GPU (needs torch with CUDA: not in the rehearsal) ----
+# A 1.3B-parameter Llama (5 GiB of f32 weights), 16k tokens per step, bf16 compute: every weight
+# resident, then half of them under the budget, then half with the host cache tier.
+if [[ $rehearsal -eq 0 ]]; then
+  scratch="${LEMA_DEVICE_SCRATCH:-/tmp/lema-device-train}"
+  rm -rf "$scratch" && mkdir -p "$scratch"
+  "$build/tools/lema" gen --out "$scratch/model" --hidden 2048 --layers 16 --heads 16 \
+    --kv-heads 8 --intermediate 5632 --vocab 32000 > "$out/train_gen.log" 2>&1
+  model_bytes=$(du -sb "$scratch/model" | cut -f1)
+  half=$((model_bytes / 2))
+  run_train() {
+    local name=$1
+    shift
+    "$build/tools/lema" train --model "$scratch/model" --out "$scratch/$name" --steps 6 \
+      --seq-len 2048 --batch 8 --dtype bf16 --log-json "$out/train_$name.jsonl" "$@" \
+      > "$out/train_$name.log" 2>&1 || { echo "lema train ($name) failed:"; tail -5 "$out/train_$name.log"; }
+  }
+  run_train resident --device cuda --budget unlimited
+  run_train half --device cuda --budget "$half"
+  run_train half_cached --device cuda --budget "$half" --host-cache "$model_bytes"
+  "$python" - "$out" > "$out/train_steps.md" <<'PY'
+import json, statistics, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+rows = {}
+for name in ["resident", "half", "half_cached"]:
+    f = out / f"train_{name}.jsonl"
+    steps = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+    times = [s["step_time_s"] for s in steps[1:]]  # the first step warms up
+    rows[name] = (statistics.median(times) if times else None, steps[-1] if steps else None)
+base = rows["resident"][0]
+print("| weights | median step s | x resident | tokens/s | faults | read GiB | peak resident GiB |")
+print("|---|---|---|---|---|---|---|")
+for name, (t, last) in rows.items():
+    if t is None:
+        print(f"| {name} | failed | | | | | |")
+        continue
+    ratio = f"{t / base:.3f}" if base else ""
+    print(f"| {name} | {t:.3f} | {ratio} | {last['tokens'] / t:.0f} | {last.get('faults', '')} | "
+          f"{last.get('bytes_read', 0) / 2**30:.1f} | {last.get('peak_resident_bytes', 0) / 2**30:.2f} |")
+PY
+  cat "$out/train_steps.md"
+  rm -rf "$scratch"
+  log "LoRA step times done"
+fi
 log "done: results in $out"
