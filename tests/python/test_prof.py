@@ -7,15 +7,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from conftest import run_lema as lema
+
 LEMA = os.environ.get("LEMA_BIN", "lema")
-
-
-def lema(*args, check=True):
-    proc = subprocess.run([LEMA, *map(str, args)], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lema {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_lema as lema
+
 LEMA = os.environ.get("LEMA_BIN", "lema")
 # 'small' is 19 MiB of f32 weights in 2 MiB pages; 6 MiB (three pages) is under a third of it,
 # and holds the largest op's inputs (the 4 MiB embedding and output matrices).
@@ -25,14 +27,6 @@ CORPUS = "\n".join(
     f"the {a} {b} sat on the {c} mat, and the {b} {a} ran to the {c} door."
     for a in ["red", "small", "old", "quick"] for b in ["cat", "dog", "fox"]
     for c in ["green", "blue"]) + "\n"
-
-
-def lema(*args, check=True, env=None):
-    proc = subprocess.run([LEMA, *map(str, args)], capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lema {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

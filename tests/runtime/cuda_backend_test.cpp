@@ -315,14 +315,6 @@ TEST_F(FakeMisuse, LeakedHandleIsCounted) {
 
 constexpr std::uint64_t kPage = 64_KiB;
 
-ModelShape small_model() {
-  ModelShape m;
-  m.layers = 3;
-  m.hidden = 20 * 1024 + 13;
-  m.embed = 90 * 1024 + 7;
-  return m;
-}
-
 TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   FakeSetting pages("granularity", static_cast<long long>(kPage));
   const std::uint64_t misuses = fake().misuse_count();

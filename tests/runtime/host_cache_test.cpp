@@ -21,14 +21,6 @@ using runtime::PolicyKind;
 
 constexpr std::uint64_t kPage = 64_KiB;
 
-ModelShape small_model() {
-  ModelShape m;
-  m.layers = 3;
-  m.hidden = 20 * 1024 + 13;
-  m.embed = 90 * 1024 + 7;
-  return m;
-}
-
 std::uint64_t all_fill_bytes(const runtime::Layout& layout) {
   std::uint64_t sum = 0;
   for (runtime::PageId p = 0; p < layout.page_count(); ++p) sum += layout.page_fill_bytes(p);

@@ -23,6 +23,17 @@
 
 namespace lema::test {
 
+/// A three-layer model whose pages, at 64 KiB, number well over eight: small files, but enough
+/// pages for budgets from one page to the whole model.
+inline ModelShape small_model(int shards = 1) {
+  ModelShape m;
+  m.layers = 3;
+  m.hidden = 20 * 1024 + 13;
+  m.embed = 90 * 1024 + 7;
+  m.shards = shards;
+  return m;
+}
+
 struct OpenedModel {
   OpenedModel(std::unique_ptr<runtime::Backend> b, const ModelShape& shape,
               std::uint64_t page_size = 0, const std::string& tag = "pager")

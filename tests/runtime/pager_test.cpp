@@ -24,15 +24,6 @@ using runtime::PolicyKind;
 // Small pages keep the files small; the 2 MiB default is covered by DefaultPageSize below.
 constexpr std::uint64_t kPage = 64_KiB;
 
-ModelShape small_model() {
-  ModelShape m;
-  m.layers = 3;
-  m.hidden = 20 * 1024 + 13;
-  m.embed = 90 * 1024 + 7;
-  m.shards = 2;
-  return m;
-}
-
 struct HostSmallPages {
   static constexpr const char* kName = "host";
   static std::unique_ptr<runtime::Backend> make() { return runtime::make_host_backend(kPage); }
@@ -60,7 +51,7 @@ TYPED_TEST_SUITE(PagerConformance, PagerBackends, Names);
 TYPED_TEST(PagerConformance, BytesEqualTheFileUnderEveryBudget) {
   auto backend = TypeParam::make();
   const std::uint64_t page = backend->granularity();
-  OpenedModel m(std::move(backend), small_model(), page);
+  OpenedModel m(std::move(backend), small_model(/*shards=*/2), page);
   ASSERT_GE(m.pages(), 8u);
   for (std::size_t budget_pages : {std::size_t{1}, std::size_t{2}, m.pages() / 2, m.pages()}) {
     for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
@@ -94,7 +85,7 @@ TYPED_TEST(PagerConformance, BytesEqualTheFileUnderEveryBudget) {
 }
 
 TEST(Pager, DefaultPageSizeIsTwoMiB) {
-  ModelShape shape = small_model();
+  ModelShape shape = small_model(/*shards=*/2);
   shape.hidden = 300 * 1024 + 1;
   OpenedModel m(runtime::make_host_backend(), shape);
   EXPECT_EQ(m.page_size(), 2_MiB);
@@ -112,7 +103,7 @@ TEST(Pager, HugePagePoolGivesTheSameBytes) {
   constexpr std::size_t kBudgetPages = 3;
   if (runtime::huge_page_pool().available < kBudgetPages)
     GTEST_SKIP() << "fewer than " << kBudgetPages << " free huge pages (vm.nr_hugepages)";
-  ModelShape shape = small_model();
+  ModelShape shape = small_model(/*shards=*/2);
   shape.hidden = 300 * 1024 + 1;
   OpenedModel m(runtime::make_host_backend(2_MiB, runtime::HostPages::huge), shape);
   ASSERT_GT(m.pages(), 2 * kBudgetPages);
@@ -154,7 +145,7 @@ TEST(Pager, HugePagePoolLargerThanTheSystemHasNamesTheNumbersAndTheSetting) {
 }
 
 TEST(Pager, UnmappedPagesAreNotReadable) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = 2 * kPage;
   Pager pager(m.space, opt);
@@ -172,7 +163,7 @@ TEST(Pager, UnmappedPagesAreNotReadable) {
 }
 
 TEST(Pager, EvictFreesUnpinnedPagesAndSkipsPinnedOnes) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = 4 * kPage;
   opt.prefetch = false;
@@ -194,7 +185,7 @@ TEST(Pager, EvictFreesUnpinnedPagesAndSkipsPinnedOnes) {
 }
 
 TEST(Pager, BudgetSmallerThanAPageIsRefusedWithBothNumbers) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = kPage - 1;
   try {
@@ -209,7 +200,7 @@ TEST(Pager, BudgetSmallerThanAPageIsRefusedWithBothNumbers) {
 }
 
 TEST(Pager, AcquireLargerThanTheBudgetIsRefusedBeforeAnyChange) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = 4 * kPage;
   Pager pager(m.space, opt);
@@ -230,7 +221,7 @@ TEST(Pager, AcquireLargerThanTheBudgetIsRefusedBeforeAnyChange) {
 }
 
 TEST(Pager, OwnLeasesMakingAnAcquireImpossibleAreAnErrorNotADeadlock) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = 3 * kPage;
   Pager pager(m.space, opt);
@@ -245,7 +236,7 @@ TEST(Pager, OwnLeasesMakingAnAcquireImpossibleAreAnErrorNotADeadlock) {
 }
 
 TEST(Pager, WaitsForLeasesOfOtherThreads) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = 2 * kPage;
   Pager pager(m.space, opt);
@@ -265,7 +256,7 @@ TEST(Pager, WaitsForLeasesOfOtherThreads) {
 }
 
 TEST(Pager, ReadErrorFailsTheAcquireLeavesThePageUnmappedAndALaterAcquireRetries) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   const auto& t = *m.space.layout().find("model.layers.1.mlp.up_proj.weight");
   auto injector = std::make_shared<FailingRegion>();
   injector->file = t.file;
@@ -296,7 +287,7 @@ TEST(Pager, ReadErrorFailsTheAcquireLeavesThePageUnmappedAndALaterAcquireRetries
 }
 
 TEST(Pager, ConcurrentAcquirersOfAMissingPageFillItOnce) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   for (int round = 0; round < 8; ++round) {
     PagerOptions opt;
     opt.budget_bytes = 4 * kPage;
@@ -320,7 +311,7 @@ TEST(Pager, ConcurrentAcquirersOfAMissingPageFillItOnce) {
 }
 
 TEST(Pager, ChunkIsNotReusedBeforeTheLastUseFenceCompleted) {
-  ModelShape shape = small_model();
+  ModelShape shape = small_model(/*shards=*/2);
   auto delayed = std::make_unique<DelayedFenceBackend>();
   DelayedFenceBackend* fences = delayed.get();
   OpenedModel m(std::move(delayed), shape, 2_MiB);
@@ -350,7 +341,7 @@ TEST(Pager, ChunkIsNotReusedBeforeTheLastUseFenceCompleted) {
 TEST(Pager, DelayedFencesUnderConcurrencyNeverLetAChunkBeReusedEarly) {
   auto delayed = std::make_unique<DelayedFenceBackend>();
   DelayedFenceBackend* fences = delayed.get();
-  OpenedModel m(std::move(delayed), small_model(), 2_MiB);
+  OpenedModel m(std::move(delayed), small_model(/*shards=*/2), 2_MiB);
   PagerOptions opt;
   opt.budget_bytes = 3 * 2_MiB;
   Pager pager(m.space, opt);
@@ -372,7 +363,7 @@ TEST(Pager, DelayedFencesUnderConcurrencyNeverLetAChunkBeReusedEarly) {
 }
 
 TEST(Pager, EvictHookSeesEveryEvictionAndFaultInDoesNotPin) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = 2 * kPage;
   Pager pager(m.space, opt);
@@ -388,7 +379,7 @@ TEST(Pager, EvictHookSeesEveryEvictionAndFaultInDoesNotPin) {
 }
 
 TEST(Pager, EventsRecordFaultsHitsAndEvictions) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   PagerOptions opt;
   opt.budget_bytes = kPage;
   Pager pager(m.space, opt);
@@ -414,7 +405,7 @@ namespace {
 // On a repeating access sequence, the trace policy with prefetch fetches per pass exactly what
 // Belady's MIN fetches, and turns most of those fetches into prefetches.
 TEST(Pager, TracePolicyWithPrefetchFetchesWhatBeladyFetches) {
-  OpenedModel m(runtime::make_host_backend(kPage), small_model());
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
   const auto n = static_cast<runtime::PageId>(m.pages());
   std::vector<runtime::PageId> step;  // a training step: forward, then backward
   for (runtime::PageId p = 0; p < n; ++p) step.push_back(p);
