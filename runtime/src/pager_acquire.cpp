@@ -250,7 +250,8 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer) {
       std::rethrow_exception(error);
     }
     if (!lost) {
-      wait_until_ready(s, pages, consumer);
+      // Host-visible pools are filled in place: nothing can still be on its way.
+      if (copies_to_device(s)) wait_until_ready(s, pages, consumer);
       return lease;
     }
     // Another thread's fill of one of our pages failed: drop everything and start over, so

@@ -148,7 +148,7 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
   }
   for (auto& b : staging)
     if (b) give_back_staging(s, std::move(b));
-  retire_copies(s, kCopiesInFlight);
+  if (copies_to_device(s)) retire_copies(s, kCopiesInFlight);
 }
 
 void retire_copies(Pager::State& s, std::size_t keep) noexcept {

@@ -155,6 +155,11 @@ inline void wait_changed(Pager::State& s, std::unique_lock<std::mutex>& lock) {
   s.changed.wait(lock);
   --s.waiters;
 }
+/// Whether fills copy into device chunks (a pool without a host window): only then may a page's
+/// bytes still be on their way when it is mapped (Note [Device fills]).
+inline bool copies_to_device(const Pager::State& s) {
+  return s.pool->window(0) == nullptr;
+}
 /// Whether the prefetch thread has anything to do after an access (lock held).
 inline bool prefetch_useful(const Pager::State& s) {
   return s.options.prefetch && s.policy->has_prediction();
