@@ -15,7 +15,7 @@
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
-#include "detail/reservation_size.hpp"
+#include "detail/backend_checks.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -102,9 +102,7 @@ class HostBackend final : public Backend {
 
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
                                             std::uint64_t chunk_bytes) override {
-    LEMA_EXPECTS(
-        chunks > 0 && chunk_bytes > 0 && chunk_bytes % granularity_ == 0,
-        "create_pool: need at least one chunk of a multiple of " + format_size(granularity_));
+    check_pool_shape(chunks, chunk_bytes, granularity_);
     const std::uint64_t bytes = chunks * chunk_bytes;
     const bool huge = pages_ == HostPages::huge;
     HugePagePool hugetlb;

@@ -12,7 +12,7 @@
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/cuda_backend.hpp"
-#include "detail/reservation_size.hpp"
+#include "detail/backend_checks.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -159,9 +159,7 @@ class CudaBackend final : public cuda::DeviceBackend {
 
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
                                             std::uint64_t chunk_bytes) override {
-    LEMA_EXPECTS(
-        chunks > 0 && chunk_bytes > 0 && chunk_bytes % granularity_ == 0,
-        "create_pool: need at least one chunk of a multiple of " + format_size(granularity_));
+    check_pool_shape(chunks, chunk_bytes, granularity_);
     context().enter();
     return std::make_unique<CudaPool>(context(), chunks, chunk_bytes);
   }

@@ -1,6 +1,8 @@
-// The one precondition every Backend::reserve shares: a positive multiple of the granularity.
+// The preconditions every backend shares: reservations and pool chunks are positive multiples
+// of the granularity.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -13,6 +15,12 @@ inline void check_reservation_size(std::uint64_t bytes, std::uint64_t granularit
   LEMA_EXPECTS(bytes > 0 && bytes % granularity == 0,
                "reserve: " + std::to_string(bytes) + " bytes is not a positive multiple of " +
                    format_size(granularity));
+}
+
+inline void check_pool_shape(std::size_t chunks, std::uint64_t chunk_bytes,
+                             std::uint64_t granularity) {
+  LEMA_EXPECTS(chunks > 0 && chunk_bytes > 0 && chunk_bytes % granularity == 0,
+               "create_pool: need at least one chunk of a multiple of " + format_size(granularity));
 }
 
 }  // namespace lema::runtime
