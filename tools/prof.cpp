@@ -168,6 +168,21 @@ std::string top_lines(const runtime::ProfileAttachment& a, std::uint64_t events_
         fmt::format("{}/{}", c.prefetches_used, c.prefetches_wasted),
         s.close_ns ? " (closed)" : "");
   }
+  // Over unified memory, what the driver did in each pager's range (CUPTI's counters).
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    const auto& c = sources[i].counters;
+    if (sources[i].uvm_counters.empty()) continue;
+    if (sources[i].uvm_counters != "on") {
+      out += fmt::format("{:>3} unified memory: GPU faults not counted ({})\n", i,
+                         sources[i].uvm_counters);
+      continue;
+    }
+    out += fmt::format(
+        "{:>3} unified memory: {} GPU faults, {} CPU faults, migrated {} to the device, {} to "
+        "the host\n",
+        i, c.gpu_faults, c.cpu_faults, format_size(c.migrated_to_device_bytes),
+        format_size(c.migrated_to_host_bytes));
+  }
   return out;
 }
 

@@ -90,8 +90,9 @@ void write_chrome_trace(const Recording& rec, std::ostream& os) {
     out += "\"}}";
   }
   // lanes[source][kind] = end time of the last event in each lane
-  enum Lane { kFault, kPrefetch, kStall, kLaneKinds };
-  constexpr const char* kLaneName[] = {"faults", "prefetches", "stalls"};
+  enum Lane { kFault, kPrefetch, kStall, kGpuFault, kMigration, kLaneKinds };
+  constexpr const char* kLaneName[] = {"faults", "prefetches", "stalls", "GPU faults",
+                                       "migrations"};
   std::vector<std::array<std::vector<std::uint64_t>, kLaneKinds>> lanes(
       std::max<std::size_t>(rec.sources.size(), 1));
   auto lane_for = [&](std::uint16_t source, Lane kind, std::uint64_t start, std::uint64_t end) {
@@ -173,6 +174,29 @@ void write_chrome_trace(const Recording& rec, std::ostream& os) {
             "\"tid\":0,\"ts\":{:.3f},\"args\":{{\"page\":{}{}}}}}",
             pid_of(e.source), us(e.time_ns), e.first_page, where(e));
         break;
+      // Over unified memory, the driver's side: GPU page faults it served (bytes: their number)
+      // and its migrations, timed by CUPTI.
+      case EventKind::gpu_fault: {
+        const int tid = lane_for(e.source, kGpuFault, e.time_ns, e.time_ns + e.duration_ns);
+        sep();
+        out += fmt::format(
+            "{{\"ph\":\"X\",\"cat\":\"driver\",\"name\":\"GPU fault\",\"pid\":{},\"tid\":{},"
+            "\"ts\":{:.3f},\"dur\":{:.3f},\"args\":{{\"page\":{},\"faults\":{}{}}}}}",
+            pid_of(e.source), tid, us(e.time_ns), e.duration_ns / 1e3, e.first_page, e.bytes,
+            where(e));
+        break;
+      }
+      case EventKind::migrate_to_device:
+      case EventKind::migrate_to_host: {
+        const int tid = lane_for(e.source, kMigration, e.time_ns, e.time_ns + e.duration_ns);
+        sep();
+        out += fmt::format(
+            "{{\"ph\":\"X\",\"cat\":\"driver\",\"name\":\"{}\",\"pid\":{},\"tid\":{},"
+            "\"ts\":{:.3f},\"dur\":{:.3f},\"args\":{{\"page\":{},\"pages\":{},\"bytes\":{}{}}}}}",
+            e.kind == EventKind::migrate_to_device ? "to device" : "to host", pid_of(e.source), tid,
+            us(e.time_ns), e.duration_ns / 1e3, e.first_page, e.page_count, e.bytes, where(e));
+        break;
+      }
       case EventKind::hit:
       case EventKind::prefetch_issued:
         break;
@@ -281,6 +305,10 @@ void write_svg(const Recording& rec, std::ostream& os) {
         break;
       case EventKind::hit:
       case EventKind::prefetch_issued:
+      // The driver's work over unified memory: in the table and the Chrome trace only.
+      case EventKind::gpu_fault:
+      case EventKind::migrate_to_device:
+      case EventKind::migrate_to_host:
         break;
     }
   }

@@ -132,10 +132,13 @@ double union_seconds(std::vector<Interval>& v) {
 
 std::vector<StallShare> top_by_stall(std::vector<StallShare> v, std::size_t n) {
   v.erase(std::remove_if(v.begin(), v.end(),
-                         [](const StallShare& s) { return s.faults == 0 && s.stall_ns == 0; }),
+                         [](const StallShare& s) {
+                           return s.faults == 0 && s.stall_ns == 0 && s.gpu_faults == 0;
+                         }),
           v.end());
+  // GPU faults cost the kernels time the pager does not see: they order rows of equal stall.
   std::stable_sort(v.begin(), v.end(), [](const StallShare& a, const StallShare& b) {
-    return a.stall_ns > b.stall_ns;
+    return a.stall_ns != b.stall_ns ? a.stall_ns > b.stall_ns : a.gpu_faults > b.gpu_faults;
   });
   if (v.size() > n) v.resize(n);
   return v;
@@ -172,6 +175,11 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
     c.stall_ns += x.stall_ns;
     c.resident_bytes += x.resident_bytes;
     c.peak_resident_bytes = std::max(c.peak_resident_bytes, x.peak_resident_bytes);
+    c.gpu_faults += x.gpu_faults;
+    c.cpu_faults += x.cpu_faults;
+    c.migrated_to_device_bytes += x.migrated_to_device_bytes;
+    c.migrated_to_host_bytes += x.migrated_to_host_bytes;
+    s.unified_memory = s.unified_memory || !src.uvm_counters.empty();
     c.budget_bytes = std::max(c.budget_bytes, src.budget_bytes);
     c.page_size = std::max(c.page_size, src.page_size);
     auto join = [](std::string& to, const std::string& v) {
@@ -180,8 +188,11 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
     };
     join(s.io_path, src.io_path);
     join(s.policy, src.policy);
+    if (!src.uvm_counters.empty() && s.uvm_counters.find(src.uvm_counters) == std::string::npos)
+      s.uvm_counters += (s.uvm_counters.empty() ? "" : "; ") + src.uvm_counters;
   }
   c.io_path = s.io_path;
+  c.uvm_counters = s.uvm_counters;
   const std::uint64_t accesses_counted = c.hits + c.faults;
   s.hit_rate = accesses_counted ? static_cast<double>(c.hits) / accesses_counted : 0;
   s.stall_share = s.wall_s > 0 ? static_cast<double>(c.stall_ns) / 1e9 / s.wall_s : 0;
@@ -217,7 +228,8 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
     for (std::size_t t = 0; t < tensors[i].size(); ++t)
       tensors[i][t].name = rec.sources[i].tensors[t].name;
   }
-  auto attribute = [&](const ProfileEvent& e, double stall, bool fault) {
+  auto attribute = [&](const ProfileEvent& e, double stall, bool fault,
+                       std::uint64_t gpu_faults = 0) {
     if (e.source >= maps.size()) return;
     const PageMap& m = maps[e.source];
     if (e.first_page >= m.group.size()) return;
@@ -225,6 +237,7 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
     if (m.group[p] >= 0) {
       StallShare& l = layers[m.labels[static_cast<std::size_t>(m.group[p])]];
       l.stall_ns += stall;
+      l.gpu_faults += gpu_faults;
       if (fault) {
         ++l.faults;
         l.bytes += e.bytes;
@@ -234,6 +247,7 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
     for (std::uint32_t k = m.first[p]; k < m.first[p + 1]; ++k) {
       StallShare& t = tensors[e.source][m.tensor_ids[k]];
       t.stall_ns += stall / n;
+      t.gpu_faults += gpu_faults;  // each tensor on the page was in the way
       if (fault) {
         ++t.faults;
         t.bytes += e.bytes / n;
@@ -264,8 +278,13 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
         reading.push_back({e.time_ns, e.time_ns + e.duration_ns});
         s.read_bytes_events += e.bytes;
         break;
+      case EventKind::gpu_fault:  // bytes: the number of faults on the page
+        attribute(e, 0, false, e.bytes);
+        break;
       case EventKind::prefetch_issued:
       case EventKind::evict:
+      case EventKind::migrate_to_device:
+      case EventKind::migrate_to_host:
         break;
     }
   }
@@ -322,6 +341,13 @@ std::string format_summary(const ProfileSummary& s) {
   line("page size", format_size(c.page_size));
   line("io path", s.io_path.empty() ? "-" : s.io_path);
   line("policy", s.policy.empty() ? "-" : s.policy);
+  if (s.unified_memory) {
+    line("uvm counters", s.uvm_counters);
+    line("GPU page faults", fmt::format("{} (CPU page faults {})", c.gpu_faults, c.cpu_faults));
+    line("migrated by driver",
+         fmt::format("{} to the device, {} to the host", format_size(c.migrated_to_device_bytes),
+                     format_size(c.migrated_to_host_bytes)));
+  }
   line("events", fmt::format("{} recorded, {} dropped", s.events, s.dropped));
   out += fmt::format("\nagainst the best schedule for this budget ({} accesses{}):\n", s.accesses,
                      s.trace_complete ? "" : "; incomplete: events were dropped");
@@ -332,10 +358,13 @@ std::string format_summary(const ProfileSummary& s) {
                             s.belady_bytes > 0 ? c.bytes_read / s.belady_bytes : 0.0));
   auto table = [&](std::string_view title, const std::vector<StallShare>& rows) {
     if (rows.empty()) return;
-    out += fmt::format("\n{:<44} {:>10} {:>8} {:>10}\n", title, "stall", "faults", "read");
-    for (const StallShare& r : rows)
-      out += fmt::format("  {:<42} {:>10} {:>8} {:>10}\n", r.name, ms(r.stall_ns), r.faults,
+    out += fmt::format("\n{:<44} {:>10} {:>8} {:>10}", title, "stall", "faults", "read");
+    out += s.unified_memory ? fmt::format(" {:>10}\n", "GPU faults") : "\n";
+    for (const StallShare& r : rows) {
+      out += fmt::format("  {:<42} {:>10} {:>8} {:>10}", r.name, ms(r.stall_ns), r.faults,
                          format_size(r.bytes));
+      out += s.unified_memory ? fmt::format(" {:>10}\n", r.gpu_faults) : "\n";
+    }
   };
   table("by layer", s.layers);
   table("by tensor", s.tensors);
@@ -347,8 +376,11 @@ nlohmann::json summary_json(const ProfileSummary& s) {
   auto rows = [](const std::vector<StallShare>& v) {
     nlohmann::json a = nlohmann::json::array();
     for (const StallShare& r : v)
-      a.push_back(
-          {{"name", r.name}, {"stall_ns", r.stall_ns}, {"faults", r.faults}, {"bytes", r.bytes}});
+      a.push_back({{"name", r.name},
+                   {"stall_ns", r.stall_ns},
+                   {"faults", r.faults},
+                   {"bytes", r.bytes},
+                   {"gpu_faults", r.gpu_faults}});
     return a;
   };
   return {{"command", s.command},
@@ -372,6 +404,11 @@ nlohmann::json summary_json(const ProfileSummary& s) {
           {"page_size", c.page_size},
           {"io_path", s.io_path},
           {"policy", s.policy},
+          {"uvm_counters", s.uvm_counters},
+          {"gpu_faults", c.gpu_faults},
+          {"cpu_faults", c.cpu_faults},
+          {"migrated_to_device_bytes", c.migrated_to_device_bytes},
+          {"migrated_to_host_bytes", c.migrated_to_host_bytes},
           {"events", s.events},
           {"dropped", s.dropped},
           {"belady",

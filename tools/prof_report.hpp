@@ -43,6 +43,7 @@ struct StallShare {
   std::uint64_t faults = 0;
   std::uint64_t bytes = 0;
   double stall_ns = 0;
+  std::uint64_t gpu_faults = 0;  // over unified memory: the driver's GPU page faults
 };
 
 struct ProfileSummary {
@@ -61,6 +62,10 @@ struct ProfileSummary {
   double read_busy_s = 0;     // union of the intervals spent reading
   double read_bandwidth = 0;  // bytes per second while reading
   std::string io_path, policy;
+  // Over unified memory (any source with a status): GPU faults and migrations are in
+  // `counters`; uvm_counters joins the sources' statuses ("on", or why not).
+  bool unified_memory = false;
+  std::string uvm_counters;
   // Against Belady's MIN for the same access trace (faults and hits in time order) and budget.
   std::uint64_t accesses = 0;
   std::uint64_t run_fetches = 0;  // faults + prefetches issued

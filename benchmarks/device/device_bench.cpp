@@ -1,4 +1,5 @@
 // device_bench OUT_DIR [--total BYTES] [--reps N] [--pager-model BYTES] [--passes N]
+//              [--only h2d,vmm,pager]
 //
 // Measures, on the driver LEMA_CUDA_DRIVER names (default libcuda.so.1):
 //  - h2d: pinned host → device copies of 2 MiB and 64 MiB, cuMemcpyHtoDAsync from cuMemHostAlloc
@@ -6,9 +7,12 @@
 //    backend's pipeline: copy_to_chunk from a ring of 4 pinned staging buffers into pool chunks,
 //    each page mapped at its model address after its fill fence and unmapped again;
 //  - vmm: cuMemMap, cuMemSetAccess, cuMemUnmap per call, for chunks of 2, 8, 32 and 64 MiB;
+//    and a run of 16 adjacent chunks of 2 and 8 MiB mapped through the cuda backend, page by
+//    page (map: one cuMemSetAccess per page) against one map_pages (one per run);
 //  - pager: passes of the Pager over a generated checkpoint of --pager-model bytes under a quarter
 //    of it, without and with the host cache tier (later passes then only cross PCIe).
-// Host wall-clock timing around stream synchronization. Writes device_bench.json and
+// --only runs the named parts (default: all). Host wall-clock timing around stream
+// synchronization. Writes device_bench.json and
 // device_bench.md into OUT_DIR. Against the fake driver the numbers are host memcpy and mmap
 // costs, not GPU figures.
 #include <unistd.h>
@@ -170,11 +174,45 @@ VmmCost vmm_cost(const Driver& d, std::uint64_t bytes, int reps) {
   return c;
 }
 
+// A run of `pages` adjacent chunks mapped through the cuda backend and unmapped again: one map()
+// per page (cuMemMap + cuMemSetAccess each) against one map_pages (every cuMemMap, then one
+// cuMemSetAccess for the run). Microseconds per run, unmaps not included.
+struct RunMapCost {
+  double per_page_us = 0, batched_us = 0;
+};
+
+RunMapCost run_map_cost(std::uint64_t chunk, std::size_t pages, int reps) {
+  auto b = rt::make_cuda_backend();
+  rt::Reservation range = b->reserve(pages * chunk);
+  auto pool = b->create_pool(pages, chunk);
+  std::vector<rt::PageMapping> run(pages);
+  for (std::size_t i = 0; i < pages; ++i) run[i] = {i, range.base() + i * chunk};
+  RunMapCost c;
+  for (int r = 0; r < reps + 1; ++r) {  // the first repetition warms up
+    auto t = Clock::now();
+    for (const rt::PageMapping& p : run) b->map(*pool, p.chunk, p.addr, rt::Access::read);
+    const double per_page = seconds_since(t) * 1e6;
+    b->unmap(range.base(), pages * chunk);
+    t = Clock::now();
+    b->map_pages(*pool, run, rt::Access::read);
+    const double batched = seconds_since(t) * 1e6;
+    b->unmap(range.base(), pages * chunk);
+    if (r == 0) continue;
+    c.per_page_us += per_page;
+    c.batched_us += batched;
+  }
+  c.per_page_us /= reps;
+  c.batched_us /= reps;
+  return c;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: device_bench OUT_DIR [--total BYTES] [--reps N]\n");
+    std::fprintf(stderr,
+                 "usage: device_bench OUT_DIR [--total BYTES] [--reps N] [--pager-model BYTES] "
+                 "[--passes N] [--only h2d,vmm,pager]\n");
     return 2;
   }
   const std::filesystem::path out = argv[1];
@@ -182,13 +220,24 @@ int main(int argc, char** argv) {
   int reps = 50;
   std::uint64_t pager_model = std::uint64_t{1} << 30;
   int passes = 3;
+  std::string only = "h2d,vmm,pager";
   for (int i = 2; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--total") == 0) total = lema::parse_size(argv[i + 1], "--total");
     if (std::strcmp(argv[i], "--reps") == 0) reps = std::atoi(argv[i + 1]);
     if (std::strcmp(argv[i], "--pager-model") == 0)
       pager_model = lema::parse_size(argv[i + 1], "--pager-model");
     if (std::strcmp(argv[i], "--passes") == 0) passes = std::atoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--only") == 0) only = argv[i + 1];
   }
+  if (total < 64_MiB || reps < 1 || passes < 1) {
+    std::fprintf(stderr,
+                 "device_bench: --total must be at least 64MiB (the largest copy), --reps and "
+                 "--passes at least 1\n");
+    return 2;
+  }
+  const auto part = [&](const char* name) {
+    return ("," + only + ",").find("," + std::string(name) + ",") != std::string::npos;
+  };
   const std::string reason = rt::cuda_backend_unavailable_reason();
   if (!reason.empty()) {
     std::fprintf(stderr, "device_bench: the cuda backend is unavailable: %s\n", reason.c_str());
@@ -204,6 +253,7 @@ int main(int argc, char** argv) {
     j["driver_version"] = d.api->driver_version;
     j["total_bytes_per_run"] = total;
     for (std::uint64_t size : {2_MiB, 64_MiB}) {
+      if (!part("h2d")) break;
       const double base = baseline_gbps(d, size, total);
       const double copy = pipeline_gbps(size, total, false);
       const double mapped = pipeline_gbps(size, total, true);
@@ -215,17 +265,29 @@ int main(int argc, char** argv) {
                           {"ratio_copy_map_unmap", mapped / base}});
     }
     for (std::uint64_t size : {2_MiB, 8_MiB, 32_MiB, 64_MiB}) {
+      if (!part("vmm")) break;
       const VmmCost c = vmm_cost(d, size, reps);
       j["vmm"].push_back({{"chunk_bytes", size},
                           {"map_us", c.map_us},
                           {"set_access_us", c.set_access_us},
                           {"unmap_us", c.unmap_us}});
     }
+    constexpr std::size_t kRunPages = 16;
+    for (std::uint64_t size : {2_MiB, 8_MiB}) {
+      if (!part("vmm")) break;
+      const RunMapCost c = run_map_cost(size, kRunPages, reps);
+      j["vmm_run"].push_back({{"chunk_bytes", size},
+                              {"pages", kRunPages},
+                              {"map_per_page_us", c.per_page_us},
+                              {"map_pages_us", c.batched_us},
+                              {"ratio", c.batched_us / c.per_page_us}});
+    }
     // Not under OUT_DIR: that folder travels back from the device machine.
-    j["pager"] = lema::bench::measure_pager_passes(
-        std::filesystem::temp_directory_path() /
-            ("lema-device-bench-" + std::to_string(::getpid())),
-        pager_model, passes);
+    if (part("pager"))
+      j["pager"] =
+          lema::bench::measure_pager_passes(std::filesystem::temp_directory_path() /
+                                                ("lema-device-bench-" + std::to_string(::getpid())),
+                                            pager_model, passes);
     d.api->primary_ctx_release(d.dev);
 
     std::filesystem::create_directories(out);
@@ -233,11 +295,12 @@ int main(int argc, char** argv) {
     std::ofstream md(out / "device_bench.md");
     md << "Device: " << j["device"].get<std::string>() << ", driver " << d.api->driver_version
        << " (" << d.api->library << ")\n\n";
-    md << "| copy size | baseline GB/s | pipeline GB/s | ratio | pipeline + map/unmap GB/s | ratio "
-          "|\n"
-          "|---|---|---|---|---|---|\n";
     char row[256];
-    for (const auto& h : j["h2d"]) {
+    if (j.contains("h2d"))
+      md << "| copy size | baseline GB/s | pipeline GB/s | ratio | pipeline + map/unmap GB/s | "
+            "ratio |\n"
+            "|---|---|---|---|---|---|\n";
+    for (const auto& h : j.value("h2d", nlohmann::json::array())) {
       std::snprintf(row, sizeof row, "| %s | %.2f | %.2f | %.3f | %.2f | %.3f |\n",
                     lema::format_size(h["bytes_per_copy"].get<std::uint64_t>()).c_str(),
                     h["baseline_gbps"].get<double>(), h["pipeline_copy_gbps"].get<double>(),
@@ -245,29 +308,42 @@ int main(int argc, char** argv) {
                     h["ratio_copy_map_unmap"].get<double>());
       md << row;
     }
-    md << "\n| chunk | cuMemMap µs | cuMemSetAccess µs | cuMemUnmap µs |\n|---|---|---|---|\n";
-    for (const auto& v : j["vmm"]) {
+    if (j.contains("vmm"))
+      md << "\n| chunk | cuMemMap µs | cuMemSetAccess µs | cuMemUnmap µs |\n|---|---|---|---|\n";
+    for (const auto& v : j.value("vmm", nlohmann::json::array())) {
       std::snprintf(row, sizeof row, "| %s | %.1f | %.1f | %.1f |\n",
                     lema::format_size(v["chunk_bytes"].get<std::uint64_t>()).c_str(),
                     v["map_us"].get<double>(), v["set_access_us"].get<double>(),
                     v["unmap_us"].get<double>());
       md << row;
     }
-    const auto& pg = j["pager"];
-    md << "\nPager passes over " << lema::format_size(pg["model_bytes"].get<std::uint64_t>())
-       << " in pages of " << lema::format_size(pg["page_bytes"].get<std::uint64_t>())
-       << ", budget " << lema::format_size(pg["budget_bytes"].get<std::uint64_t>())
-       << ", trace policy\n\n| host cache | pass | s | GB/s | read from files | host cache hits "
-          "|\n|---|---|---|---|---|---|\n";
-    for (const auto& run : pg["runs"]) {
-      int n = 0;
-      for (const auto& p : run["passes"]) {
-        std::snprintf(row, sizeof row, "| %s | %d | %.3f | %.2f | %s | %llu |\n",
-                      lema::format_size(run["host_cache_bytes"].get<std::uint64_t>()).c_str(),
-                      ++n, p["seconds"].get<double>(), p["gbps"].get<double>(),
-                      lema::format_size(p["bytes_read"].get<std::uint64_t>()).c_str(),
-                      static_cast<unsigned long long>(p["host_cache_hits"].get<std::uint64_t>()));
-        md << row;
+    if (j.contains("vmm_run"))
+      md << "\n| run of chunks | map() per page µs | map_pages µs | ratio |\n|---|---|---|---|\n";
+    for (const auto& v : j.value("vmm_run", nlohmann::json::array())) {
+      std::snprintf(row, sizeof row, "| %zu × %s | %.1f | %.1f | %.3f |\n",
+                    v["pages"].get<std::size_t>(),
+                    lema::format_size(v["chunk_bytes"].get<std::uint64_t>()).c_str(),
+                    v["map_per_page_us"].get<double>(), v["map_pages_us"].get<double>(),
+                    v["ratio"].get<double>());
+      md << row;
+    }
+    if (j.contains("pager")) {
+      const auto& pg = j["pager"];
+      md << "\nPager passes over " << lema::format_size(pg["model_bytes"].get<std::uint64_t>())
+         << " in pages of " << lema::format_size(pg["page_bytes"].get<std::uint64_t>())
+         << ", budget " << lema::format_size(pg["budget_bytes"].get<std::uint64_t>())
+         << ", trace policy\n\n| host cache | pass | s | GB/s | read from files | host cache hits "
+            "|\n|---|---|---|---|---|---|\n";
+      for (const auto& run : pg["runs"]) {
+        int n = 0;
+        for (const auto& p : run["passes"]) {
+          std::snprintf(row, sizeof row, "| %s | %d | %.3f | %.2f | %s | %llu |\n",
+                        lema::format_size(run["host_cache_bytes"].get<std::uint64_t>()).c_str(),
+                        ++n, p["seconds"].get<double>(), p["gbps"].get<double>(),
+                        lema::format_size(p["bytes_read"].get<std::uint64_t>()).c_str(),
+                        static_cast<unsigned long long>(p["host_cache_hits"].get<std::uint64_t>()));
+          md << row;
+        }
       }
     }
     std::printf("%s", j.dump(2).c_str());

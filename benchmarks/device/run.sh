@@ -7,7 +7,8 @@
 #   OUT_DIR/device_bench.md     map / set-access / unmap cost per chunk size (2, 8, 32, 64 MiB),
 #                               Pager passes without and with the host cache tier
 #   OUT_DIR/train_steps.md      `lema train --device cuda` step time: weights resident, half of
-#                               them under the budget, the same with the host cache tier
+#                               them under the budget (vmm, vmm + host cache, managed), plain
+#                               unified memory oversubscribed alike; small steps vs PCIe floor
 #
 #   benchmarks/device/run.sh OUT_DIR                    # on the GPU machine
 #   benchmarks/device/run.sh --cpu-rehearsal OUT_DIR    # here: system packages, the fake driver
@@ -129,8 +130,12 @@ fi
 cat "$out/device_bench.md"
 
 # ---- LoRA step time on the GPU (needs torch with CUDA: not in the rehearsal) ----
-# A 1.3B-parameter Llama (5 GiB of f32 weights), 16k tokens per step, bf16 compute: every weight
-# resident, then half of them under the budget, then half with the host cache tier.
+# A 1.3B-parameter Llama (5 GiB of f32 weights), bf16 compute. At 16k tokens per step: every
+# weight resident, then half of them under the budget with each way of keeping them (vmm, vmm
+# with the host cache, managed) and plain unified memory oversubscribed to the same device
+# memory. At 512 tokens per step, where the transfers cannot hide: resident and vmm at half.
+# The paged runs get the same --device-memory-cap: half the weights plus what the resident
+# run used beyond its weights (activations, workspace, context), sampled with nvidia-smi.
 if [[ $rehearsal -eq 0 ]]; then
   scratch="${LEMA_DEVICE_SCRATCH:-/tmp/lema-device-train}"
   rm -rf "$scratch" && mkdir -p "$scratch"
@@ -138,37 +143,42 @@ if [[ $rehearsal -eq 0 ]]; then
     --kv-heads 8 --intermediate 5632 --vocab 32000 > "$out/train_gen.log" 2>&1
   model_bytes=$(du -sb "$scratch/model" | cut -f1)
   half=$((model_bytes / 2))
-  run_train() {
-    local name=$1
-    shift
-    "$build/tools/lema" train --model "$scratch/model" --out "$scratch/$name" --steps 6 \
-      --seq-len 2048 --batch 8 --dtype bf16 --log-json "$out/train_$name.jsonl" "$@" \
-      > "$out/train_$name.log" 2>&1 || { echo "lema train ($name) failed:"; tail -5 "$out/train_$name.log"; }
+  run_train() {  # name, steps, seq-len, batch, options...
+    local name=$1 steps=$2 seq=$3 batch=$4
+    shift 4
+    timeout "${LEMA_DEVICE_TRAIN_TIMEOUT:-150}" "$build/tools/lema" train --model "$scratch/model" \
+      --out "$scratch/$name" --steps "$steps" --seq-len "$seq" --batch "$batch" --dtype bf16 \
+      --log-json "$out/train_$name.jsonl" "$@" > "$out/train_$name.log" 2>&1 ||
+      { echo "lema train ($name) failed or timed out:"; tail -5 "$out/train_$name.log"; }
   }
-  run_train resident --device cuda --budget unlimited
-  run_train half --device cuda --budget "$half"
-  run_train half_cached --device cuda --budget "$half" --host-cache "$model_bytes"
-  "$python" - "$out" > "$out/train_steps.md" <<'PY'
-import json, statistics, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-rows = {}
-for name in ["resident", "half", "half_cached"]:
-    f = out / f"train_{name}.jsonl"
-    steps = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
-    times = [s["step_time_s"] for s in steps[1:]]  # the first step warms up
-    rows[name] = (statistics.median(times) if times else None, steps[-1] if steps else None)
-base = rows["resident"][0]
-print("| weights | median step s | x resident | tokens/s | faults | read GiB | peak resident GiB |")
-print("|---|---|---|---|---|---|---|")
-for name, (t, last) in rows.items():
-    if t is None:
-        print(f"| {name} | failed | | | | | |")
-        continue
-    ratio = f"{t / base:.3f}" if base else ""
-    print(f"| {name} | {t:.3f} | {ratio} | {last['tokens'] / t:.0f} | {last.get('faults', '')} | "
-          f"{last.get('bytes_read', 0) / 2**30:.1f} | {last.get('peak_resident_bytes', 0) / 2**30:.2f} |")
-PY
-  cat "$out/train_steps.md"
+  used_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2>/dev/null | head -1; }
+  idle=$(used_mib || true)
+  peak_file="$out/train_resident_used_mib.txt"
+  if [[ -n "$idle" ]]; then
+    (while true; do used_mib; sleep 0.2; done) > "$peak_file" 2>/dev/null &
+    sampler=$!
+  fi
+  run_train resident 6 2048 8 --device cuda --budget unlimited
+  if [[ -n "$idle" ]]; then kill "$sampler" 2> /dev/null || true; wait "$sampler" 2> /dev/null || true; fi
+  cap_mib=$(( (half >> 20) + 16384 ))  # without nvidia-smi: 16 GiB beyond the half
+  if [[ -n "$idle" && -s "$peak_file" ]]; then
+    peak=$(sort -n "$peak_file" | tail -1)
+    cap_mib=$(( (half >> 20) + peak - idle - (model_bytes >> 20) ))
+  fi
+  echo "device memory cap for the paged runs: ${cap_mib} MiB (half the weights: $((half >> 20)) MiB)" > "$out/train_cap.txt"
+  cap="${cap_mib}MiB"
+  run_train half 6 2048 8 --device cuda --budget "$half" --device-memory-cap "$cap"
+  run_train half_cached 6 2048 8 --device cuda --budget "$half" --host-cache "$model_bytes" \
+    --device-memory-cap "$cap"
+  run_train half_managed 6 2048 8 --device cuda --gpu-memory managed --budget "$half" \
+    --device-memory-cap "$cap"
+  run_train unified 4 2048 8 --device cuda --gpu-memory unified --budget unlimited \
+    --device-memory-cap "$cap"
+  run_train resident_small 6 512 1 --device cuda --budget unlimited
+  run_train half_small 6 512 1 --device cuda --budget "$half" --host-cache "$model_bytes" \
+    --device-memory-cap "$cap"
+  "$python" "$here/train_table.py" "$out" > "$out/train_steps.md"
+  cat "$out/train_cap.txt" "$out/train_steps.md"
   rm -rf "$scratch"
   log "LoRA step times done"
 fi

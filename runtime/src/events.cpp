@@ -19,6 +19,12 @@ std::string_view event_kind_name(EventKind kind) {
       return "evict";
     case EventKind::stall:
       return "stall";
+    case EventKind::gpu_fault:
+      return "gpu_fault";
+    case EventKind::migrate_to_device:
+      return "migrate_to_device";
+    case EventKind::migrate_to_host:
+      return "migrate_to_host";
   }
   return "unknown";
 }

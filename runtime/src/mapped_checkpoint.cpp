@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "lema/base/error.hpp"
+#include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/layout.hpp"
 #ifdef LEMA_HAVE_CUDA
@@ -25,6 +26,22 @@ std::string_view residency_mode_name(ResidencyMode mode) {
   return mode == ResidencyMode::guard ? "guard" : "fault";
 }
 
+std::optional<GpuMemory> parse_gpu_memory(std::string_view name) {
+  if (name == "vmm") return GpuMemory::vmm;
+  if (name == "managed") return GpuMemory::managed;
+  if (name == "unified") return GpuMemory::unified;
+  return std::nullopt;
+}
+
+std::string_view gpu_memory_name(GpuMemory memory) {
+  switch (memory) {
+    case GpuMemory::vmm: return "vmm";
+    case GpuMemory::managed: return "managed";
+    case GpuMemory::unified: return "unified";
+  }
+  return "?";
+}
+
 namespace {
 
 std::unique_ptr<Backend> make_backend(const MappedCheckpointOptions& options) {
@@ -32,12 +49,29 @@ std::unique_ptr<Backend> make_backend(const MappedCheckpointOptions& options) {
     return make_host_backend(std::uint64_t{2} << 20,
                              options.huge_pages ? HostPages::huge : HostPages::base);
 #ifdef LEMA_HAVE_CUDA
-  return make_cuda_backend({.device = *options.cuda_device, .driver_library = {}, .granularity = 0});
+  CudaBackendOptions cuda;
+  cuda.device = *options.cuda_device;
+  if (options.gpu_memory == GpuMemory::vmm) return make_cuda_backend(cuda);
+  cuda.managed_prefetch = options.gpu_memory == GpuMemory::managed;
+  return make_managed_backend(cuda);
 #else
   throw InvalidArgument("weights on CUDA device " + std::to_string(*options.cuda_device) +
                         " need a LEMA built with the CUDA toolkit (LEMA_WITH_CUDA); this one "
                         "was built without it");
 #endif
+}
+
+// Plain unified memory holds every page at its own address: the pager keeps them all mapped
+// (a page it evicted would only be read from the files again) and the driver does the paging.
+std::uint64_t pager_budget(const MappedCheckpointOptions& options, const Layout& layout) {
+  if (!options.cuda_device || options.gpu_memory != GpuMemory::unified) return options.budget_bytes;
+  if (options.budget_bytes < layout.virtual_bytes())
+    throw InvalidArgument(
+        "unified GPU memory leaves the paging to the driver, which no budget can bound: the "
+        "budget " + format_size(options.budget_bytes) + " must hold the whole model (" +
+        format_size(layout.virtual_bytes()) + "); give an unlimited budget, and limit the "
+        "device's memory to oversubscribe it");
+  return layout.virtual_bytes();
 }
 
 class GuardedCheckpoint final : public MappedCheckpoint {
@@ -48,7 +82,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
         backend_(make_backend(options)),
         space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
                                                                       backend_->granularity()))),
-        pager_(space_, PagerOptions{.budget_bytes = options.budget_bytes,
+        pager_(space_, PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
                                     .policy = options.policy,
                                     .prefetch = options.prefetch,
                                     .reader = options.reader,
@@ -114,6 +148,14 @@ std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::
                  "through userfaultfd); use guard mode");
     LEMA_EXPECTS(!options.huge_pages, "huge pages are host memory; weights on a GPU ignore "
                                       "them: drop the huge-pages setting");
+    LEMA_EXPECTS(options.gpu_memory == GpuMemory::vmm || options.host_cache_bytes == 0,
+                 "a host cache keeps pages for copies into device memory; " +
+                     std::string(gpu_memory_name(options.gpu_memory)) +
+                     " GPU memory is host-visible and has none: drop the host cache setting");
+  } else {
+    LEMA_EXPECTS(options.gpu_memory == GpuMemory::vmm,
+                 std::string(gpu_memory_name(options.gpu_memory)) +
+                     " GPU memory needs weights on a GPU: set a CUDA device");
   }
   if (options.huge_pages && options.mode == ResidencyMode::fault)
     throw InvalidArgument(

@@ -88,10 +88,12 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   spdlog::debug("pager: {} pages of {}, pool of {} chunks ({}), policy {}, io {}",
                 space.page_count(), format_size(page_size), s->chunk_count,
                 format_size(s->chunk_count * page_size), s->policy->name(), s->io_path);
+  subscribe_uvm(*s);  // before the publisher, which records whether GPU faults are counted
   s->profile = ProfilePublisher::open_if_enabled(
       ProfileSourceInfo{.kind = "pager",
                         .policy = std::string(s->policy->name()),
                         .io_path = s->io_path,
+                        .uvm_counters = s->uvm_status,
                         .page_size = page_size,
                         .budget_bytes = s->options.budget_bytes,
                         .pool_pages = s->chunk_count,
@@ -99,6 +101,7 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
                         .tensors = profile_tensors(space.layout()),
                         .counters = {}});
   state_ = std::move(s);
+  attach_uvm(*state_);
   if (state_->options.prefetch) {
     state_->prefetch_thread = std::thread([st = state_.get()] { run_prefetcher(*st); });
   }
@@ -127,6 +130,9 @@ Pager::~Pager() {
     s.counters.page_unmapped();
     e.state = PageState::absent;
   }
+  // The last records of the range reach the counters; consumers take no lock, so the pager's
+  // lock may be held (Note [UVM counters]).
+  s.uvm.reset();
   if (s.profile) s.profile->update(s.counters, s.page_size);
 }
 
@@ -185,6 +191,7 @@ void Pager::quiesce() {
 }
 
 void Pager::mark_step() {
+  if (state_->uvm) state_->uvm->flush();  // the step's GPU faults, before the next one starts
   std::lock_guard lock(state_->mutex);
   state_->policy->mark_step();
 }
@@ -210,10 +217,12 @@ bool Pager::is_resident(PageId page) const {
 }
 
 PagerStats Pager::stats() const {
+  if (state_->uvm) state_->uvm->flush();
   PagerStats st = state_->counters.snapshot(state_->page_size, state_->options.budget_bytes,
                                             state_->io_path);
   if (state_->host_cache)
     st.host_cache_bytes = state_->host_cache->slot_count() * state_->page_size;
+  st.uvm_counters = state_->uvm_status;
   return st;
 }
 

@@ -90,6 +90,8 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
       c.error = std::current_exception();
     }
   }
+  std::vector<std::size_t> to_map;  // claims whose page is in its chunk (or on its way there)
+  to_map.reserve(claims.size());
   for (std::size_t i = 0; i < claims.size(); ++i) {
     FillClaim& c = claims[i];
     if (c.error) continue;
@@ -101,9 +103,10 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
                                           : nullptr;
       if (source != nullptr) {
         // Note [Device fills]: the copy is left running on the backend's copy queue. The page
-        // is mapped now (a host-side call) but read only by work that waits for `ready`: the
-        // acquirer's consumer queue, or the acquirer itself on the host. The host memory it
-        // copies from is given back once it completed (retire_copies).
+        // is mapped right after the batch's copies were issued (a host-side call), not once
+        // they completed, but read only by work that waits for `ready`: the acquirer's
+        // consumer queue, or the acquirer itself on the host. The host memory it copies from
+        // is given back once it completed (retire_copies).
         c.ready = s.backend->copy_to_chunk(*s.pool, c.chunk, 0,
                                            std::span<const std::byte>(source, s.page_size));
         if (slot[i] && !cached[i]) cache->commit(*slot[i]);
@@ -111,27 +114,53 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
         s.copies_in_flight.push_back({c.ready, std::move(staging[i]), slot[i]});
         slot[i].reset();
       }
-      // Note [Map after fill]: on a host-visible pool the page appears at its model address
-      // only now that every byte of it is in the chunk, so no reader of the model address can
-      // ever see a partial page. Counted before the map so the peak can never miss a mapped
-      // page.
-      s.counters.page_mapped();
-      try {
-        s.backend->map(*s.pool, c.chunk, s.space->page_address(c.page), s.options.access);
-      } catch (...) {
-        s.counters.page_unmapped();
-        throw;
-      }
-      if (cached[i])
-        s.counters.add(s.counters.host_cache_hits);
-      else
-        s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(c.page));
+      to_map.push_back(i);
     } catch (const io::ReadError& e) {
       // A copy owned by this thread: the original is shared with the reader's thread, which
       // may free it after this function returns.
       c.error = std::make_exception_ptr(io::ReadError(e));
     } catch (...) {
       c.error = std::current_exception();
+    }
+  }
+  // Note [Map after fill]: on a host-visible pool a page appears at its model address only once
+  // every byte of it is in its chunk, so no reader of the model address can ever see a partial
+  // page. The pages of the batch are mapped together, after all their reads (and copy issues),
+  // in one map_pages call, which lets a device backend set access once per run of adjacent
+  // pages (Note [Access per run] in the cuda backend). The first page is thus mapped only when
+  // the last read is done; nothing waits for it earlier: a demand fault's caller waits for
+  // every claim, and both callers publish the batch only after this function returns.
+  if (!to_map.empty()) {
+    std::vector<PageMapping> batch;
+    batch.reserve(to_map.size());
+    for (std::size_t i : to_map)
+      batch.push_back({claims[i].chunk, s.space->page_address(claims[i].page)});
+    // Counted before the map so the peak can never miss a mapped page.
+    for (std::size_t n = 0; n < to_map.size(); ++n) s.counters.page_mapped();
+    try {
+      s.backend->map_pages(*s.pool, batch, s.options.access);
+      for (std::size_t i : to_map) {
+        if (cached[i])
+          s.counters.add(s.counters.host_cache_hits);
+        else
+          s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(claims[i].page));
+      }
+    } catch (...) {
+      // All or nothing (Backend::map_pages): no page of the batch is mapped, each claim fails
+      // and publish_fills gives its chunk back, once its copy completed (Note [Device fills]:
+      // a chunk is not reused before its fill's copy did; an error path, so waiting is fine).
+      // The backend's rollback may have unmapped pages whose copies still ran: those write
+      // through the pool window, not the model address, and no consumer saw these pages.
+      const std::exception_ptr error = std::current_exception();
+      for (std::size_t i : to_map) {
+        s.counters.page_unmapped();
+        claims[i].error = error;
+        try {
+          s.backend->wait_fence(claims[i].ready);
+        } catch (const std::exception& e) {
+          spdlog::error("pager: waiting for a copy to the device failed: {}", e.what());
+        }
+      }
     }
   }
   // Slots and buffers whose copy was never issued (a read or copy error).

@@ -29,6 +29,7 @@
 #include "host_page_cache.hpp"
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/profile.hpp"
+#include "uvm_counters.hpp"
 
 namespace lema::runtime {
 
@@ -107,6 +108,13 @@ struct Pager::State {
 
   std::thread prefetch_thread;
 
+  // Unified memory only (pager_uvm.cpp, Note [UVM counters]): PagerStats::uvm_counters, the
+  // consumer of CUPTI's records for this range, and its subscription. Declared last: the
+  // subscription goes first, so the consumer is never called once anything it writes is gone.
+  std::string uvm_status;
+  std::unique_ptr<UvmConsumer> uvm_consumer;
+  std::unique_ptr<UvmSubscription> uvm;
+
   explicit State(std::size_t event_capacity) : events(event_capacity) {}
 };
 
@@ -128,9 +136,10 @@ std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates);
 
 /// Who fills: a caller that faulted (and waits), or the prefetch thread.
 enum class FillOrigin { demand, prefetch };
-/// Reads each claim's page into its chunk and maps it at the model address. Errors are stored
-/// per claim; never throws. Copies into device chunks are left running: each claim's `ready`
-/// fence says when its bytes are there.
+/// Reads each claim's page into its chunk, then maps the pages read at their model addresses
+/// with one Backend::map_pages call (Note [Map after fill]); when that map fails, every claim
+/// of it fails. Errors are stored per claim; never throws. Copies into device chunks are left
+/// running: each claim's `ready` fence says when its bytes are there.
 void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origin);
 /// Gives back the host memory of completed copies; waits on the host for the oldest ones while
 /// more than `keep` are in flight (bounding pinned staging memory).
@@ -140,6 +149,7 @@ void retire_copies(Pager::State& s, std::size_t keep) noexcept;
 
 /// Publishes the outcome of fills: resident pages, or absent with the chunk freed.
 void publish_fills(Pager::State& s, std::span<const FillClaim> claims);
+/// Needs no lock (the ring and the publisher are lock-free); CUPTI's records arrive through it.
 void record_event(Pager::State& s, EventKind kind, PageId first, std::uint32_t count,
                   std::uint64_t bytes, std::uint64_t start_ns, std::uint64_t duration_ns);
 
@@ -167,5 +177,14 @@ inline bool prefetch_useful(const Pager::State& s) {
 
 // ---- prefetcher.cpp ----
 void run_prefetcher(Pager::State& s);
+
+// ---- pager_uvm.cpp (no lock held) ----
+
+/// Over unified memory: subscribes the pager's range to CUPTI's unified-memory counters and
+/// sets uvm_status ("on", or why not, logged once per reason). Before the profile publisher
+/// opens, which records the status.
+void subscribe_uvm(Pager::State& s);
+/// Hands the range's records to the pager from now on (once the state is complete).
+void attach_uvm(Pager::State& s);
 
 }  // namespace lema::runtime

@@ -59,6 +59,7 @@ std::vector<ProfileSourceInfo> SegmentView::sources() const {
     info.kind = text(s.kind, sizeof(s.kind));
     info.policy = text(s.policy, sizeof(s.policy));
     info.io_path = text(s.io_path, sizeof(s.io_path));
+    info.uvm_counters = text(s.uvm_counters, sizeof(s.uvm_counters));
     info.page_size = s.page_size;
     info.budget_bytes = s.budget_bytes;
     info.pool_pages = s.pool_pages;
@@ -79,6 +80,11 @@ std::vector<ProfileSourceInfo> SegmentView::sources() const {
     st.stall_ns = c(ProfileCounter::stall_ns);
     st.resident_bytes = c(ProfileCounter::resident_bytes);
     st.peak_resident_bytes = c(ProfileCounter::peak_resident_bytes);
+    st.gpu_faults = c(ProfileCounter::gpu_faults);
+    st.cpu_faults = c(ProfileCounter::cpu_faults);
+    st.migrated_to_device_bytes = c(ProfileCounter::migrated_to_device_bytes);
+    st.migrated_to_host_bytes = c(ProfileCounter::migrated_to_host_bytes);
+    st.uvm_counters = info.uvm_counters;
     st.budget_bytes = s.budget_bytes;
     st.page_size = s.page_size;
     st.io_path = info.io_path;

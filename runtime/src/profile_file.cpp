@@ -78,14 +78,16 @@ class ByteReader {
 void put_counters(ByteWriter& w, const PagerStats& s) {
   for (std::uint64_t v :
        {s.faults, s.hits, s.prefetches_issued, s.prefetches_used, s.prefetches_wasted, s.bytes_read,
-        s.evictions, s.stall_ns, s.resident_bytes, s.peak_resident_bytes})
+        s.evictions, s.stall_ns, s.resident_bytes, s.peak_resident_bytes, s.gpu_faults,
+        s.cpu_faults, s.migrated_to_device_bytes, s.migrated_to_host_bytes})
     w.put<std::uint64_t>(v);
 }
 
 void get_counters(ByteReader& r, PagerStats& s) {
   for (std::uint64_t* v :
        {&s.faults, &s.hits, &s.prefetches_issued, &s.prefetches_used, &s.prefetches_wasted,
-        &s.bytes_read, &s.evictions, &s.stall_ns, &s.resident_bytes, &s.peak_resident_bytes})
+        &s.bytes_read, &s.evictions, &s.stall_ns, &s.resident_bytes, &s.peak_resident_bytes,
+        &s.gpu_faults, &s.cpu_faults, &s.migrated_to_device_bytes, &s.migrated_to_host_bytes})
     *v = r.get<std::uint64_t>();
 }
 
@@ -102,6 +104,7 @@ void save_recording(const Recording& rec, const std::filesystem::path& path) {
     body.put(s.kind);
     body.put(s.policy);
     body.put(s.io_path);
+    body.put(s.uvm_counters);
     for (std::uint64_t v :
          {s.page_size, s.budget_bytes, s.pool_pages, s.page_count, s.open_ns, s.close_ns})
       body.put<std::uint64_t>(v);
@@ -184,9 +187,15 @@ Recording load_recording(const std::filesystem::path& path) {
                            " bytes, shorter than its 64-byte header)");
   ByteReader hr(data.data() + sizeof(kMagic), kHeaderBytes - sizeof(kMagic), path);
   const auto version = hr.get<std::uint32_t>();
+  if (version < kProfileFileVersion)
+    throw ProfileFileError(name + ": profile version " + std::to_string(version) +
+                           " was recorded by an older lema; this lema reads version " +
+                           std::to_string(kProfileFileVersion) +
+                           " (report it with the lema that recorded it, or record the run again)");
   if (version != kProfileFileVersion)
     throw ProfileFileError(name + ": profile version " + std::to_string(version) +
-                           ", this lema reads version " + std::to_string(kProfileFileVersion));
+                           ", this lema reads version " + std::to_string(kProfileFileVersion) +
+                           " (report it with the lema that recorded it)");
   const auto header_bytes = hr.get<std::uint32_t>();
   const auto body_bytes = hr.get<std::uint64_t>();
   const auto crc = hr.get<std::uint32_t>();
@@ -217,6 +226,7 @@ Recording load_recording(const std::filesystem::path& path) {
     s.kind = r.get_string();
     s.policy = r.get_string();
     s.io_path = r.get_string();
+    s.uvm_counters = r.get_string();
     for (std::uint64_t* v :
          {&s.page_size, &s.budget_bytes, &s.pool_pages, &s.page_count, &s.open_ns, &s.close_ns})
       *v = r.get<std::uint64_t>();
@@ -224,6 +234,7 @@ Recording load_recording(const std::filesystem::path& path) {
     s.counters.budget_bytes = s.budget_bytes;
     s.counters.page_size = s.page_size;
     s.counters.io_path = s.io_path;
+    s.counters.uvm_counters = s.uvm_counters;
     const auto tensors = r.get<std::uint32_t>();
     r.need(std::uint64_t{tensors} * 16);
     s.tensors.resize(tensors);
@@ -247,7 +258,7 @@ Recording load_recording(const std::filesystem::path& path) {
     std::memcpy(&e.page_count, at + 28, 4);
     const auto kind = static_cast<std::uint8_t>(at[32]);
     std::memcpy(&e.source, at + 34, 2);
-    if (kind > static_cast<std::uint8_t>(EventKind::stall) || e.source >= source_count)
+    if (kind > static_cast<std::uint8_t>(kLastEventKind) || e.source >= source_count)
       throw ProfileFileError(name + ": damaged profile (event " +
                              std::to_string(&e - rec.events.data()) + " has kind " +
                              std::to_string(kind) + ", source " + std::to_string(e.source) + ")");

@@ -266,6 +266,7 @@ std::unique_ptr<ProfilePublisher> ProfilePublisher::open(std::shared_ptr<Profile
   copy_text(s.kind, sizeof(s.kind), info.kind);
   copy_text(s.policy, sizeof(s.policy), info.policy);
   copy_text(s.io_path, sizeof(s.io_path), info.io_path);
+  copy_text(s.uvm_counters, sizeof(s.uvm_counters), info.uvm_counters);
   s.state.store(kOpen, std::memory_order_release);
   m.header->sources.store(index + 1, std::memory_order_release);
   return std::unique_ptr<ProfilePublisher>(
@@ -314,6 +315,10 @@ void ProfilePublisher::update(const PagerCounters& c, std::uint64_t page_size) n
   copy(ProfileCounter::stall_ns, c.stall_ns);
   copy(ProfileCounter::resident_bytes, c.resident_pages, page_size);
   copy(ProfileCounter::peak_resident_bytes, c.peak_resident_pages, page_size);
+  copy(ProfileCounter::gpu_faults, c.gpu_faults);
+  copy(ProfileCounter::cpu_faults, c.cpu_faults);
+  copy(ProfileCounter::migrated_to_device_bytes, c.migrated_to_device_bytes);
+  copy(ProfileCounter::migrated_to_host_bytes, c.migrated_to_host_bytes);
 }
 
 void ProfilePublisher::update(const PagerStats& st) noexcept {
@@ -327,7 +332,11 @@ void ProfilePublisher::update(const PagerStats& st) noexcept {
                                                st.evictions,
                                                st.stall_ns,
                                                st.resident_bytes,
-                                               st.peak_resident_bytes};
+                                               st.peak_resident_bytes,
+                                               st.gpu_faults,
+                                               st.cpu_faults,
+                                               st.migrated_to_device_bytes,
+                                               st.migrated_to_host_bytes};
   for (std::size_t i = 0; i < kCounterCount; ++i)
     out[i].store(values[i], std::memory_order_relaxed);
 }

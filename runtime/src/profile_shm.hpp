@@ -1,4 +1,5 @@
-// The layout of a profile segment (version 1), shared by its writer (profile_segment.cpp) and
+// The layout of a profile segment (version 2: version 1 had 10 counters and no unified-memory
+// status), shared by its writer (profile_segment.cpp) and
 // its readers (profile_attach.cpp).
 //
 //   [Header][SourceSlot × max_sources][tensor arena][EventSlot × event_capacity]
@@ -21,10 +22,13 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 
 inline constexpr char kMagic[8] = {'L', 'E', 'M', 'A', 'P', 'S', 'H', 'M'};
-inline constexpr std::uint32_t kVersion = 1;
-inline constexpr std::size_t kCounterCount = 10;
+inline constexpr std::uint32_t kVersion = 2;
+inline constexpr std::size_t kCounterCount = 14;  // ProfileCounter
 // Where glibc's shm_open keeps its objects; a segment is built elsewhere and renamed in here.
 inline const std::string kShmDirectory = "/dev/shm/";
+
+static_assert(kCounterCount ==
+              static_cast<std::size_t>(ProfileCounter::migrated_to_host_bytes) + 1);
 
 enum SlotState : std::uint32_t { kUnwritten = 0, kOpen = 1, kClosed = 2 };
 
@@ -63,6 +67,7 @@ struct alignas(64) SourceSlot {
   char kind[16];
   char policy[16];
   char io_path[64];
+  char uvm_counters[128];  // ProfileSourceInfo::uvm_counters, truncated
   alignas(64) std::atomic<std::uint64_t> counters[kCounterCount];
 };
 
@@ -106,7 +111,7 @@ inline Geometry geometry(std::size_t max_sources, std::size_t arena_bytes,
 /// attachments and by a process saving its own segment at exit.
 class SegmentView {
  public:
-  /// Throws lema::Error naming `name` when the bytes are not a version-1 segment.
+  /// Throws lema::Error naming `name` when the bytes are not a segment of kVersion.
   SegmentView(const std::byte* base, std::size_t size, const std::string& name);
   const Header& header() const noexcept { return *header_; }
   std::vector<ProfileSourceInfo> sources() const;

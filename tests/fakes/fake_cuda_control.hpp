@@ -37,6 +37,8 @@ class FakeCudaControl {
     bind(prefetches_, "fake_cuda_prefetches");
     bind(test_stream_, "fake_cuda_test_stream");
     bind(stream_sum_, "fake_cuda_stream_sum");
+    bind(calls_, "fake_cuda_calls");
+    bind(fail_, "fake_cuda_fail");
   }
   FakeCudaControl(const FakeCudaControl&) = delete;
   FakeCudaControl& operator=(const FakeCudaControl&) = delete;
@@ -73,6 +75,12 @@ class FakeCudaControl {
     for (std::size_t i = 0; i < bytes; ++i) sum = sum * 1099511628211ull + p[i];
     return sum;
   }
+  /// Calls so far of the driver entry point `entry` ("cuMemMap", "cuMemSetAccess", ...) through
+  /// the table the backends loaded, by every backend in the process: compare before and after.
+  std::uint64_t calls(const char* entry) { return calls_(entry); }
+  /// Makes the `nth` next call of `entry` (1: the next one) return `result` (a CUresult) without
+  /// doing anything; nth == 0 cancels a failure not reached yet.
+  void fail(const char* entry, std::uint64_t nth, int result) { fail_(entry, nth, result); }
   /// Prefetches issued so far, to the device (to_device) or to the host.
   std::uint64_t prefetches(bool to_device) { return prefetches_(to_device ? 1 : 0); }
   /// A stream owned by the fake for tests that play the compute stream (create != 0), or
@@ -96,6 +104,8 @@ class FakeCudaControl {
   std::uint64_t (*prefetches_)(int) = nullptr;
   void* (*test_stream_)(void*, int) = nullptr;
   int (*stream_sum_)(void*, const void*, std::size_t, std::uint64_t*) = nullptr;
+  std::uint64_t (*calls_)(const char*) = nullptr;
+  void (*fail_)(const char*, std::uint64_t, int) = nullptr;
 };
 
 }  // namespace lema::test

@@ -15,6 +15,9 @@
 // reservation that still has mappings; handles leaked at exit (printed by a destructor, counted
 // by fake_cuda_live_handles).
 //
+// Every entry point the table hands out counts its calls (fake_cuda_calls), and a test can make
+// the n-th next call of one return an error without doing anything (fake_cuda_fail).
+//
 // Settings (environment at load, or fake_cuda_configure): LEMA_FAKE_CUDA_MEMORY (bytes of device
 // memory, default 1 GiB), LEMA_FAKE_CUDA_VMM (0: no virtual memory management),
 // LEMA_FAKE_CUDA_DEVICES (default 1), LEMA_FAKE_CUDA_GRANULARITY (default 2 MiB),
@@ -36,6 +39,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -132,6 +136,14 @@ struct Driver {
   std::map<void*, std::size_t> pinned;
   std::map<std::uintptr_t, std::size_t> managed_ranges;
   std::map<std::uintptr_t, std::size_t> device_buffers;  // cuMemAlloc
+
+  // Per entry point: calls so far, and the call number that fails (0: none) with what.
+  struct EntryCalls {
+    std::uint64_t calls = 0;
+    std::uint64_t fail_at = 0;
+    CUresult fail_with = CUDA_SUCCESS;
+  };
+  std::map<std::string, EntryCalls, std::less<>> entry_calls;
 
   std::uint64_t misuses = 0;
   std::string last_misuse;
@@ -825,51 +837,75 @@ struct Entry {
   void* fn;
 };
 
-template <typename Fn>
-Entry entry(const char* name, Fn fn) {
-  return {name, reinterpret_cast<void*>(fn)};
+// Counts a call of the entry point `name`; returns the error injected for this call, if any.
+CUresult count_call(const char* name) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  Driver::EntryCalls& e = d.entry_calls[name];
+  ++e.calls;
+  if (e.fail_at == 0 || e.calls != e.fail_at) return CUDA_SUCCESS;
+  e.fail_at = 0;
+  return e.fail_with;
+}
+
+// What the table hands out for `Fn`: counts the call, then fails it or calls `Fn`.
+template <auto Fn>
+struct Counted;
+template <typename... Args, CUresult (*Fn)(Args...)>
+struct Counted<Fn> {
+  static inline const char* name = nullptr;
+  static CUresult call(Args... args) {
+    if (const CUresult injected = count_call(name); injected != CUDA_SUCCESS) return injected;
+    return Fn(args...);
+  }
+};
+
+template <auto Fn>
+Entry entry(const char* name) {
+  Counted<Fn>::name = name;
+  return {name, reinterpret_cast<void*>(&Counted<Fn>::call)};
 }
 
 const std::vector<Entry>& entries() {
   static const std::vector<Entry> table = {
-      entry("cuGetErrorString", fGetErrorString),
-      entry("cuGetErrorName", fGetErrorName),
-      entry("cuDriverGetVersion", fDriverGetVersion),
-      entry("cuInit", fInit),
-      entry("cuDeviceGetCount", fDeviceGetCount),
-      entry("cuDeviceGet", fDeviceGet),
-      entry("cuDeviceGetName", fDeviceGetName),
-      entry("cuDeviceGetAttribute", fDeviceGetAttribute),
-      entry("cuDevicePrimaryCtxRetain", fPrimaryCtxRetain),
-      entry("cuDevicePrimaryCtxRelease", fPrimaryCtxRelease),
-      entry("cuCtxSetCurrent", fCtxSetCurrent),
-      entry("cuMemGetInfo", fMemGetInfo),
-      entry("cuMemGetAllocationGranularity", fMemGetAllocationGranularity),
-      entry("cuMemAddressReserve", fMemAddressReserve),
-      entry("cuMemAddressFree", fMemAddressFree),
-      entry("cuMemCreate", fMemCreate),
-      entry("cuMemRelease", fMemRelease),
-      entry("cuMemMap", fMemMap),
-      entry("cuMemUnmap", fMemUnmap),
-      entry("cuMemSetAccess", fMemSetAccess),
-      entry("cuMemHostAlloc", fMemHostAlloc),
-      entry("cuMemFreeHost", fMemFreeHost),
-      entry("cuMemAlloc", fMemAlloc),
-      entry("cuMemAllocManaged", fMemAllocManaged),
-      entry("cuMemFree", fMemFree),
-      entry("cuMemPrefetchAsync", fMemPrefetchAsync),
-      entry("cuMemAdvise", fMemAdvise),
-      entry("cuMemcpyHtoDAsync", fMemcpyHtoDAsync),
-      entry("cuMemcpyDtoH", fMemcpyDtoH),
-      entry("cuStreamCreate", fStreamCreate),
-      entry("cuStreamDestroy", fStreamDestroy),
-      entry("cuStreamSynchronize", fStreamSynchronize),
-      entry("cuStreamWaitEvent", fStreamWaitEvent),
-      entry("cuEventCreate", fEventCreate),
-      entry("cuEventRecord", fEventRecord),
-      entry("cuEventQuery", fEventQuery),
-      entry("cuEventSynchronize", fEventSynchronize),
-      entry("cuEventDestroy", fEventDestroy),
+      entry<fGetErrorString>("cuGetErrorString"),
+      entry<fGetErrorName>("cuGetErrorName"),
+      entry<fDriverGetVersion>("cuDriverGetVersion"),
+      entry<fInit>("cuInit"),
+      entry<fDeviceGetCount>("cuDeviceGetCount"),
+      entry<fDeviceGet>("cuDeviceGet"),
+      entry<fDeviceGetName>("cuDeviceGetName"),
+      entry<fDeviceGetAttribute>("cuDeviceGetAttribute"),
+      entry<fPrimaryCtxRetain>("cuDevicePrimaryCtxRetain"),
+      entry<fPrimaryCtxRelease>("cuDevicePrimaryCtxRelease"),
+      entry<fCtxSetCurrent>("cuCtxSetCurrent"),
+      entry<fMemGetInfo>("cuMemGetInfo"),
+      entry<fMemGetAllocationGranularity>("cuMemGetAllocationGranularity"),
+      entry<fMemAddressReserve>("cuMemAddressReserve"),
+      entry<fMemAddressFree>("cuMemAddressFree"),
+      entry<fMemCreate>("cuMemCreate"),
+      entry<fMemRelease>("cuMemRelease"),
+      entry<fMemMap>("cuMemMap"),
+      entry<fMemUnmap>("cuMemUnmap"),
+      entry<fMemSetAccess>("cuMemSetAccess"),
+      entry<fMemHostAlloc>("cuMemHostAlloc"),
+      entry<fMemFreeHost>("cuMemFreeHost"),
+      entry<fMemAlloc>("cuMemAlloc"),
+      entry<fMemAllocManaged>("cuMemAllocManaged"),
+      entry<fMemFree>("cuMemFree"),
+      entry<fMemPrefetchAsync>("cuMemPrefetchAsync"),
+      entry<fMemAdvise>("cuMemAdvise"),
+      entry<fMemcpyHtoDAsync>("cuMemcpyHtoDAsync"),
+      entry<fMemcpyDtoH>("cuMemcpyDtoH"),
+      entry<fStreamCreate>("cuStreamCreate"),
+      entry<fStreamDestroy>("cuStreamDestroy"),
+      entry<fStreamSynchronize>("cuStreamSynchronize"),
+      entry<fStreamWaitEvent>("cuStreamWaitEvent"),
+      entry<fEventCreate>("cuEventCreate"),
+      entry<fEventRecord>("cuEventRecord"),
+      entry<fEventQuery>("cuEventQuery"),
+      entry<fEventSynchronize>("cuEventSynchronize"),
+      entry<fEventDestroy>("cuEventDestroy"),
   };
   return table;
 }
@@ -943,6 +979,23 @@ FAKE_EXPORT long long fake_cuda_configure(const char* key, long long value) {
   *slot = value;
   d.cv.notify_all();
   return old;
+}
+
+FAKE_EXPORT std::uint64_t fake_cuda_calls(const char* entry) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  auto it = d.entry_calls.find(std::string_view(entry));
+  return it == d.entry_calls.end() ? 0 : it->second.calls;
+}
+
+// The `nth` next call of `entry` (1: the next one) returns `result` and does nothing; nth == 0
+// cancels a failure not yet reached.
+FAKE_EXPORT void fake_cuda_fail(const char* entry, std::uint64_t nth, int result) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  Driver::EntryCalls& e = d.entry_calls[entry];
+  e.fail_at = nth == 0 ? 0 : e.calls + nth;
+  e.fail_with = static_cast<CUresult>(result);
 }
 
 FAKE_EXPORT std::uint64_t fake_cuda_misuse_count() {

@@ -144,13 +144,18 @@ def test_a_process_with_lema_profile_alone_saves_its_own_profile(model, tmp_path
 
 # ---- an independent writer of the documented file format (lema/runtime/profile_file.hpp) ----
 
-KINDS = {"fault": 0, "hit": 1, "prefetch_issued": 2, "prefetch_done": 3, "evict": 4, "stall": 5}
+KINDS = {"fault": 0, "hit": 1, "prefetch_issued": 2, "prefetch_done": 3, "evict": 4, "stall": 5,
+         "gpu_fault": 6, "migrate_to_device": 7, "migrate_to_host": 8}
 
 
 def write_synthetic_profile(path, events: int, pages: int = 4096, budget_pages: int = 1024,
-                            page_size: int = 2 << 20, seed: int = 1):
+                            page_size: int = 2 << 20, seed: int = 1, version: int = 2,
+                            gpu_faults_every: int = 0):
     """A training-like run: steps sweep the pages in order; a page not resident faults (and
-    evicts the oldest resident one), a resident page hits; every 16th page is prefetched."""
+    evicts the oldest resident one), a resident page hits; every 16th page is prefetched. With
+    gpu_faults_every=N (unified memory), an access to a resident page that is a multiple of N
+    is a GPU fault of the driver (two faults served together) instead of a hit. Version 1 is
+    the format before unified-memory counters."""
     import random
     import struct
     import zlib
@@ -163,10 +168,16 @@ def write_synthetic_profile(path, events: int, pages: int = 4096, budget_pages: 
                                   ("pad", "u1"), ("source", "<u2"), ("pad2", "<u4")])
     resident, order = set(), []
     t, n, p = 1_000_000, 0, 0
-    faults = hits = evictions = prefetches = stall = 0
+    faults = hits = evictions = prefetches = stall = gpu_faults = 0
     while n < events:
         page = p % pages
         p += 1
+        if page in resident and gpu_faults_every and page % gpu_faults_every == 0:
+            rec[n] = (t, 3_000, 2, page, 1, KINDS["gpu_fault"], 0, 0, 0)
+            gpu_faults += 2
+            n += 1
+            t += 4_000
+            continue
         if page in resident:
             rec[n] = (t, 0, 0, page, 1, KINDS["hit"], 0, 0, 0)
             hits += 1
@@ -197,10 +208,14 @@ def write_synthetic_profile(path, events: int, pages: int = 4096, budget_pages: 
     s = lambda v: struct.pack("<I", len(v)) + v.encode()
     body += struct.pack("<Qi", 4242, 0) + s("synthetic training run")
     body += struct.pack("<Q", 4242) + s("pager") + s("lru") + s("pread")
+    if version >= 2:
+        body += s("on" if gpu_faults_every else "")
     body += struct.pack("<6Q", page_size, budget_pages * page_size, budget_pages, pages,
                         1_000_000, t)
     body += struct.pack("<10Q", faults, hits, prefetches, 0, 0, (faults + prefetches) * page_size,
                         evictions, stall, budget_pages * page_size, budget_pages * page_size)
+    if version >= 2:  # GPU faults, CPU faults, bytes migrated to the device, to the host
+        body += struct.pack("<4Q", gpu_faults, 0, 0, 0)
     layers = 32
     per = pages // layers
     body += struct.pack("<I", layers)
@@ -208,13 +223,14 @@ def write_synthetic_profile(path, events: int, pages: int = 4096, budget_pages: 
         body += struct.pack("<IIi", layer * per, per, layer)
         body += s(f"model.layers.{layer}.mlp.weight")
     body += rec.tobytes()
-    header = b"LEMAPROF" + struct.pack("<IIQIIQQQQ", 1, 64, len(body), zlib.crc32(body), 1,
+    header = b"LEMAPROF" + struct.pack("<IIQIIQQQQ", version, 64, len(body), zlib.crc32(body), 1,
                                        events, 0, 1_000_000, t)
     assert len(header) == 64
     with open(path, "wb") as f:
         f.write(header)
         f.write(body)
-    return {"faults": faults, "hits": hits, "evictions": evictions, "events": events}
+    return {"faults": faults, "hits": hits, "evictions": evictions, "events": events,
+            "gpu_faults": gpu_faults}
 
 
 def test_reads_a_file_written_from_the_documented_format(tmp_path):
@@ -225,6 +241,27 @@ def test_reads_a_file_written_from_the_documented_format(tmp_path):
     assert report["faults"] == want["faults"] and report["hits"] == want["hits"]
     assert report["evictions"] == want["evictions"]
     assert report["layers"][0]["name"].startswith("layer ")
+    assert report["gpu_faults"] == 0 and report["uvm_counters"] == ""
+
+
+def test_unified_memory_counters_from_the_documented_format(tmp_path):
+    path = tmp_path / "uvm.lprof"
+    # The budget holds every page: after the first sweep, accesses hit or take a GPU fault.
+    want = write_synthetic_profile(path, 20_000, pages=256, budget_pages=256, gpu_faults_every=5)
+    assert want["gpu_faults"] > 0
+    report = json.loads(lema("prof", "report", path, "--json", "--top", "1000").stdout)
+    assert report["gpu_faults"] == want["gpu_faults"] and report["uvm_counters"] == "on"
+    assert sum(row["gpu_faults"] for row in report["layers"]) == want["gpu_faults"]
+    text = lema("prof", "report", path).stdout
+    assert "GPU page faults" in text and "GPU faults" in text
+
+
+def test_a_file_of_the_format_before_unified_memory_is_refused_as_older(tmp_path):
+    path = tmp_path / "v1.lprof"
+    write_synthetic_profile(path, 1_000, pages=64, budget_pages=16, version=1)
+    proc = lema("prof", "report", path, check=False)
+    assert proc.returncode == 1 and str(path) in proc.stderr and "older lema" in proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 if __name__ == "__main__":

@@ -114,6 +114,22 @@ def test_devices_and_the_host_cache_are_checked(model, corpus, tmp_path):
         assert proc.returncode == 1 and "no CUDA device" in proc.stderr, proc.stderr
 
 
+def test_gpu_memory_settings_are_checked(model, corpus, tmp_path):
+    args = base_args(model, corpus, tmp_path / "out")
+    proc = lema(*args, "--gpu-memory", "uvm", check=False)
+    assert proc.returncode != 0 and "--gpu-memory" in proc.stderr, proc.stderr
+    proc = lema(*args, "--gpu-memory", "managed", check=False)
+    assert proc.returncode == 1 and "--device cuda" in proc.stderr, proc.stderr
+    proc = lema(*args, "--device-memory-cap", "1GiB", check=False)
+    assert proc.returncode == 1 and "--device-memory-cap" in proc.stderr, proc.stderr
+    # A budget cannot bound plain unified memory; the refusal says what to give instead.
+    proc = lema(*args, "--device", "cuda", "--gpu-memory", "unified", check=False)
+    assert proc.returncode == 1 and "--budget unlimited" in proc.stderr, proc.stderr
+    proc = lema(*args, "--device", "cuda", "--gpu-memory", "managed", "--host-cache", "1GiB",
+                check=False)
+    assert proc.returncode == 1 and "--host-cache" in proc.stderr, proc.stderr
+
+
 def test_loss_falls(model, corpus, tmp_path):
     log = train(model, corpus, tmp_path / "out", steps=12)
     assert log[-1]["loss"] < log[0]["loss"] - 0.5

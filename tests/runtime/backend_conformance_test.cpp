@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "lema/base/units.hpp"
@@ -108,6 +109,82 @@ TYPED_TEST(BackendConformance, MapShowsChunkBytesReadOnlyAndUnmapHidesThem) {
   EXPECT_EQ(mapping_perms(page1), "rw-s");
   b.unmap(r.base(), 4 * g);
   EXPECT_EQ(mapping_perms(page3), "---p");
+}
+
+// map_pages: a batch in any order shows each chunk at its address; each page unmaps on its own
+// afterwards, from the middle of a run of adjacent pages too.
+TYPED_TEST(BackendConformance, MapPagesShowsEveryChunkAndUnmapsPageByPage) {
+  Backend& b = *this->backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(8 * g);
+  auto pool = b.create_pool(4, g);
+  for (std::size_t c = 0; c < 4; ++c) this->fill_chunk(*pool, c, std::byte(0x20 + c));
+  auto at = [&](std::size_t page) { return r.base() + page * g; };
+  // Pages 0-2 and 5: two runs of adjacent pages, given out of order.
+  const std::vector<runtime::PageMapping> batch = {{2, at(2)}, {0, at(0)}, {3, at(5)}, {1, at(1)}};
+  b.map_pages(*pool, batch, Access::read);
+  if (!b.host_accessible()) {
+    for (const auto& p : batch) b.unmap(p.addr, g);
+    GTEST_SKIP() << "mapped pages not visible to the CPU";
+  }
+  for (const auto& p : batch) {
+    EXPECT_EQ(mapping_perms(p.addr), "r--s") << "chunk " << p.chunk;
+    EXPECT_EQ(p.addr[0], std::byte(0x20 + p.chunk));
+    EXPECT_EQ(p.addr[g - 1], std::byte(0x20 + p.chunk));
+  }
+  for (std::size_t page : {3, 4, 6, 7}) EXPECT_EQ(mapping_perms(at(page)), "---p") << page;
+
+  b.unmap(at(1), g);
+  EXPECT_EQ(mapping_perms(at(1)), "---p");
+  EXPECT_EQ(at(0)[g / 2], std::byte(0x20));
+  EXPECT_EQ(at(2)[g / 2], std::byte(0x22));
+  for (std::size_t page : {0, 2, 5}) {
+    b.unmap(at(page), g);
+    EXPECT_EQ(mapping_perms(at(page)), "---p") << page;
+  }
+  // The chunks map again, one by one.
+  b.map(*pool, 3, at(7), Access::read);
+  EXPECT_EQ(at(7)[1], std::byte(0x23));
+  b.unmap(at(7), g);
+}
+
+// The default map_pages (one map() per page) is all or nothing too: when a map fails, the pages
+// the call mapped before it are unmapped again.
+class FailingMapBackend final : public ForwardingBackend {
+ public:
+  FailingMapBackend() : ForwardingBackend(runtime::make_host_backend()) {}
+  void map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
+                 Access access) override {
+    Backend::map_pages(pool, pages, access);  // the default, over map() below
+  }
+  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+    if (maps++ == fail_at) throw std::runtime_error("map refused");
+    ForwardingBackend::map(pool, chunk, addr, access);
+  }
+  void unmap(std::byte* addr, std::uint64_t bytes) override {
+    ++unmaps;
+    ForwardingBackend::unmap(addr, bytes);
+  }
+  int maps = 0, unmaps = 0, fail_at = -1;
+};
+
+TEST(BackendMapPages, DefaultUnmapsWhatItMappedWhenAMapFails) {
+  FailingMapBackend b;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(4 * g);
+  auto pool = b.create_pool(4, g);
+  const std::vector<runtime::PageMapping> batch = {
+      {0, r.base() + 2 * g}, {1, r.base()}, {2, r.base() + 3 * g}, {3, r.base() + g}};
+  b.fail_at = 2;
+  EXPECT_THROW(b.map_pages(*pool, batch, Access::read), std::runtime_error);
+  EXPECT_EQ(b.unmaps, 2);
+  for (std::uint64_t off = 0; off < 4 * g; off += g)
+    EXPECT_EQ(mapping_perms(r.base() + off), "---p");
+  b.fail_at = -1;
+  b.map_pages(*pool, batch, Access::read);
+  for (std::uint64_t off = 0; off < 4 * g; off += g)
+    EXPECT_EQ(mapping_perms(r.base() + off), "r--s");
+  b.unmap(r.base(), 4 * g);
 }
 
 TYPED_TEST(BackendConformance, WindowAndModelAddressShareMemory) {

@@ -4,11 +4,16 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "fake_cuda_control.hpp"
 #include "lema/base/error.hpp"
@@ -24,6 +29,7 @@ using runtime::CudaBackendOptions;
 using runtime::CudaUnavailable;
 using runtime::Fence;
 using runtime::Lease;
+using runtime::PageMapping;
 using runtime::Pager;
 using runtime::PagerOptions;
 using runtime::PolicyKind;
@@ -52,6 +58,17 @@ class FakeSetting {
   const char* key_;
   long long old_;
 };
+
+// CUresults, as the fake returns them (the tests do not include cuda.h).
+constexpr int kInvalidValue = 1;  // CUDA_ERROR_INVALID_VALUE
+constexpr int kOutOfMemory = 2;   // CUDA_ERROR_OUT_OF_MEMORY
+
+std::string hex(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%llx",
+                static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(p)));
+  return buf;
+}
 
 std::span<const std::byte> first(StagingBuffer& s, std::size_t n) {
   return {s.bytes().data(), n};
@@ -263,11 +280,19 @@ class RawDriver {
     find("cuMemRelease", release);
     find("cuMemFreeHost", free_host);
     find("cuMemHostAlloc", host_alloc);
+    find("cuMemSetAccess", set_access);
   }
   ~RawDriver() { ::dlclose(handle_); }
   int (*release)(unsigned long long) = nullptr;
   int (*free_host)(void*) = nullptr;
   int (*host_alloc)(void**, std::size_t, unsigned) = nullptr;
+  // CUmemAccessDesc: {location {type, id}, flags}, as three ints.
+  struct AccessDesc {
+    int location_type = 1;  // CU_MEM_LOCATION_TYPE_DEVICE
+    int location_id = 0;
+    int flags = 1;  // CU_MEM_ACCESS_FLAGS_PROT_READ
+  };
+  int (*set_access)(std::uintptr_t, std::size_t, const AccessDesc*, std::size_t) = nullptr;
 
  private:
   void* handle_;
@@ -300,6 +325,26 @@ TEST_F(FakeMisuse, MapOutsideAReservationOrOverAMapping) {
   b.unmap(r.base(), g);
 }
 
+// What the driver refuses and a wrong coalescing of runs would do: cuMemSetAccess over a range
+// with an unmapped page in it.
+TEST_F(FakeMisuse, SetAccessOverARangeWithAHole) {
+  Backend& b = *backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(3 * g);
+  auto pool = b.create_pool(2, g);
+  b.map(*pool, 0, r.base(), Access::read);
+  b.map(*pool, 1, r.base() + 2 * g, Access::read);
+  RawDriver raw;
+  const RawDriver::AccessDesc read;
+  EXPECT_EQ(raw.set_access(reinterpret_cast<std::uintptr_t>(r.base()), 3 * g, &read, 1),
+            kInvalidValue);
+  EXPECT_EQ(new_misuses(), 1u);
+  EXPECT_NE(fake().last_misuse().find("not entirely mapped"), std::string::npos)
+      << fake().last_misuse();
+  EXPECT_EQ(fake().query_mapped(r.base() + g), FakeMapping::reserved);
+  b.unmap(r.base(), 3 * g);
+}
+
 TEST_F(FakeMisuse, LeakedHandleIsCounted) {
   RawDriver raw;
   const std::uint64_t before = fake().live_handles();
@@ -311,9 +356,115 @@ TEST_F(FakeMisuse, LeakedHandleIsCounted) {
   EXPECT_EQ(new_misuses(), 0u);
 }
 
-// ---- a Pager over the backends ----
-
 constexpr std::uint64_t kPage = 64_KiB;
+
+// ---- batched maps: access set once per run of adjacent pages (Note [Access per run]) ----
+
+class MapPages : public ::testing::Test {
+ protected:
+  void SetUp() override { misuses_ = fake().misuse_count(); }
+  void TearDown() override { EXPECT_EQ(fake().misuse_count(), misuses_) << fake().last_misuse(); }
+
+  static std::byte pattern(std::size_t chunk, std::uint64_t offset) {
+    return std::byte(static_cast<unsigned char>(chunk * 37 + offset * 13 + offset / 4096));
+  }
+  // Gives every chunk its own bytes, through staging and a copy.
+  void fill(PhysicalPool& pool) {
+    auto staging = backend->allocate_staging(kPage);
+    for (std::size_t c = 0; c < pool.chunk_count(); ++c) {
+      for (std::uint64_t i = 0; i < kPage; ++i) staging->bytes()[i] = pattern(c, i);
+      backend->wait_fence(backend->copy_to_chunk(pool, c, 0, first(*staging, kPage)));
+    }
+  }
+  // The page at `addr` is mapped read-only and shows the bytes of `chunk`.
+  static void expect_chunk_at(const std::byte* addr, std::size_t chunk) {
+    ASSERT_EQ(fake().query_mapped(addr), FakeMapping::read) << hex(addr);
+    std::vector<std::byte> want(kPage);
+    for (std::uint64_t i = 0; i < kPage; ++i) want[i] = pattern(chunk, i);
+    EXPECT_EQ(std::memcmp(addr, want.data(), kPage), 0) << "chunk " << chunk << " at " << hex(addr);
+  }
+
+  FakeSetting granularity_{"granularity", static_cast<long long>(kPage)};
+  std::unique_ptr<Backend> backend = runtime::make_cuda_backend(fake_options());
+  Reservation range = backend->reserve(10 * kPage);
+  std::unique_ptr<PhysicalPool> pool = backend->create_pool(6, kPage);
+  std::byte* at(int page) const { return range.base() + page * kPage; }
+  // Pages 0-3 and 6-7, given out of order: two runs of adjacent pages.
+  std::vector<PageMapping> two_runs() const {
+    return {{2, at(3)}, {4, at(7)}, {0, at(1)}, {5, at(6)}, {3, at(0)}, {1, at(2)}};
+  }
+
+ private:
+  std::uint64_t misuses_ = 0;
+};
+
+TEST_F(MapPages, SetsAccessOncePerRunOfAdjacentPages) {
+  fill(*pool);
+  const std::vector<PageMapping> batch = two_runs();
+  const std::uint64_t maps = fake().calls("cuMemMap");
+  const std::uint64_t access = fake().calls("cuMemSetAccess");
+  backend->map_pages(*pool, batch, Access::read);
+  EXPECT_EQ(fake().calls("cuMemMap") - maps, batch.size());
+  EXPECT_EQ(fake().calls("cuMemSetAccess") - access, 2u) << "one per run: pages 0-3 and 6-7";
+  for (const PageMapping& p : batch) expect_chunk_at(p.addr, p.chunk);
+  for (int page : {4, 5, 8, 9}) EXPECT_EQ(fake().query_mapped(at(page)), FakeMapping::reserved);
+
+  // Pages that are not adjacent get one call each.
+  const std::uint64_t before_single = fake().calls("cuMemSetAccess");
+  const std::vector<PageMapping> apart = {{5, at(9)}, {4, at(5)}};
+  backend->unmap(at(7), kPage);
+  backend->unmap(at(6), kPage);
+  backend->map_pages(*pool, apart, Access::read);
+  EXPECT_EQ(fake().calls("cuMemSetAccess") - before_single, 2u);
+  expect_chunk_at(at(5), 4);
+  expect_chunk_at(at(9), 5);
+
+  // Each page unmaps on its own, from the middle of a run too; its neighbours stay readable.
+  backend->unmap(at(1), kPage);
+  EXPECT_EQ(fake().query_mapped(at(1)), FakeMapping::reserved);
+  expect_chunk_at(at(0), 3);
+  expect_chunk_at(at(2), 1);
+  for (int page : {0, 2, 3, 5, 9}) backend->unmap(at(page), kPage);
+  for (int page = 0; page < 10; ++page)
+    EXPECT_EQ(fake().query_mapped(at(page)), FakeMapping::reserved) << "page " << page;
+}
+
+// All or nothing: a driver error in the middle of a batch leaves none of it mapped, names the
+// call, the address and the size, and the same batch maps afterwards.
+TEST_F(MapPages, ErrorInTheMiddleOfABatchLeavesNoneOfItMapped) {
+  fill(*pool);
+  const std::vector<PageMapping> batch = two_runs();
+  const std::uint64_t handles = fake().live_handles();
+  struct Failure {
+    const char* entry;
+    std::uint64_t nth;         // which call of the batch fails
+    const std::byte* address;  // what the error names
+    const char* size;
+  };
+  for (const Failure& f :
+       {Failure{"cuMemMap", 4, at(6), "64 KiB"}, Failure{"cuMemSetAccess", 2, at(6), "128 KiB"}}) {
+    SCOPED_TRACE(f.entry);
+    fake().fail(f.entry, f.nth, kOutOfMemory);
+    try {
+      backend->map_pages(*pool, batch, Access::read);
+      ADD_FAILURE() << "no error";
+    } catch (const OutOfMemory& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find(f.entry), std::string::npos) << m;
+      EXPECT_NE(m.find(hex(f.address) + ", " + f.size), std::string::npos) << m;
+      EXPECT_NE(m.find("CUDA_ERROR_OUT_OF_MEMORY"), std::string::npos) << m;
+    }
+    for (int page = 0; page < 10; ++page)
+      EXPECT_EQ(fake().query_mapped(at(page)), FakeMapping::reserved) << "page " << page;
+    EXPECT_EQ(fake().live_handles(), handles) << "a mapping of the failed batch survived";
+
+    backend->map_pages(*pool, batch, Access::read);
+    for (const PageMapping& p : batch) expect_chunk_at(p.addr, p.chunk);
+    backend->unmap(range.base(), 10 * kPage);
+  }
+}
+
+// ---- a Pager over the backends ----
 
 TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   FakeSetting pages("granularity", static_cast<long long>(kPage));
@@ -345,6 +496,104 @@ TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   }
   EXPECT_EQ(fake().misuse_count(), misuses);
   EXPECT_EQ(fake().live_handles(), before);
+}
+
+// The bytes of pages [first, first + count) as the layout places the file's tensors: zero where
+// no tensor is.
+std::vector<std::byte> expected_pages(const OpenedModel& m, runtime::PageId first,
+                                      std::uint32_t count) {
+  const std::uint64_t lo = first * m.page_size(), hi = lo + count * m.page_size();
+  std::vector<std::byte> out(hi - lo, std::byte{0});
+  for (const auto& t : m.space.layout().tensors()) {
+    const std::uint64_t a = std::max(lo, t.offset), b = std::min(hi, t.offset + t.nbytes);
+    if (a < b)
+      std::memcpy(out.data() + (a - lo), m.expected.at(t.name).data() + (a - t.offset), b - a);
+  }
+  return out;
+}
+
+// Note [Access per run]: a cold acquire of N adjacent pages maps N chunks and sets access once.
+TEST(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
+  FakeSetting pages("granularity", static_cast<long long>(kPage));
+  const std::uint64_t misuses = fake().misuse_count();
+  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-runs");
+  PagerOptions opt;
+  opt.budget_bytes = 6 * kPage;
+  opt.prefetch = false;
+  Pager pager(m.space, opt);
+  constexpr runtime::PageId kFirst = 1;
+  constexpr std::uint32_t kCount = 4;
+  const std::uint64_t maps = fake().calls("cuMemMap");
+  const std::uint64_t access = fake().calls("cuMemSetAccess");
+  Lease lease = pager.acquire_pages({kFirst, kCount});
+  EXPECT_EQ(pager.stats().faults, kCount);
+  EXPECT_EQ(fake().calls("cuMemMap") - maps, kCount);
+  EXPECT_EQ(fake().calls("cuMemSetAccess") - access, 1u);
+  const std::vector<std::byte> want = expected_pages(m, kFirst, kCount);
+  EXPECT_EQ(std::memcmp(m.space.page_address(kFirst), want.data(), want.size()), 0);
+  pager.release(std::move(lease));
+  EXPECT_EQ(fake().misuse_count(), misuses) << fake().last_misuse();
+}
+
+// Copies into chunks complete before copy_to_chunk returns. The backend's rollback of a failed
+// batch unmaps pages whose copies (through the pool window) may still run otherwise, which the
+// fake's conservative detector reports as misuse; here the pager's handling of the error is
+// under test, not that race.
+class CopyWaitingBackend final : public ForwardingBackend {
+ public:
+  CopyWaitingBackend() : ForwardingBackend(std::make_unique<FakeCudaBackend>()) {}
+  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                      std::span<const std::byte> src) override {
+    Fence f = ForwardingBackend::copy_to_chunk(pool, chunk, offset, src);
+    wait_fence(f);
+    return f;
+  }
+};
+
+// A driver error while mapping a batch of fills fails the acquire with the driver's error, leaves
+// none of the batch mapped or counted resident, and the next acquire fills the pages.
+TEST(CudaPager, FailedMapOfABatchIsReportedAndTheNextAcquireSucceeds) {
+  FakeSetting pages("granularity", static_cast<long long>(kPage));
+  const std::uint64_t misuses = fake().misuse_count();
+  OpenedModel m(std::make_unique<CopyWaitingBackend>(), small_model(), kPage, "cuda-map-error");
+  ASSERT_GE(m.pages(), 9u);
+  PagerOptions opt;
+  opt.budget_bytes = 6 * kPage;
+  opt.prefetch = false;
+  Pager pager(m.space, opt);
+  struct Failure {
+    const char* entry;
+    std::uint64_t nth;
+    runtime::PageId first;
+  };
+  for (const Failure& f : {Failure{"cuMemMap", 3, 1}, Failure{"cuMemSetAccess", 1, 5}}) {
+    SCOPED_TRACE(f.entry);
+    constexpr std::uint32_t kCount = 4;
+    fake().fail(f.entry, f.nth, kOutOfMemory);
+    try {
+      (void)pager.acquire_pages({f.first, kCount});
+      ADD_FAILURE() << "no error";
+    } catch (const OutOfMemory& e) {
+      EXPECT_NE(std::string(e.what()).find(f.entry), std::string::npos) << e.what();
+    }
+    std::uint64_t mapped = 0;
+    for (runtime::PageId p = 0; p < m.pages(); ++p) {
+      const FakeMapping state = fake().query_mapped(m.space.page_address(p));
+      EXPECT_EQ(state == FakeMapping::read, pager.is_resident(p)) << "page " << p;
+      if (p >= f.first && p < f.first + kCount) {
+        EXPECT_EQ(state, FakeMapping::reserved) << "page " << p;
+      }
+      mapped += state == FakeMapping::read;
+    }
+    EXPECT_EQ(pager.stats().resident_bytes, mapped * kPage);
+
+    Lease lease = pager.acquire_pages({f.first, kCount});
+    const std::vector<std::byte> want = expected_pages(m, f.first, kCount);
+    EXPECT_EQ(std::memcmp(m.space.page_address(f.first), want.data(), want.size()), 0);
+    pager.release(std::move(lease));
+  }
+  EXPECT_LE(pager.stats().peak_resident_bytes, opt.budget_bytes);
+  EXPECT_EQ(fake().misuse_count(), misuses) << fake().last_misuse();
 }
 
 // Note [Device fills]: an acquire for a consumer queue returns while the copy into the chunk is

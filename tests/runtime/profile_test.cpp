@@ -257,6 +257,12 @@ Recording sample_recording() {
   rec.sources[0].counters.stall_ns = 600'000;
   rec.sources[0].counters.peak_resident_bytes = 4 * 64_KiB;
   rec.sources[0].close_ns = 8'000'000;
+  rec.sources[0].uvm_counters = "on";
+  rec.sources[0].counters.gpu_faults = 17;
+  rec.sources[0].counters.cpu_faults = 2;
+  rec.sources[0].counters.migrated_to_device_bytes = 3 * 64_KiB;
+  rec.sources[0].counters.migrated_to_host_bytes = 64_KiB;
+  rec.sources[1].uvm_counters = "cannot load CUPTI 'libcupti.so.13'";
   const EventKind kinds[] = {EventKind::fault,         EventKind::hit,   EventKind::prefetch_issued,
                              EventKind::prefetch_done, EventKind::evict, EventKind::stall};
   for (std::uint32_t i = 0; i < 60; ++i)
@@ -289,6 +295,11 @@ void expect_equal(const Recording& a, const Recording& b) {
     EXPECT_EQ(x.counters.evictions, y.counters.evictions);
     EXPECT_EQ(x.counters.stall_ns, y.counters.stall_ns);
     EXPECT_EQ(x.counters.peak_resident_bytes, y.counters.peak_resident_bytes);
+    EXPECT_EQ(x.uvm_counters, y.uvm_counters);
+    EXPECT_EQ(x.counters.gpu_faults, y.counters.gpu_faults);
+    EXPECT_EQ(x.counters.cpu_faults, y.counters.cpu_faults);
+    EXPECT_EQ(x.counters.migrated_to_device_bytes, y.counters.migrated_to_device_bytes);
+    EXPECT_EQ(x.counters.migrated_to_host_bytes, y.counters.migrated_to_host_bytes);
     ASSERT_EQ(x.tensors.size(), y.tensors.size());
     for (std::size_t t = 0; t < x.tensors.size(); ++t) {
       EXPECT_EQ(x.tensors[t].name, y.tensors[t].name);
@@ -359,10 +370,87 @@ TEST(ProfileFile, BadFilesAreRefusedNamingTheFile) {
   write_all(damaged, flipped);
   expect_file_error(damaged, "damaged");
   const auto other = dir.path() / "other.lprof";
-  std::string v2 = bytes;
-  v2[8] = 2;
-  write_all(other, v2);
-  expect_file_error(other, "version 2");
+  std::string v3 = bytes;
+  v3[8] = 3;
+  write_all(other, v3);
+  expect_file_error(other, "version 3");
+  // Version 1 had no unified-memory counters: refused as older, not as damaged.
+  std::string v1 = bytes;
+  v1[8] = 1;
+  write_all(other, v1);
+  expect_file_error(other, "older lema");
+}
+
+// The driver's events over unified memory and its counters travel like the pager's: published
+// into the segment, drained, saved, loaded, and summarized per layer, in the text, the JSON and
+// the Chrome trace.
+TEST(ProfileFile, UnifiedMemoryEventsSurviveSegmentFileAndReport) {
+  auto seg = ProfileSegment::create(options(unique_name("uvm"), 256));
+  ProfileSourceInfo info = sample_info();
+  info.uvm_counters = "on";
+  auto pub = ProfilePublisher::open(seg, info);
+  ASSERT_NE(pub, nullptr);
+  runtime::PagerCounters counters;
+  counters.add(counters.gpu_faults, 5);
+  counters.add(counters.cpu_faults, 1);
+  counters.add(counters.migrated_to_device_bytes, 3 * 64_KiB);
+  counters.add(counters.migrated_to_host_bytes, 4096);
+  // Pages 2-4 are layer 0's q_proj, 5-8 layer 1's down_proj (sample_info).
+  pub->publish(Event{2000, EventKind::gpu_fault, 3, 1, 2, 700});
+  pub->publish(Event{2100, EventKind::gpu_fault, 6, 1, 3, 900});
+  pub->publish(Event{2200, EventKind::migrate_to_device, 2, 3, 3 * 64_KiB, 5000});
+  pub->publish(Event{2300, EventKind::migrate_to_host, 7, 1, 4096, 800});
+  pub->update(counters, 64_KiB);
+
+  ProfileAttachment a = ProfileAttachment::attach(seg->name());
+  Recording rec;
+  rec.pid = static_cast<std::uint64_t>(::getpid());
+  rec.command = "uvm";
+  rec.sources = a.sources();
+  a.drain(rec.events, true);
+  ASSERT_EQ(rec.events.size(), 4u);
+  test::TempDir dir("prof");
+  runtime::save_recording(rec, dir.path() / "uvm.lprof");
+  const Recording loaded = runtime::load_recording(dir.path() / "uvm.lprof");
+  expect_equal(loaded, rec);
+  ASSERT_EQ(loaded.sources.size(), 1u);
+  EXPECT_EQ(loaded.sources[0].uvm_counters, "on");
+  EXPECT_EQ(loaded.sources[0].counters.gpu_faults, 5u);
+  EXPECT_EQ(loaded.sources[0].counters.migrated_to_host_bytes, 4096u);
+  EXPECT_EQ(loaded.events[0].kind, EventKind::gpu_fault);
+  EXPECT_EQ(loaded.events[2].kind, EventKind::migrate_to_device);
+  EXPECT_EQ(loaded.events[2].page_count, 3u);
+  EXPECT_EQ(loaded.events[3].kind, EventKind::migrate_to_host);
+
+  const tools::ProfileSummary s = tools::summarize(loaded, 10);
+  EXPECT_TRUE(s.unified_memory);
+  EXPECT_EQ(s.counters.gpu_faults, 5u);
+  EXPECT_EQ(s.counters.cpu_faults, 1u);
+  EXPECT_EQ(s.counters.migrated_to_device_bytes, 3 * 64_KiB);
+  std::map<std::string, std::uint64_t> by_layer;
+  for (const auto& row : s.layers) by_layer[row.name] = row.gpu_faults;
+  EXPECT_EQ(by_layer, (std::map<std::string, std::uint64_t>{{"layer 0", 2}, {"layer 1", 3}}));
+  const std::string text = tools::format_summary(s);
+  for (const char* want : {"uvm counters", "GPU page faults", "5 (CPU page faults 1)",
+                           "192 KiB to the device", "GPU faults"})
+    EXPECT_NE(text.find(want), std::string::npos) << want << " in\n" << text;
+  const auto j = tools::summary_json(s);
+  EXPECT_EQ(j["gpu_faults"].get<std::uint64_t>(), 5u);
+  EXPECT_EQ(j["migrated_to_host_bytes"].get<std::uint64_t>(), 4096u);
+  EXPECT_EQ(j["uvm_counters"].get<std::string>(), "on");
+  std::ostringstream out;
+  tools::write_chrome_trace(loaded, out);
+  const auto trace = nlohmann::json::parse(out.str());
+  std::map<std::string, int> names;
+  for (const auto& e : trace["traceEvents"])
+    if (e["ph"] == "X") ++names[e["name"].get<std::string>()];
+  EXPECT_EQ(names["GPU fault"], 2);
+  EXPECT_EQ(names["to device"], 1);
+  EXPECT_EQ(names["to host"], 1);
+  // A host pager's report stays as it was: no unified-memory lines.
+  Recording host = sample_recording();
+  for (auto& src : host.sources) src.uvm_counters.clear();
+  EXPECT_EQ(tools::format_summary(tools::summarize(host, 10)).find("GPU"), std::string::npos);
 }
 
 // ---- renderings ----

@@ -49,12 +49,17 @@ class ForwardingBackend : public Backend {
   std::string_view name() const noexcept override { return inner_->name(); }
   std::uint64_t granularity() const noexcept override { return inner_->granularity(); }
   bool host_accessible() const noexcept override { return inner_->host_accessible(); }
+  int unified_memory_device() const noexcept override { return inner_->unified_memory_device(); }
   Reservation reserve(std::uint64_t bytes) override { return inner_->reserve(bytes); }
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t bytes) override {
     return inner_->create_pool(chunks, bytes);
   }
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
     inner_->map(pool, chunk, addr, access);
+  }
+  void map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
+                 Access access) override {
+    inner_->map_pages(pool, pages, access);
   }
   void unmap(std::byte* addr, std::uint64_t bytes) override { inner_->unmap(addr, bytes); }
   std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {
@@ -102,6 +107,10 @@ class StagedBackend final : public ForwardingBackend {
   }
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
     inner().map(static_cast<Pool&>(pool).inner(), chunk, addr, access);
+  }
+  void map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
+                 Access access) override {
+    inner().map_pages(static_cast<Pool&>(pool).inner(), pages, access);
   }
   Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
                       std::span<const std::byte> src) override {

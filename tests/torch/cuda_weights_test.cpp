@@ -1,15 +1,22 @@
-// Weights in GPU memory through the cuda backend (label gpu; skips where torch sees no GPU):
-// ops read the file's bytes under a quarter budget, results equal those over ordinary CUDA
-// tensors, and with the host cache tier later passes read nothing from the files.
+// Weights on the GPU (label gpu; skips where torch sees no GPU), kept each way of GpuMemory: ops
+// read the file's bytes under a quarter budget (the whole model for plain unified memory),
+// results and gradients equal those over ordinary CUDA tensors, and with the host cache tier
+// later passes read nothing from the files.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <ostream>
 #include <string>
 #include <vector>
 
 #include "lema/io/safetensors_writer.hpp"
 #include "lema/torch/virtual_checkpoint.hpp"
 #include "runtime_fixture.hpp"
+
+namespace lema::runtime {
+// Test names and failure messages show the way by name.
+inline void PrintTo(GpuMemory memory, std::ostream* os) { *os << gpu_memory_name(memory); }
+}  // namespace lema::runtime
 
 namespace lema::test {
 namespace {
@@ -41,13 +48,31 @@ class CudaWeights : public ::testing::Test {
   TempDir dir_{"torch-cuda"};
 };
 
-torch::Options on_gpu(std::uint64_t budget, std::uint64_t host_cache = 0) {
+torch::Options on_gpu(std::uint64_t budget, std::uint64_t host_cache = 0,
+                      runtime::GpuMemory memory = runtime::GpuMemory::vmm) {
   torch::Options o;
-  o.budget_bytes = budget;
+  o.budget_bytes = memory == runtime::GpuMemory::unified ? 64 * kMiB : budget;
   o.device = c10::Device(c10::kCUDA, 0);
   o.host_cache_bytes = host_cache;
+  o.gpu_memory = memory;
   return o;
 }
+
+// The paged side of each test, once per way of keeping the weights.
+class CudaWeightsEachWay : public CudaWeights,
+                           public ::testing::WithParamInterface<runtime::GpuMemory> {
+ protected:
+  torch::VirtualCheckpoint open_paged() { return torch::open(path(), on_gpu(8 * kMiB, 0, GetParam())); }
+  // Plain unified memory holds the whole model; the others stay under the quarter budget.
+  void expect_budget(const torch::VirtualCheckpoint& paged) {
+    if (GetParam() == runtime::GpuMemory::unified) {
+      EXPECT_EQ(paged.stats().evictions, 0u);
+    } else {
+      EXPECT_LE(paged.stats().peak_resident_bytes, 8 * kMiB);
+      EXPECT_GT(paged.stats().evictions, 0u);
+    }
+  }
+};
 
 torch::Options on_host(std::uint64_t budget) {
   torch::Options o;
@@ -55,8 +80,8 @@ torch::Options on_host(std::uint64_t budget) {
   return o;
 }
 
-TEST_F(CudaWeights, OpsUnderAQuarterBudgetEqualOrdinaryCudaTensors) {
-  torch::VirtualCheckpoint paged = torch::open(path(), on_gpu(8 * kMiB));
+TEST_P(CudaWeightsEachWay, OpsUnderAQuarterBudgetEqualOrdinaryCudaTensors) {
+  torch::VirtualCheckpoint paged = open_paged();
   torch::VirtualCheckpoint host = torch::open(path(), on_host(64 * kMiB));
   const at::Tensor x = at::randn({64, kCols}, at::TensorOptions().device(at::kCUDA).dtype(at::kFloat));
   for (int pass = 0; pass < 3; ++pass) {
@@ -68,14 +93,12 @@ TEST_F(CudaWeights, OpsUnderAQuarterBudgetEqualOrdinaryCudaTensors) {
       EXPECT_TRUE(at::allclose(x.mm(w.t()), x.mm(reference.t()), 1e-5, 1e-5)) << name(i);
     }
   }
-  const auto st = paged.stats();
-  EXPECT_GT(st.faults, 0u);
-  EXPECT_GT(st.evictions, 0u);
-  EXPECT_LE(st.peak_resident_bytes, 8 * kMiB);
+  EXPECT_GT(paged.stats().faults, 0u);
+  expect_budget(paged);
 }
 
-TEST_F(CudaWeights, BackwardThroughPagedWeightsGivesTheSameGradients) {
-  torch::VirtualCheckpoint paged = torch::open(path(), on_gpu(8 * kMiB));
+TEST_P(CudaWeightsEachWay, BackwardThroughPagedWeightsGivesTheSameGradients) {
+  torch::VirtualCheckpoint paged = open_paged();
   torch::VirtualCheckpoint host = torch::open(path(), on_host(64 * kMiB));
   auto grads = [&](auto weight) {
     at::Tensor a = at::ones({kCols}, at::TensorOptions().device(at::kCUDA)).requires_grad_(true);
@@ -89,8 +112,15 @@ TEST_F(CudaWeights, BackwardThroughPagedWeightsGivesTheSameGradients) {
   const at::Tensor got = grads([&](int i) { return paged.tensor(name(i)); });
   const at::Tensor want = grads([&](int i) { return host.tensor(name(i)).clone().to(at::kCUDA); });
   EXPECT_TRUE(at::allclose(got, want, 1e-5, 1e-6));
-  EXPECT_LE(paged.stats().peak_resident_bytes, 8 * kMiB);
+  expect_budget(paged);
 }
+
+INSTANTIATE_TEST_SUITE_P(Ways, CudaWeightsEachWay,
+                         ::testing::Values(runtime::GpuMemory::vmm, runtime::GpuMemory::managed,
+                                           runtime::GpuMemory::unified),
+                         [](const auto& info) {
+                           return std::string(runtime::gpu_memory_name(info.param));
+                         });
 
 TEST_F(CudaWeights, WithTheHostCacheLaterPassesReadNothing) {
   torch::VirtualCheckpoint paged = torch::open(path(), on_gpu(8 * kMiB, 64 * kMiB));

@@ -1,5 +1,7 @@
 #include "model_session.hpp"
 
+#include <ATen/Context.h>
+#include <ATen/ops/empty.h>
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
 
@@ -7,6 +9,9 @@
 #include "lema/base/units.hpp"
 #include "lema/io/checkpoint.hpp"
 #include "lema/runtime/backend.hpp"
+#ifdef LEMA_HAVE_CUDA
+#include "lema/runtime/cuda_backend.hpp"
+#endif
 #include "lema/runtime/layout.hpp"
 #include "lema/runtime/policy.hpp"
 
@@ -36,9 +41,18 @@ void add_device_options(CLI::App& cmd, PagingArgs& args) {
                  "Where the weights are paged in and the model runs: cpu, cuda or cuda:N (the "
                  "budget is then GPU memory)")
       ->capture_default_str();
+  cmd.add_option("--gpu-memory", args.gpu_memory,
+                 "With a GPU, how its weights are kept: vmm (device memory paged by LEMA), "
+                 "managed (unified memory prefetched by LEMA) or unified (plain unified memory "
+                 "paged by the driver alone; needs --budget unlimited)")
+      ->check(CLI::IsMember({"vmm", "managed", "unified"}))
+      ->capture_default_str();
   cmd.add_option("--host-cache", args.host_cache,
                  "With a GPU: keep pages read from disk in this much pinned host memory, so "
                  "later steps only cross PCIe (e.g. 16GiB)");
+  cmd.add_option("--device-memory-cap", args.device_memory_cap,
+                 "With a GPU: hold all of its free memory but this much, to train as on a "
+                 "smaller card (and oversubscribe unified memory)");
 }
 
 namespace {
@@ -50,6 +64,30 @@ c10::Device parse_device(const std::string& text) {
   } catch (const std::exception&) {
   }
   throw InvalidArgument("--device " + text + ": give cpu, cuda or cuda:N");
+}
+
+// Allocates all of the device's free memory but `cap` bytes, through torch's allocator so that
+// neither torch nor the pager can use it.
+at::Tensor hold_device_memory(const c10::Device& device, std::uint64_t cap) {
+  LEMA_EXPECTS(at::globalContext().hasCUDA(),
+               "--device-memory-cap: this torch sees no CUDA device (a CPU build of torch, no "
+               "GPU, or no driver)");
+#ifdef LEMA_HAVE_CUDA
+  runtime::CudaBackendOptions options;
+  options.device = device.has_index() ? device.index() : 0;
+  const runtime::CudaDeviceMemory memory = runtime::cuda_device_memory(options);
+  if (memory.free_bytes <= cap) {
+    fmt::print(stderr, "warning: --device-memory-cap {}: {} has only {} free; nothing held\n",
+               format_size(cap), device.str(), format_size(memory.free_bytes));
+    return {};
+  }
+  const std::uint64_t held = memory.free_bytes - cap;
+  return at::empty({static_cast<std::int64_t>(held)},
+                   at::TensorOptions().dtype(at::kByte).device(device));
+#else
+  throw InvalidArgument("--device-memory-cap " + format_size(cap) + " on " + device.str() +
+                        " needs a LEMA built with the CUDA toolkit (LEMA_WITH_CUDA)");
+#endif
 }
 
 }  // namespace
@@ -92,6 +130,25 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
                  "cache does that already: drop it, or add --device cuda");
     options.host_cache_bytes = parse_size(paging.host_cache, "--host-cache");
   }
+  options.gpu_memory = *runtime::parse_gpu_memory(paging.gpu_memory);
+  if (options.gpu_memory != runtime::GpuMemory::vmm) {
+    LEMA_EXPECTS(options.device.is_cuda(),
+                 "--gpu-memory " + paging.gpu_memory + " keeps weights on a GPU: add --device cuda");
+    LEMA_EXPECTS(paging.host_cache.empty(),
+                 "--host-cache serves --gpu-memory vmm only (" + paging.gpu_memory +
+                     " memory is host-visible and copies nothing from a cache): drop it");
+    if (options.gpu_memory == runtime::GpuMemory::unified && !s.unlimited_)
+      throw InvalidArgument(
+          "--gpu-memory unified leaves the paging to the driver, which no budget can bound: give "
+          "--budget unlimited, and --device-memory-cap to oversubscribe the GPU");
+  }
+  s.gpu_memory_ = paging.gpu_memory;
+  if (!paging.device_memory_cap.empty()) {
+    LEMA_EXPECTS(options.device.is_cuda(),
+                 "--device-memory-cap limits a GPU's memory: add --device cuda");
+    s.ballast_ = hold_device_memory(
+        options.device, parse_size(paging.device_memory_cap, "--device-memory-cap"));
+  }
   s.weights_ = std::make_shared<torch::VirtualCheckpoint>(torch::open(dir, options));
   return s;
 }
@@ -104,7 +161,7 @@ std::string ModelSession::describe() const {
                                                 100.0 * static_cast<double>(budget_bytes_) /
                                                     static_cast<double>(model_bytes_),
                                                 format_size(model_bytes_));
-  if (device_ != "cpu") budget += " of " + device_ + " memory";
+  if (device_ != "cpu") budget += " of " + device_ + " memory (" + gpu_memory_ + ")";
   std::string text =
       fmt::format("{}, {} mode, {} pages, io {}", budget,
                   runtime::residency_mode_name(weights_->mode()), format_size(stats.page_size),

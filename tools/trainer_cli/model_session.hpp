@@ -28,11 +28,14 @@ struct PagingArgs {
   bool huge_pages = false;
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N": where the weights are paged in
   std::string host_cache;      // a size: the host cache tier of a GPU's pages; empty: none
+  std::string gpu_memory = "vmm";  // how a GPU's weights are kept (runtime::GpuMemory)
+  std::string device_memory_cap;   // a size: hold the rest of the GPU's free memory; empty: none
 };
 
 /// Adds --budget, --page-size, --policy, --mode, --no-prefetch, --huge-pages to `cmd`.
 void add_paging_options(CLI::App& cmd, PagingArgs& args);
-/// Adds --device and --host-cache (for commands whose whole computation can run on a GPU).
+/// Adds --device, --gpu-memory, --host-cache and --device-memory-cap (for commands whose whole
+/// computation can run on a GPU).
 void add_device_options(CLI::App& cmd, PagingArgs& args);
 
 class ModelSession {
@@ -56,10 +59,13 @@ class ModelSession {
   std::filesystem::path dir_;
   trainer::ModelConfig config_;
   std::shared_ptr<torch::VirtualCheckpoint> weights_;
+  // Device memory held for the session's lifetime so that only --device-memory-cap stays free.
+  at::Tensor ballast_;
   std::uint64_t model_bytes_ = 0;
   std::uint64_t budget_bytes_ = 0;
   bool unlimited_ = false;
   std::string device_ = "cpu";
+  std::string gpu_memory_ = "vmm";
 };
 
 }  // namespace lema::tools

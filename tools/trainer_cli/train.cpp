@@ -167,6 +167,15 @@ void run(TrainArgs args) {
       j["faults"] = s.faults;
       j["hits"] = s.hits;
       j["step_faults"] = s.faults - before.faults;
+      j["step_prefetches"] = s.prefetches_issued - before.prefetches_issued;
+      j["page_size"] = s.page_size;
+      if (!s.uvm_counters.empty()) {  // unified memory: what the driver did (CUPTI)
+        j["uvm_counters"] = s.uvm_counters;
+        j["step_gpu_faults"] = s.gpu_faults - before.gpu_faults;
+        j["step_migrated_to_device_bytes"] =
+            s.migrated_to_device_bytes - before.migrated_to_device_bytes;
+        j["step_migrated_to_host_bytes"] = s.migrated_to_host_bytes - before.migrated_to_host_bytes;
+      }
       j["bytes_read"] = s.bytes_read;
       j["step_bytes_read"] = s.bytes_read - before.bytes_read;
       j["stall_s"] = static_cast<double>(s.stall_ns - before.stall_ns) * 1e-9;

@@ -126,6 +126,7 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
   }
   runtime::MappedCheckpointOptions mapped_options;
   if (options.device.is_cuda()) mapped_options.cuda_device = options.device.index();
+  mapped_options.gpu_memory = options.gpu_memory;
   mapped_options.host_cache_bytes = options.host_cache_bytes;
   mapped_options.budget_bytes = options.budget_bytes;
   mapped_options.page_size = options.page_size;

@@ -1,6 +1,7 @@
 // The cuda backend: the driver's virtual memory management (see cuda_backend.hpp).
 #include <cuda.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <map>
@@ -165,20 +166,48 @@ class CudaBackend final : public cuda::DeviceBackend {
   }
 
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+    const PageMapping page{chunk, addr};
+    map_pages(pool, std::span<const PageMapping>(&page, 1), access);
+  }
+
+  // Note [Access per run]: cuMemSetAccess is the costly half of a map (it writes the device's
+  // page tables and may synchronize), and one call may span several mappings as long as the
+  // whole range is mapped. So every chunk of the batch is mapped first, then the addresses are
+  // sorted and each maximal run of adjacent pages gets one cuMemSetAccess: the pager's fill of
+  // N consecutive pages of a layer sets access once, not N times.
+  void map_pages(PhysicalPool& pool, std::span<const PageMapping> pages, Access access) override {
+    if (pages.empty()) return;
     auto& cp = static_cast<CudaPool&>(pool);
-    LEMA_EXPECTS(chunk < cp.chunk_count(), "map: chunk index out of range");
     const std::uint64_t bytes = cp.chunk_bytes();
+    for (const PageMapping& p : pages)
+      LEMA_EXPECTS(p.chunk < cp.chunk_count(), "map: chunk " + std::to_string(p.chunk) +
+                                                   " is outside the pool of " +
+                                                   std::to_string(cp.chunk_count()) + " chunks");
     context().enter();
-    api().check(api().mem_map(dptr(addr), bytes, 0, cp.handle(chunk), 0), "cuMemMap",
-                hex(dptr(addr)) + ", " + format_size(bytes) + ", chunk " + std::to_string(chunk));
+    std::vector<CUdeviceptr> mapped;
+    mapped.reserve(pages.size());
     try {
-      set_access(dptr(addr), bytes, access);
+      for (const PageMapping& p : pages) {
+        api().check(
+            api().mem_map(dptr(p.addr), bytes, 0, cp.handle(p.chunk), 0), "cuMemMap",
+            hex(dptr(p.addr)) + ", " + format_size(bytes) + ", chunk " + std::to_string(p.chunk));
+        mapped.push_back(dptr(p.addr));
+      }
+      std::sort(mapped.begin(), mapped.end());
+      for (std::size_t first = 0; first < mapped.size();) {
+        std::size_t end = first + 1;
+        while (end < mapped.size() && mapped[end] == mapped[end - 1] + bytes) ++end;
+        set_access(mapped[first], (end - first) * bytes, access);
+        first = end;
+      }
     } catch (...) {
-      api().mem_unmap(dptr(addr), bytes);
+      // All or nothing (Backend::map_pages): the error is the one reported; an unmap failing
+      // here as well is not its cause.
+      for (CUdeviceptr p : mapped) api().mem_unmap(p, bytes);
       throw;
     }
     std::lock_guard lock(mutex_);
-    mappings_[dptr(addr)] = bytes;
+    for (CUdeviceptr p : mapped) mappings_[p] = bytes;
   }
 
   void unmap(std::byte* addr, std::uint64_t bytes) override {
@@ -257,6 +286,16 @@ std::string cuda_backend_unavailable_reason(const CudaBackendOptions& options) {
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
   return std::make_unique<CudaBackend>(cuda::require_driver(options, true, false), options);
+}
+
+CudaDeviceMemory cuda_device_memory(const CudaBackendOptions& options) {
+  const DriverApi& api = cuda::require_driver(options, false, false);
+  const cuda::DeviceContext context(api, options.device);
+  context.enter();
+  std::size_t free = 0, total = 0;
+  api.check(api.mem_get_info(&free, &total), "cuMemGetInfo",
+            "device " + std::to_string(options.device));
+  return {free, total};
 }
 
 std::unique_ptr<Backend> try_make_cuda_backend(const CudaBackendOptions& options,

@@ -5,7 +5,9 @@
 // memory; the pool is a managed staging window that the pager fills on the CPU and whose chunk
 // count enforces the budget. map copies the chunk to the page's address and prefetches it to the
 // device; unmap prefetches it back to the CPU. The prefetches are hints: a kernel that reaches a
-// page first takes a GPU page fault and still reads the right bytes.
+// page first takes a GPU page fault and still reads the right bytes. Without prefetch (plain
+// unified memory) map only writes the bytes and unmap does nothing; the driver alone decides
+// where each page lives.
 #include <cuda.h>
 #include <unistd.h>
 
@@ -86,16 +88,20 @@ class ManagedBackend final : public cuda::DeviceBackend {
  public:
   ManagedBackend(const DriverApi& api, const CudaBackendOptions& options)
       : DeviceBackend(api, options.device),
-        granularity_(options.granularity != 0 ? options.granularity : 2_MiB) {
+        granularity_(options.granularity != 0 ? options.granularity : 2_MiB),
+        prefetch_(options.managed_prefetch) {
     const auto os_page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
     LEMA_EXPECTS(is_power_of_two(granularity_) && granularity_ >= os_page,
                  "managed backend: granularity " + format_size(granularity_) +
                      " must be a power of two of at least the OS page size");
   }
 
-  std::string_view name() const noexcept override { return "managed"; }
+  std::string_view name() const noexcept override { return prefetch_ ? "managed" : "unified"; }
   std::uint64_t granularity() const noexcept override { return granularity_; }
   bool host_accessible() const noexcept override { return true; }
+  int unified_memory_device() const noexcept override {
+    return static_cast<int>(context().device());
+  }
 
   Reservation reserve(std::uint64_t bytes) override {
     check_reservation_size(bytes, granularity_);
@@ -118,6 +124,7 @@ class ManagedBackend final : public cuda::DeviceBackend {
     LEMA_EXPECTS(chunk < pool.chunk_count(), "map: chunk index out of range");
     const std::uint64_t bytes = pool.chunk_bytes();
     std::memcpy(addr, pool.window(chunk), bytes);
+    if (!prefetch_) return;  // plain unified memory: the GPU's first touch migrates the page
     context().enter();
     const CUmemLocation device = device_location(context().device());
     api().check(api().mem_advise(dptr(addr), bytes, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, device),
@@ -127,6 +134,8 @@ class ManagedBackend final : public cuda::DeviceBackend {
   }
 
   void unmap(std::byte* addr, std::uint64_t bytes) override {
+    // Plain unified memory: the bytes stay valid wherever the driver put them.
+    if (!prefetch_) return;
     context().enter();
     const CUmemLocation host = host_location();
     api().check(api().mem_advise(dptr(addr), bytes, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, host),
@@ -155,6 +164,7 @@ class ManagedBackend final : public cuda::DeviceBackend {
 
  private:
   const std::uint64_t granularity_;
+  const bool prefetch_;  // CudaBackendOptions::managed_prefetch
 };
 
 }  // namespace

@@ -6,7 +6,8 @@
 //    reused; chunks are never created or released per eviction;
 //  - a chunk is mapped at an address inside a reservation and unmapped again, the address staying
 //    reserved (touching it afterwards is not a valid read: PROT_NONE on the host, a fatal fault
-//    on a GPU);
+//    on a GPU); map_pages maps a batch at once, so that a device backend can set access once per
+//    run of adjacent pages instead of once per page;
 //  - a fill writes into a chunk either through its host-visible window (window() != nullptr: the
 //    host backend) or, for device memory, from a staging buffer with copy_to_chunk() on the
 //    backend's copy queue, which returns a fence;
@@ -101,6 +102,12 @@ class PhysicalPool {
   virtual std::byte* window(std::size_t chunk) const noexcept = 0;
 };
 
+/// One page of a map_pages batch: `chunk` of the pool, mapped at `addr`.
+struct PageMapping {
+  std::size_t chunk = 0;
+  std::byte* addr = nullptr;
+};
+
 /// Host memory the backend can copy from efficiently (pinned on CUDA). Move-only owner.
 class StagingBuffer {
  public:
@@ -117,6 +124,11 @@ class Backend {
   virtual std::uint64_t granularity() const noexcept = 0;
   /// True when mapped pages can be read by the CPU at their model address.
   virtual bool host_accessible() const noexcept = 0;
+  /// The CUDA device whose unified memory (cuMemAllocManaged) holds this backend's
+  /// reservations, or -1 when they are not unified memory (every backend but `managed`). A Pager
+  /// over unified memory also counts the driver's GPU page faults and migrations in its range,
+  /// where CUPTI's unified-memory counters are available (Note [UVM counters] in the runtime).
+  virtual int unified_memory_device() const noexcept { return -1; }
 
   /// Reserves `bytes` (a multiple of granularity()) of address space with no memory behind it.
   /// Throws SystemError / OutOfMemory.
@@ -127,6 +139,13 @@ class Backend {
 
   /// Maps `chunk` at `addr` (chunk-aligned, inside a reservation, currently unmapped).
   virtual void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) = 0;
+  /// Maps every page of the batch, as map() does each: the addresses chunk-aligned, inside
+  /// reservations, currently unmapped and distinct, in any order. All or nothing: on an error,
+  /// the pages this call mapped are unmapped again before it throws, so none of the batch is
+  /// left mapped. Afterwards each page is unmapped on its own, as one mapped by map(). The
+  /// default calls map() for each page; the cuda backend sets access once per run of adjacent
+  /// addresses.
+  virtual void map_pages(PhysicalPool& pool, std::span<const PageMapping> pages, Access access);
   /// Unmaps [addr, addr + bytes); the range stays reserved and inaccessible.
   virtual void unmap(std::byte* addr, std::uint64_t bytes) = 0;
 
@@ -160,6 +179,24 @@ inline Reservation& Reservation::operator=(Reservation&& o) noexcept {
     bytes_ = std::exchange(o.bytes_, 0);
   }
   return *this;
+}
+
+inline void Backend::map_pages(PhysicalPool& pool, std::span<const PageMapping> pages,
+                               Access access) {
+  std::size_t mapped = 0;
+  try {
+    for (; mapped < pages.size(); ++mapped)
+      map(pool, pages[mapped].chunk, pages[mapped].addr, access);
+  } catch (...) {
+    // The map's error is the one reported; an unmap failing as well is not its cause.
+    while (mapped-- > 0) {
+      try {
+        unmap(pages[mapped].addr, pool.chunk_bytes());
+      } catch (...) {
+      }
+    }
+    throw;
+  }
 }
 
 inline void Reservation::reset() noexcept {

@@ -13,8 +13,9 @@
 //    chunk cannot be created, everything created so far is released and OutOfMemory names the
 //    sizes asked and the device's free memory;
 //  - map = cuMemMap of the chunk's allocation at the model address + cuMemSetAccess for the
-//    device (read-only when the device accepts it, else read-write); unmap = cuMemUnmap of every
-//    mapping in the range;
+//    device (read-only when the device accepts it, else read-write); map_pages maps every chunk
+//    of the batch, then sets access once per run of adjacent pages, and on an error unmaps what
+//    it mapped before throwing; unmap = cuMemUnmap of every mapping in the range;
 //  - allocate_staging = pinned host memory (cuMemHostAlloc);
 //  - copy_to_chunk = cuMemcpyHtoDAsync on the backend's own copy stream into the chunk through
 //    the pool window; the fence is a CUDA event recorded after the copy;
@@ -32,7 +33,13 @@
 //    CUmemLocation, on the copy stream, not waited for: a kernel that runs first faults it in);
 //  - unmap = advise the CPU as preferred location and prefetch the range back to the CPU: the
 //    device memory is freed, the bytes stay valid at their address;
-//  - staging, copies and fences as for cuda (copy_to_chunk writes the window on the CPU).
+//  - with CudaBackendOptions::managed_prefetch false (plain unified memory), map only copies the
+//    bytes on the CPU and unmap does nothing: the driver places every page on its own;
+//  - staging, copies and fences as for cuda (copy_to_chunk writes the window on the CPU);
+//  - unified_memory_device() is the device: a Pager over it counts, through CUPTI's
+//    unified-memory counters where the library and the device provide them, the GPU page
+//    faults that served what the schedule missed and the bytes the driver migrated each way
+//    (PagerStats::gpu_faults, migrated_*; Note [UVM counters] in src/uvm_counters.hpp).
 //
 // Thread safety: as Backend. Every call makes the device's primary context current on the
 // calling thread first.
@@ -52,6 +59,10 @@ struct CudaBackendOptions {
   std::string driver_library;
   /// Page granularity; 0: the driver's minimum for the device. Must be a multiple of it.
   std::uint64_t granularity = 0;
+  /// managed only: advise and prefetch mapped pages to the device and unmapped ones back to the
+  /// host (the pager steers residency). false: plain unified memory, where the bytes are written
+  /// on the host and every placement is left to the driver's page faults and eviction.
+  bool managed_prefetch = true;
 };
 
 /// A CUDA driver call failed; what() names the call, its arguments and the driver's text.
@@ -80,6 +91,14 @@ std::string managed_backend_unavailable_reason(const CudaBackendOptions& options
 /// Throws CudaUnavailable with the reason, CudaError for a failing driver call.
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options = {});
 std::unique_ptr<Backend> make_managed_backend(const CudaBackendOptions& options = {});
+
+/// The device's free and total memory (cuMemGetInfo in its primary context).
+struct CudaDeviceMemory {
+  std::uint64_t free_bytes = 0;
+  std::uint64_t total_bytes = 0;
+};
+/// Throws CudaUnavailable with the reason, CudaError for a failing driver call.
+CudaDeviceMemory cuda_device_memory(const CudaBackendOptions& options = {});
 
 /// As above, but nullptr with `reason` set instead of CudaUnavailable (for callers that fall
 /// back to the host backend).

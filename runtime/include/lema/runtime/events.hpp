@@ -20,7 +20,27 @@
 
 namespace lema::runtime {
 
-enum class EventKind : std::uint8_t { fault, hit, prefetch_issued, prefetch_done, evict, stall };
+/// What happened. The first six are the pager's own; the last three are the CUDA driver's, over
+/// unified memory, as CUPTI reported them (see stats.hpp):
+///  - gpu_fault: a kernel touched a page not on the device and the driver served the fault;
+///    first_page is the page of the faulting address, page_count 1, bytes the number of faults
+///    on it served together (CUPTI's fault groups), duration the driver's service time;
+///  - migrate_to_device / migrate_to_host: the driver moved [first_page, first_page +
+///    page_count) — bytes of it — between host and device (prefetches included), duration the
+///    transfer's time.
+enum class EventKind : std::uint8_t {
+  fault,
+  hit,
+  prefetch_issued,
+  prefetch_done,
+  evict,
+  stall,
+  gpu_fault,
+  migrate_to_device,
+  migrate_to_host,
+};
+/// The last kind (files and segments refuse a larger value).
+inline constexpr EventKind kLastEventKind = EventKind::migrate_to_host;
 
 std::string_view event_kind_name(EventKind kind);
 
@@ -29,7 +49,7 @@ struct Event {
   EventKind kind = EventKind::fault;
   PageId first_page = 0;
   std::uint32_t page_count = 0;
-  std::uint64_t bytes = 0;
+  std::uint64_t bytes = 0;  // gpu_fault: the number of faults (see EventKind)
   std::uint64_t duration_ns = 0;
 };
 

@@ -32,6 +32,24 @@ enum class ResidencyMode { guard, fault };
 std::optional<ResidencyMode> parse_residency_mode(std::string_view name);
 std::string_view residency_mode_name(ResidencyMode mode);
 
+/// How weights on a GPU are kept (MappedCheckpointOptions::cuda_device).
+enum class GpuMemory {
+  /// The cuda backend: device memory mapped into the model range with the driver's virtual
+  /// memory management, filled over a copy stream; the budget is the pool of device memory.
+  vmm,
+  /// The managed backend: unified memory; the pager prefetches pages to the device ahead of use
+  /// and back to the host when it evicts them; GPU page faults serve what the schedule missed.
+  managed,
+  /// Plain unified memory, the baseline the other two are measured against: the whole model in
+  /// managed memory, loaded once on the host, never advised nor prefetched; the driver migrates
+  /// pages on the GPU's faults and evicts them when the device is oversubscribed. The pager
+  /// cannot bound that, so the budget must hold the whole model.
+  unified,
+};
+
+std::optional<GpuMemory> parse_gpu_memory(std::string_view name);
+std::string_view gpu_memory_name(GpuMemory memory);
+
 struct MappedCheckpointOptions {
   std::uint64_t budget_bytes = 0;
   std::optional<std::uint64_t> page_size;  // nullopt: the backend's granularity
@@ -41,10 +59,13 @@ struct MappedCheckpointOptions {
   /// Take the page pool from the system's huge pages (HostPages::huge): a page is one page-table
   /// entry to map, touch and unmap instead of 512. Guard mode only.
   bool huge_pages = false;
-  /// The weights in this GPU's memory (the cuda backend: driver virtual memory, filled over a
-  /// copy stream) instead of host memory. Guard mode only; the pages are not readable by the
-  /// host, so read_tensor_range() refuses.
+  /// The weights on this GPU instead of in host memory, kept as gpu_memory says. Guard mode
+  /// only. With GpuMemory::vmm the pages are not readable by the host, so read_tensor_range()
+  /// refuses.
   std::optional<int> cuda_device;
+  /// How the GPU's weights are kept (only with cuda_device). managed and unified pages are
+  /// readable by the host too.
+  GpuMemory gpu_memory = GpuMemory::vmm;
   /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
   std::uint64_t host_cache_bytes = 0;
   io::ReaderOptions reader;

@@ -5,7 +5,7 @@
 // the fence of their last use) or destroyed. A miss is a fault, served synchronously on the
 // calling thread: the page's extents are read through the Reader into a free chunk (through the
 // pool window, or staging + copy on a device backend), and only then is the chunk mapped at the
-// page's model address (Note [Map after fill] in pager.cpp). When no chunk is free, the policy
+// page's model address (Note [Map after fill] in pager_fill.cpp). When no chunk is free, the policy
 // picks a victim among resident pages that are unpinned and whose last-use fences completed; a
 // chunk is never reused before that.
 //
@@ -26,6 +26,12 @@
 // Its reads go through the same Reader, never under the pager's lock. An acquire of a page that
 // is being filled (by the prefetcher or another thread) waits for that fill; it counts as a hit
 // and the wait as stall time.
+//
+// Over unified memory (Backend::unified_memory_device() >= 0) the pager also counts what the CUDA
+// driver did in its range, from CUPTI's unified-memory counters where they are available: GPU
+// page faults (what the schedule missed), CPU page faults and migrations, as PagerStats counters
+// and events with their pages. mark_step() and stats() ask CUPTI for its records first; where
+// CUPTI is missing or refuses, PagerStats::uvm_counters says why and nothing else changes.
 //
 // Thread safety: acquire, release, fault_in, mark_step and stats may be called from any threads
 // concurrently; several threads may acquire overlapping ranges. A Lease is a move-only value that

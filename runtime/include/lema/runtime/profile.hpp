@@ -5,8 +5,9 @@
 // segment per process, POSIX shared memory named "lema-prof-<pid>", mode 0600 (the owner only):
 //   - a header (magic, version, pid, the recorder's pid, sizes),
 //   - one slot per publisher (a Pager or a fault-mode MappedCheckpoint): what it is (page size,
-//     budget, io path, policy, its tensors' page ranges and layers), written once at open, and
-//     its counters, stored live with relaxed atomics,
+//     budget, io path, policy, whether unified-memory counters are on, its tensors' page ranges
+//     and layers), written once at open, and its counters (the pager's and, over unified memory,
+//     the driver's GPU faults and migrations), stored live with relaxed atomics,
 //   - a bounded ring of events with a write index. Writers claim a slot with one relaxed
 //     fetch_add and fill it under a per-slot sequence number, exactly like EventRing; nothing in
 //     the segment is ever locked, so a reader cannot slow or block a writer. A reader that falls
@@ -56,6 +57,9 @@ struct ProfileSourceInfo {
   std::string kind;  // "pager" (guard mode, the Pager) or "fault" (userfaultfd checkpoint)
   std::string policy;
   std::string io_path;
+  // PagerStats::uvm_counters: "on", "" (not unified memory) or why the driver's GPU faults and
+  // migrations are not counted. At most 127 bytes survive the segment.
+  std::string uvm_counters{};
   std::uint64_t page_size = 0;
   std::uint64_t budget_bytes = 0;
   std::uint64_t pool_pages = 0;  // pages the budget holds
@@ -130,6 +134,10 @@ enum class ProfileCounter : std::uint8_t {
   stall_ns,
   resident_bytes,
   peak_resident_bytes,
+  gpu_faults,
+  cpu_faults,
+  migrated_to_device_bytes,
+  migrated_to_host_bytes,
 };
 
 /// One publisher's slot in a segment. Its methods never block, allocate or make system calls.

@@ -7,7 +7,13 @@
 //  - prefetches_used: a prefetched page that was then accessed (also a hit);
 //    prefetches_wasted: a prefetched page evicted before any access;
 //  - peak_resident_bytes: the most pages ever mapped at once × page size; never above
-//    budget_bytes.
+//    budget_bytes;
+//  - over unified memory (the managed backend) only, from CUPTI's unified-memory counters for
+//    the pager's range: gpu_faults, the GPU page faults the driver served (CUPTI's fault groups:
+//    faults on one page served together count once), i.e. accesses the schedule missed;
+//    cpu_faults, CPU page faults on pages the device held; migrated_to_device_bytes /
+//    migrated_to_host_bytes, what the driver moved, the pager's own prefetches included. They
+//    are read when CUPTI delivers its records: Pager::stats() and mark_step() ask it to first.
 //
 // Thread safety: PagerCounters members may be updated from any thread; snapshot() is not atomic
 // across counters (each value is exact, their sum may be mid-update).
@@ -35,6 +41,13 @@ struct PagerStats {
   std::uint64_t budget_bytes = 0;  // as given; the pool holds floor(budget / page size) pages
   std::uint64_t page_size = 0;
   std::string io_path;  // Reader::path_name()
+  std::uint64_t gpu_faults = 0;
+  std::uint64_t cpu_faults = 0;
+  std::uint64_t migrated_to_device_bytes = 0;
+  std::uint64_t migrated_to_host_bytes = 0;
+  // Whether the four counters above are counted: "on"; empty when the backend's memory is not
+  // unified memory; otherwise why not (no CUPTI library, counters refused by the device, ...).
+  std::string uvm_counters;
 };
 
 class PagerCounters {
@@ -50,6 +63,10 @@ class PagerCounters {
   std::atomic<std::uint64_t> resident_pages{0};
   std::atomic<std::uint64_t> peak_resident_pages{0};
   std::atomic<std::uint64_t> host_cache_hits{0};
+  std::atomic<std::uint64_t> gpu_faults{0};
+  std::atomic<std::uint64_t> cpu_faults{0};
+  std::atomic<std::uint64_t> migrated_to_device_bytes{0};
+  std::atomic<std::uint64_t> migrated_to_host_bytes{0};
 
   void add(std::atomic<std::uint64_t>& counter, std::uint64_t v = 1) noexcept {
     counter.fetch_add(v, std::memory_order_relaxed);

@@ -40,7 +40,11 @@ struct Options {
   // kCPU: weights in host memory. kCUDA: in the GPU's memory, paged by the cuda backend; ops
   // on them wait for their pages' copies on the current stream, never on the host (guard mode).
   c10::Device device = c10::Device(c10::kCPU);
-  std::uint64_t host_cache_bytes = 0;  // kCUDA: pages kept in pinned host memory (0: none)
+  // kCUDA: how the GPU's weights are kept: driver virtual memory (vmm, the default), unified
+  // memory steered by the pager (managed), or plain unified memory left to the driver (unified;
+  // the budget must hold the whole model). See runtime::GpuMemory.
+  runtime::GpuMemory gpu_memory = runtime::GpuMemory::vmm;
+  std::uint64_t host_cache_bytes = 0;  // kCUDA, vmm: pages kept in pinned host memory (0: none)
   runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
   bool prefetch = true;
   bool huge_pages = false;  // the pool from the system's huge pages (guard mode only)
