@@ -91,9 +91,17 @@ class Checkpoint:
             pass
 
 
-def open(path, budget="64MiB", policy="lru", mode="guard", page_size=0) -> Checkpoint:
-    """Opens a .safetensors file, a sharded index or a checkpoint directory."""
+def open(path, budget="64MiB", policy="lru", mode="guard", page_size=0, device="cpu",
+         gpu_memory="vmm", host_cache=0) -> Checkpoint:
+    """Opens a .safetensors file, a sharded index or a checkpoint directory.
+
+    device: "cpu", or "cuda"/"cuda:N" for weights on a GPU (guard mode), kept as gpu_memory
+    says: "vmm" (device memory paged by LEMA; host_cache keeps pages read from disk in pinned
+    host memory), "managed" (unified memory prefetched by LEMA) or "unified" (plain unified
+    memory paged by the driver; the budget must hold the whole model).
+    """
     load_library()
     handle = torch.ops.lema.open(os.fspath(path), parse_size(budget), policy, mode,
-                                 parse_size(page_size))
+                                 parse_size(page_size), str(device), gpu_memory,
+                                 parse_size(host_cache))
     return Checkpoint(handle)

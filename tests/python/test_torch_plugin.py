@@ -66,3 +66,16 @@ def test_bad_settings_are_refused():
         lema.parse_size("lots")
     with pytest.raises(RuntimeError, match="mode"):
         lema.open("/nonexistent.safetensors", mode="sometimes")
+    with pytest.raises(RuntimeError, match="unknown device 'tpu'"):
+        lema.open("/nonexistent.safetensors", device="tpu")
+    with pytest.raises(RuntimeError, match="unknown gpu_memory 'uvm'"):
+        lema.open("/nonexistent.safetensors", device="cuda", gpu_memory="uvm")
+
+
+def test_gpu_settings_are_checked(model):
+    lema.load_library(os.environ["LEMA_TORCH_OPS"])
+    with pytest.raises(RuntimeError, match="needs weights on a GPU"):
+        lema.open(model, gpu_memory="managed")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            lema.open(model, device="cuda")

@@ -49,9 +49,21 @@ auto translated(Body&& body) {
 }
 
 std::int64_t open_op(std::string path, std::int64_t budget, std::string policy, std::string mode,
-                     std::int64_t page_size) {
+                     std::int64_t page_size, std::string device, std::string gpu_memory,
+                     std::int64_t host_cache) {
   return translated([&] {
     Options options;
+    try {
+      options.device = c10::Device(device);
+    } catch (const c10::Error&) {
+      TORCH_CHECK(false, "lema: unknown device '", device, "' (cpu, cuda or cuda:N)");
+    }
+    const auto memory = runtime::parse_gpu_memory(gpu_memory);
+    TORCH_CHECK(memory.has_value(), "lema: unknown gpu_memory '", gpu_memory,
+                "' (vmm, managed or unified)");
+    options.gpu_memory = *memory;
+    TORCH_CHECK(host_cache >= 0, "lema: host_cache must not be negative, got ", host_cache);
+    options.host_cache_bytes = static_cast<std::uint64_t>(host_cache);
     TORCH_CHECK(budget > 0, "lema: the budget must be positive, got ", budget);
     options.budget_bytes = static_cast<std::uint64_t>(budget);
     if (page_size > 0) options.page_size = static_cast<std::uint64_t>(page_size);
@@ -96,7 +108,12 @@ std::string stats_op(std::int64_t handle) {
                         {"peak_resident_bytes", s.peak_resident_bytes},
                         {"budget_bytes", s.budget_bytes},
                         {"page_size", s.page_size},
-                        {"io_path", s.io_path}};
+                        {"io_path", s.io_path},
+                        {"host_cache_hits", s.host_cache_hits},
+                        {"gpu_faults", s.gpu_faults},
+                        {"migrated_to_device_bytes", s.migrated_to_device_bytes},
+                        {"migrated_to_host_bytes", s.migrated_to_host_bytes},
+                        {"uvm_counters", s.uvm_counters}};
     return j.dump();
   });
 }
@@ -120,7 +137,10 @@ void close_op(std::int64_t handle) {
 
 TORCH_LIBRARY(lema, m) {
   using namespace lema::torch;
-  m.def("open(str path, int budget, str policy, str mode, int page_size=0) -> int", &open_op);
+  m.def(
+      "open(str path, int budget, str policy, str mode, int page_size=0, str device='cpu', "
+      "str gpu_memory='vmm', int host_cache=0) -> int",
+      &open_op);
   m.def("tensor(int handle, str name) -> Tensor", &tensor_op);
   m.def("names(int handle) -> str[]", &names_op);
   m.def("stats(int handle) -> str", &stats_op);
