@@ -356,8 +356,6 @@ TEST_F(FakeMisuse, LeakedHandleIsCounted) {
   EXPECT_EQ(new_misuses(), 0u);
 }
 
-constexpr std::uint64_t kPage = 64_KiB;
-
 // ---- batched maps: access set once per run of adjacent pages (Note [Access per run]) ----
 
 class MapPages : public ::testing::Test {

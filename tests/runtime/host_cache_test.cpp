@@ -19,8 +19,6 @@ using runtime::Pager;
 using runtime::PagerOptions;
 using runtime::PolicyKind;
 
-constexpr std::uint64_t kPage = 64_KiB;
-
 std::uint64_t all_fill_bytes(const runtime::Layout& layout) {
   std::uint64_t sum = 0;
   for (runtime::PageId p = 0; p < layout.page_count(); ++p) sum += layout.page_fill_bytes(p);

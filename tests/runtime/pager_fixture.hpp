@@ -23,7 +23,11 @@
 
 namespace lema::test {
 
-/// A three-layer model whose pages, at 64 KiB, number well over eight: small files, but enough
+/// The page size of the pager tests: small pages keep the files small (the 2 MiB default is
+/// covered by tests of its own).
+inline constexpr std::uint64_t kPage = std::uint64_t{64} << 10;
+
+/// A three-layer model whose pages, at kPage, number well over eight: small files, but enough
 /// pages for budgets from one page to the whole model.
 inline ModelShape small_model(int shards = 1) {
   ModelShape m;

@@ -34,14 +34,14 @@ std::uint64_t scaled(std::uint64_t n) {
 class PagerStress : public ::testing::TestWithParam<PolicyKind> {};
 
 TEST_P(PagerStress, RandomOverlappingAcquiresFromFourThreadsReadTheFileBytes) {
-  constexpr std::uint64_t kPage = 4_KiB;
+  constexpr std::uint64_t kTinyPage = 4_KiB;
   ModelShape shape;
   shape.layers = 4;
   shape.hidden = 3 * 1024 + 5;
   shape.embed = 9 * 1024 + 1;
   shape.norm = 300;
   shape.shards = 2;
-  OpenedModel m(runtime::make_host_backend(kPage), shape, kPage, "stress");
+  OpenedModel m(runtime::make_host_backend(kTinyPage), shape, kTinyPage, "stress");
   // The expected image of the whole virtual range (zeros between tensors).
   std::vector<std::byte> image(m.space.size(), std::byte{0});
   for (const auto& t : m.space.layout().tensors()) {
@@ -49,7 +49,7 @@ TEST_P(PagerStress, RandomOverlappingAcquiresFromFourThreadsReadTheFileBytes) {
     std::memcpy(image.data() + t.offset, b.data(), b.size());
   }
   PagerOptions opt;
-  opt.budget_bytes = 6 * kPage;
+  opt.budget_bytes = 6 * kTinyPage;
   opt.policy = GetParam();
   opt.reader.direct = false;  // 4 KiB reads at odd offsets: buffered is what a user would get
   Pager pager(m.space, opt);
@@ -64,12 +64,12 @@ TEST_P(PagerStress, RandomOverlappingAcquiresFromFourThreadsReadTheFileBytes) {
       for (std::uint64_t k = 0; k < per_thread; ++k) {
         // A range of up to 3 pages anywhere, sometimes 2 ranges (an op with two inputs).
         const std::uint64_t a = rng() % size;
-        const std::uint64_t n = 1 + rng() % std::min<std::uint64_t>(size - a, 2 * kPage);
+        const std::uint64_t n = 1 + rng() % std::min<std::uint64_t>(size - a, 2 * kTinyPage);
         std::vector<runtime::ByteRange> ranges{{m.space.base() + a, n}};
         std::uint64_t b = 0, bn = 0;
         if (rng() % 4 == 0) {
           b = rng() % size;
-          bn = 1 + rng() % std::min<std::uint64_t>(size - b, kPage);
+          bn = 1 + rng() % std::min<std::uint64_t>(size - b, kTinyPage);
           ranges.push_back({m.space.base() + b, bn});
         }
         Lease l = pager.acquire(ranges);

@@ -21,9 +21,6 @@ using runtime::Pager;
 using runtime::PagerOptions;
 using runtime::PolicyKind;
 
-// Small pages keep the files small; the 2 MiB default is covered by DefaultPageSize below.
-constexpr std::uint64_t kPage = 64_KiB;
-
 struct HostSmallPages {
   static constexpr const char* kName = "host";
   static std::unique_ptr<runtime::Backend> make() { return runtime::make_host_backend(kPage); }

@@ -36,7 +36,6 @@ using runtime::Pager;
 using runtime::PagerOptions;
 using runtime::PagerStats;
 
-constexpr std::uint64_t kPage = 64_KiB;
 // CUpti_ActivityUnifiedMemoryCounterKind values (the test does not include <cupti.h>).
 constexpr int kCpuPageFaultCount = 3;
 constexpr int kGpuPageFault = 4;
