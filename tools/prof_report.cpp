@@ -179,7 +179,6 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
     c.cpu_faults += x.cpu_faults;
     c.migrated_to_device_bytes += x.migrated_to_device_bytes;
     c.migrated_to_host_bytes += x.migrated_to_host_bytes;
-    s.unified_memory = s.unified_memory || !src.uvm_counters.empty();
     c.budget_bytes = std::max(c.budget_bytes, src.budget_bytes);
     c.page_size = std::max(c.page_size, src.page_size);
     auto join = [](std::string& to, const std::string& v) {
@@ -341,7 +340,7 @@ std::string format_summary(const ProfileSummary& s) {
   line("page size", format_size(c.page_size));
   line("io path", s.io_path.empty() ? "-" : s.io_path);
   line("policy", s.policy.empty() ? "-" : s.policy);
-  if (s.unified_memory) {
+  if (s.unified_memory()) {
     line("uvm counters", s.uvm_counters);
     line("GPU page faults", fmt::format("{} (CPU page faults {})", c.gpu_faults, c.cpu_faults));
     line("migrated by driver",
@@ -359,11 +358,11 @@ std::string format_summary(const ProfileSummary& s) {
   auto table = [&](std::string_view title, const std::vector<StallShare>& rows) {
     if (rows.empty()) return;
     out += fmt::format("\n{:<44} {:>10} {:>8} {:>10}", title, "stall", "faults", "read");
-    out += s.unified_memory ? fmt::format(" {:>10}\n", "GPU faults") : "\n";
+    out += s.unified_memory() ? fmt::format(" {:>10}\n", "GPU faults") : "\n";
     for (const StallShare& r : rows) {
       out += fmt::format("  {:<42} {:>10} {:>8} {:>10}", r.name, ms(r.stall_ns), r.faults,
                          format_size(r.bytes));
-      out += s.unified_memory ? fmt::format(" {:>10}\n", r.gpu_faults) : "\n";
+      out += s.unified_memory() ? fmt::format(" {:>10}\n", r.gpu_faults) : "\n";
     }
   };
   table("by layer", s.layers);

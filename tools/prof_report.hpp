@@ -64,8 +64,8 @@ struct ProfileSummary {
   std::string io_path, policy;
   // Over unified memory (any source with a status): GPU faults and migrations are in
   // `counters`; uvm_counters joins the sources' statuses ("on", or why not).
-  bool unified_memory = false;
   std::string uvm_counters;
+  bool unified_memory() const noexcept { return !uvm_counters.empty(); }
   // Against Belady's MIN for the same access trace (faults and hits in time order) and budget.
   std::uint64_t accesses = 0;
   std::uint64_t run_fetches = 0;  // faults + prefetches issued

@@ -423,7 +423,7 @@ TEST(ProfileFile, UnifiedMemoryEventsSurviveSegmentFileAndReport) {
   EXPECT_EQ(loaded.events[3].kind, EventKind::migrate_to_host);
 
   const tools::ProfileSummary s = tools::summarize(loaded, 10);
-  EXPECT_TRUE(s.unified_memory);
+  EXPECT_TRUE(s.unified_memory());
   EXPECT_EQ(s.counters.gpu_faults, 5u);
   EXPECT_EQ(s.counters.cpu_faults, 1u);
   EXPECT_EQ(s.counters.migrated_to_device_bytes, 3 * 64_KiB);

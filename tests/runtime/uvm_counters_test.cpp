@@ -166,7 +166,7 @@ TEST_F(UvmCounters, ProfileCarriesTheDriversCountersToTheReport) {
   EXPECT_EQ(by_kind[EventKind::migrate_to_host][0].first_page, 6u);
 
   const tools::ProfileSummary s = tools::summarize(loaded, 50);
-  EXPECT_TRUE(s.unified_memory);
+  EXPECT_TRUE(s.unified_memory());
   EXPECT_EQ(s.counters.gpu_faults, 5u);
   std::uint64_t by_layer = 0;
   for (const auto& row : s.layers) by_layer += row.gpu_faults;
