@@ -148,10 +148,6 @@ std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::
                  "through userfaultfd); use guard mode");
     LEMA_EXPECTS(!options.huge_pages, "huge pages are host memory; weights on a GPU ignore "
                                       "them: drop the huge-pages setting");
-    LEMA_EXPECTS(options.gpu_memory == GpuMemory::vmm || options.host_cache_bytes == 0,
-                 "a host cache keeps pages for copies into device memory; " +
-                     std::string(gpu_memory_name(options.gpu_memory)) +
-                     " GPU memory is host-visible and has none: drop the host cache setting");
   } else {
     LEMA_EXPECTS(options.gpu_memory == GpuMemory::vmm,
                  std::string(gpu_memory_name(options.gpu_memory)) +
