@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
 #include "detail/backend_checks.hpp"
+#include "detail/fork_guard.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -97,6 +99,7 @@ class HostBackend final : public Backend {
     if (base > raw) ::munmap(raw, static_cast<std::size_t>(base - raw));
     if (std::byte* tail = base + bytes; tail < raw + bytes + slack)
       ::munmap(tail, static_cast<std::size_t>(raw + bytes + slack - tail));
+    protect_in_children(base, bytes);  // Note [Fork] in fork_guard.cpp
     return Reservation(this, base, bytes);
   }
 
@@ -151,12 +154,21 @@ class HostBackend final : public Backend {
   }
 
   void unmap(std::byte* addr, std::uint64_t bytes) override {
+    if (UnmappedPages* pages = unmapped_pages_.load(std::memory_order_acquire)) {
+      pages->place(addr, bytes);
+      return;
+    }
     // Replacing the mapping (not munmap) keeps the address reserved: nothing else can be placed
     // there, and a touch faults instead of reading stale memory.
     void* p = ::mmap(addr, bytes, PROT_NONE,
                      MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED)
       detail::throw_system_error(__FILE__, __LINE__, "mmap(PROT_NONE unmap)", errno);
+  }
+
+  bool set_unmapped_pages(UnmappedPages* pages) noexcept override {
+    unmapped_pages_.store(pages, std::memory_order_release);
+    return true;
   }
 
   std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {
@@ -177,11 +189,15 @@ class HostBackend final : public Backend {
   void queue_wait(Queue, const Fence&) override {}
 
  protected:
-  void release(std::byte* base, std::uint64_t bytes) noexcept override { ::munmap(base, bytes); }
+  void release(std::byte* base, std::uint64_t bytes) noexcept override {
+    forget_in_children(base);
+    ::munmap(base, bytes);
+  }
 
  private:
   const std::uint64_t granularity_;
   const HostPages pages_;
+  std::atomic<UnmappedPages*> unmapped_pages_{nullptr};
 };
 
 std::uint64_t read_number(const std::string& path) {

@@ -12,6 +12,7 @@
 #ifdef LEMA_HAVE_CUDA
 #include "lema/runtime/cuda_backend.hpp"
 #endif
+#include "detail/guard_fallback.hpp"
 #include "mapped_checkpoint_fault.hpp"
 
 namespace lema::runtime {
@@ -87,12 +88,23 @@ class GuardedCheckpoint final : public MappedCheckpoint {
                                     .prefetch = options.prefetch,
                                     .reader = options.reader,
                                     .host_cache_bytes = options.host_cache_bytes}),
-        fallback_reason_(std::move(fallback_reason)) {}
+        fallback_reason_(std::move(fallback_reason)) {
+    arm_fault_fallback(options, checkpoint_.source().string());
+  }
+
+  ~GuardedCheckpoint() override {
+    // The pager's teardown still places registered pages: the fallback stops serving now and
+    // goes after the pager (detail/guard_fallback.hpp).
+    if (fault_fallback_) fault_fallback_->stop_serving();
+  }
 
   const io::Checkpoint& checkpoint() const noexcept override { return checkpoint_; }
   const Layout& layout() const noexcept override { return space_.layout(); }
   ResidencyMode mode() const noexcept override { return ResidencyMode::guard; }
   const std::string& fallback_reason() const noexcept override { return fallback_reason_; }
+  const std::string& fault_fallback_reason() const noexcept override {
+    return fault_fallback_reason_;
+  }
   TensorAddress tensor(std::string_view name) const override { return space_.tensor(name); }
   Pager* pager() noexcept override { return &pager_; }
   void mark_step() override { pager_.mark_step(); }
@@ -121,14 +133,46 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   }
 
  private:
+  void arm_fault_fallback(const MappedCheckpointOptions& options, std::string source) {
+    if (options.cuda_device) {
+      fault_fallback_reason_ =
+          "weights on a GPU: the fault fallback serves host memory (see the user guide for "
+          "what each GPU memory kind does with a read outside an op)";
+      return;
+    }
+    if (!options.fault_fallback) {
+      fault_fallback_reason_ = "turned off (MappedCheckpointOptions::fault_fallback)";
+      return;
+    }
+    fault_fallback_ = detail::GuardFallback::arm(
+        pager_, detail::GuardFallback::Options{.source = std::move(source)},
+        fault_fallback_reason_);
+    if (!fault_fallback_)
+      spdlog::warn("guard mode without its fault fallback ({}): a read of a weight outside a "
+                   "torch op or an acquire gets SIGSEGV when its page is not resident",
+                   fault_fallback_reason_);
+    else if (!fault_fallback_->handles_kernel_faults())
+      spdlog::warn("the fault fallback serves only user-mode reads here (userfaultfd without "
+                   "CAP_SYS_PTRACE): a system call reading a weight that is not resident, such "
+                   "as a write(2) of it to a file, fails with EFAULT");
+  }
+
   io::Checkpoint checkpoint_;
   std::unique_ptr<Backend> backend_;
   AddressSpace space_;
+  // Before the pager: destroyed after it (Note [Guard fault fallback]).
+  std::unique_ptr<detail::GuardFallback> fault_fallback_;
   Pager pager_;
   std::string fallback_reason_;
+  std::string fault_fallback_reason_;
 };
 
 }  // namespace
+
+const std::string& MappedCheckpoint::fault_fallback_reason() const noexcept {
+  static const std::string none;
+  return none;
+}
 
 TensorAddress MappedCheckpoint::checked_range(std::string_view name, std::uint64_t offset,
                                               std::uint64_t bytes) const {

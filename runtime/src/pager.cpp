@@ -179,6 +179,16 @@ void Pager::fault_in(PageId page) {
   release(std::move(lease));
 }
 
+bool Pager::fault_in(PageId page, std::chrono::nanoseconds patience) {
+  LEMA_EXPECTS(page < state_->pages.size(),
+               "fault_in: page " + std::to_string(page) + " is outside the address space");
+  state_->counters.add(state_->counters.fallback_faults);
+  Lease lease = acquire_sorted({page}, nullptr, std::chrono::steady_clock::now() + patience);
+  if (lease.empty()) return false;
+  release(std::move(lease));
+  return true;
+}
+
 void Pager::set_evict_hook(std::function<void(PageId)> hook) {
   std::lock_guard lock(state_->mutex);
   state_->evict_hook = std::move(hook);

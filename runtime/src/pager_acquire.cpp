@@ -114,7 +114,8 @@ Lease Pager::acquire_page_range(PageRange range, const Queue* consumer) {
   return acquire_sorted(std::move(pages), consumer);
 }
 
-Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer) {
+Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
+                           std::optional<std::chrono::steady_clock::time_point> deadline) {
   State& s = *state_;
   if (pages.size() > s.chunk_count) throw_too_big(s, pages.size());
   Lease lease;
@@ -154,7 +155,11 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer) {
                           "; release leases before acquiring more, raise --budget or lower "
                           "--page-size");
       }
-      wait_changed(s, lock);
+      if (!deadline) {
+        wait_changed(s, lock);
+      } else if (!wait_changed_until(s, lock, *deadline)) {
+        return lease;  // empty: out of patience, nothing taken
+      }
     }
 
     // Phase 2: claim everything under the same lock hold.

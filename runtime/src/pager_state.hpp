@@ -165,6 +165,14 @@ inline void wait_changed(Pager::State& s, std::unique_lock<std::mutex>& lock) {
   s.changed.wait(lock);
   --s.waiters;
 }
+/// The same with a deadline; false when it passed first.
+inline bool wait_changed_until(Pager::State& s, std::unique_lock<std::mutex>& lock,
+                               std::chrono::steady_clock::time_point deadline) {
+  ++s.waiters;
+  const bool woken = s.changed.wait_until(lock, deadline) == std::cv_status::no_timeout;
+  --s.waiters;
+  return woken;
+}
 /// Whether fills copy into device chunks (a pool without a host window): only then may a page's
 /// bytes still be on their way when it is mapped (Note [Device fills]).
 inline bool copies_to_device(const Pager::State& s) {

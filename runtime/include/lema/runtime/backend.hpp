@@ -18,7 +18,10 @@
 // Host backend (make_host_backend): reserve = mmap(PROT_NONE, MAP_NORESERVE); the pool is one
 // memfd of exactly chunks × chunk_bytes, also mapped once, whole, as the private pool window;
 // map = mmap(MAP_FIXED|MAP_SHARED, memfd, chunk offset); unmap = mmap(PROT_NONE, MAP_FIXED|
-// MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE) over the page. Fences are complete at once. With
+// MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE) over the page, or, once set_unmapped_pages() gave it
+// a placeholder source, whatever that source places there (the guard-mode fault fallback puts
+// userfaultfd-registered memory, so that a touch is served instead of killing the process: Note
+// [Guard fault fallback] in guard_fallback.cpp). Fences are complete at once. With
 // HostPages::huge the memfd comes from the hugetlb pool and the reservation is aligned to the
 // huge page, so a 2 MiB page is one page-table entry to map, touch and unmap.
 //
@@ -108,6 +111,17 @@ struct PageMapping {
   std::byte* addr = nullptr;
 };
 
+/// What an unmapped page of a reservation becomes, when not the backend's own inaccessible
+/// memory (Backend::set_unmapped_pages). place() must replace whatever is mapped at the range in
+/// one step, so that no reader ever finds it readable with other bytes than the page's; it is
+/// called under the pager's lock and must not call back into the pager.
+class UnmappedPages {
+ public:
+  virtual ~UnmappedPages() = default;
+  /// Puts the placeholder at [addr, addr + bytes) (inside a reservation). Throws SystemError.
+  virtual void place(std::byte* addr, std::uint64_t bytes) = 0;
+};
+
 /// Host memory the backend can copy from efficiently (pinned on CUDA). Move-only owner.
 class StagingBuffer {
  public:
@@ -146,8 +160,18 @@ class Backend {
   /// default calls map() for each page; the cuda backend sets access once per run of adjacent
   /// addresses.
   virtual void map_pages(PhysicalPool& pool, std::span<const PageMapping> pages, Access access);
-  /// Unmaps [addr, addr + bytes); the range stays reserved and inaccessible.
+  /// Unmaps [addr, addr + bytes); the range stays reserved and inaccessible, or holds what the
+  /// UnmappedPages source given to set_unmapped_pages() places there.
   virtual void unmap(std::byte* addr, std::uint64_t bytes) = 0;
+  /// From now on unmap() asks `pages` for what an unmapped page becomes; nullptr goes back to
+  /// the backend's inaccessible memory. Only host-memory backends take a source (the others
+  /// return false and keep theirs: a device page cannot be demand-filled by a host thread). No
+  /// map/unmap may run concurrently with this call, and `pages` must outlive every unmap() that
+  /// uses it.
+  virtual bool set_unmapped_pages(UnmappedPages* pages) noexcept {
+    (void)pages;
+    return false;
+  }
 
   /// A staging buffer of at least `bytes` for copy_to_chunk().
   virtual std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) = 0;

@@ -66,6 +66,10 @@ struct MappedCheckpointOptions {
   /// How the GPU's weights are kept (only with cuda_device). managed and unified pages are
   /// readable by the host too.
   GpuMemory gpu_memory = GpuMemory::vmm;
+  /// Guard mode over host memory: serve a read of an unmapped page outside any acquire (numpy,
+  /// torch.save, a compiled kernel) by demand paging instead of SIGSEGV (Note [Guard fault
+  /// fallback] in the runtime). Off only to measure what it costs.
+  bool fault_fallback = true;
   /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
   std::uint64_t host_cache_bytes = 0;
   io::ReaderOptions reader;
@@ -85,6 +89,9 @@ class MappedCheckpoint {
   virtual ResidencyMode mode() const noexcept = 0;
   /// Why fault mode fell back to guard; empty otherwise.
   virtual const std::string& fallback_reason() const noexcept = 0;
+  /// Guard mode: why a read of an unmapped page outside an acquire is not served by the fault
+  /// fallback (it then gets SIGSEGV); empty when it is, and in fault mode, where every read is.
+  virtual const std::string& fault_fallback_reason() const noexcept;
 
   /// The tensor's fixed address. Throws InvalidArgument naming the tensor when absent.
   virtual TensorAddress tensor(std::string_view name) const = 0;

@@ -38,10 +38,12 @@
 // may be released on another thread. The Backend and AddressSpace must outlive the Pager.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <thread>
 #include <vector>
@@ -130,6 +132,11 @@ class Pager {
   /// For a fault handler (userfaultfd mode): makes `page` resident without pinning it. The page
   /// may be evicted again at any time afterwards.
   void fault_in(PageId page);
+  /// The same, for a handler that must not wait forever (the guard fault fallback, whose faulting
+  /// thread may itself pin the chunks it waits for): returns false when no chunk became free
+  /// within `patience` because every one stayed pinned. Counts the access in
+  /// PagerStats::fallback_faults as well. Throws what acquire throws.
+  bool fault_in(PageId page, std::chrono::nanoseconds patience);
   /// Called under the pager's lock right after a page was unmapped (its chunk not yet reused),
   /// e.g. to zap the page in a userfaultfd region. Must not call back into the Pager. Set it
   /// before the first acquire.
@@ -161,7 +168,9 @@ class Pager {
   friend class Lease;
   Lease acquire_ranges(std::span<const ByteRange> ranges, const Queue* consumer);
   Lease acquire_page_range(PageRange range, const Queue* consumer);
-  Lease acquire_sorted(std::vector<PageId> pages, const Queue* consumer);  // distinct, ascending
+  // distinct, ascending; with a deadline, an empty Lease when no chunk could be claimed by then
+  Lease acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
+                       std::optional<std::chrono::steady_clock::time_point> deadline = {});
   void release_pins(Lease& lease, const Fence& last_use) noexcept;
   std::unique_ptr<State> state_;
 };

@@ -37,6 +37,9 @@ struct PagerStats {
   std::uint64_t resident_bytes = 0;
   std::uint64_t peak_resident_bytes = 0;
   std::uint64_t host_cache_hits = 0;   // fills copied from the host cache tier, not read
+  // Accesses that bypassed the guard (a read outside any op) and were served by the guard
+  // fault fallback; each is a fault or a hit as well.
+  std::uint64_t fallback_faults = 0;
   std::uint64_t host_cache_bytes = 0;  // the host cache tier's size (0: none)
   std::uint64_t budget_bytes = 0;  // as given; the pool holds floor(budget / page size) pages
   std::uint64_t page_size = 0;
@@ -63,6 +66,7 @@ class PagerCounters {
   std::atomic<std::uint64_t> resident_pages{0};
   std::atomic<std::uint64_t> peak_resident_pages{0};
   std::atomic<std::uint64_t> host_cache_hits{0};
+  std::atomic<std::uint64_t> fallback_faults{0};
   std::atomic<std::uint64_t> gpu_faults{0};
   std::atomic<std::uint64_t> cpu_faults{0};
   std::atomic<std::uint64_t> migrated_to_device_bytes{0};
