@@ -96,6 +96,8 @@ std::string stats_op(std::int64_t handle) {
     const runtime::PagerStats s = checkpoint.stats();
     nlohmann::json j = {{"mode", std::string(runtime::residency_mode_name(checkpoint.mode()))},
                         {"fallback_reason", checkpoint.fallback_reason()},
+                        {"fault_fallback_reason", checkpoint.mapped().fault_fallback_reason()},
+                        {"fallback_faults", s.fallback_faults},
                         {"faults", s.faults},
                         {"hits", s.hits},
                         {"prefetches_issued", s.prefetches_issued},
