@@ -40,6 +40,7 @@ void register_bench(CLI::App& app) {
   bench->require_subcommand(1);
   register_bench_io(*bench);
   register_bench_pager(*bench);
+  register_bench_fallback(*bench);
 }
 
 namespace {

@@ -14,6 +14,7 @@ void register_gen(CLI::App& app);
 void register_verify(CLI::App& app);
 void register_bench(CLI::App& app);  // bench io (and later bench pager ...)
 void register_bench_pager(CLI::App& bench);
+void register_bench_fallback(CLI::App& bench);
 void register_prof(CLI::App& app);  // prof record | top | report
 /// train, merge, generate: run by the lema-trainer executable (trainer_forward.cpp).
 void register_trainer_commands(CLI::App& app);
