@@ -4,6 +4,7 @@
 //   plain      the model over tensors read fully into memory: libtorch alone, no LEMA;
 //   unlimited  over a guard-mode VirtualCheckpoint holding every page (the guard's cost);
 //   budget     over a guard-mode VirtualCheckpoint with the given budget (paging's cost);
+//   no fallback the budget run without the guard's fault fallback (what arming it costs);
 //   huge       the same over a pool of huge pages, where the system has enough free.
 //
 //   train_step_bench MODEL_DIR BUDGET [seq_len 128] [batch 2] [steps per round 3] [rounds 3]
@@ -83,11 +84,12 @@ int main(int argc, char** argv) {
   for (auto& t : tokens) t = static_cast<std::uint32_t>(rng() % config.vocab_size);
 
   const bool huge = runtime::huge_page_pool().available * (std::uint64_t{2} << 20) >= budget;
-  std::vector<Variant> variants(huge ? 4 : 3);
+  std::vector<Variant> variants(huge ? 5 : 4);
   variants[0].label = "plain libtorch";
   variants[1].label = "LEMA, unlimited";
   variants[2].label = "LEMA, budget " + format_size(budget);
-  if (huge) variants[3].label = "LEMA, budget, huge pages";
+  variants[3].label = "LEMA, budget, no fallback";  // the guard's fault fallback off: its cost
+  if (huge) variants[4].label = "LEMA, budget, huge pages";
   for (std::size_t i = 0; i < variants.size(); ++i) {
     Variant& v = variants[i];
     trainer::LlamaModelOptions options;
@@ -98,7 +100,8 @@ int main(int argc, char** argv) {
       lema::torch::Options o;
       o.budget_bytes = i == 1 ? layout.virtual_bytes() : budget;
       o.policy = *policy;
-      o.huge_pages = i == 3;
+      o.huge_pages = i == 4;
+      o.fault_fallback = i != 3;
       v.checkpoint.emplace(lema::torch::open(dir, o));
       v.model = std::make_unique<trainer::LlamaModel>(config, trainer::lookup_in(*v.checkpoint),
                                                       options);

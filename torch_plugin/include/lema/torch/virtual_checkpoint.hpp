@@ -48,6 +48,9 @@ struct Options {
   runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
   bool prefetch = true;
   bool huge_pages = false;  // the pool from the system's huge pages (guard mode only)
+  // Guard mode, host memory: serve reads outside an op by demand paging (runtime::
+  // MappedCheckpointOptions::fault_fallback). Off only to measure what it costs.
+  bool fault_fallback = true;
 };
 
 namespace detail {
