@@ -204,22 +204,28 @@ struct GuardFallback::State {
     }
   }
 
+  // Should the reader ever stop on an error, an mremap would wait for it forever under the
+  // pager's lock: from then on evictions place PROT_NONE memory instead.
+  void reader_failed(const char* what) noexcept {
+    placeholder_failed.store(true);
+    spdlog::error("guard fault fallback: {} failed ({}); from now on a read outside an op of a "
+                  "page that is not resident gets SIGSEGV",
+                  what, std::strerror(errno));
+  }
+
   void run_reader() noexcept {
     pollfd fds[2] = {{uffd.get(), POLLIN, 0}, {stop.get(), POLLIN, 0}};
     uffd_msg msgs[32];
     for (;;) {
       if (::poll(fds, 2, -1) < 0) {
         if (errno == EINTR) continue;
-        spdlog::error("guard fault fallback: poll failed: {}", std::strerror(errno));
-        return;
+        return reader_failed("polling the userfaultfd");
       }
       if (fds[1].revents != 0) return;
       const ssize_t n = ::read(uffd.get(), msgs, sizeof(msgs));
       if (n < 0) {
         if (errno == EAGAIN || errno == EINTR) continue;
-        spdlog::error("guard fault fallback: reading the userfaultfd failed: {}",
-                      std::strerror(errno));
-        return;
+        return reader_failed("reading the userfaultfd");
       }
       // Reading a UFFD_EVENT_REMAP message is all it needs: the mremap waiting for it returns.
       std::lock_guard lock(mutex);
