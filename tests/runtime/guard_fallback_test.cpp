@@ -5,6 +5,7 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 
 #include "lema/base/error.hpp"
 #include "lema/io/checkpoint.hpp"
+#include "lema/runtime/backend.hpp"
 #include "lema/runtime/mapped_checkpoint.hpp"
 #include "runtime_fixture.hpp"
 
@@ -61,6 +63,33 @@ struct Model {
 bool raw_equal(const Model& m, const std::string& name) {
   const auto& want = m.expected.at(name);
   return std::memcmp(m.data(name), want.data(), want.size()) == 0;
+}
+
+// The Backend contract the fallback relies on: once given an UnmappedPages source, the host
+// backend's unmap asks it for the page (and only then), and nullptr restores its own.
+TEST(GuardFallback, HostUnmapPlacesTheSourcesPages) {
+  struct Recorder : runtime::UnmappedPages {
+    std::vector<std::pair<std::byte*, std::uint64_t>> placed;
+    void place(std::byte* addr, std::uint64_t bytes) override {
+      placed.emplace_back(addr, bytes);
+      ASSERT_NE(::mmap(addr, bytes, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+                MAP_FAILED);
+    }
+  };
+  auto backend = runtime::make_host_backend(4096);
+  runtime::Reservation r = backend->reserve(4 * 4096);
+  auto pool = backend->create_pool(1, 4096);
+  Recorder recorder;
+  ASSERT_TRUE(backend->set_unmapped_pages(&recorder));
+  backend->map(*pool, 0, r.base() + 4096, runtime::Access::read);
+  backend->unmap(r.base() + 4096, 4096);
+  ASSERT_EQ(recorder.placed.size(), 1u);
+  EXPECT_EQ(recorder.placed[0].first, r.base() + 4096);
+  EXPECT_EQ(recorder.placed[0].second, 4096u);
+  ASSERT_TRUE(backend->set_unmapped_pages(nullptr));
+  backend->map(*pool, 0, r.base(), runtime::Access::read);
+  backend->unmap(r.base(), 4096);
+  EXPECT_EQ(recorder.placed.size(), 1u);
 }
 
 TEST(GuardFallback, RawReadsOfEveryTensorEqualTheFileUnderTwoPages) {
