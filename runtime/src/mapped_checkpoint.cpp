@@ -74,6 +74,12 @@ std::uint64_t pager_budget(const MappedCheckpointOptions& options, const Layout&
   return layout.virtual_bytes();
 }
 
+// Note [Dirty pages] in the pager: written pages are kept in a spill store, which only the host
+// backend can feed (it finds the written pages); GPU pages stay read-only until theirs can be.
+bool writable_weights(const MappedCheckpointOptions& options) {
+  return !options.read_only && !options.cuda_device;
+}
+
 class GuardedCheckpoint final : public MappedCheckpoint {
  public:
   GuardedCheckpoint(io::Checkpoint checkpoint, MappedCheckpointOptions options,
@@ -85,14 +91,18 @@ class GuardedCheckpoint final : public MappedCheckpoint {
         pager_(space_, PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
                                     .policy = options.policy,
                                     .prefetch = options.prefetch,
+                                    .access = writable_weights(options) ? Access::read_write
+                                                                        : Access::read,
                                     .reader = options.reader,
                                     .host_cache_bytes = options.host_cache_bytes}),
-        fallback_reason_(std::move(fallback_reason)) {}
+        fallback_reason_(std::move(fallback_reason)),
+        writable_(writable_weights(options)) {}
 
   const io::Checkpoint& checkpoint() const noexcept override { return checkpoint_; }
   const Layout& layout() const noexcept override { return space_.layout(); }
   ResidencyMode mode() const noexcept override { return ResidencyMode::guard; }
   const std::string& fallback_reason() const noexcept override { return fallback_reason_; }
+  bool writable() const noexcept override { return writable_; }
   TensorAddress tensor(std::string_view name) const override { return space_.tensor(name); }
   Pager* pager() noexcept override { return &pager_; }
   void mark_step() override { pager_.mark_step(); }
@@ -126,6 +136,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   AddressSpace space_;
   Pager pager_;
   std::string fallback_reason_;
+  bool writable_;
 };
 
 }  // namespace

@@ -68,6 +68,14 @@ struct MappedCheckpointOptions {
   GpuMemory gpu_memory = GpuMemory::vmm;
   /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
   std::uint64_t host_cache_bytes = 0;
+  /// Weights may be written by default: a written page is kept for the life of the checkpoint
+  /// object (in a spill store when evicted; never in the checkpoint's files). read_only maps
+  /// them so that a write faults instead (the torch plugin refuses writing ops before they run).
+  /// Weights on a GPU are always read-only: their written pages could not be kept yet.
+  bool read_only = false;
+  /// Fault mode: use userfaultfd write protection to find written pages where the kernel has it
+  /// (false: save every evicted page, as where it has not; for tests).
+  bool uffd_write_protect = true;
   io::ReaderOptions reader;
 };
 
@@ -85,6 +93,8 @@ class MappedCheckpoint {
   virtual ResidencyMode mode() const noexcept = 0;
   /// Why fault mode fell back to guard; empty otherwise.
   virtual const std::string& fallback_reason() const noexcept = 0;
+  /// Whether writes to the weights are kept (false: opened read_only, or weights on a GPU).
+  virtual bool writable() const noexcept = 0;
 
   /// The tensor's fixed address. Throws InvalidArgument naming the tensor when absent.
   virtual TensorAddress tensor(std::string_view name) const = 0;
