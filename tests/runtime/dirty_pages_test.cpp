@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <csignal>
+#include <cstdlib>
 #include <cstdint>
 #include <fstream>
 #include <iterator>
@@ -131,6 +132,29 @@ TEST_P(DirtyPages, UntouchedPagesAreNotSpilled) {
   EXPECT_GE(s.evictions, 1u);
   EXPECT_EQ(s.dirty_evictions, 0u);
   EXPECT_EQ(s.spilled_pages, 0u);
+}
+
+// Where the spill directory takes no file, the store lives in a memfd: writes are still kept.
+TEST(SpillStore, AnUnusableSpillDirectoryFallsBackToMemory) {
+  TempDir dir("dirty-pages-memfd");
+  const auto path = write_model(dir.path(), model());
+  ::setenv("LEMA_SPILL_DIR", (dir.path() / "absent").c_str(), 1);
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudgetPages * 2_MiB;
+  auto ckpt = MappedCheckpoint::open(path, o);
+  ::unsetenv("LEMA_SPILL_DIR");
+  const runtime::TensorAddress t = ckpt->tensor(kWritten);
+  {
+    runtime::Lease lease = ckpt->pager()->acquire(t.data, t.nbytes);
+    t.data[7] = std::byte{0x5a};
+    ckpt->pager()->release(std::move(lease));
+  }
+  for (const io::TensorInfo& info : ckpt->checkpoint().tensors())
+    if (info.name != kWritten) ckpt->read_tensor(info.name, [](const std::byte*, std::uint64_t) {});
+  ASSERT_GE(ckpt->stats().spilled_pages, 1u);
+  std::byte got{};
+  ckpt->read_tensor_range(kWritten, 7, 1, [&](const std::byte* p, std::uint64_t) { got = *p; });
+  EXPECT_EQ(got, std::byte{0x5a});
 }
 
 INSTANTIATE_TEST_SUITE_P(
