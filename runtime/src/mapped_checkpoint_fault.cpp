@@ -8,7 +8,8 @@
 // Writes (Note [Written pages] in uffd_region.cpp): by default a written page is saved in the
 // spill store when evicted and every later fill of it reads it back from there; opened
 // read_only, the first write to a page is refused (the writer gets SIGSEGV, the error names
-// the page's tensors).
+// the page's tensors), except where the kernel lacks userfaultfd write protection: no write
+// can be seen there, so it is kept as in a writable checkpoint.
 #include <spdlog/spdlog.h>
 
 #include <cstring>
@@ -46,10 +47,8 @@ class FaultCheckpoint final : public MappedCheckpoint {
         policy_(make_policy(options.policy, layout_.page_count())),
         budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count())),
         read_only_(options.read_only),
-        spill_(read_only_ ? nullptr
-                          : std::make_unique<SpillStore>(std::max<std::size_t>(
-                                                             layout_.page_count(), 1),
-                                                         layout_.page_size())),
+        spill_(std::make_unique<SpillStore>(std::max<std::size_t>(layout_.page_count(), 1),
+                                            layout_.page_size())),
         profile_(ProfilePublisher::open_if_enabled(
             ProfileSourceInfo{.kind = "fault",
                               .policy = std::string(policy_->name()),
@@ -77,10 +76,9 @@ class FaultCheckpoint final : public MappedCheckpoint {
                   }
                   return victim;
                 },
-            .save = spill_ ? UffdRegion::Save([this](PageId page, const std::byte* bytes) {
-              spill_->write(page, bytes);
-            })
-                           : UffdRegion::Save(),
+            // Read-only too: where the kernel lacks write protection a write cannot be refused,
+            // and is then kept rather than lost.
+            .save = [this](PageId page, const std::byte* bytes) { spill_->write(page, bytes); },
             .refuse_write = read_only_
                                 ? UffdRegion::RefuseWrite([this](PageId page) {
                                     return refused_write_message(page);
@@ -133,11 +131,9 @@ class FaultCheckpoint final : public MappedCheckpoint {
     s.page_size = layout_.page_size();
     s.io_path = reader_->path_name();
     s.dirty_evictions = r.dirty_evictions;
-    if (spill_) {
-      s.spilled_bytes = spill_->bytes_written();
-      s.spilled_pages = spill_->spilled_pages();
-      s.spill_fills = spill_->reads();
-    }
+    s.spilled_bytes = spill_->bytes_written();
+    s.spilled_pages = spill_->spilled_pages();
+    s.spill_fills = spill_->reads();
     return s;
   }
 
@@ -163,7 +159,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
       policy_->on_access(page);
       policy_->on_resident(page);
     }
-    if (spill_ && spill_->holds(page)) {  // written before: its bytes are in the store
+    if (spill_->holds(page)) {  // written before: its bytes are in the store
       spill_->read(page, staging);
       const std::uint64_t took = now_ns() - start;
       stall_ns_.fetch_add(took, std::memory_order_relaxed);
@@ -199,7 +195,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
   std::unique_ptr<EvictionPolicy> policy_;
   std::size_t budget_pages_;
   bool read_only_;
-  std::unique_ptr<SpillStore> spill_;  // writable only (Note [Written pages])
+  std::unique_ptr<SpillStore> spill_;  // Note [Written pages]
   std::atomic<std::uint64_t> bytes_read_{0};
   std::atomic<std::uint64_t> stall_ns_{0};
   std::string no_reason_;

@@ -191,6 +191,32 @@ TEST_P(ReadOnly, ARawWriteFaultsInsteadOfBeingKept) {
       ::testing::KilledBySignal(SIGSEGV), "");
 }
 
+// Without userfaultfd write protection a raw write cannot be refused: it is kept, not lost.
+TEST(ReadOnlyFaultMode, WithoutWriteProtectionAWriteIsKeptRatherThanLost) {
+  TempDir dir("dirty-pages-ro-nowp");
+  const auto path = write_model(dir.path(), model());
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudgetPages * 2_MiB;
+  o.mode = ResidencyMode::fault;
+  o.read_only = true;
+  o.uffd_write_protect = false;
+  auto ckpt = MappedCheckpoint::open(path, o);
+  if (ckpt->mode() != ResidencyMode::fault) GTEST_SKIP() << ckpt->fallback_reason();
+  const runtime::TensorAddress t = ckpt->tensor(kWritten);
+  const std::byte flipped = ~t.data[3];
+  t.data[3] = flipped;
+  std::uint64_t sum = 0;  // touched: fault mode fills pages when they are read
+  for (const io::TensorInfo& info : ckpt->checkpoint().tensors()) {
+    if (info.name == kWritten) continue;
+    ckpt->read_tensor(info.name, [&](const std::byte* p, std::uint64_t n) {
+      for (std::uint64_t i = 0; i < n; ++i) sum += static_cast<std::uint8_t>(p[i]);
+    });
+  }
+  EXPECT_GT(sum, 0u);
+  EXPECT_GE(ckpt->stats().evictions, 1u);
+  EXPECT_EQ(t.data[3], flipped);
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, ReadOnly,
                          ::testing::Values(ResidencyMode::guard, ResidencyMode::fault),
                          [](const auto& info) {
