@@ -71,6 +71,7 @@ int run_verify(const VerifyArgs& a) {
   LEMA_EXPECTS(mode.has_value(), "--mode must be guard or fault (got '" + a.mode + "')");
   options.mode = *mode;
   options.huge_pages = a.huge_pages;
+  options.read_only = true;  // verify only reads: a writable huge-page pool would need twice the pages
   LEMA_EXPECTS(a.order == "file" || a.order == "layer" || a.order == "random",
                "--order must be file, layer or random (got '" + a.order + "')");
   LEMA_EXPECTS(a.passes >= 1, "--passes must be at least 1");

@@ -7,7 +7,10 @@ resident on demand under a memory budget.
     w = ckpt.tensor("model.layers.0.mlp.up_proj.weight")
     y = x @ w.T                    # the guard makes w's pages resident for the op
 
-In guard mode the weights are read-only: an op writing into one raises RuntimeError naming it.
+Weights may be written (w.mul_(2), peft's merge_and_unload()): a written page is kept for the life
+of the checkpoint, in a private spill store when it is evicted, never in the checkpoint's files.
+Opened with read_only=True (and always for weights on a GPU), an op writing into a weight raises
+RuntimeError naming it before it runs.
 """
 import json
 import os
@@ -92,16 +95,19 @@ class Checkpoint:
 
 
 def open(path, budget="64MiB", policy="lru", mode="guard", page_size=0, device="cpu",
-         gpu_memory="vmm", host_cache=0) -> Checkpoint:
+         gpu_memory="vmm", host_cache=0, read_only=False) -> Checkpoint:
     """Opens a .safetensors file, a sharded index or a checkpoint directory.
 
     device: "cpu", or "cuda"/"cuda:N" for weights on a GPU (guard mode), kept as gpu_memory
     says: "vmm" (device memory paged by LEMA; host_cache keeps pages read from disk in pinned
     host memory), "managed" (unified memory prefetched by LEMA) or "unified" (plain unified
     memory paged by the driver; the budget must hold the whole model).
+
+    read_only: refuse writes into the weights (RuntimeError naming the weight) instead of
+    keeping them.
     """
     load_library()
     handle = torch.ops.lema.open(os.fspath(path), parse_size(budget), policy, mode,
                                  parse_size(page_size), str(device), gpu_memory,
-                                 parse_size(host_cache))
+                                 parse_size(host_cache), bool(read_only))
     return Checkpoint(handle)

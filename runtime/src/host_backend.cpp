@@ -1,4 +1,5 @@
 // The host backend: address space from mmap, physical memory from one memfd.
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -7,9 +8,11 @@
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <new>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "lema/base/error.hpp"
 #include "lema/base/memory_mapping.hpp"
@@ -143,14 +146,70 @@ class HostBackend final : public Backend {
     return std::make_unique<HostPool>(std::move(fd), MemoryMapping(w, bytes), chunks, chunk_bytes);
   }
 
+  // Note [Private weight pages]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // A page mapped read_write is a MAP_PRIVATE mapping of its chunk: reads share the chunk's
+  // memory, and the first write to each system page copies it into private anonymous memory
+  // (copy-on-write), so the chunk keeps the bytes the fill put there and the written bytes live
+  // only at the model address until the page is unmapped. written_bytes() finds the copies in
+  // /proc/self/pagemap (Note [Dirty pages] in pager_evict.cpp); the fill still goes through the
+  // shared pool window before the map (Note [Map after fill]). A read-only page stays a
+  // MAP_SHARED PROT_READ mapping, which a write cannot change.
+  //
+  // Huge pages: the copy of a written hugetlb page is another huge page. Mapped with
+  // MAP_NORESERVE, a write finding none free would get SIGBUS; without it the kernel reserves
+  // one per mapped page at map time and the map fails with ENOMEM instead, before any write.
+  // So a writable huge-page pool needs twice its pages free.
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
     auto& host = static_cast<HostPool&>(pool);
     LEMA_EXPECTS(chunk < host.chunk_count(), "map: chunk index out of range");
-    const int prot = access == Access::read ? PROT_READ : PROT_READ | PROT_WRITE;
-    void* p = ::mmap(addr, host.chunk_bytes(), prot, MAP_FIXED | MAP_SHARED, host.fd(),
+    const bool writable = access == Access::read_write;
+    const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+    const int flags = MAP_FIXED | (writable ? MAP_PRIVATE : MAP_SHARED);
+    void* p = ::mmap(addr, host.chunk_bytes(), prot, flags, host.fd(),
                      static_cast<off_t>(chunk * host.chunk_bytes()));
-    if (p == MAP_FAILED)
-      detail::throw_system_error(__FILE__, __LINE__, "mmap(MAP_FIXED page)", errno);
+    if (p == MAP_FAILED) {
+      const int err = errno;
+      if (writable && pages_ == HostPages::huge && err == ENOMEM) {
+        const HugePagePool hugetlb = huge_page_pool();
+        throw OutOfMemory("cannot map a writable weight page of " +
+                          format_size(host.chunk_bytes()) +
+                          " on huge pages: a written huge page is copied into another one, "
+                          "reserved when the page is mapped, and " +
+                          huge_page_advice(host.chunk_bytes() / hugetlb.page_bytes, hugetlb) +
+                          " (a writable pool needs twice its pages); or open the checkpoint "
+                          "read-only");
+      }
+      detail::throw_system_error(__FILE__, __LINE__, "mmap(MAP_FIXED page)", err);
+    }
+  }
+
+  bool tracks_writes() const noexcept override { return true; }
+
+  std::uint64_t written_bytes(const std::byte* addr, std::uint64_t bytes) override {
+    // One 8-byte entry per system page: bit 63 present, bit 61 "file page or shared anonymous".
+    // A present page of a private file mapping without bit 61 is a private copy: written.
+    const std::uint64_t n = bytes / os_page_;
+    std::vector<std::uint64_t> entries(static_cast<std::size_t>(n));
+    const auto first = reinterpret_cast<std::uintptr_t>(addr) / os_page_;
+    const auto want = static_cast<ssize_t>(n * sizeof(std::uint64_t));
+    std::call_once(pagemap_once_, [this] {
+      pagemap_ = UniqueFd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+    });
+    if (!pagemap_)
+      throw SystemError("cannot open /proc/self/pagemap to find written weight pages", errno);
+    const ssize_t got = ::pread(pagemap_.get(), entries.data(), static_cast<std::size_t>(want),
+                                static_cast<off_t>(first * sizeof(std::uint64_t)));
+    if (got != want)
+      detail::throw_system_error(__FILE__, __LINE__, "pread(/proc/self/pagemap)",
+                                 got < 0 ? errno : EIO);
+    std::uint64_t written = 0;
+    for (std::uint64_t e : entries) {
+      const bool present = (e >> 63) & 1;
+      const bool shared_or_file = (e >> 61) & 1;
+      if (present && !shared_or_file) written += os_page_;
+    }
+    return written;
   }
 
   void unmap(std::byte* addr, std::uint64_t bytes) override {
@@ -198,6 +257,9 @@ class HostBackend final : public Backend {
   const std::uint64_t granularity_;
   const HostPages pages_;
   std::atomic<UnmappedPages*> unmapped_pages_{nullptr};
+  const std::uint64_t os_page_ = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::once_flag pagemap_once_;
+  UniqueFd pagemap_;
 };
 
 std::uint64_t read_number(const std::string& path) {

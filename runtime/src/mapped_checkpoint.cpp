@@ -75,6 +75,12 @@ std::uint64_t pager_budget(const MappedCheckpointOptions& options, const Layout&
   return layout.virtual_bytes();
 }
 
+// Note [Dirty pages] in the pager: written pages are kept in a spill store, which only the host
+// backend can feed (it finds the written pages); GPU pages stay read-only until theirs can be.
+bool writable_weights(const MappedCheckpointOptions& options) {
+  return !options.read_only && !options.cuda_device;
+}
+
 class GuardedCheckpoint final : public MappedCheckpoint {
  public:
   GuardedCheckpoint(io::Checkpoint checkpoint, MappedCheckpointOptions options,
@@ -86,9 +92,12 @@ class GuardedCheckpoint final : public MappedCheckpoint {
         pager_(space_, PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
                                     .policy = options.policy,
                                     .prefetch = options.prefetch,
+                                    .access = writable_weights(options) ? Access::read_write
+                                                                        : Access::read,
                                     .reader = options.reader,
                                     .host_cache_bytes = options.host_cache_bytes}),
-        fallback_reason_(std::move(fallback_reason)) {
+        fallback_reason_(std::move(fallback_reason)),
+        writable_(writable_weights(options)) {
     arm_fault_fallback(options, checkpoint_.source().string());
   }
 
@@ -105,6 +114,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   const std::string& fault_fallback_reason() const noexcept override {
     return fault_fallback_reason_;
   }
+  bool writable() const noexcept override { return writable_; }
   TensorAddress tensor(std::string_view name) const override { return space_.tensor(name); }
   Pager* pager() noexcept override { return &pager_; }
   void mark_step() override { pager_.mark_step(); }
@@ -165,6 +175,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   Pager pager_;
   std::string fallback_reason_;
   std::string fault_fallback_reason_;
+  bool writable_;
 };
 
 }  // namespace

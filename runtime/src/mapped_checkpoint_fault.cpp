@@ -4,6 +4,12 @@
 // Differences from guard mode, by nature of demand paging: the runtime sees only misses, not
 // hits (a resident page is read without the kernel or us knowing), so `hits` stays 0 and the
 // policy's history is the sequence of faults; there is no prefetcher.
+//
+// Writes (Note [Written pages] in uffd_region.cpp): by default a written page is saved in the
+// spill store when evicted and every later fill of it reads it back from there; opened
+// read_only, the first write to a page is refused (the writer gets SIGSEGV, the error names
+// the page's tensors), except where the kernel lacks userfaultfd write protection: no write
+// can be seen there, so it is kept as in a writable checkpoint.
 #include <spdlog/spdlog.h>
 
 #include <cstring>
@@ -20,6 +26,7 @@
 #include "lema/runtime/layout.hpp"
 #include "lema/runtime/profile.hpp"
 #include "mapped_checkpoint_fault.hpp"
+#include "spill_store.hpp"
 
 namespace lema::runtime::detail {
 
@@ -39,6 +46,9 @@ class FaultCheckpoint final : public MappedCheckpoint {
         reader_(io::Reader::open(layout_.files(), options.reader)),
         policy_(make_policy(options.policy, layout_.page_count())),
         budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count())),
+        read_only_(options.read_only),
+        spill_(std::make_unique<SpillStore>(std::max<std::size_t>(layout_.page_count(), 1),
+                                            layout_.page_size())),
         profile_(ProfilePublisher::open_if_enabled(
             ProfileSourceInfo{.kind = "fault",
                               .policy = std::string(policy_->name()),
@@ -65,7 +75,16 @@ class FaultCheckpoint final : public MappedCheckpoint {
                     profile_->add(ProfileCounter::evictions);
                   }
                   return victim;
-                }}) {}
+                },
+            // Read-only too: where the kernel lacks write protection a write cannot be refused,
+            // and is then kept rather than lost.
+            .save = [this](PageId page, const std::byte* bytes) { spill_->write(page, bytes); },
+            .refuse_write = read_only_
+                                ? UffdRegion::RefuseWrite([this](PageId page) {
+                                    return refused_write_message(page);
+                                  })
+                                : UffdRegion::RefuseWrite(),
+            .write_protect = options.uffd_write_protect}) {}
 
   ~FaultCheckpoint() override {
     if (profile_) profile_->update(stats());
@@ -75,6 +94,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
   const Layout& layout() const noexcept override { return layout_; }
   ResidencyMode mode() const noexcept override { return ResidencyMode::fault; }
   const std::string& fallback_reason() const noexcept override { return no_reason_; }
+  bool writable() const noexcept override { return !read_only_; }
   Pager* pager() noexcept override { return nullptr; }
 
   TensorAddress tensor(std::string_view name) const override {
@@ -110,10 +130,27 @@ class FaultCheckpoint final : public MappedCheckpoint {
     s.budget_bytes = budget_pages_ * layout_.page_size();
     s.page_size = layout_.page_size();
     s.io_path = reader_->path_name();
+    s.dirty_evictions = r.dirty_evictions;
+    s.spilled_bytes = spill_->bytes_written();
+    s.spilled_pages = spill_->spilled_pages();
+    s.spill_fills = spill_->reads();
     return s;
   }
 
  private:
+  std::string refused_write_message(PageId page) const {
+    const std::uint64_t lo = page * layout_.page_size(), hi = lo + layout_.page_size();
+    std::string names;
+    for (const TensorPlacement& t : layout_.tensors()) {
+      if (t.offset >= hi || t.offset + t.nbytes <= lo) continue;
+      names += (names.empty() ? "'" : ", '") + t.name + "'";
+    }
+    return "a write into " + (names.empty() ? std::string("padding") : "tensor " + names) +
+           " (page " + std::to_string(page) + ") of " + checkpoint_.source().string() +
+           ", opened read-only, was refused (the writer gets SIGSEGV); open it writable to "
+           "keep writes";
+  }
+
   // Runs on the handler thread under the region's lock.
   void fill(PageId page, std::byte* staging) {
     const std::uint64_t start = now_ns();
@@ -121,6 +158,13 @@ class FaultCheckpoint final : public MappedCheckpoint {
       std::lock_guard lock(policy_mutex_);
       policy_->on_access(page);
       policy_->on_resident(page);
+    }
+    if (spill_->holds(page)) {  // written before: its bytes are in the store
+      spill_->read(page, staging);
+      const std::uint64_t took = now_ns() - start;
+      stall_ns_.fetch_add(took, std::memory_order_relaxed);
+      if (profile_) profile_->publish(Event{start, EventKind::fault, page, 1, 0, took});
+      return;
     }
     std::vector<io::ReadRequest> batch;
     std::uint64_t covered = 0, bytes = 0;
@@ -150,6 +194,8 @@ class FaultCheckpoint final : public MappedCheckpoint {
   std::mutex policy_mutex_;
   std::unique_ptr<EvictionPolicy> policy_;
   std::size_t budget_pages_;
+  bool read_only_;
+  std::unique_ptr<SpillStore> spill_;  // Note [Written pages]
   std::atomic<std::uint64_t> bytes_read_{0};
   std::atomic<std::uint64_t> stall_ns_{0};
   std::string no_reason_;

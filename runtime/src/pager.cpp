@@ -63,6 +63,13 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   s->reader = reader ? std::move(reader) : open_reader(space, s->options);
   s->io_path = s->reader->path_name();
   s->pool = s->backend->create_pool(s->chunk_count, page_size);
+  if (s->options.access == Access::read_write) {
+    LEMA_EXPECTS(s->backend->tracks_writes(),
+                 "weights on the " + std::string(s->backend->name()) +
+                     " backend cannot be written yet (a written page could not be kept when "
+                     "evicted); open them read-only");
+    s->spill = std::make_unique<SpillStore>(space.page_count(), page_size);
+  }
   if (s->options.host_cache_bytes != 0) {
     LEMA_EXPECTS(s->pool->window(0) == nullptr,
                  "a host cache tier serves device pools; the " +
@@ -233,6 +240,10 @@ PagerStats Pager::stats() const {
   if (state_->host_cache)
     st.host_cache_bytes = state_->host_cache->slot_count() * state_->page_size;
   st.uvm_counters = state_->uvm_status;
+  if (state_->spill) {
+    st.spilled_bytes = state_->spill->bytes_written();
+    st.spilled_pages = state_->spill->spilled_pages();
+  }
   return st;
 }
 

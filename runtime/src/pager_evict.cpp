@@ -32,9 +32,29 @@ void collect_candidates(Pager::State& s, std::span<const PageId> exclude,
   }
 }
 
+// Note [Dirty pages]
+// ~~~~~~~~~~~~~~~~~~
+// A write to a weight is never lost and never reaches the checkpoint. Pages mapped read_write
+// keep written bytes apart from their chunk (the host backend maps them copy-on-write: Note
+// [Private weight pages]), so a page is dirty exactly when Backend::written_bytes() finds a
+// written system page in it. Evicting a dirty page first copies it, from its model address,
+// into the spill store (a private temporary file, spill_store.hpp); from then on every fill of
+// that page reads the store instead of the files, for the life of the pager. A page never
+// written costs one pagemap read at eviction and nothing else. The copy runs under the pager's
+// lock: a memcpy-sized write into a page-cache file, far cheaper than the fill that follows.
+// Fault mode does the same with userfaultfd write protection (uffd_region.cpp). The written
+// private copy is memory beside the pool until the eviction: a page written while resident
+// costs up to twice its size.
 std::uint32_t evict_page(Pager::State& s, PageId page) {
   PageEntry& e = s.pages[page];
   const std::uint64_t start = now_ns();
+  if (s.spill) {
+    const std::byte* at = s.space->page_address(page);
+    if (s.backend->written_bytes(at, s.page_size) > 0) {
+      s.spill->write(page, at);
+      s.counters.add(s.counters.dirty_evictions);
+    }
+  }
   s.backend->unmap(s.space->page_address(page), s.page_size);
   s.counters.page_unmapped();
   s.counters.add(s.counters.evictions);

@@ -64,10 +64,17 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
   std::vector<bool> cached(claims.size(), false);  // the slot already holds the page: no read
   std::vector<bool> read_done(claims.size(), false);  // every byte of the page was read
   std::vector<io::ReadTicket> tickets(claims.size());
+  std::vector<bool> spilled(claims.size(), false);  // read from the spill store, not the files
   for (std::size_t i = 0; i < claims.size(); ++i) {
     FillClaim& c = claims[i];
     try {
       std::byte* dest = s.pool->window(c.chunk);
+      // Note [Dirty pages]: a page once written and evicted comes back from the spill store.
+      if (s.spill && dest != nullptr && s.spill->holds(c.page)) {
+        s.spill->read(c.page, dest);
+        spilled[i] = true;
+        continue;
+      }
       if (dest == nullptr && cache != nullptr) {
         slot[i] = cache->pin_cached(c.page);
         cached[i] = slot[i].has_value();
@@ -142,6 +149,8 @@ void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origi
       for (std::size_t i : to_map) {
         if (cached[i])
           s.counters.add(s.counters.host_cache_hits);
+        else if (spilled[i])
+          s.counters.add(s.counters.spill_fills);
         else
           s.counters.add(s.counters.bytes_read, layout.page_fill_bytes(claims[i].page));
       }

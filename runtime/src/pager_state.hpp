@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "host_page_cache.hpp"
+#include "spill_store.hpp"
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/profile.hpp"
 #include "uvm_counters.hpp"
@@ -79,6 +80,7 @@ struct Pager::State {
   std::string io_path;
   std::unique_ptr<PhysicalPool> pool;
   std::unique_ptr<HostPageCache> host_cache;  // device pools with a host cache tier only
+  std::unique_ptr<SpillStore> spill;  // Access::read_write only: written pages (Note [Dirty pages])
 
   PagerCounters counters;
   EventRing events;

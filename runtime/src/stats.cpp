@@ -28,6 +28,8 @@ PagerStats PagerCounters::snapshot(std::uint64_t page_size, std::uint64_t budget
   s.cpu_faults = get(cpu_faults);
   s.migrated_to_device_bytes = get(migrated_to_device_bytes);
   s.migrated_to_host_bytes = get(migrated_to_host_bytes);
+  s.dirty_evictions = get(dirty_evictions);
+  s.spill_fills = get(spill_fills);
   s.resident_bytes = get(resident_pages) * page_size;
   s.peak_resident_bytes = get(peak_resident_pages) * page_size;
   s.budget_bytes = budget_bytes;

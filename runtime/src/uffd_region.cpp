@@ -19,6 +19,8 @@
 #include <utility>
 #include <vector>
 
+#include <spdlog/spdlog.h>
+
 #include "lema/base/error.hpp"
 #include "lema/base/memory_mapping.hpp"
 #include "lema/base/unique_fd.hpp"
@@ -72,17 +74,27 @@ std::string explain(int err) {
   }
 }
 
-/// API handshake and MISSING-mode registration of [data, data + bytes); returns errno or 0.
-int handshake_and_register(int fd, std::byte* data, std::size_t bytes) {
+/// API handshake and registration of [data, data + bytes) for missing pages and, where the
+/// kernel has it and `want_wp`, write protection (`wp` says whether it took); errno or 0.
+int handshake_and_register(int fd, std::byte* data, std::size_t bytes, bool want_wp, bool& wp) {
   uffdio_api api{};
   api.api = UFFD_API;
   if (::ioctl(fd, UFFDIO_API, &api) != 0) return errno;
+  // The handshake returns every feature the kernel has; write protection of anonymous memory
+  // is one (since Linux 5.7, where the architecture supports it).
+  wp = want_wp && (api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP) != 0;
   uffdio_register reg{};
   reg.range.start = reinterpret_cast<std::uintptr_t>(data);
   reg.range.len = bytes;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-  if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) return errno;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | (wp ? UFFDIO_REGISTER_MODE_WP : 0);
+  if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) {
+    if (!wp) return errno;
+    wp = false;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    if (::ioctl(fd, UFFDIO_REGISTER, &reg) != 0) return errno;
+  }
   if ((reg.ioctls & (std::uint64_t{1} << _UFFDIO_COPY)) == 0) return EOPNOTSUPP;
+  if (wp && (reg.ioctls & (std::uint64_t{1} << _UFFDIO_WRITEPROTECT)) == 0) return EOPNOTSUPP;
   return 0;
 }
 
@@ -96,9 +108,11 @@ struct UffdRegion::State {
   UniqueFd uffd;
   UniqueFd stop;  // eventfd: written once to end the handler thread
   bool kernel_faults = false;
+  bool wp = false;  // pages are installed write-protected (Note [Written pages])
 
   mutable std::mutex mutex;  // guards everything below; callbacks run under it
   std::vector<std::uint8_t> resident;
+  std::vector<std::uint8_t> dirty;  // written since installed (wp only)
   std::vector<PageId> fill_order;  // resident pages, oldest fill first
   Stats stats;
   std::string first_error;
@@ -121,8 +135,33 @@ struct UffdRegion::State {
     LEMA_SYS_TRY(::ioctl(uffd.get(), UFFDIO_WAKE, &r));
   }
 
+  // Note [Written pages]
+  // ~~~~~~~~~~~~~~~~~~~~
+  // Pages are anonymous memory, so a write to one lands in it and would vanish with the
+  // MADV_DONTNEED of its eviction. Where the kernel has userfaultfd write protection, pages are
+  // installed write-protected (UFFDIO_COPY_MODE_WP): the first write to each stops in a
+  // UFFD_PAGEFAULT_FLAG_WP fault, which marks the page dirty and lifts the protection of that
+  // page (UFFDIO_WRITEPROTECT, mode 0, which wakes the writer); a write that finds the page
+  // missing gets it installed unprotected and dirty at once. Evicting a dirty page hands its
+  // bytes to `save` first. Where the kernel lacks write protection no write is seen, so every
+  // evicted page is saved (correct, at the cost of a copy per eviction; logged once). With
+  // `refuse_write` the protection stays and the write is refused: the writer is poisoned as for
+  // a failed fill (Note [Fill errors]).
+  //
+  // A dirty page is write-protected again before it is saved: a thread writing it meanwhile
+  // stops in a write-protect fault, which this (handler) thread serves only after the
+  // MADV_DONTNEED; it finds the page gone, wakes the writer, whose retry refills the page from
+  // what was saved and writes again. So no write slips between the save and the drop. (Without
+  // write protection a write racing the eviction of its page can be lost; a write while no
+  // eviction runs cannot.)
   void zap(PageId page) {
+    if (options.save && (dirty[page] != 0 || !wp)) {
+      if (wp) set_write_protect(page, true);
+      options.save(page, page_address(page));
+      ++stats.dirty_evictions;
+    }
     LEMA_SYS_TRY(::madvise(page_address(page), options.page_size, MADV_DONTNEED));
+    dirty[page] = 0;
     resident[page] = 0;
     std::erase(fill_order, page);
     ++stats.evictions;
@@ -141,14 +180,15 @@ struct UffdRegion::State {
   }
 
   /// Installs the staging page at `page` without waking; retries what the kernel asks to.
-  void copy_in(PageId page) {
+  /// Write-protected where the region tracks writes, unless `written` (a write is waiting).
+  void copy_in(PageId page, bool written) {
     std::size_t done = 0;
     while (done < options.page_size) {
       uffdio_copy c{};
       c.dst = reinterpret_cast<std::uintptr_t>(page_address(page) + done);
       c.src = reinterpret_cast<std::uintptr_t>(staging.data() + done);
       c.len = options.page_size - done;
-      c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+      c.mode = UFFDIO_COPY_MODE_DONTWAKE | (wp && !written ? UFFDIO_COPY_MODE_WP : 0);
       if (::ioctl(uffd.get(), UFFDIO_COPY, &c) == 0) return;
       const int err = errno;
       if (c.copy > 0) done += static_cast<std::size_t>(c.copy);
@@ -178,7 +218,7 @@ struct UffdRegion::State {
 
   /// Makes `page` resident; false when it already was. Caller holds `mutex`. A fill error is
   /// rethrown for a prefetch; for a fault the page is poisoned (Note [Fill errors]).
-  bool install(PageId page, bool for_fault) {
+  bool install(PageId page, bool for_fault, bool for_write = false) {
     if (resident[page] != 0) return false;
     if (fill_order.size() >= options.budget_pages) evict_for(page);
     try {
@@ -189,7 +229,11 @@ struct UffdRegion::State {
       poison(page);
       return false;
     }
-    copy_in(page);
+    // A write waiting on a missing page: installed writable and dirty at once, saving the
+    // write-protect fault that would follow (unless writes are refused: it then comes).
+    const bool written = wp && for_write && !options.refuse_write;
+    copy_in(page, written);
+    dirty[page] = written ? 1 : 0;
     resident[page] = 1;
     fill_order.push_back(page);
     stats.peak_resident_pages = std::max(stats.peak_resident_pages, ++stats.resident_pages);
@@ -197,11 +241,38 @@ struct UffdRegion::State {
     return true;
   }
 
-  void serve_fault(std::uintptr_t address) {
+  /// The first write to a write-protected resident page (Note [Written pages]).
+  void serve_write(PageId page) {
+    if (resident[page] == 0) {  // evicted since: the writer's retry faults as missing
+      wake(page);
+      return;
+    }
+    ++stats.write_faults;
+    if (options.refuse_write) {
+      record_error(options.refuse_write(page));
+      poison(page);
+      return;
+    }
+    dirty[page] = 1;
+    set_write_protect(page, false);  // which wakes the writer
+  }
+
+  void set_write_protect(PageId page, bool on) {
+    uffdio_writeprotect w{};
+    w.range.start = reinterpret_cast<std::uintptr_t>(page_address(page));
+    w.range.len = options.page_size;
+    w.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+    LEMA_SYS_TRY(::ioctl(uffd.get(), UFFDIO_WRITEPROTECT, &w));
+  }
+
+  void serve_fault(const uffd_msg& msg) {
     const auto base = reinterpret_cast<std::uintptr_t>(range.data());
-    const auto page = static_cast<PageId>((address - base) / options.page_size);
+    const auto page =
+        static_cast<PageId>((msg.arg.pagefault.address - base) / options.page_size);
+    const std::uint64_t flags = msg.arg.pagefault.flags;
     std::lock_guard lock(mutex);
-    if (install(page, /*for_fault=*/true)) {
+    if ((flags & UFFD_PAGEFAULT_FLAG_WP) != 0) return serve_write(page);
+    if (install(page, /*for_fault=*/true, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0)) {
       ++stats.faults;
     } else if (resident[page] != 0) {
       ++stats.shared_faults;  // filled since this fault was queued; its thread needs a wake
@@ -227,7 +298,7 @@ struct UffdRegion::State {
       for (std::size_t i = 0; i < static_cast<std::size_t>(n) / sizeof(uffd_msg); ++i) {
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
         try {
-          serve_fault(msgs[i].arg.pagefault.address);
+          serve_fault(msgs[i]);
         } catch (const std::exception& e) {
           std::lock_guard lock(mutex);
           record_error(e.what());
@@ -257,7 +328,9 @@ std::optional<std::string> UffdRegion::unavailable_reason() {
   const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   try {
     MemoryMapping probe = MemoryMapping::anonymous(page, "the userfaultfd probe", MAP_NORESERVE);
-    if (const int err = handshake_and_register(opened.fd.get(), probe.data(), page); err != 0)
+    bool wp = false;
+    if (const int err = handshake_and_register(opened.fd.get(), probe.data(), page, true, wp);
+        err != 0)
       return explain(err);
   } catch (const SystemError& e) {
     return std::string(e.what());
@@ -282,6 +355,7 @@ UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
       "userfaultfd region of " + std::to_string(options.page_count) + " pages is too large");
   s.options = std::move(options);
   s.resident.assign(s.options.page_count, 0);
+  s.dirty.assign(s.options.page_count, 0);
 
   OpenedUffd opened = open_uffd();
   if (!opened.fd) throw SystemError(explain(opened.error), opened.error);
@@ -291,9 +365,15 @@ UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
                                      "the userfaultfd range", MAP_NORESERVE);
   s.staging =
       MemoryMapping::anonymous(s.options.page_size, "the userfaultfd staging page", MAP_NORESERVE);
-  if (const int err = handshake_and_register(s.uffd.get(), s.range.data(), s.range.size());
+  const bool want_wp = s.options.write_protect && (s.options.save || s.options.refuse_write);
+  if (const int err = handshake_and_register(s.uffd.get(), s.range.data(), s.range.size(),
+                                             want_wp, s.wp);
       err != 0)
     throw SystemError(explain(err), err);
+  if (s.options.save && !s.wp)
+    spdlog::warn("userfaultfd write protection is not available{}: every evicted page is kept "
+                 "as if written (correct, one copy per eviction)",
+                 s.options.write_protect ? " in this kernel" : " (turned off)");
   s.stop = UniqueFd(LEMA_SYS_TRY(::eventfd(0, EFD_CLOEXEC)));
   s.handler = std::thread([&s] { s.run_handler(); });
 }
@@ -316,6 +396,9 @@ std::size_t UffdRegion::budget_pages() const noexcept {
 }
 bool UffdRegion::handles_kernel_faults() const noexcept {
   return state_->kernel_faults;
+}
+bool UffdRegion::tracks_writes() const noexcept {
+  return state_->wp;
 }
 
 void UffdRegion::evict(PageId page) {

@@ -51,9 +51,9 @@ def test_a_matmul_with_a_weight_equals_the_reference(model):
     assert torch.equal(x @ w.T, x @ reference[name].T)
 
 
-def test_writing_into_a_weight_raises_naming_it(model):
+def test_writing_into_a_read_only_weight_raises_naming_it(model):
     lema.load_library(os.environ["LEMA_TORCH_OPS"])
-    with lema.open(model, budget="16MiB") as ckpt:
+    with lema.open(model, budget="16MiB", read_only=True) as ckpt:
         name = ckpt.names()[0]
         w = ckpt.tensor(name)
         with pytest.raises(RuntimeError, match=name.replace(".", r"\.")):

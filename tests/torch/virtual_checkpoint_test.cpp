@@ -1,4 +1,4 @@
-// VirtualCheckpoint: dtypes, ownership, frozen weights and budget errors.
+// VirtualCheckpoint: dtypes, ownership, written and read-only weights, and budget errors.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -115,8 +115,12 @@ class GuardedWeights : public ::testing::Test {
   TempDir dir_{"torch-guard"};
 };
 
-TEST_F(GuardedWeights, AnOpWritingIntoAFrozenWeightFailsNamingIt) {
-  torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options());
+TEST_F(GuardedWeights, AnOpWritingIntoAReadOnlyWeightFailsNamingIt) {
+  for (const auto mode : {runtime::ResidencyMode::guard, runtime::ResidencyMode::fault}) {
+  torch::Options options = guard_options();
+  options.read_only = true;
+  options.mode = mode;
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), options);
   at::Tensor w = checkpoint.tensor("small.weight");
   const std::vector<std::byte> before = bytes_of(w);
 
@@ -132,11 +136,39 @@ TEST_F(GuardedWeights, AnOpWritingIntoAFrozenWeightFailsNamingIt) {
        }) {
     const std::string text = error_text(write);
     EXPECT_NE(text.find("small.weight"), std::string::npos) << text;
-    EXPECT_NE(text.find("frozen"), std::string::npos) << text;
+    EXPECT_NE(text.find("read-only"), std::string::npos) << text;
   }
   EXPECT_EQ(bytes_of(w), before);
   // Reading still works, and so do ops producing new tensors.
   EXPECT_TRUE(at::equal(w * 1, w.clone()));
+  }
+}
+
+// The default keeps writes: an in-place op on a weight, then its page evicted by reading the
+// other page under a budget of one page, reads back as written (Note [Dirty pages] in the
+// runtime). big.weight spans pages 0 and 1, small.weight lies in page 1.
+TEST_F(GuardedWeights, AnInPlaceOpOnAWeightIsKeptAcrossEviction) {
+  for (const auto mode : {runtime::ResidencyMode::guard, runtime::ResidencyMode::fault}) {
+    torch::Options options = guard_options(2 * kMiB);
+    options.mode = mode;
+    torch::VirtualCheckpoint checkpoint = torch::open(path(), options);
+    at::Tensor w = checkpoint.tensor("small.weight");
+    const at::Tensor doubled = w.clone() * 2;
+    w.mul_(2);
+    w.view({-1}).narrow(0, 0, 8).add_(1);  // through a view too
+    doubled.view({-1}).narrow(0, 0, 8).add_(1);
+    const at::Tensor page0 = checkpoint.tensor("big.weight").view({-1}).narrow(0, 0, 256 * 1024);
+    for (int round = 0; round < 2; ++round) (void)at::sum(page0);
+    EXPECT_GE(checkpoint.stats().dirty_evictions, 1u) << runtime::residency_mode_name(mode);
+    EXPECT_TRUE(at::equal(w, doubled)) << runtime::residency_mode_name(mode);
+  }
+  // The file is untouched: a fresh checkpoint reads its bytes.
+  torch::Options options = guard_options();
+  options.read_only = true;
+  const at::Tensor fresh = torch::open(path(), options).tensor("small.weight");
+  std::vector<std::byte> want(64 * 64 * 4);
+  for (std::size_t i = 0; i < want.size(); ++i) want[i] = byte_at(i);
+  EXPECT_EQ(bytes_of(fresh), want);
 }
 
 TEST_F(GuardedWeights, TensorsOutliveTheCheckpointObject) {

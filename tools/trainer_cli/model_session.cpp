@@ -122,6 +122,9 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
   options.mode = *runtime::parse_residency_mode(paging.mode);
   options.prefetch = paging.prefetch;
   options.huge_pages = paging.huge_pages;
+  // The base weights are frozen: opened read-only, an accidental write fails naming the weight
+  // instead of being kept, and a huge-page pool needs no second set of pages for written copies.
+  options.read_only = true;
   options.device = parse_device(paging.device);
   s.device_ = options.device.str();
   if (!paging.host_cache.empty()) {

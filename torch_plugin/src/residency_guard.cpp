@@ -1,5 +1,8 @@
 // The residency guard: before an op that receives weight tensors runs, pin the bytes each one
-// spans (its view's extent, not the whole weight) and refuse writes into them; unpin after.
+// spans (its view's extent, not the whole weight); unpin after. An op writing into a weight
+// (an argument whose schema says `(a!)`) is allowed when the checkpoint keeps writes (Note
+// [Dirty pages] in the runtime: the default on the host) and refused before it runs, naming
+// the weight, when it was opened read-only or its weights are on a GPU.
 //
 // Why a dispatch-key fallback and not an at::RecordFunction callback: torch catches and only
 // logs exceptions thrown by RecordFunction callbacks, so neither a refused write nor a budget
@@ -66,10 +69,17 @@ void collect(const at::Tensor& t, const c10::Argument& arg, const c10::OperatorH
   WeightContext* weight = weight_context(t.storage());
   if (weight == nullptr) return;
   const c10::AliasInfo* alias = arg.alias_info();
-  TORCH_CHECK(alias == nullptr || !alias->isWrite(), "lema: ", op.operator_name(),
-              " would write into the frozen weight '", weight->name, "' (argument '", arg.name(),
-              "'); weights of a checkpoint are read-only: train adapters, or clone() the weight "
-              "into an ordinary tensor first");
+  if (alias != nullptr && alias->isWrite() && !weight->state->mapped->writable()) {
+    TORCH_CHECK(!weight->state->device.is_cuda(), "lema: ", op.operator_name(),
+                " would write into the weight '", weight->name, "' (argument '", arg.name(),
+                "'), which lies in GPU memory: weights on a GPU are read-only for now (a written "
+                "page could not be kept when evicted); clone() the weight into an ordinary "
+                "tensor first, or open the checkpoint on the CPU");
+    TORCH_CHECK(false, "lema: ", op.operator_name(), " would write into the weight '",
+                weight->name, "' (argument '", arg.name(),
+                "') of a checkpoint opened read-only; open it without read_only to keep "
+                "writes, or clone() the weight into an ordinary tensor first");
+  }
   const std::int64_t numel = t.numel();
   if (numel == 0 || weight->state->mapped->pager() == nullptr) return;
   std::int64_t last = t.storage_offset();

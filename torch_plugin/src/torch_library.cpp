@@ -50,7 +50,7 @@ auto translated(Body&& body) {
 
 std::int64_t open_op(std::string path, std::int64_t budget, std::string policy, std::string mode,
                      std::int64_t page_size, std::string device, std::string gpu_memory,
-                     std::int64_t host_cache) {
+                     std::int64_t host_cache, bool read_only) {
   return translated([&] {
     Options options;
     try {
@@ -73,6 +73,7 @@ std::int64_t open_op(std::string path, std::int64_t budget, std::string policy, 
     const auto residency = runtime::parse_residency_mode(mode);
     TORCH_CHECK(residency.has_value(), "lema: unknown mode '", mode, "' (guard or fault)");
     options.mode = *residency;
+    options.read_only = read_only;
     VirtualCheckpoint checkpoint = lema::torch::open(path, options);
     OpenCheckpoints& table = open_checkpoints();
     std::lock_guard lock(table.mutex);
@@ -115,7 +116,12 @@ std::string stats_op(std::int64_t handle) {
                         {"gpu_faults", s.gpu_faults},
                         {"migrated_to_device_bytes", s.migrated_to_device_bytes},
                         {"migrated_to_host_bytes", s.migrated_to_host_bytes},
-                        {"uvm_counters", s.uvm_counters}};
+                        {"uvm_counters", s.uvm_counters},
+                        {"writable", checkpoint.mapped().writable()},
+                        {"dirty_evictions", s.dirty_evictions},
+                        {"spilled_bytes", s.spilled_bytes},
+                        {"spilled_pages", s.spilled_pages},
+                        {"spill_fills", s.spill_fills}};
     return j.dump();
   });
 }
@@ -141,7 +147,7 @@ TORCH_LIBRARY(lema, m) {
   using namespace lema::torch;
   m.def(
       "open(str path, int budget, str policy, str mode, int page_size=0, str device='cpu', "
-      "str gpu_memory='vmm', int host_cache=0) -> int",
+      "str gpu_memory='vmm', int host_cache=0, bool read_only=False) -> int",
       &open_op);
   m.def("tensor(int handle, str name) -> Tensor", &tensor_op);
   m.def("names(int handle) -> str[]", &names_op);

@@ -135,6 +135,7 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
   mapped_options.prefetch = options.prefetch;
   mapped_options.huge_pages = options.huge_pages;
   mapped_options.fault_fallback = options.fault_fallback;
+  mapped_options.read_only = options.read_only;
   auto state = std::make_shared<detail::CheckpointState>();
   state->device = options.device;
   state->mapped = runtime::MappedCheckpoint::open(path, mapped_options);
@@ -144,7 +145,10 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
                      std::string(io::dtype_name(info.dtype)) +
                      ", which this torch has no type for; convert it (e.g. to BF16) first");
   }
-  state->guarded = state->mapped->mode() == runtime::ResidencyMode::guard;
+  // Fault mode needs no pins, but a read-only checkpoint's tensors carry the guard too, which
+  // refuses writing ops before they run (a raw write would fault).
+  state->guarded = state->mapped->mode() == runtime::ResidencyMode::guard ||
+                   !state->mapped->writable();
   if (state->guarded) detail::install_residency_guard();
   return VirtualCheckpoint(std::move(state));
 }

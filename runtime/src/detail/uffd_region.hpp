@@ -44,6 +44,11 @@ class UffdRegion {
   using Fill = std::function<void(PageId page, std::byte* staging)>;
   /// Picks the page to evict among `resident` (oldest fill first, never empty).
   using ChooseVictim = std::function<PageId(std::span<const PageId> resident)>;
+  /// Keeps the bytes of a written page (page_size of them, at its address) before it is evicted.
+  using Save = std::function<void(PageId page, const std::byte* bytes)>;
+  /// Refuses the first write to a page: returns the error to record (the writer then gets
+  /// SIGSEGV at the page, as for a failed fill).
+  using RefuseWrite = std::function<std::string(PageId page)>;
 
   struct Options {
     std::size_t page_count = 0;
@@ -51,6 +56,12 @@ class UffdRegion {
     std::size_t budget_pages = 0;  // at most this many pages resident at any time (>= 1)
     Fill fill;
     ChooseVictim choose_victim;  // empty: evict the page filled longest ago
+    // Note [Written pages] in uffd_region.cpp. With `save`, a written page is saved before its
+    // eviction (every resident page, where the kernel lacks write protection); with
+    // `refuse_write`, writes are refused instead. Neither: writes are dropped at eviction.
+    Save save;
+    RefuseWrite refuse_write;
+    bool write_protect = true;  // false: act as if the kernel had no write protection (tests)
   };
 
   struct Stats {
@@ -59,6 +70,8 @@ class UffdRegion {
     std::uint64_t prefetches = 0;
     std::uint64_t evictions = 0;
     std::uint64_t fill_errors = 0;
+    std::uint64_t write_faults = 0;     // first writes to a write-protected page
+    std::uint64_t dirty_evictions = 0;  // evictions that saved the page first
     std::size_t resident_pages = 0;
     std::size_t peak_resident_pages = 0;
   };
@@ -82,6 +95,8 @@ class UffdRegion {
   std::size_t page_count() const noexcept;
   std::size_t budget_pages() const noexcept;
   bool handles_kernel_faults() const noexcept;
+  /// Whether pages are installed write-protected, so that the first write to each is seen.
+  bool tracks_writes() const noexcept;
 
   /// Drops `page` (MADV_DONTNEED) so that its next touch faults again. No-op when not resident.
   void evict(PageId page);

@@ -17,11 +17,14 @@
 //
 // Host backend (make_host_backend): reserve = mmap(PROT_NONE, MAP_NORESERVE); the pool is one
 // memfd of exactly chunks × chunk_bytes, also mapped once, whole, as the private pool window;
-// map = mmap(MAP_FIXED|MAP_SHARED, memfd, chunk offset); unmap = mmap(PROT_NONE, MAP_FIXED|
-// MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE) over the page, or, once set_unmapped_pages() gave it
-// a placeholder source, whatever that source places there (the guard-mode fault fallback puts
-// userfaultfd-registered memory, so that a touch is served instead of killing the process: Note
-// [Guard fault fallback] in guard_fallback.cpp). Fences are complete at once. With
+// map = mmap(MAP_FIXED|MAP_SHARED, memfd, chunk offset) for Access::read, MAP_PRIVATE for
+// Access::read_write (a write copies the system page into private memory and leaves the chunk
+// as filled; written_bytes() finds those copies in /proc/self/pagemap: Note [Dirty pages] in
+// pager_evict.cpp); unmap = mmap(PROT_NONE, MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)
+// over the page, or, once set_unmapped_pages() gave it a placeholder source, whatever that
+// source places there (the guard-mode fault fallback puts userfaultfd-registered memory, so that
+// a touch is served instead of killing the process: Note [Guard fault fallback] in
+// guard_fallback.cpp). Fences are complete at once. With
 // HostPages::huge the memfd comes from the hugetlb pool and the reservation is aligned to the
 // huge page, so a 2 MiB page is one page-table entry to map, touch and unmap.
 //
@@ -33,8 +36,11 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <string_view>
 #include <utility>
+
+#include "lema/base/error.hpp"
 
 namespace lema::runtime {
 
@@ -64,7 +70,9 @@ struct Queue {
   void* native = nullptr;
 };
 
-/// How a mapped page may be accessed. Weights are read-only.
+/// How a mapped page may be accessed. read: a write faults. read_write: writes are allowed and
+/// land in the page at its model address only, never in the pool chunk (on the host a private
+/// copy-on-write mapping), where Backend::written_bytes() can find them.
 enum class Access : std::uint8_t { read, read_write };
 
 /// Move-only owner of a reserved virtual range; released through its backend on destruction.
@@ -173,6 +181,14 @@ class Backend {
     return false;
   }
 
+  /// Whether written_bytes() works: pages mapped Access::read_write keep their writes apart
+  /// from the chunk and the backend can tell which were written. The host backend can; device
+  /// backends cannot (their pages are mapped read-only).
+  virtual bool tracks_writes() const noexcept { return false; }
+  /// Bytes of [addr, addr + bytes) (mapped read_write, currently mapped) written since the map,
+  /// in whole system pages; 0 when nothing was. Throws InvalidArgument where !tracks_writes().
+  virtual std::uint64_t written_bytes(const std::byte* addr, std::uint64_t bytes);
+
   /// A staging buffer of at least `bytes` for copy_to_chunk().
   virtual std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) = 0;
   /// Copies `src` (inside a staging buffer) to `offset` in `chunk` on the copy queue. The
@@ -221,6 +237,11 @@ inline void Backend::map_pages(PhysicalPool& pool, std::span<const PageMapping> 
     }
     throw;
   }
+}
+
+inline std::uint64_t Backend::written_bytes(const std::byte*, std::uint64_t) {
+  throw InvalidArgument("the " + std::string(name()) +
+                        " backend cannot tell which weight pages were written");
 }
 
 inline void Reservation::reset() noexcept {

@@ -72,6 +72,14 @@ struct MappedCheckpointOptions {
   bool fault_fallback = true;
   /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
   std::uint64_t host_cache_bytes = 0;
+  /// Weights may be written by default: a written page is kept for the life of the checkpoint
+  /// object (in a spill store when evicted; never in the checkpoint's files). read_only maps
+  /// them so that a write faults instead (the torch plugin refuses writing ops before they run).
+  /// Weights on a GPU are always read-only: their written pages could not be kept yet.
+  bool read_only = false;
+  /// Fault mode: use userfaultfd write protection to find written pages where the kernel has it
+  /// (false: save every evicted page, as where it has not; for tests).
+  bool uffd_write_protect = true;
   io::ReaderOptions reader;
 };
 
@@ -92,6 +100,8 @@ class MappedCheckpoint {
   /// Guard mode: why a read of an unmapped page outside an acquire is not served by the fault
   /// fallback (it then gets SIGSEGV); empty when it is, and in fault mode, where every read is.
   virtual const std::string& fault_fallback_reason() const noexcept;
+  /// Whether writes to the weights are kept (false: opened read_only, or weights on a GPU).
+  virtual bool writable() const noexcept = 0;
 
   /// The tensor's fixed address. Throws InvalidArgument naming the tensor when absent.
   virtual TensorAddress tensor(std::string_view name) const = 0;

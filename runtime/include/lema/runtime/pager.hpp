@@ -68,7 +68,9 @@ struct PagerOptions {
   PolicyKind policy = PolicyKind::lru;
   bool prefetch = true;            // run the prefetch thread (only useful with a predicting policy)
   std::size_t prefetch_depth = 8;  // pages asked of predict_next() after each access
-  Access access = Access::read;    // protection of mapped pages (weights are read-only)
+  // Protection of mapped pages. read_write: writes to weights are kept, in a spill store when
+  // their page is evicted (Note [Dirty pages]); needs a backend that tracks writes (the host).
+  Access access = Access::read;
   io::ReaderOptions reader;        // used when the Pager opens its own Reader
   // The staged host cache tier of a device pool (a pool without a host window): pages read from
   // the files stay in this much host staging memory (pinned on CUDA), so a later fill of the

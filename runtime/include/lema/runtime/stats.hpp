@@ -51,6 +51,13 @@ struct PagerStats {
   // Whether the four counters above are counted: "on"; empty when the backend's memory is not
   // unified memory; otherwise why not (no CUPTI library, counters refused by the device, ...).
   std::string uvm_counters;
+  // Written weight pages (Note [Dirty pages] in the runtime): evictions that found their page
+  // written and kept it in the spill store, the bytes so kept, the distinct pages the store
+  // holds, and fills read back from it instead of the checkpoint.
+  std::uint64_t dirty_evictions = 0;
+  std::uint64_t spilled_bytes = 0;
+  std::uint64_t spilled_pages = 0;
+  std::uint64_t spill_fills = 0;
 };
 
 class PagerCounters {
@@ -71,6 +78,8 @@ class PagerCounters {
   std::atomic<std::uint64_t> cpu_faults{0};
   std::atomic<std::uint64_t> migrated_to_device_bytes{0};
   std::atomic<std::uint64_t> migrated_to_host_bytes{0};
+  std::atomic<std::uint64_t> dirty_evictions{0};
+  std::atomic<std::uint64_t> spill_fills{0};
 
   void add(std::atomic<std::uint64_t>& counter, std::uint64_t v = 1) noexcept {
     counter.fetch_add(v, std::memory_order_relaxed);

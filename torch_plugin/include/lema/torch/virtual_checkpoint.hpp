@@ -3,10 +3,14 @@
 //
 //  - guard mode: the tensors carry a dispatch key on which the residency guard (a boxed fallback,
 //    see residency_guard.cpp) runs before every op that receives one of them: it pins the pages
-//    of every such input for the duration of the op and refuses ops that would write into a
-//    frozen weight. Code that reads data_ptr() itself, outside an op, must use fault mode.
-//  - fault mode: plain CPU tensors; userfaultfd fills missing pages on first touch. Writes into
-//    weights are not detected (the pages are read-only: the process would fault).
+//    of every such input for the duration of the op. Code that reads data_ptr() itself,
+//    outside an op, must use fault mode.
+//  - fault mode: plain CPU tensors; userfaultfd fills missing pages on first touch.
+// Writes: on the CPU a weight may be written (an in-place op such as mul_, or through memory);
+// the write is kept for the life of the checkpoint (a written page evicted goes to a spill
+// store, never to the checkpoint's files). Opened read_only, or on a GPU, ops writing into a
+// weight are refused before they run with an error naming it (the tensors carry the guard's
+// key in fault mode too), and a raw write faults.
 //
 // The tensors share ownership of the checkpoint: it stays open while any tensor (or a view of
 // one) lives, whether or not the VirtualCheckpoint object still exists.
@@ -51,6 +55,7 @@ struct Options {
   // Guard mode, host memory: serve reads outside an op by demand paging (runtime::
   // MappedCheckpointOptions::fault_fallback). Off only to measure what it costs.
   bool fault_fallback = true;
+  bool read_only = false;   // refuse writes into weights instead of keeping them
 };
 
 namespace detail {
