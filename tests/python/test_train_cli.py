@@ -321,6 +321,8 @@ def test_generate_rejects_absurd_settings(model):
     (["--warmup-steps", 10**18], ["--warmup-steps 1000000000000000000"]),
     (["--steps", 10**18, "--grad-accum", 10**6], ["--steps 1000000000000000000", "--grad-accum"]),
     (["--batch", 10**9], ["--batch 1000000000", "memory"]),
+    (["--weight-decay", "inf"], ["--weight-decay inf"]),
+    (["--max-grad-norm", "inf"], ["--max-grad-norm inf"]),
 ])
 def test_absurd_settings_are_refused_in_one_line(model, corpus, tmp_path, extra, needles):
     args = base_args(model, corpus, tmp_path / "out")
