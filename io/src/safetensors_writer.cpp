@@ -60,6 +60,7 @@ class AtomicFile {
     static std::atomic<unsigned> counter{0};
     const auto dir = directory();
     for (int attempt = 0;; ++attempt) {
+      // The pattern is_temporary_of() recognises.
       temp_ = dir / ("." + target_.filename().string() + ".tmp-" + std::to_string(::getpid()) +
                      "-" + std::to_string(counter.fetch_add(1)));
       fd_.reset(::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
@@ -228,6 +229,19 @@ void write_safetensors(const std::filesystem::path& path, std::vector<TensorToWr
   }
   write_all(file.fd(), buffer.data(), used, file.temp_path());
   file.commit();
+}
+
+bool is_temporary_of(std::string_view name, std::string_view target) {
+  // ".<target>.tmp-<digits>-<digits>", nothing more and nothing less.
+  const std::string prefix = "." + std::string(target) + ".tmp-";
+  if (!name.starts_with(prefix)) return false;
+  const std::string_view rest = name.substr(prefix.size());
+  const auto dash = rest.find('-');
+  auto digits = [](std::string_view s) {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  return dash != std::string_view::npos && digits(rest.substr(0, dash)) &&
+         digits(rest.substr(dash + 1));
 }
 
 void write_file_atomically(const std::filesystem::path& path, std::string_view contents) {

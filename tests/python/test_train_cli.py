@@ -6,10 +6,14 @@
 - the adapter loads with peft.PeftModel.from_pretrained, and `lema merge`'s output loads with
   transformers and gives the logits of base + adapter (peft's merge_and_unload);
 - `lema generate --json` prints the ids and text, deterministically for a seed;
-- bad input is one line naming what is wrong, exit status 1, before any training.
+- bad input is one line naming what is wrong, exit status 1, before any training;
+- one run at a time owns --out (a second is refused naming the holder's pid), taking it removes
+  what killed saves left and nothing else, and runs killed with SIGKILL at random moments leave
+  only complete checkpoints that --resume continues from.
 """
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -293,3 +297,154 @@ def test_budget_too_small_names_the_op(model, corpus, tmp_path):
 def test_generate_rejects_ids_outside_the_vocabulary(model):
     expect_error(["generate", "--model", model, "--prompt-ids", "1,99999", "--max-new-tokens",
                   1], "99999")
+
+
+def test_generate_rejects_absurd_settings(model):
+    base = ["generate", "--model", model, "--prompt-ids", "1,2"]
+    expect_error(base + ["--max-new-tokens", 10**12], "--max-new-tokens 1000000000000",
+                 "max_position_embeddings")
+    expect_error(base + ["--temperature", "inf"], "--temperature", "(got inf)")
+    proc = lema(*base, "--seed=-1", check=False)  # refused by the parser, before any work
+    assert proc.returncode != 0 and "--seed" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ settings out of range
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--threads", 100000], ["--threads 100000", "CPU"]),
+    (["--threads", -1], ["--threads -1"]),
+    (["--lora-rank", 100000], ["--lora-rank 100000", "hidden size 256"]),
+    (["--lora-rank", 0], ["--lora-rank 0"]),
+    (["--lora-alpha", "nan"], ["--lora-alpha nan"]),
+    (["--lora-alpha", "-5"], ["--lora-alpha -5"]),
+    (["--lora-dropout", "1"], ["--lora-dropout 1"]),
+    (["--warmup-steps", 10**18], ["--warmup-steps 1000000000000000000"]),
+    (["--steps", 10**18, "--grad-accum", 10**6], ["--steps 1000000000000000000", "--grad-accum"]),
+    (["--batch", 10**9], ["--batch 1000000000", "memory"]),
+    (["--weight-decay", "inf"], ["--weight-decay inf"]),
+    (["--max-grad-norm", "inf"], ["--max-grad-norm inf"]),
+])
+def test_absurd_settings_are_refused_in_one_line(model, corpus, tmp_path, extra, needles):
+    args = base_args(model, corpus, tmp_path / "out")
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    expect_error(args, *needles)
+    assert not (tmp_path / "out").exists(), "refused before touching --out"
+
+
+def test_synthetic_data_beyond_its_bound_is_refused(model, tmp_path):
+    expect_error(["train", "--model", model, "--out", tmp_path / "out", "--steps", 10**7,
+                  "--seq-len", 32, "--batch", 2], "--steps 10000000", "--data")
+
+
+def test_negative_seed_is_refused(model, corpus, tmp_path):
+    proc = lema(*base_args(model, corpus, tmp_path / "out"), "--seed=-1", check=False)
+    assert proc.returncode != 0 and "--seed" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ the output directory
+
+def long_run(model, corpus, out, *extra, steps=100000):
+    args = ["train", "--model", model, "--data", corpus, "--out", out, "--steps", steps,
+            "--seq-len", 32, "--batch", 2, "--save-every", 1, "--budget", BUDGET, "--threads", 1,
+            *extra]
+    return subprocess.Popen([LEMA, *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(model, corpus, tmp_path):
+    out = tmp_path / "out"
+    first = long_run(model, corpus, out)
+    try:
+        lock = out / ".lema.lock"
+        assert wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid))
+        line = expect_error(base_args(model, corpus, out), str(out), f"pid {first.pid}")
+        assert "in use" in line
+        assert first.poll() is None, "the first run goes on"
+    finally:
+        first.kill()
+        first.wait()
+    # Its lock died with it (SIGKILL): the directory is free again.
+    lema(*base_args(model, corpus, out))
+
+
+def test_taking_out_removes_only_what_killed_saves_left(model, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ours = [".latest.tmp-4242-0", ".adapter_model.safetensors.tmp-4242-3",
+            ".adapter_config.json.tmp-4242-4", ".partial-checkpoint-7-4242",
+            ".partial-old-checkpoint-2-4242", ".partial-probe-4242"]
+    theirs = ["notes.txt", ".latest.tmp", ".partial-mine", ".latest.tmp-4242-0.bak",
+              "data.safetensors.tmp-1-2", ".model.safetensors.tmp-4242-0"]
+    for name in ours:
+        if name.startswith(".partial-c") or name.startswith(".partial-o"):
+            (out / name).mkdir()
+            (out / name / "adapter_model.safetensors").write_text("trunc")
+        else:
+            (out / name).write_text("half")
+    for name in theirs:
+        (out / name).write_text("keep")
+    train(model, corpus, out, steps=1)
+    for name in ours:
+        assert not (out / name).exists(), name
+    for name in theirs:
+        assert (out / name).read_text() == "keep", name
+
+
+LEMA_TEMPORARY = (".partial-", ".latest.tmp-", ".adapter_model.safetensors.tmp-",
+                  ".adapter_config.json.tmp-")
+CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors",
+                    "trainer_state.json"}
+
+
+def assert_only_complete_checkpoints(out, allow_temporaries):
+    for entry in (out.iterdir() if out.exists() else []):
+        if entry.name.startswith("checkpoint-"):
+            assert {p.name for p in entry.iterdir()} == CHECKPOINT_FILES, entry
+            state = json.loads((entry / "trainer_state.json").read_text())
+            assert entry.name == f"checkpoint-{state['step']}"
+        elif entry.name.startswith(LEMA_TEMPORARY):
+            assert allow_temporaries, f"{entry} outlived a resume"
+        else:
+            assert entry.name in {"latest", ".lema.lock", "adapter_model.safetensors",
+                                  "adapter_config.json"}, entry
+
+
+def test_runs_killed_at_random_moments_leave_only_complete_checkpoints(model, corpus, tmp_path):
+    rng = random.Random(7)
+    out = tmp_path / "out"
+    for attempt in range(8):
+        proc = long_run(model, corpus, out, "--resume")  # each run continues the last one
+        # Somewhere between starting up and several saves in.
+        if attempt % 2:
+            wait_for(lambda: (out / "latest").exists())
+        time.sleep(rng.uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert_only_complete_checkpoints(out, allow_temporaries=True)
+        latest = out / "latest"
+        step = 0
+        if latest.exists():
+            step = json.loads((out / latest.read_text().strip() / "trainer_state.json")
+                              .read_text())["step"]
+        resumed = lema("train", "--model", model, "--data", corpus, "--out", out, "--steps",
+                       step + 1, "--seq-len", 32, "--batch", 2, "--save-every", 1, "--budget",
+                       BUDGET, "--resume", "--threads", 1, check=False)
+        errors = [l for l in resumed.stderr.splitlines() if l.startswith("error:")]
+        assert resumed.returncode == 0 or len(errors) == 1, resumed.stderr
+        assert resumed.returncode == 0, resumed.stderr  # nothing here should refuse
+        assert_only_complete_checkpoints(out, allow_temporaries=False)
+        assert (out / "latest").read_text().strip() == f"checkpoint-{step + 1}"

@@ -8,8 +8,14 @@
 #include <ATen/Parallel.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <functional>
+#include <memory>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -356,6 +362,239 @@ TEST_F(TrainerResume, AnUnwritableOutputDirectoryIsRefusedBeforeTraining) {
     FAIL() << "accepted";
   } catch (const InvalidArgument& e) {
     EXPECT_THAT(std::string(e.what()), AllOf(HasSubstr("a-file/out"), HasSubstr("--out")));
+  }
+}
+
+// ---- the output directory's lock and leftovers ------------------------------------------
+
+std::string lock_file_pid(const std::filesystem::path& out) {
+  std::string text = file_bytes(out / kLockFile);
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  return text;
+}
+
+TEST_F(TrainerResume, ASecondRunOnTheSameDirectoryIsRefusedNamingTheHolder) {
+  TinyLoraModel model;
+  const auto o = options("locked", 2);
+  auto first = std::make_unique<Trainer>(model, data(o), o, identity());
+  EXPECT_EQ(lock_file_pid(o.out_dir), std::to_string(::getpid()));
+  try {
+    TinyLoraModel other;
+    Trainer second(other, data(o), o, identity());
+    FAIL() << "two trainers hold " << o.out_dir;
+  } catch (const InvalidArgument& e) {
+    EXPECT_THAT(std::string(e.what()),
+                AllOf(HasSubstr(o.out_dir.string()), HasSubstr("in use"),
+                      HasSubstr("pid " + std::to_string(::getpid())), HasSubstr("--out")));
+  }
+  first.reset();  // the lock goes with its holder
+  TinyLoraModel other;
+  EXPECT_NO_THROW(Trainer(other, data(o), o, identity()));
+}
+
+TEST_F(TrainerResume, ALockFileLeftByADeadRunDoesNotBlock) {
+  const auto o = options("dead", 2);
+  std::filesystem::create_directories(o.out_dir);
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ::waitpid(child, nullptr, 0);  // a pid that no process has any more
+  std::ofstream(o.out_dir / kLockFile) << child << "\n";
+  TinyLoraModel model;
+  Trainer trainer(model, data(o), o, identity());
+  EXPECT_EQ(lock_file_pid(o.out_dir), std::to_string(::getpid())) << "the live holder's pid";
+}
+
+TEST_F(TrainerResume, TakingTheLockRemovesOnlyWhatInterruptedSavesLeft) {
+  const auto out = dir_.path() / "leftovers";
+  std::filesystem::create_directories(out / "checkpoint-3");
+  const std::vector<std::string> ours = {
+      ".latest.tmp-4242-0",
+      ".adapter_model.safetensors.tmp-4242-1",
+      ".adapter_config.json.tmp-17-12",
+      ".partial-checkpoint-6-4242",
+      ".partial-old-checkpoint-3-4242",
+      ".partial-probe-4242",
+  };
+  const std::vector<std::string> theirs = {
+      "notes.txt",
+      ".latest.tmp",                        // no pid and counter: not a name the writer gives
+      ".latest.tmp-4242",                   // no counter
+      ".latest.tmp-4242-0x",                // not a number
+      ".model.safetensors.tmp-4242-0",      // not a file the trainer writes
+      "x.latest.tmp-4242-0",                // not hidden
+      ".partial-notes",                     // not a checkpoint, probe or old checkpoint
+      ".partial-checkpoint-6",              // no pid
+      ".partial-old-probe-4242",            // probes are never renamed "old"
+      ".partial-checkpoint--3-4242",        // not a step
+      "checkpoint-3/.latest.tmp-4242-0",    // not at the top of the directory
+  };
+  for (const auto& name : ours) {
+    if (name.starts_with(".partial-checkpoint") || name.starts_with(".partial-old")) {
+      std::filesystem::create_directories(out / name);
+      std::ofstream(out / name / "adapter_model.safetensors") << "trunc";
+    } else {
+      std::ofstream(out / name) << "half";
+    }
+  }
+  for (const auto& name : theirs) std::ofstream(out / name) << "keep";
+
+  const OutputDirLock lock = OutputDirLock::acquire(out);
+  for (const auto& name : ours) EXPECT_FALSE(std::filesystem::exists(out / name)) << name;
+  for (const auto& name : theirs) EXPECT_EQ(file_bytes(out / name), "keep") << name;
+  EXPECT_EQ(lock.removed().size(), ours.size());
+}
+
+// ---- a damaged or edited checkpoint ------------------------------------------------------
+
+// One named case per field of trainer_state.json: how it is spoiled, and what the one-line
+// refusal must name besides the file.
+struct BadState {
+  const char* name;
+  std::function<void(nlohmann::json&)> spoil;
+  std::vector<std::string> needles;
+};
+
+std::vector<BadState> bad_states() {
+  using nlohmann::json;
+  return {
+      {"format_version_other", [](json& j) { j["format_version"] = 2; }, {"format_version 2"}},
+      {"step_negative", [](json& j) { j["step"] = -3; }, {"field 'step' is -3", "at least 1"}},
+      {"step_zero", [](json& j) { j["step"] = 0; }, {"field 'step' is 0"}},
+      {"step_fraction", [](json& j) { j["step"] = 2.5; }, {"field 'step' is 2.5", "integer"}},
+      {"step_text", [](json& j) { j["step"] = "3"; }, {"field 'step' is \"3\"", "integer"}},
+      {"step_missing", [](json& j) { j.erase("step"); }, {"field 'step' is missing"}},
+      {"step_huge", [](json& j) { j["step"] = 18446744073709551615ULL; }, {"field 'step'"}},
+      {"step_beyond_steps", [](json& j) { j["step"] = 4; }, {"field 'step' is 4", "'steps'"}},
+      {"step_not_the_directory", [](json& j) { j["step"] = 2; },
+       {"field 'step' is 2", "checkpoint-3"}},
+      {"steps_zero", [](json& j) { j["steps"] = 0; }, {"field 'steps' is 0"}},
+      {"epoch_negative", [](json& j) { j["data_position"]["epoch"] = -1; },
+       {"field 'data_position.epoch' is -1"}},
+      {"epoch_elsewhere", [](json& j) { j["data_position"]["epoch"] = 7; },
+       {"field 'data_position' is epoch 7", "epoch 0 index"}},
+      {"index_elsewhere", [](json& j) { j["data_position"]["index"] = 1; },
+       {"field 'data_position' is epoch", "index 1"}},
+      {"index_text", [](json& j) { j["data_position"]["index"] = "x"; },
+       {"field 'data_position.index' is \"x\""}},
+      {"position_missing", [](json& j) { j.erase("data_position"); },
+       {"field 'data_position.epoch' is missing"}},
+      {"rng_cpu_not_hex", [](json& j) { j["rng"]["cpu"] = "zz"; },
+       {"field 'rng.cpu' is \"zz\"", "hex"}},
+      {"rng_cpu_odd", [](json& j) { j["rng"]["cpu"] = "abc"; }, {"field 'rng.cpu'", "even"}},
+      {"rng_cpu_short", [](json& j) { j["rng"]["cpu"] = "00ff"; },
+       {"field 'rng.cpu' is 2 bytes", "another torch"}},
+      {"rng_cuda_not_hex", [](json& j) { j["rng"]["cuda"] = "--"; }, {"field 'rng.cuda'"}},
+      {"model_fingerprint_short", [](json& j) { j["model_fingerprint"] = "0123"; },
+       {"field 'model_fingerprint' is \"0123\"", "16 hex digits"}},
+      {"base_model_empty", [](json& j) { j["base_model_name_or_path"] = ""; },
+       {"field 'base_model_name_or_path'"}},
+      {"lora_rank_zero", [](json& j) { j["lora"]["r"] = 0; }, {"field 'lora.r' is 0"}},
+      {"lora_alpha_text", [](json& j) { j["lora"]["lora_alpha"] = "big"; },
+       {"field 'lora.lora_alpha' is \"big\"", "number"}},
+      {"lora_alpha_negative", [](json& j) { j["lora"]["lora_alpha"] = -8.0; },
+       {"field 'lora.lora_alpha' is -8.0", "positive"}},
+      {"lora_dropout_one", [](json& j) { j["lora"]["lora_dropout"] = 1.5; },
+       {"field 'lora.lora_dropout' is 1.5", "[0, 1)"}},
+      {"targets_empty", [](json& j) { j["lora"]["target_modules"] = json::array(); },
+       {"field 'lora.target_modules' is []"}},
+      {"targets_not_names", [](json& j) { j["lora"]["target_modules"] = {1, 2}; },
+       {"field 'lora.target_modules' is [1,2]"}},
+      {"seq_len_one", [](json& j) { j["seq_len"] = 1; }, {"field 'seq_len' is 1"}},
+      {"batch_zero", [](json& j) { j["batch"] = 0; }, {"field 'batch' is 0"}},
+      {"grad_accum_negative", [](json& j) { j["grad_accum"] = -2; },
+       {"field 'grad_accum' is -2"}},
+      {"seed_negative", [](json& j) { j["seed"] = -1; }, {"field 'seed' is -1", "≥ 0"}},
+      {"data_fingerprint_upper", [](json& j) { j["data_fingerprint"] = "ABCDEF0123456789"; },
+       {"field 'data_fingerprint'", "lower-case hex"}},
+      {"data_sequences_zero", [](json& j) { j["data_sequences"] = 0; },
+       {"field 'data_sequences' is 0"}},
+      {"lr_zero", [](json& j) { j["lr"] = 0.0; }, {"field 'lr' is 0.0", "positive"}},
+      {"not_an_object", [](json& j) { j = json::array(); }, {"not a JSON object"}},
+  };
+}
+
+TEST_F(TrainerResume, EveryBadFieldOfTheStateIsNamed) {
+  first_half("edited");
+  const auto out = dir_.path() / "edited";
+  const auto file = out / "checkpoint-3" / kTrainStateFile;
+  const std::string original = file_bytes(file);
+  for (const auto& bad : bad_states()) {
+    SCOPED_TRACE(bad.name);
+    auto j = nlohmann::json::parse(original);
+    bad.spoil(j);
+    std::ofstream(file, std::ios::trunc) << j.dump(2);
+    TinyLoraModel model;
+    auto o = options("edited", kSteps);
+    Trainer trainer(model, data(o), o, identity());
+    try {
+      trainer.resume();
+      ADD_FAILURE() << "resumed";
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_THAT(what, HasSubstr(file.string()));
+      for (const auto& needle : bad.needles) EXPECT_THAT(what, HasSubstr(needle));
+      EXPECT_EQ(what.find('\n'), std::string::npos) << "one line";
+      EXPECT_EQ(trainer.step_count(), 0) << "a refused resume changes nothing";
+    }
+  }
+  // The untouched file still resumes.
+  std::ofstream(file, std::ios::trunc) << original;
+  TinyLoraModel model;
+  auto o = options("edited", kSteps);
+  Trainer trainer(model, data(o), o, identity());
+  EXPECT_TRUE(trainer.resume().has_value());
+  EXPECT_EQ(trainer.step_count(), 3);
+}
+
+TEST_F(TrainerResume, BadOptimizerStateIsNamed) {
+  first_half("optimizer");
+  const auto dir = dir_.path() / "optimizer" / "checkpoint-3";
+  const auto file = dir / kOptimizerStateFile;
+  const OptimizerState original = read_optimizer_state(file);
+  struct Case {
+    const char* name;
+    std::function<void(OptimizerState&)> spoil;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Case> cases = {
+      {"step_other_than_the_state", [](OptimizerState& s) { s.step = 2; },
+       {"its step 2 is not the step 3"}},
+      {"moment_nan",
+       [](OptimizerState& s) { s.exp_avg[0].second = s.exp_avg[0].second.clone().fill_(NAN); },
+       {".exp_avg'", "NaN"}},
+      {"square_negative",
+       [](OptimizerState& s) {
+         s.exp_avg_sq[0].second = s.exp_avg_sq[0].second.clone().fill_(-1.0);
+       },
+       {".exp_avg_sq'", "negative"}},
+      {"unknown_parameter",
+       [](OptimizerState& s) {
+         s.exp_avg.emplace_back("base_model.model.other.lora_A.weight", s.exp_avg[0].second);
+         s.exp_avg_sq.emplace_back("base_model.model.other.lora_A.weight",
+                                   s.exp_avg_sq[0].second);
+       },
+       {"'base_model.model.other.lora_A.weight'", "does not train"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    OptimizerState spoiled = original;
+    for (auto& [name, t] : spoiled.exp_avg) t = t.clone();
+    for (auto& [name, t] : spoiled.exp_avg_sq) t = t.clone();
+    c.spoil(spoiled);
+    write_optimizer_state(file, spoiled);
+    TinyLoraModel model;
+    auto o = options("optimizer", kSteps);
+    Trainer trainer(model, data(o), o, identity());
+    try {
+      trainer.resume();
+      ADD_FAILURE() << "resumed";
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_THAT(what, HasSubstr(file.string()));
+      for (const auto& needle : c.needles) EXPECT_THAT(what, HasSubstr(needle));
+      EXPECT_EQ(trainer.step_count(), 0);
+    }
   }
 }
 

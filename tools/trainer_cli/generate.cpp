@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <optional>
@@ -89,9 +90,10 @@ void run(const GenerateArgs& args) {
     throw InvalidArgument(
         fmt::format("--max-new-tokens must be at least 1 (got {})", args.max_new_tokens));
   }
-  if (!args.greedy && !(args.temperature > 0)) {
+  if (!args.greedy && !(args.temperature > 0 && std::isfinite(args.temperature))) {
     throw InvalidArgument(fmt::format(
-        "--temperature must be positive (got {}); use --greedy for the most likely token",
+        "--temperature must be positive and finite (got {}); use --greedy for the most likely "
+        "token",
         args.temperature));
   }
   if (!(args.top_p > 0 && args.top_p <= 1)) {
@@ -121,6 +123,17 @@ void run(const GenerateArgs& args) {
     for (std::uint32_t id : tokenizer->encode(*args.prompt)) prompt.push_back(id);
   }
   if (prompt.empty()) throw InvalidArgument("the prompt is empty; give some text or ids");
+  // Each new token runs the whole sequence again: a sequence past the model's positions is
+  // outside what it was trained for, and an absurd count would run for ever.
+  const auto positions = config.max_position_embeddings;
+  if (static_cast<std::int64_t>(prompt.size()) >= positions ||
+      args.max_new_tokens > positions - static_cast<std::int64_t>(prompt.size())) {
+    throw InvalidArgument(fmt::format(
+        "--max-new-tokens {} after a prompt of {} tokens runs past the model's {} positions "
+        "(max_position_embeddings); give at most {}",
+        args.max_new_tokens, prompt.size(), positions,
+        std::max<std::int64_t>(0, positions - static_cast<std::int64_t>(prompt.size()))));
+  }
 
   at::NoGradGuard no_grad;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(args.seed);
@@ -173,7 +186,9 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--top-p", args->top_p, "Nucleus sampling mass")->capture_default_str();
   cmd->add_option("--temperature", args->temperature, "Sampling temperature")
       ->capture_default_str();
-  cmd->add_option("--seed", args->seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Sampling seed")
+      ->check(CLI::NonNegativeNumber)  // an unsigned option would take -1 as 2^64 - 1
+      ->capture_default_str();
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep going past the end-of-sequence token");
   cmd->add_flag("--json", args->json,
                 "Print {\"prompt_ids\":[...],\"output_ids\":[...],\"text\":...}");

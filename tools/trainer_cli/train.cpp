@@ -7,12 +7,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -61,6 +64,69 @@ std::uint64_t peak_rss_bytes() {
   return static_cast<std::uint64_t>(u.ru_maxrss) * 1024;
 }
 
+// 1 GiB of uint32 ids: far beyond what trying or measuring the trainer needs, and well within
+// the memory of the machines it runs on.
+constexpr std::uint64_t kMaxSyntheticTokens = std::uint64_t{1} << 28;
+
+// Note [Thread bound]
+// --threads sizes torch's intra-op pool. Threads beyond the CPUs this process may run on only
+// contend for them, and each costs a stack; tens of thousands exhaust the process limits, and
+// torch then crashes at exit. Four per CPU leaves room for experiments with oversubscription
+// while refusing what can only be a typo. The bound follows the machine (its affinity mask, as
+// in a container), not a constant that would be too small on big hosts and too large on small.
+void check_threads(int threads) {
+  if (threads < 0) {
+    throw InvalidArgument(
+        fmt::format("--threads {} is negative; give a count of threads (0: torch's default)",
+                    threads));
+  }
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const long cpus = ::sched_getaffinity(0, sizeof(set), &set) == 0
+                        ? CPU_COUNT(&set)
+                        : std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
+  if (threads > 4 * cpus) {
+    throw InvalidArgument(fmt::format(
+        "--threads {} is more than 4 per CPU this process may use ({} CPUs); give at most {} "
+        "(0: torch's default)",
+        threads, cpus, 4 * cpus));
+  }
+}
+
+void check_lora(const trainer::LoraSettings& lora) {
+  if (lora.rank < 1) {
+    throw InvalidArgument(fmt::format("--lora-rank {} is out of range: it must be at least 1",
+                                      lora.rank));
+  }
+  if (!(std::isfinite(lora.alpha) && lora.alpha > 0)) {
+    throw InvalidArgument(fmt::format(
+        "--lora-alpha {} is out of range: it must be positive and finite (scaling alpha / r)",
+        lora.alpha));
+  }
+  if (!(lora.dropout >= 0 && lora.dropout < 1)) {
+    throw InvalidArgument(
+        fmt::format("--lora-dropout {} is out of range: it must be in [0, 1)", lora.dropout));
+  }
+}
+
+// One micro-batch's logits alone take batch × seq-len × vocab elements of at least 2 bytes; a
+// micro-batch whose logits exceed the machine's memory can only end in an allocator's error
+// after the model and the data have loaded.
+void check_micro_batch(const trainer::TrainOptions& o, std::int64_t vocab) {
+  const double logits = static_cast<double>(o.batch) * static_cast<double>(o.seq_len) *
+                        static_cast<double>(vocab) * 2.0;
+  const double memory =
+      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (memory > 0 && logits > memory) {
+    throw InvalidArgument(fmt::format(
+        "--batch {} × --seq-len {} tokens need at least {} for one micro-batch's logits "
+        "(vocabulary {}), more than this machine's {} of memory; lower --batch or --seq-len "
+        "(and raise --grad-accum)",
+        o.batch, o.seq_len, format_size(static_cast<std::uint64_t>(std::min(logits, 1.8e19))),
+        vocab, format_size(static_cast<std::uint64_t>(memory))));
+  }
+}
+
 c10::ScalarType parse_compute_dtype(const std::string& name) {
   if (name == "f32") return at::kFloat;
   if (name == "bf16") return at::kBFloat16;
@@ -71,8 +137,15 @@ c10::ScalarType parse_compute_dtype(const std::string& name) {
 /// Without --data: a fixed pseudo-random token stream from the seed, long enough that the run
 /// never repeats a sequence; for trying the trainer and measuring it, not for learning.
 trainer::TokenBatches synthetic_data(const trainer::TrainOptions& o, std::int64_t vocab) {
+  // validate() has made sure the product does not overflow.
   const std::uint64_t sequences =
       static_cast<std::uint64_t>(o.steps * o.grad_accum * o.batch) + 1;
+  if (sequences * static_cast<std::uint64_t>(o.seq_len) > kMaxSyntheticTokens) {
+    throw InvalidArgument(fmt::format(
+        "--steps {} × --grad-accum {} × --batch {} × --seq-len {} is more synthetic tokens than "
+        "the {} this command generates; give --data, or fewer steps",
+        o.steps, o.grad_accum, o.batch, o.seq_len, kMaxSyntheticTokens));
+  }
   std::vector<std::uint32_t> tokens(sequences * static_cast<std::uint64_t>(o.seq_len));
   std::mt19937_64 rng(o.seed ^ 0x5eed'da7aULL);
   for (auto& t : tokens) t = static_cast<std::uint32_t>(rng() % static_cast<std::uint64_t>(vocab));
@@ -84,11 +157,25 @@ void run(TrainArgs args) {
   if (args.train.schedule_steps == 0) args.train.schedule_steps = args.train.steps;
   trainer::validate(args.train);
   const c10::ScalarType compute = parse_compute_dtype(args.dtype);
-  if (args.threads < 0) throw InvalidArgument("--threads must be positive (0: torch's default)");
+  check_threads(args.threads);
+  check_lora(args.lora);
   if (args.threads > 0) at::set_num_threads(args.threads);
 
   ModelSession session = ModelSession::open(args.model, args.paging);
   const trainer::ModelConfig& config = session.config();
+  if (args.lora.rank > config.hidden_size) {
+    throw InvalidArgument(fmt::format(
+        "--lora-rank {} is larger than the model's hidden size {}, past which a low-rank "
+        "adapter is no longer low-rank; lower it",
+        args.lora.rank, config.hidden_size));
+  }
+  check_micro_batch(args.train, config.vocab_size);
+  // Before the data loads (which may take a while): a second run on the same --out is refused
+  // at once, and nothing touches --out before every setting has been checked.
+  trainer::OutputDirLock lock = trainer::OutputDirLock::acquire(args.train.out_dir);
+  for (const auto& path : lock.removed()) {
+    std::fprintf(stderr, "removed %s, left by an interrupted save\n", path.c_str());
+  }
 
   std::unique_ptr<trainer::Tokenizer> tokenizer;
   std::optional<trainer::TokenBatches> data;
@@ -114,7 +201,7 @@ void run(TrainArgs args) {
   trainer::RunIdentity identity{trainer::model_fingerprint(session.dir()),
                                 fs::absolute(session.dir()).lexically_normal().string(),
                                 args.lora};
-  trainer::Trainer trainer(model, std::move(*data), args.train, identity);
+  trainer::Trainer trainer(model, std::move(*data), args.train, identity, std::move(lock));
   std::optional<fs::path> resumed;
   if (args.resume) resumed = trainer.resume();
 
@@ -238,6 +325,7 @@ void register_train(CLI::App& app) {
   cmd->add_option("--max-grad-norm", t.max_grad_norm, "Gradient clipping (0: off)")
       ->capture_default_str();
   cmd->add_option("--seed", t.seed, "Seed of the adapters, dropout and data order")
+      ->check(CLI::NonNegativeNumber)  // an unsigned option would take -1 as 2^64 - 1
       ->capture_default_str();
   cmd->add_option("--save-every", t.save_every, "Checkpoint every K steps (0: only at the end)")
       ->capture_default_str();

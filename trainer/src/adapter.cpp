@@ -21,8 +21,8 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-constexpr const char* kConfigFile = "adapter_config.json";
-constexpr const char* kWeightsFile = "adapter_model.safetensors";
+constexpr const char* kConfigFile = kAdapterConfigFile;
+constexpr const char* kWeightsFile = kAdapterWeightsFile;
 
 io::Dtype to_io_dtype(at::ScalarType t, const std::string& name) {
   switch (t) {

@@ -6,11 +6,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "lema/base/error.hpp"
 #include "lema/base/unique_fd.hpp"
@@ -30,16 +33,6 @@ void fsync_path(const std::filesystem::path& path, bool directory) {
   LEMA_SYS_TRY(::fsync(fd.get()));
 }
 
-// Temporaries of earlier, interrupted saves: never complete, never read.
-void remove_partials(const std::filesystem::path& out_dir) {
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(out_dir, ec)) {
-    if (entry.path().filename().string().starts_with(kPartialPrefix)) {
-      std::filesystem::remove_all(entry.path(), ec);
-    }
-  }
-}
-
 std::optional<std::int64_t> checkpoint_step(const std::string& name) {
   if (!name.starts_with(kCheckpointPrefix)) return std::nullopt;
   const std::string_view digits = std::string_view(name).substr(kCheckpointPrefix.size());
@@ -56,7 +49,60 @@ bool is_complete(const std::filesystem::path& dir) {
   return std::filesystem::is_regular_file(dir / kTrainStateFile, ec);
 }
 
+bool is_number(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// "<rest>-<pid>" where `rest` passes `head`.
+template <typename Head>
+bool with_pid(std::string_view s, Head head) {
+  const auto dash = s.rfind('-');
+  return dash != std::string_view::npos && is_number(s.substr(dash + 1)) && head(s.substr(0, dash));
+}
+
+// The names publish_checkpoint and prepare_output_dir give their temporaries, exactly:
+// .partial-checkpoint-<N>-<pid>, .partial-old-checkpoint-<N>-<pid>, .partial-probe-<pid>.
+bool is_partial(std::string_view name) {
+  if (!name.starts_with(kPartialPrefix)) return false;
+  name.remove_prefix(kPartialPrefix.size());
+  auto is_checkpoint = [](std::string_view head) {
+    return head.starts_with(kCheckpointPrefix) && is_number(head.substr(kCheckpointPrefix.size()));
+  };
+  if (name.starts_with("old-")) return with_pid(name.substr(4), is_checkpoint);
+  return with_pid(name, [&](std::string_view head) { return head == "probe" || is_checkpoint(head); });
+}
+
+// Temporaries of earlier, interrupted saves: never complete, never read.
+void remove_partials(const std::filesystem::path& out_dir) {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(out_dir, ec)) {
+    if (is_partial(entry.path().filename().string())) {
+      std::filesystem::remove_all(entry.path(), ec);
+    }
+  }
+}
+
 }  // namespace
+
+std::vector<std::filesystem::path> remove_interrupted_saves(const std::filesystem::path& out_dir) {
+  // Files written atomically straight into out_dir (Note [Atomic replace] in the io writer).
+  static constexpr std::array<std::string_view, 3> kAtomicTargets = {
+      kLatestFile, kAdapterWeightsFile, kAdapterConfigFile};
+  std::vector<std::filesystem::path> removed;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(out_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool ours = is_partial(name) || std::any_of(kAtomicTargets.begin(), kAtomicTargets.end(),
+                                                      [&](std::string_view target) {
+                                                        return io::is_temporary_of(name, target);
+                                                      });
+    std::error_code remove_ec;
+    if (ours && std::filesystem::remove_all(entry.path(), remove_ec) > 0) {
+      removed.push_back(entry.path());
+    }
+  }
+  return removed;
+}
 
 std::string checkpoint_name(std::int64_t step) {
   return std::string(kCheckpointPrefix) + std::to_string(step);

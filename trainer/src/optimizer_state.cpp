@@ -1,7 +1,9 @@
 // AdamW's moments in a safetensors file (Note [Checkpoint publication] in train_state.hpp).
 #include <ATen/ATen.h>
 
+#include <charconv>
 #include <cstring>
+#include <set>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -81,18 +83,25 @@ OptimizerState read_optimizer_state(const std::filesystem::path& file) {
                           ": not an optimizer state written by LEMA (no format/step metadata)");
   }
   OptimizerState state;
-  try {
-    state.step = std::stoll(step->second);
-  } catch (const std::exception&) {
-    throw InvalidArgument(file.string() + ": step '" + step->second + "' is not a number");
+  const std::string& text = step->second;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), state.step);
+  if (ec != std::errc() || end != text.data() + text.size() || state.step < 0) {
+    throw InvalidArgument(file.string() + ": metadata step '" + text +
+                          "' is not a step count (an integer ≥ 0); the checkpoint is damaged: "
+                          "remove " + file.parent_path().string() +
+                          " to resume from an older checkpoint");
   }
+  std::set<std::string> seen;
   std::ifstream in(file, std::ios::binary);
   if (!in) throw InvalidArgument("cannot read " + file.string());
   for (const auto& info : checkpoint.tensors()) {
     const auto type = torch::to_scalar_type(info.dtype);
-    if (!type) {
+    if (!type || !at::isFloatingType(*type)) {
       throw InvalidArgument(file.string() + ": tensor '" + info.name + "' has dtype " +
-                            std::string(io::dtype_name(info.dtype)) + ", unusable as state");
+                            std::string(io::dtype_name(info.dtype)) + ", unusable as state (optimizer moments are floating point)");
+    }
+    if (!seen.insert(info.name).second) {
+      throw InvalidArgument(file.string() + ": tensor '" + info.name + "' appears twice");
     }
     at::Tensor t = at::empty(std::vector<std::int64_t>(info.shape.begin(), info.shape.end()),
                              at::TensorOptions().dtype(*type));

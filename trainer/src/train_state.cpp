@@ -3,7 +3,10 @@
 #include <spdlog/fmt/fmt.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "lema/base/error.hpp"
@@ -90,6 +93,122 @@ void write_train_state(const std::filesystem::path& file, const TrainState& s) {
   io::write_file_atomically(file, j.dump(2) + "\n");
 }
 
+namespace {
+
+// Note [Reading trainer_state.json]
+// Every field is checked for its JSON type and its range before it is used, and a bad one is
+// refused in one line naming the file, the field, the value and what to do. nlohmann's get<>
+// alone would convert silently: -3 into 2^64 - 3 for an unsigned field, 2.5 into 2 for an
+// integer one. Consistency with the run and with the other files of the checkpoint (the
+// directory's step, the data position, the optimizer's step) is Trainer::resume_from's.
+class StateFields {
+ public:
+  StateFields(const std::filesystem::path& file, const nlohmann::json& root)
+      : file_(file), root_(root) {}
+
+  [[noreturn]] void bad(std::string_view field, const std::string& value,
+                        std::string_view rule) const {
+    throw_bad_state_field(file_, field, value, rule);
+  }
+
+  const nlohmann::json& at(std::string_view field) const {
+    const nlohmann::json* j = &root_;
+    std::string_view rest = field;
+    while (!rest.empty()) {
+      const auto dot = rest.find('.');
+      const std::string key(rest.substr(0, dot));
+      if (!j->is_object() || !j->contains(key)) bad(field, "missing", "it must be present");
+      j = &(*j)[key];
+      rest = dot == std::string_view::npos ? std::string_view() : rest.substr(dot + 1);
+    }
+    return *j;
+  }
+
+  std::int64_t integer(std::string_view field, std::int64_t min) const {
+    const auto& j = at(field);
+    if (!j.is_number_integer()) bad(field, shown(j), "it must be an integer");
+    if (j.is_number_unsigned() && j.get<std::uint64_t>() > std::numeric_limits<std::int64_t>::max())
+      bad(field, shown(j), "it is beyond the range of a step count");
+    const auto v = j.get<std::int64_t>();
+    if (v < min) bad(field, shown(j), fmt::format("it must be at least {}", min));
+    return v;
+  }
+
+  std::uint64_t unsigned_integer(std::string_view field, std::uint64_t min = 0) const {
+    const auto& j = at(field);
+    if (!j.is_number_integer()) bad(field, shown(j), "it must be an integer");
+    if (!j.is_number_unsigned()) bad(field, shown(j), "it must be ≥ 0");
+    const auto v = j.get<std::uint64_t>();
+    if (v < min) bad(field, shown(j), fmt::format("it must be at least {}", min));
+    return v;
+  }
+
+  double number(std::string_view field, bool (*ok)(double), std::string_view rule) const {
+    const auto& j = at(field);
+    if (!j.is_number()) bad(field, shown(j), "it must be a number");
+    const auto v = j.get<double>();
+    if (!std::isfinite(v) || !ok(v)) bad(field, shown(j), rule);
+    return v;
+  }
+
+  std::string string(std::string_view field, bool allow_empty = false) const {
+    const auto& j = at(field);
+    if (!j.is_string()) bad(field, shown(j), "it must be a string");
+    auto v = j.get<std::string>();
+    if (v.empty() && !allow_empty) bad(field, shown(j), "it must not be empty");
+    return v;
+  }
+
+  // Lower-case hex digits; `digits` of them when nonzero, else an even number.
+  std::string hex(std::string_view field, std::size_t digits, bool allow_empty = false) const {
+    auto v = string(field, allow_empty);
+    const bool all_hex = std::all_of(v.begin(), v.end(), [](char c) {
+      return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+    });
+    if (!all_hex) bad(field, shown(at(field)), "it must be lower-case hex digits");
+    if (digits != 0 && v.size() != digits) {
+      bad(field, shown(at(field)), fmt::format("it must be {} hex digits", digits));
+    }
+    if (digits == 0 && v.size() % 2 != 0) {
+      bad(field, shown(at(field)), "it must be an even number of hex digits (whole bytes)");
+    }
+    return v;
+  }
+
+  std::vector<std::string> strings(std::string_view field) const {
+    const auto& j = at(field);
+    if (!j.is_array() || j.empty()) bad(field, shown(j), "it must be a non-empty list of names");
+    std::vector<std::string> out;
+    for (const auto& item : j) {
+      if (!item.is_string() || item.get<std::string>().empty()) {
+        bad(field, shown(j), "it must be a non-empty list of names");
+      }
+      out.push_back(item.get<std::string>());
+    }
+    return out;
+  }
+
+ private:
+  static std::string shown(const nlohmann::json& j) {
+    std::string text = j.dump();
+    if (text.size() > 40) text = text.substr(0, 37) + "...";
+    return text;
+  }
+
+  const std::filesystem::path& file_;
+  const nlohmann::json& root_;
+};
+
+}  // namespace
+
+void throw_bad_state_field(const std::filesystem::path& file, std::string_view field,
+                           const std::string& value, std::string_view rule) {
+  throw InvalidArgument(fmt::format(
+      "{}: field '{}' is {}; {}. The checkpoint is damaged or was edited: remove {} to resume "
+      "from an older checkpoint, or train into another --out",
+      file.string(), field, value, rule, file.parent_path().string()));
+}
+
 TrainState read_train_state(const std::filesystem::path& file) {
   nlohmann::json j;
   try {
@@ -98,37 +217,41 @@ TrainState read_train_state(const std::filesystem::path& file) {
     throw InvalidArgument(file.string() + ": not valid JSON (" + e.what() +
                           "); the checkpoint is damaged, remove it to resume from an older one");
   }
-  TrainState s;
-  try {
-    if (j.at("format_version").get<int>() != kFormatVersion) {
-      throw InvalidArgument(file.string() + ": format_version " + j.at("format_version").dump() +
-                            " is not " + std::to_string(kFormatVersion) +
-                            "; written by another LEMA version");
-    }
-    s.step = j.at("step").get<std::int64_t>();
-    s.data.epoch = j.at("data_position").at("epoch").get<std::uint64_t>();
-    s.data.index = j.at("data_position").at("index").get<std::uint64_t>();
-    s.rng_cpu = j.at("rng").at("cpu").get<std::string>();
-    s.rng_cuda = j.at("rng").at("cuda").get<std::string>();
-    s.model_fingerprint = j.at("model_fingerprint").get<std::string>();
-    s.base_model_name_or_path = j.at("base_model_name_or_path").get<std::string>();
-    const auto& lora = j.at("lora");
-    s.lora.rank = lora.at("r").get<std::int64_t>();
-    s.lora.alpha = lora.at("lora_alpha").get<double>();
-    s.lora.dropout = lora.at("lora_dropout").get<double>();
-    s.lora.target_modules = lora.at("target_modules").get<std::vector<std::string>>();
-    s.seq_len = j.at("seq_len").get<std::int64_t>();
-    s.batch = j.at("batch").get<std::int64_t>();
-    s.grad_accum = j.at("grad_accum").get<std::int64_t>();
-    s.seed = j.at("seed").get<std::uint64_t>();
-    s.data_fingerprint = j.at("data_fingerprint").get<std::string>();
-    s.data_sequences = j.at("data_sequences").get<std::uint64_t>();
-    s.lr = j.at("lr").get<double>();
-    s.steps = j.at("steps").get<std::int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw InvalidArgument(file.string() + ": missing or malformed field (" + e.what() +
-                          "); the checkpoint is damaged or from another program");
+  if (!j.is_object()) {
+    throw InvalidArgument(file.string() + ": not a JSON object; the checkpoint is damaged, "
+                                          "remove it to resume from an older one");
   }
+  const StateFields f(file, j);
+  const auto& version = f.at("format_version");
+  if (!version.is_number_integer() || version.get<std::int64_t>() != kFormatVersion) {
+    throw InvalidArgument(file.string() + ": format_version " + version.dump() + " is not " +
+                          std::to_string(kFormatVersion) + "; written by another LEMA version");
+  }
+  TrainState s;
+  s.steps = f.integer("steps", 1);
+  s.step = f.integer("step", 1);  // a checkpoint is written after a step, never before the first
+  if (s.step > s.steps) {
+    f.bad("step", std::to_string(s.step),
+          fmt::format("it must not exceed the field 'steps' ({}) of the run that wrote it", s.steps));
+  }
+  s.data.epoch = f.unsigned_integer("data_position.epoch");
+  s.data.index = f.unsigned_integer("data_position.index");
+  s.rng_cpu = f.hex("rng.cpu", 0);
+  s.rng_cuda = f.hex("rng.cuda", 0, /*allow_empty=*/true);
+  s.model_fingerprint = f.hex("model_fingerprint", 16);
+  s.base_model_name_or_path = f.string("base_model_name_or_path");
+  s.lora.rank = f.integer("lora.r", 1);
+  s.lora.alpha = f.number("lora.lora_alpha", [](double v) { return v > 0; }, "it must be positive");
+  s.lora.dropout = f.number("lora.lora_dropout", [](double v) { return v >= 0 && v < 1; },
+                            "it must be in [0, 1)");
+  s.lora.target_modules = f.strings("lora.target_modules");
+  s.seq_len = f.integer("seq_len", 2);
+  s.batch = f.integer("batch", 1);
+  s.grad_accum = f.integer("grad_accum", 1);
+  s.seed = f.unsigned_integer("seed");
+  s.data_fingerprint = f.hex("data_fingerprint", 16);
+  s.data_sequences = f.unsigned_integer("data_sequences", 1);
+  s.lr = f.number("lr", [](double v) { return v > 0; }, "it must be positive");
   return s;
 }
 

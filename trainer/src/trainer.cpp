@@ -9,6 +9,7 @@
 #include <torch/optim/adamw.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <map>
@@ -34,6 +35,8 @@ std::string to_hex(const at::Tensor& bytes) {
   return out;
 }
 
+// `hex` was checked by read_train_state (Note [Reading trainer_state.json]); the checks here
+// only guard against callers that did not.
 at::Tensor from_hex(const std::string& hex, const std::string& what) {
   if (hex.size() % 2 != 0) throw InvalidArgument(what + ": odd-length hex string");
   at::Tensor out = at::empty({static_cast<std::int64_t>(hex.size() / 2)}, at::kByte);
@@ -82,7 +85,7 @@ double total_grad_norm(const std::vector<at::Tensor>& params) {
 }  // namespace
 
 Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
-                 RunIdentity identity)
+                 RunIdentity identity, std::optional<OutputDirLock> lock)
     : model_(model),
       data_(std::move(data)),
       options_(std::move(options)),
@@ -105,7 +108,14 @@ Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
     LEMA_EXPECTS(p.requires_grad(), "trainable parameter '" + name + "' does not require grad");
     tensors.push_back(p);
   }
-  prepare_output_dir(options_.out_dir);
+  if (lock) {
+    LEMA_EXPECTS(lock->dir() == options_.out_dir,
+                 "the lock given to the trainer is " + lock->dir().string() + "'s, not --out " +
+                     options_.out_dir.string() + "'s");
+    lock_ = std::move(lock);
+  } else {
+    lock_ = OutputDirLock::acquire(options_.out_dir);
+  }
   torch::manual_seed(options_.seed);
   auto adamw_options = torch::optim::AdamWOptions(options_.lr)
                            .betas({options_.beta1, options_.beta2})
@@ -236,6 +246,52 @@ void Trainer::save_final() {
   save_adapter(options_.out_dir, adapters, identity_.lora, identity_.base_model_name_or_path);
 }
 
+namespace {
+
+void expect_finite(const std::filesystem::path& file, const std::string& name,
+                   const at::Tensor& t) {
+  if (!at::isfinite(t).all().item<bool>()) {
+    throw InvalidArgument(fmt::format(
+        "{}: '{}' holds NaN or infinite values; the checkpoint is damaged: remove {} to resume "
+        "from an older checkpoint, or train into another --out",
+        file.string(), name, file.parent_path().string()));
+  }
+}
+
+// Where the data stands after `served` sequences of n: TokenBatches enters the next epoch only
+// when it serves its first sequence, so a finished epoch stays at index n.
+DataPosition position_after(std::uint64_t served, std::uint64_t n) {
+  if (served == 0) return {0, 0};
+  const std::uint64_t epoch = (served - 1) / n;
+  return {epoch, served - epoch * n};
+}
+
+}  // namespace
+
+void Trainer::check_consistent(const TrainState& saved, const std::filesystem::path& dir) const {
+  const auto state_file = dir / kTrainStateFile;
+  // The directory's name is the step it was published under (publish_checkpoint).
+  const std::string name = dir.filename().string();
+  if (name.starts_with("checkpoint-") && name != checkpoint_name(saved.step)) {
+    throw_bad_state_field(state_file, "step", std::to_string(saved.step),
+                          "it must be the step in the directory's name, " + name);
+  }
+  // check_resumable has matched batch, grad_accum and the data, so the sequences served are
+  // known exactly; overflow cannot happen for a step ≤ --steps (validate).
+  const auto served = static_cast<std::uint64_t>(saved.step) *
+                      static_cast<std::uint64_t>(options_.grad_accum * options_.batch);
+  const DataPosition expected = position_after(served, data_.num_sequences());
+  if (saved.data != expected) {
+    throw_bad_state_field(
+        state_file, "data_position",
+        fmt::format("epoch {} index {}", saved.data.epoch, saved.data.index),
+        fmt::format("{} steps of {} sequences each over data of {} sequences end at epoch {} "
+                    "index {}",
+                    saved.step, options_.grad_accum * options_.batch, data_.num_sequences(),
+                    expected.epoch, expected.index));
+  }
+}
+
 std::optional<std::filesystem::path> Trainer::resume() {
   auto latest = find_latest_checkpoint(options_.out_dir);
   if (latest) resume_from(*latest);
@@ -245,8 +301,10 @@ std::optional<std::filesystem::path> Trainer::resume() {
 void Trainer::resume_from(const std::filesystem::path& dir) {
   // Everything is read and checked before anything changes, so a failed resume leaves the
   // trainer as it was.
-  const TrainState saved = read_train_state(dir / kTrainStateFile);
+  const auto state_file = dir / kTrainStateFile;
+  const TrainState saved = read_train_state(state_file);
   check_resumable(saved, identity_state(options_, identity_, data_), dir);
+  check_consistent(saved, dir);
   if (saved.step > options_.steps) {
     throw InvalidArgument(fmt::format(
         "cannot resume from {}: it is at step {}, beyond this run's --steps {}; raise --steps",
@@ -254,11 +312,18 @@ void Trainer::resume_from(const std::filesystem::path& dir) {
   }
   const LoadedAdapter adapter = load_adapter(dir);
   const OptimizerState optimizer = read_optimizer_state(dir / kOptimizerStateFile);
-  const at::Tensor rng_cpu = from_hex(saved.rng_cpu, (dir / kTrainStateFile).string());
+  const at::Tensor rng_cpu = from_hex(saved.rng_cpu, state_file.string() + " rng.cpu");
   const auto cuda = cuda_generator();
   const at::Tensor rng_cuda = cuda && !saved.rng_cuda.empty()
-                                  ? from_hex(saved.rng_cuda, (dir / kTrainStateFile).string())
+                                  ? from_hex(saved.rng_cuda, state_file.string() + " rng.cuda")
                                   : at::Tensor();
+  if (!optimizer.exp_avg.empty() && optimizer.step != saved.step) {
+    throw InvalidArgument(fmt::format(
+        "{}: its step {} is not the step {} of {} beside it; the checkpoint is damaged: remove "
+        "{} to resume from an older checkpoint, or train into another --out",
+        (dir / kOptimizerStateFile).string(), optimizer.step, saved.step, kTrainStateFile,
+        dir.string()));
+  }
 
   std::map<std::string, at::Tensor> exp_avg(optimizer.exp_avg.begin(), optimizer.exp_avg.end());
   std::map<std::string, at::Tensor> exp_avg_sq(optimizer.exp_avg_sq.begin(),
@@ -287,6 +352,30 @@ void Trainer::resume_from(const std::filesystem::path& dir) {
       expect_shape(kOptimizerStateFile, name, exp_avg.at(name), p);
       expect_shape(kOptimizerStateFile, name, exp_avg_sq.at(name), p);
     }
+    // Not-finite state would turn the adapters into NaN at the first step, silently.
+    expect_finite(dir / kAdapterWeightsFile, name, a->second);
+    if (has_avg) {
+      expect_finite(dir / kOptimizerStateFile, name + ".exp_avg", exp_avg.at(name));
+      expect_finite(dir / kOptimizerStateFile, name + ".exp_avg_sq", exp_avg_sq.at(name));
+      if (exp_avg_sq.at(name).lt(0).any().item<bool>()) {
+        throw InvalidArgument(fmt::format(
+            "{}: '{}.exp_avg_sq' holds negative values, which a running mean of squares cannot; "
+            "the checkpoint is damaged: remove {} to resume from an older checkpoint",
+            (dir / kOptimizerStateFile).string(), name, dir.string()));
+      }
+    }
+  }
+  for (const auto& state : {&exp_avg, &exp_avg_sq}) {
+    for (const auto& [name, t] : *state) {
+      const bool known = std::any_of(params_.begin(), params_.end(),
+                                     [&](const auto& p) { return p.first == name; });
+      if (!known) {
+        throw InvalidArgument(fmt::format(
+            "{}: state of '{}', which the model does not train; the checkpoint belongs to "
+            "another run: use another --out",
+            (dir / kOptimizerStateFile).string(), name));
+      }
+    }
   }
   if (saved.data.index > data_.num_sequences()) {
     throw InvalidArgument(
@@ -295,8 +384,14 @@ void Trainer::resume_from(const std::filesystem::path& dir) {
                     dir.string(), saved.data.index, data_.num_sequences()));
   }
   if (rng_cpu.numel() != at::detail::getDefaultCPUGenerator().get_state().numel()) {
-    throw InvalidArgument("cannot resume from " + dir.string() +
-                          ": its CPU random-generator state has the wrong size (another torch?)");
+    throw_bad_state_field(state_file, "rng.cpu", fmt::format("{} bytes", rng_cpu.numel()),
+                          fmt::format("torch's CPU generator state is {} bytes (another torch?)",
+                                      at::detail::getDefaultCPUGenerator().get_state().numel()));
+  }
+  if (rng_cuda.defined() && rng_cuda.numel() != cuda->get_state().numel()) {
+    throw_bad_state_field(state_file, "rng.cuda", fmt::format("{} bytes", rng_cuda.numel()),
+                          fmt::format("torch's CUDA generator state is {} bytes (another torch?)",
+                                      cuda->get_state().numel()));
   }
   if (adapter.tensors.size() != params_.size()) {
     throw InvalidArgument(fmt::format(

@@ -10,6 +10,7 @@
 #include <map>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lema/io/dtype.hpp"
@@ -35,5 +36,10 @@ void write_safetensors(const std::filesystem::path& path, std::vector<TensorToWr
 
 /// Writes `contents` to `path` atomically (temp + fsync + rename + directory fsync).
 void write_file_atomically(const std::filesystem::path& path, std::string_view contents);
+
+/// The name of a temporary that the two writers above create for a target named `target`
+/// in the same directory: ".<target>.tmp-<pid>-<n>". A process killed before the rename leaves
+/// it behind; whoever owns the directory exclusively may remove such names (and only them).
+bool is_temporary_of(std::string_view name, std::string_view target);
 
 }  // namespace lema::io

@@ -17,6 +17,9 @@
 
 namespace lema::trainer {
 
+inline constexpr const char* kAdapterConfigFile = "adapter_config.json";
+inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
+
 struct LoraSettings {
   std::int64_t rank = 8;
   double alpha = 16.0;

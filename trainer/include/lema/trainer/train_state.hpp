@@ -22,9 +22,11 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "lema/base/unique_fd.hpp"
 #include "lema/trainer/adapter.hpp"
 #include "lema/trainer/token_batches.hpp"
 
@@ -63,8 +65,12 @@ struct TrainState {
 };
 
 void write_train_state(const std::filesystem::path& file, const TrainState& state);
-/// Throws InvalidArgument naming the file and the missing or malformed field.
+/// Checks every field's type and range (Note [Reading trainer_state.json]); throws
+/// InvalidArgument, one line naming the file, the field, its value and what to do.
 TrainState read_train_state(const std::filesystem::path& file);
+/// That one line: "<file>: field '<field>' is <value>; <rule>. The checkpoint is damaged ...".
+[[noreturn]] void throw_bad_state_field(const std::filesystem::path& file, std::string_view field,
+                                        const std::string& value, std::string_view rule);
 
 /// Throws InvalidArgument, one line naming the first setting that differs between the
 /// checkpoint in `checkpoint_dir` (`saved`) and this run (`now`) and both values, e.g.
@@ -87,6 +93,51 @@ OptimizerState read_optimizer_state(const std::filesystem::path& file);
 /// Creates `out_dir` if needed and proves it writable; InvalidArgument naming the directory,
 /// the reason and what to do otherwise.
 void prepare_output_dir(const std::filesystem::path& out_dir);
+
+// Note [Output directory lock]
+// One run at a time owns an output directory: it holds flock(LOCK_EX) on <out>/.lema.lock for
+// its whole life, and a second run on the same --out is refused at once instead of racing the
+// first for `latest` and mixing two runs' checkpoints. flock belongs to the open file, so the
+// kernel drops it when the holder exits however it exits (kill -9 included): a lock file left
+// by a dead run never blocks. The holder writes its pid into the file after locking it, for the
+// refusal message; a refused run re-reads it until the pid it reads is alive, since the file
+// may still name the dead previous holder for the moment between the new holder's flock and
+// its write. The file stays in the directory: removing it would let a third run lock a new
+// file while the second still holds the old one.
+inline constexpr const char* kLockFile = ".lema.lock";
+
+/// The exclusive lock of an output directory (Note [Output directory lock]). Move-only.
+class OutputDirLock {
+ public:
+  /// prepare_output_dir, then takes the lock and removes what interrupted saves left
+  /// (remove_interrupted_saves). Throws InvalidArgument naming the directory and the pid of the
+  /// run that holds it ("output directory out is in use by another run (pid 1234); ...").
+  static OutputDirLock acquire(const std::filesystem::path& out_dir);
+
+  OutputDirLock(OutputDirLock&&) noexcept = default;
+  OutputDirLock& operator=(OutputDirLock&&) noexcept = default;
+  OutputDirLock(const OutputDirLock&) = delete;
+  OutputDirLock& operator=(const OutputDirLock&) = delete;
+  ~OutputDirLock() = default;  // closing the file releases the lock
+
+  const std::filesystem::path& dir() const noexcept { return dir_; }
+  /// The temporaries that acquire() removed.
+  const std::vector<std::filesystem::path>& removed() const noexcept { return removed_; }
+
+ private:
+  OutputDirLock(std::filesystem::path dir, UniqueFd fd) : dir_(std::move(dir)), fd_(std::move(fd)) {}
+
+  std::filesystem::path dir_;
+  UniqueFd fd_;
+  std::vector<std::filesystem::path> removed_;
+};
+
+/// Removes from `out_dir` (not its subdirectories) the temporaries that a killed save leaves,
+/// and nothing else: `.partial-checkpoint-<N>-<pid>`, `.partial-old-checkpoint-<N>-<pid>`,
+/// `.partial-probe-<pid>`, and `.<file>.tmp-<pid>-<n>` of `latest`, adapter_model.safetensors
+/// and adapter_config.json (io::is_temporary_of). Only safe while holding the directory's lock.
+/// Returns what it removed.
+std::vector<std::filesystem::path> remove_interrupted_saves(const std::filesystem::path& out_dir);
 
 /// "checkpoint-<step>"
 std::string checkpoint_name(std::int64_t step);

@@ -21,6 +21,7 @@
 
 #include "lema/trainer/adapter.hpp"
 #include "lema/trainer/token_batches.hpp"
+#include "lema/trainer/train_state.hpp"
 #include "lema/trainer/train_options.hpp"
 #include "lema/trainer/trainable_model.hpp"
 
@@ -44,10 +45,13 @@ struct StepResult {
 
 class Trainer {
  public:
-  /// Validates `options` (and that `data` was packed with options.batch and seq_len), creates
-  /// options.out_dir and proves it writable, and seeds torch's generators. Throws
-  /// InvalidArgument naming the setting. `model` must outlive the Trainer.
-  Trainer(TrainableModel& model, TokenBatches data, TrainOptions options, RunIdentity identity);
+  /// Validates `options` (and that `data` was packed with options.batch and seq_len), takes
+  /// options.out_dir's lock for the Trainer's life (OutputDirLock::acquire, unless `lock`
+  /// already holds it: a caller may lock before its slower preparations), and seeds torch's
+  /// generators. Throws InvalidArgument naming the setting, or the run holding the directory.
+  /// `model` must outlive the Trainer.
+  Trainer(TrainableModel& model, TokenBatches data, TrainOptions options, RunIdentity identity,
+          std::optional<OutputDirLock> lock = std::nullopt);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -87,11 +91,16 @@ class Trainer {
  private:
   struct Optimizer;
 
+  /// Throws when `saved` (read from dir) disagrees with its directory's name or with itself
+  /// (the data position a step implies).
+  void check_consistent(const TrainState& saved, const std::filesystem::path& dir) const;
+
   TrainableModel& model_;
   TokenBatches data_;
   TrainOptions options_;
   RunIdentity identity_;
   std::vector<std::pair<std::string, at::Tensor>> params_;
+  std::optional<OutputDirLock> lock_;
   std::unique_ptr<Optimizer> optimizer_;
   std::int64_t step_ = 0;
   std::int64_t last_saved_step_ = -1;
