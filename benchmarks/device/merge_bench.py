@@ -1,36 +1,38 @@
-"""Merges one device_bench run (its --only parts) into OUT_DIR's device_bench.json and .md.
+"""Writes OUT_DIR's device_bench.json and .md from the device_bench runs kept in RUNS_DIR.
 
-    python3 merge_bench.py RUN_DIR OUT_DIR REHEARSAL(0|1)
+    python3 merge_bench.py RUNS_DIR OUT_DIR REHEARSAL(0|1)
 
-The bandwidth and the Pager passes run as separate phases of run.sh, each with its own cut-off;
-OUT_DIR keeps one JSON and one table for both (only eight files come back from the device).
+The bandwidth (RUNS_DIR/bench_h2d_vmm) and the Pager passes (RUNS_DIR/bench_pager) run as
+separate phases of run.sh, each with its own cut-off, possibly in separate calls (--resume);
+OUT_DIR gets one JSON and one table for both (only eight files come back from the device).
 """
 import json
 import pathlib
 import sys
 
+PARTS = ["bench_h2d_vmm", "bench_pager"]
 NOTE = ("**CPU rehearsal against the fake CUDA driver: these are host memcpy/mmap costs, not GPU "
         "figures.**\n\n")
 
 
 def main():
-    run, out, rehearsal = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3] == "1"
-    new = json.loads((run / "device_bench.json").read_text())
-    merged_json = out / "device_bench.json"
-    merged = json.loads(merged_json.read_text()) if merged_json.exists() else {}
-    merged.update(new)
+    runs, out, rehearsal = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3] == "1"
+    merged, tables = {}, []
+    for part in PARTS:
+        run = runs / part
+        if not (run / "device_bench.json").exists():
+            continue
+        merged.update(json.loads((run / "device_bench.json").read_text()))
+        table = (run / "device_bench.md").read_text()
+        tables.append(table if not tables else table.split("\n", 1)[1])  # one device line
+    if not tables:
+        sys.exit(f"merge_bench: no device_bench run in {runs}")
     if rehearsal:
         merged["rehearsal"] = "fake CUDA driver: not GPU figures"
-    merged_json.write_text(json.dumps(merged, indent=2) + "\n")
-
-    table = (run / "device_bench.md").read_text()
-    merged_md = out / "device_bench.md"
-    if merged_md.exists():  # the device line is there already
-        table = merged_md.read_text() + table.split("\n", 1)[1]
-    elif rehearsal:
-        table = NOTE + table
-    merged_md.write_text(table)
-    print(f"merged {sorted(new)} into {merged_json}")
+        tables.insert(0, NOTE)
+    (out / "device_bench.json").write_text(json.dumps(merged, indent=2) + "\n")
+    (out / "device_bench.md").write_text("".join(tables))
+    print(f"device_bench.json: {', '.join(k for k in ('h2d', 'vmm', 'vmm_run', 'pager') if k in merged)}")
 
 
 if __name__ == "__main__":

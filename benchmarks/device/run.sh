@@ -22,7 +22,11 @@
 #                     rehearsal reuses the main build); otherwise DIR is configured and built
 #   --debs DIR        the .debs to unpack into a prefix and build against (default: debs/ beside
 #                     this script on the GPU machine; none in a rehearsal without this option)
-#   --phases A,B      run only these phases (a second call on the same warm machine)
+#   --phases A,B      run only these phases
+#   --resume          run again what the last call on this build folder did not finish (failed,
+#                     timed out, skipped for the deadline or a failed input, never reached), and
+#                     the table: the second call on the same warm machine. The build, the model,
+#                     the runs' step logs and the bandwidth figures of the first call are reused
 #   --list-phases     print the phase names and exit
 # Environment: LEMA_PYTHON (default: `command -v python3`, made absolute), LEMA_DEVICE_JOBS,
 # LEMA_DEVICE_BUILD_CMD (a command taking BUILD_DIR TARGET... in place of ninja).
@@ -41,7 +45,7 @@ PHASES=(environment deps configure build_core ctest_gpu bandwidth build_torch ct
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-rehearsal=0 build_given="" debs_dir="" budget=540 only="" out_arg=""
+rehearsal=0 build_given="" debs_dir="" budget=540 only="" out_arg="" resume=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu-rehearsal) rehearsal=1 ;;
@@ -49,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     --debs) debs_dir="${2:?--debs needs a folder}"; shift ;;
     --budget) budget="${2:?--budget needs seconds}"; shift ;;
     --phases) only=",${2:?--phases needs a list},"; shift ;;
+    --resume) resume=1 ;;
     --list-phases) printf '%s\n' "${PHASES[@]}"; exit 0 ;;
     -*) echo "run.sh: unknown option $1 (see the comment at the top of $0)" >&2; exit 2 ;;
     *) [[ -z "$out_arg" ]] || { echo "run.sh: one OUT_DIR only" >&2; exit 2; }; out_arg="$1" ;;
@@ -56,7 +61,7 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 if [[ -z "$out_arg" || ! "$budget" =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 [--cpu-rehearsal] [--budget SECONDS] [--build-dir DIR] [--debs DIR] [--phases A,B] OUT_DIR" >&2
+  echo "usage: $0 [--cpu-rehearsal] [--budget SECONDS] [--build-dir DIR] [--debs DIR] [--phases A,B | --resume] OUT_DIR" >&2
   exit 2
 fi
 if [[ -n "$only" ]]; then
@@ -90,9 +95,30 @@ if [[ $rehearsal -eq 1 ]]; then
   # The fake driver stands in for libcuda.so.1 in every CUDA phase below.
   export LEMA_CUDA_DRIVER="$build/tests/libfake_cuda_driver.so"
 fi
-# The generated model stays in the build folder, which a warm device machine keeps between calls.
+# The generated model, the runs' step logs and the bandwidth figures stay in the build folder,
+# which a warm device machine keeps between calls (--resume); a fresh call starts them anew.
 model="$build/device-model"
-export out work build repo here python jobs rehearsal model debs_dir build_given
+runs="$build/device-runs"
+declare -A last
+if [[ $resume -eq 1 ]]; then
+  if [[ ! -f "$runs/status" ]]; then
+    echo "run.sh: --resume: no earlier call recorded in $runs" >&2
+    exit 2
+  fi
+  while IFS=$'\t' read -r p st; do last[$p]="$st"; done < "$runs/status"
+  only=","
+  for p in "${PHASES[@]}"; do
+    case "${last[$p]:-not reached}" in
+      ok|"skipped: no GPU"|"skipped: build folder given"|"skipped: the system's packages"*) ;;
+      *) only+="$p," ;;
+    esac
+  done
+  [[ "$only" == *",train_table,"* ]] || only+="train_table,"
+else
+  rm -rf "$runs"
+fi
+mkdir -p "$runs"
+export out work build repo here python jobs rehearsal model runs debs_dir build_given
 export LEMA_DEVICE_BUILD_CMD="${LEMA_DEVICE_BUILD_CMD:-}"
 log() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
@@ -151,13 +177,19 @@ write_summary() {
 }
 
 pack_logs() {  # every log of this run in one archive (only eight files come back)
-  tar -czf "$out/logs.tar.gz.tmp" -C "$work" . 2> /dev/null &&
+  tar -czf "$out/logs.tar.gz.tmp" -C "$work" . -C "$build" device-runs 2> /dev/null &&
     mv "$out/logs.tar.gz.tmp" "$out/logs.tar.gz"
 }
 
 record() {  # phase status seconds note
   status[$1]="$2" secs[$1]="$3" note[$1]="$4"
   log "$1: $2${4:+ ($4)}"
+  if [[ "$2" != "skipped: not selected" ]]; then  # what --resume reads
+    last[$1]="$2"
+    for p in "${PHASES[@]}"; do
+      [[ -n "${last[$p]:-}" ]] && printf '%s\t%s\n' "$p" "${last[$p]}"
+    done > "$runs/status"
+  fi
   write_summary
   pack_logs
 }
@@ -188,14 +220,14 @@ phase() {
   timeout --kill-after=5 "$limit" bash -c '"$@"' _ "$@" > "$work/$name.log" 2>&1
   rc=$?
   local took=$(( $(date +%s) - t0 ))
-  local last
-  last="$(grep -v '^[[:space:]]*$' "$work/$name.log" | tail -1 | cut -c1-300)"
+  local said
+  said="$(grep -v '^[[:space:]]*$' "$work/$name.log" | tail -1 | cut -c1-300)"
   if [[ $rc -eq 0 ]]; then
-    record "$name" ok "$took" "$last"
+    record "$name" ok "$took" "$said"
   elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
-    record "$name" "timed out" "$took" "cut off after ${limit}s: $last"
+    record "$name" "timed out" "$took" "cut off after ${limit}s: $said"
   else
-    record "$name" failed "$took" "exit $rc: $last"
+    record "$name" failed "$took" "exit $rc: $said"
   fi
   [[ $rc -eq 0 ]]
 }
@@ -321,11 +353,11 @@ ctest_body() {  # ctest arguments...
 }
 
 bench_body() {  # parts, device_bench arguments...
-  local parts=$1 dir="$work/bench_${1//,/_}"
+  local parts=$1 dir="$runs/bench_${1//,/_}"
   shift
   rm -rf "$dir" && mkdir -p "$dir"
   "$build/benchmarks/device/device_bench" "$dir" --only "$parts" "$@" || return 1
-  "$python" "$here/merge_bench.py" "$dir" "$out" "$rehearsal"
+  "$python" "$here/merge_bench.py" "$runs" "$out" "$rehearsal"
 }
 
 gen_body() {  # lema gen arguments...
@@ -343,8 +375,9 @@ gen_body() {  # lema gen arguments...
 train_body() {  # name, lema train arguments...
   local name=$1 adapter="$work/adapter"
   shift
+  rm -f "$runs/train_$name.jsonl"
   "$build/tools/lema" train --model "$model" --out "$adapter" \
-    --log-json "$work/train_$name.jsonl" "$@"
+    --log-json "$runs/train_$name.jsonl" "$@"
   local rc=$?
   rm -rf "$adapter"
   [[ $rc -eq 0 ]] && grep -h "^done:" "$work/train_$name.log" | tail -1
@@ -352,7 +385,11 @@ train_body() {  # name, lema train arguments...
 }
 
 table_body() {
-  "$python" "$here/train_table.py" "$work" --bench "$out/device_bench.json" \
+  # A resumed call has the first call's bandwidth in the build folder, not yet in OUT_DIR.
+  if compgen -G "$runs/bench_*/device_bench.json" > /dev/null; then
+    "$python" "$here/merge_bench.py" "$runs" "$out" "$rehearsal" || return 1
+  fi
+  "$python" "$here/train_table.py" "$runs" --bench "$out/device_bench.json" \
     --json "$out/train_steps.json" > "$out/train_steps.md" || return 1
   if [[ $rehearsal -eq 1 ]]; then
     sed -i '1i **CPU rehearsal: these runs ran on the CPU, not a GPU.**\n' "$out/train_steps.md"
@@ -392,15 +429,16 @@ else
   else
     skip deps "the system's packages (a rehearsal without --debs)"
   fi
+  # A build cannot hang: its cut-off is the budget (a loaded machine builds slowly).
   phase configure "$(need 20)" 300 "" configure_body
-  phase build_core "$(need 60)" 600 configure build_core_body
+  phase build_core "$(need 60)" "$budget" configure build_core_body
 fi
 phase ctest_gpu "$(need 20)" 300 build_core ctest_body -L 'gpu|conformance' -LE torch
 phase bandwidth "$(need 30)" 180 build_core bench_body h2d,vmm "${bench_h2d[@]}"
 if [[ -n "$build_given" ]]; then
   record build_torch "skipped: build folder given" 0 "$build"
 else
-  phase build_torch "$(need 120)" 600 configure build_torch_body
+  phase build_torch "$(need 120)" "$budget" configure build_torch_body
 fi
 phase ctest_torch "$(need 20)" 300 build_torch ctest_body -L torch -L gpu
 phase gen_model "$(need 30)" 300 build_core gen_body "${shape[@]}"
@@ -420,17 +458,21 @@ gpu_run() {  # the runs that need a GPU's memory: none in the rehearsal
 # beyond its weights (activations, workspace, context), sampled with nvidia-smi.
 used_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 2> /dev/null | head -1; }
 idle="" sampler=""
-if [[ $rehearsal -eq 0 ]]; then idle=$(used_mib || true); fi
-if [[ "$idle" =~ ^[0-9]+$ ]]; then
-  (while true; do used_mib; sleep 0.2; done) > "$work/train_resident_used_mib.txt" 2> /dev/null &
+if [[ $rehearsal -eq 0 && ( -z "$only" || "$only" == *",train_resident,"* ) ]]; then
+  idle=$(used_mib || true)
+fi
+if [[ "$idle" =~ ^[0-9]+$ ]]; then  # the first line is the idle figure
+  (echo "$idle"; while true; do used_mib; sleep 0.2; done) > "$runs/train_resident_used_mib.txt" 2> /dev/null &
   sampler=$!
 fi
 run train_resident 150 "${big[@]}" --budget unlimited
 if [[ -n "$sampler" ]]; then kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null; fi
 extra_mib=16384 cap_why="no nvidia-smi sample of the resident run: 16 GiB assumed"
-if [[ "${status[train_resident]}" == ok && -s "$work/train_resident_used_mib.txt" ]]; then
-  peak=$(grep -E '^[0-9]+$' "$work/train_resident_used_mib.txt" | sort -n | tail -1)
-  extra_mib=$(( ${peak:-0} - idle - (${model_bytes:-0} >> 20) ))
+samples="$runs/train_resident_used_mib.txt"
+if usable train_resident && [[ -s "$samples" && "$(head -1 "$samples")" =~ ^[0-9]+$ ]]; then
+  idle=$(head -1 "$samples")
+  peak=$(grep -E '^[0-9]+$' "$samples" | sort -n | tail -1)
+  extra_mib=$(( peak - idle - (${model_bytes:-0} >> 20) ))
   cap_why="resident run peaked at ${peak} MiB, ${idle} MiB idle"
 fi
 if (( extra_mib < 1024 )); then  # a failed or odd resident run must not make the cap negative
@@ -439,7 +481,7 @@ if (( extra_mib < 1024 )); then  # a failed or odd resident run must not make th
 fi
 cap="$(( (half >> 20) + extra_mib ))MiB"
 echo "device memory cap for the paged runs: $cap (half the weights $((half >> 20)) MiB; $cap_why)" |
-  tee "$work/train_cap.txt"
+  tee "$runs/train_cap.txt"
 
 run train_half 150 "${big[@]}" --budget "$half" \
   $([[ $rehearsal -eq 0 ]] && echo --device-memory-cap "$cap")
