@@ -10,7 +10,7 @@
 #   logs.tar.gz                every phase's log, the build's, the runs' --log-json files
 # and prints the tables and the summary last on stdout (the device returns its tail).
 #
-#   benchmarks/device/run.sh --budget 540 OUT_DIR                  # on the GPU machine
+#   benchmarks/device/run.sh --budget 450 OUT_DIR                  # on the GPU machine (README)
 #   benchmarks/device/run.sh --cpu-rehearsal --budget 300 OUT_DIR  # here: the fake CUDA driver
 #
 # Options:
@@ -281,6 +281,13 @@ deps_body() {
     echo "no .deb files in $debs_dir: run benchmarks/device/fetch_debs.sh where there is network, and carry benchmarks/device/debs"
     return 1
   fi
+  # The same packages unpacked by an earlier call are kept: fresh files would rebuild everything.
+  local stamp
+  stamp="$(cd "$debs_dir" && ls -l ./*.deb | awk '{print $5, $NF}')"
+  if [[ -f "$prefix/.debs" && "$(cat "$prefix/.debs")" == "$stamp" ]]; then
+    echo "reused the ${#debs[@]} packages unpacked in $prefix"
+    return 0
+  fi
   rm -rf "$prefix" && mkdir -p "$prefix"
   for deb in "${debs[@]}"; do
     if command -v dpkg-deb > /dev/null && [[ -z "${LEMA_DEVICE_NO_DPKG:-}" ]]; then
@@ -294,6 +301,7 @@ deps_body() {
     t="$(readlink "$l")"
     if [[ "$t" == /* && -e "$prefix$t" ]]; then ln -sfn "$prefix$t" "$l"; fi
   done
+  echo "$stamp" > "$prefix/.debs"
   echo "unpacked ${#debs[@]} packages into $prefix"
 }
 
@@ -430,6 +438,9 @@ else
     skip deps "the system's packages (a rehearsal without --debs)"
   fi
   # A build cannot hang: its cut-off is the budget (a loaded machine builds slowly).
+  # The unpacked spdlog and fmt libraries, for the built tools and tests to load at run time.
+  multiarch="$build/deps/usr/lib/x86_64-linux-gnu"
+  if [[ -d "$multiarch" ]]; then export LD_LIBRARY_PATH="$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
   phase configure "$(need 20)" 300 "" configure_body
   phase build_core "$(need 60)" "$budget" configure build_core_body
 fi
