@@ -7,7 +7,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test demo sanitize asan tsan fuzz bench format clean
+.PHONY: all setup configure build test demo sanitize asan tsan fuzz bench format clean device-rehearsal
 
 all: build
 
@@ -48,8 +48,19 @@ tsan: setup
 fuzz: setup
 	@bash scripts/fuzz.sh
 
+# The device run (benchmarks/device/run.sh) rehearsed here in full: the .debs unpacked into a
+# prefix (the system's /usr ignored by the find calls), a fresh build with torch on, the CUDA
+# phases against the fake driver. By hand, not in CI (a full build); the ctest `device_rehearsal`
+# runs the short one on the main build. BUDGET as the device call's --budget.
+BUDGET ?= 3600
+device-rehearsal: setup
+	@ls benchmarks/device/debs/*.deb >/dev/null 2>&1 || bash benchmarks/device/fetch_debs.sh
+	@LEMA_PYTHON=$(PY) LEMA_DEVICE_BUILD_DIR=$(CURDIR)/build-device-rehearsal \
+	  bash benchmarks/device/run.sh --cpu-rehearsal --debs benchmarks/device/debs \
+	  --budget $(BUDGET) out/device-rehearsal
+
 format:
 	@git ls-files '*.cpp' '*.hpp' | xargs clang-format -i
 
 clean:
-	rm -rf $(BUILD) build-asan build-tsan build-fuzz
+	rm -rf $(BUILD) build-asan build-tsan build-fuzz build-device-rehearsal

@@ -56,6 +56,11 @@ endif()
 
 # libtorch from the torch wheel of LEMA_PYTHON (torch.utils.cmake_prefix_path).
 set(LEMA_HAVE_TORCH OFF)
+if(LEMA_PYTHON AND NOT EXISTS "${LEMA_PYTHON}")
+  # LEMA_PYTHON is a FILEPATH: a bare name (python3) has become a path under the working directory.
+  message(WARNING "LEMA_PYTHON='${LEMA_PYTHON}' does not exist: pass an absolute path, "
+                  "e.g. -DLEMA_PYTHON=$(command -v python3)")
+endif()
 if(NOT LEMA_WITH_TORCH STREQUAL "OFF")
   if(LEMA_PYTHON)
     execute_process(COMMAND ${LEMA_PYTHON} -c "import torch.utils; print(torch.utils.cmake_prefix_path)"

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Downloads, on a Debian 12 machine with network, the .deb files run.sh unpacks on the GPU machine
 # (which has no network and no Debian packages): the build's header and library dependencies
-# that a PyTorch + CUDA image lacks. Not committed (debs/ is ignored).
+# that a PyTorch + CUDA image lacks. Not committed (debs/ is ignored); the device call carries
+# benchmarks/device/debs (about 12 MiB; a call carries at most 64 MiB).
 #
 #   benchmarks/device/fetch_debs.sh        # into benchmarks/device/debs/
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$here/debs"
 cd "$here/debs"
-# What configure finds (cmake/LemaDependencies.cmake, tests/CMakeLists.txt) and the runtime's
-# Boost.Interprocess headers; liburing and SentencePiece are optional and left out.
+# What configure finds (cmake/LemaDependencies.cmake, tests/CMakeLists.txt), the shared
+# libraries spdlog and fmt need at run time, and the runtime's Boost.Interprocess headers;
+# liburing and SentencePiece are optional and left out.
 packages=(
   nlohmann-json3-dev
   libcli11-dev
@@ -19,5 +21,12 @@ packages=(
   zlib1g-dev zlib1g
   libboost1.74-dev
 )
+rm -f ./*.deb
 apt-get download "${packages[@]}"
-ls -1 "$here/debs"
+ls -l ./*.deb
+total=$(du -cb ./*.deb | tail -1 | cut -f1)
+echo "total $((total >> 20)) MiB in $here/debs"
+if (( total > 60 << 20 )); then
+  echo "fetch_debs: more than 60 MiB: the device call carries at most 64 MiB" >&2
+  exit 1
+fi

@@ -1,12 +1,16 @@
 """The LoRA step-time table of the device run, from the runs' --log-json files.
 
-    python3 train_table.py OUT_DIR > OUT_DIR/train_steps.md
+    python3 train_table.py RUNS_DIR [--bench device_bench.json] [--json train_steps.json] > train_steps.md
+
+RUNS_DIR holds the runs' train_NAME.jsonl files; --bench defaults to RUNS_DIR/device_bench.json;
+--json also writes each run's figures (null for a run without a result).
 
 Each row: the median step time after the first (warm-up) step, its ratio to the resident run of
 the same step size, and for paged runs the PCIe floor: the pages filled per step times the page
 size over the pinned H2D bandwidth that device_bench measured (its cudaMemcpyAsync baseline).
 A step cannot be shorter than max(resident step, floor); "x bound" is the ratio to that.
 """
+import argparse
 import json
 import pathlib
 import statistics
@@ -27,7 +31,12 @@ def load(out, name):
     f = out / f"train_{name}.jsonl"
     if not f.exists():
         return None
-    steps = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    steps = []
+    for line in f.read_text().splitlines():
+        try:
+            steps.append(json.loads(line))
+        except ValueError:  # the last line of a run cut off while writing it
+            pass
     later = steps[1:] or steps  # the first step warms up
     if not later:
         return None
@@ -47,9 +56,14 @@ def load(out, name):
 
 
 def main():
-    out = pathlib.Path(sys.argv[1])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs_dir")
+    ap.add_argument("--bench", help="device_bench.json (default: RUNS_DIR/device_bench.json)")
+    ap.add_argument("--json", help="also write the figures of each run here")
+    args = ap.parse_args()
+    out = pathlib.Path(args.runs_dir)
     gbps = None
-    bench = out / "device_bench.json"
+    bench = pathlib.Path(args.bench) if args.bench else out / "device_bench.json"
     if bench.exists():
         h2d = json.loads(bench.read_text()).get("h2d", [])
         if h2d:
@@ -63,7 +77,7 @@ def main():
     for name, base_name, what in ROWS:
         r, base = runs[name], runs[base_name]
         if r is None:
-            print(f"| {name} | {what} | failed or timed out | | | | | | | |")
+            print(f"| {name} | {what} | no result (see the summary) | | | | | | | |")
             continue
         ratio = f"{r['step_s'] / base['step_s']:.3f}" if base else ""
         floor = r["fills"] * r["page_size"] / (gbps * 1e9) if gbps else None
@@ -73,6 +87,9 @@ def main():
         print(f"| {name} | {what} | {r['step_s']:.3f} | {ratio} | {r['fills']:.0f} | "
               f"{floor_text} | {bound_text} | {r['tokens'] / r['step_s']:.0f} | "
               f"{r['read'] / 2**30:.2f} | {r['peak'] / 2**30:.2f} |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(
+            {"h2d_baseline_gbps": gbps, "runs": runs}, indent=2) + "\n")
     uvm = [(name, r) for name, r in runs.items() if r and r["uvm"]]
     if uvm:
         print("\n| run | UVM counters | GPU faults/step | migrated to device GiB/step |")
