@@ -1,0 +1,245 @@
+// A checkpoint that cannot be read (truncated while in use, EIO) gives every reader one named
+// io::ReadError: never a signal, a hang, or a prefetcher retrying the bad page forever. A
+// watchdog turns a regression into a failure instead of a hung test.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "lema/io/errors.hpp"
+#include "lema/runtime/pager.hpp"
+#include "pager_fixture.hpp"
+#include "test_backends.hpp"
+
+namespace lema::test {
+namespace {
+
+using runtime::Lease;
+using runtime::PageId;
+using runtime::Pager;
+using runtime::PagerOptions;
+
+/// Ends the process with a failure when a test has not finished in `seconds`: a regression to a
+/// hang or a spin fails the test run instead of blocking it.
+class Watchdog {
+ public:
+  explicit Watchdog(int seconds) {
+    thread_ = std::thread([this, seconds] {
+      std::unique_lock lock(mutex_);
+      if (!cv_.wait_for(lock, std::chrono::seconds(seconds), [&] { return done_; })) {
+        std::fprintf(stderr, "watchdog: %s still running after %d s (hang or spin)\n",
+                     ::testing::UnitTest::GetInstance()->current_test_info()->name(), seconds);
+        std::_Exit(3);
+      }
+    });
+  }
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mutex_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+constexpr int kWatchdogSeconds = 120;
+
+std::vector<char> whole_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// Rewrites the file in place (same inode, so open descriptors see it).
+void rewrite(const std::filesystem::path& path, const std::vector<char>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::in | std::ios::out);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+// Holds every read of one file region until opened, counting them; then lets them run.
+struct GateOnRegion : io::FaultInjector {
+  std::uint32_t file = 0;
+  std::uint64_t begin = 0, end = 0;
+  std::atomic<int> calls{0};
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool open = false;
+
+  std::optional<long> inject(std::uint32_t f, std::uint64_t offset, std::uint64_t length) override {
+    if (f != file || offset >= end || offset + length <= begin) return std::nullopt;
+    ++calls;
+    std::unique_lock lock(mutex);
+    cv.wait(lock, [&] { return open; });
+    return std::nullopt;
+  }
+  void let_through() {
+    {
+      std::lock_guard lock(mutex);
+      open = true;
+    }
+    cv.notify_all();
+  }
+};
+
+// Counts reads of one file region and fails them with EIO while `on`.
+struct CountingFailure : io::FaultInjector {
+  std::uint32_t file = 0;
+  std::uint64_t begin = 0, end = 0;
+  std::atomic<bool> on{false};
+  std::atomic<int> failed{0};
+  std::optional<long> inject(std::uint32_t f, std::uint64_t offset, std::uint64_t length) override {
+    if (!on || f != file || offset >= end || offset + length <= begin) return std::nullopt;
+    ++failed;
+    return -EIO;
+  }
+};
+
+// Several threads acquire a page whose file is truncated while the first one fills it: all of
+// them get the fill's named error, from the one fill (no waiter reads the page again), none
+// hangs; the page is absent with its chunk free; the next acquire reads again and fails the same
+// way while the file is short, and gets the right bytes once it is whole again.
+TEST(ReadFailure, EveryWaiterOfAFailedFillGetsItsErrorOnce) {
+  Watchdog watchdog(kWatchdogSeconds);
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
+  const auto& t = *m.space.layout().find("model.layers.2.mlp.down_proj.weight");
+  const std::filesystem::path file = m.space.layout().files()[t.file];
+  const PageId page = m.space.page_of(m.space.base() + t.offset + t.nbytes / 2);
+  auto gate = std::make_shared<GateOnRegion>();
+  gate->file = t.file;
+  gate->begin = t.file_offset;
+  gate->end = t.file_offset + t.nbytes;
+  PagerOptions opt;
+  opt.budget_bytes = 4 * kPage;
+  opt.reader.kind = io::IoKind::pread;
+  opt.reader.direct = false;
+  opt.reader.fault_injector = gate;
+  Pager pager(m.space, opt);
+  const std::vector<char> original = whole_file(file);
+  std::filesystem::resize_file(file, t.file_offset);  // after the pager opened it
+
+  constexpr int kThreads = 4;
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        Lease l = pager.acquire_pages({page, 1});
+        errors[i] = "no error";
+      } catch (const io::ReadError& e) {
+        EXPECT_EQ(std::filesystem::path(e.file()), file);
+        errors[i] = e.what();
+      } catch (const std::exception& e) {
+        errors[i] = std::string("another error: ") + e.what();
+      }
+    });
+  }
+  // The first acquirer is held in its read, the others wait for its fill (counted as hits).
+  while (gate->calls.load() == 0 || pager.stats().hits < kThreads - 1)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  gate->let_through();
+  for (auto& th : threads) th.join();
+
+  for (const std::string& what : errors) {
+    EXPECT_NE(what.find(file.string()), std::string::npos) << what;
+    EXPECT_NE(what.find("changed under us"), std::string::npos) << what;
+  }
+  auto st = pager.stats();
+  EXPECT_EQ(st.faults, 1u) << "a waiter read the page again instead of taking the fill's error";
+  EXPECT_EQ(st.resident_bytes, 0u);
+  EXPECT_FALSE(pager.is_resident(page));
+  // The chunk went back: the whole budget is usable.
+  { Lease l = pager.acquire_pages({0, 4}); }
+
+  // The next acquire reads again, and fails again while the file is short.
+  EXPECT_THROW((void)pager.acquire_pages({page, 1}), io::ReadError);
+  EXPECT_EQ(pager.stats().faults, 6u);  // 1 + the four pages above + this one
+  rewrite(file, original);
+  check_tensor(pager, m, t, /*whole=*/false);
+}
+
+// With the trace policy's prefetcher on, a page that fails to read is tried by the prefetcher at
+// most once (it is dropped from the prediction, not retried after every access), quiesce()
+// returns (nothing spins), every acquire of the page gets the named error, and once the file
+// reads again the page does too.
+TEST(ReadFailure, PrefetcherDoesNotRetryAFailedPage) {
+  Watchdog watchdog(kWatchdogSeconds);
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2));
+  const auto n = static_cast<PageId>(m.pages());
+  ASSERT_GE(n, 8u);
+  const PageId bad = n / 2;
+  const runtime::FillExtent extent = m.space.layout().extents(bad).front();
+  auto failure = std::make_shared<CountingFailure>();
+  failure->file = extent.file;
+  failure->begin = extent.file_offset;
+  failure->end = extent.file_offset + extent.length;
+  PagerOptions opt;
+  opt.budget_bytes = 5 * kPage;
+  opt.policy = runtime::PolicyKind::trace;
+  opt.reader.kind = io::IoKind::pread;
+  opt.reader.direct = false;
+  opt.reader.fault_injector = failure;
+  Pager pager(m.space, opt);
+
+  std::vector<PageId> step;  // forward, then backward
+  for (PageId p = 0; p < n; ++p) step.push_back(p);
+  for (PageId p = n; p-- > 0;) step.push_back(p);
+  int acquires_of_bad = 0, errors_of_bad = 0;
+  auto run_pass = [&] {
+    for (PageId p : step) {
+      try {
+        if (p == bad) ++acquires_of_bad;
+        Lease l = pager.acquire_pages({p, 1});
+        pager.release(std::move(l));
+      } catch (const io::ReadError& e) {
+        EXPECT_EQ(p, bad);
+        EXPECT_EQ(std::filesystem::path(e.file()), m.space.layout().files()[extent.file]);
+        ++errors_of_bad;
+      }
+      pager.quiesce();  // hangs while the prefetcher retries the page in a loop
+    }
+  };
+  for (int pass = 0; pass < 4; ++pass) run_pass();  // the policy learns the period
+  ASSERT_GT(pager.stats().prefetches_issued, 0u);
+  const std::size_t events_before = pager.events().snapshot().size();
+  acquires_of_bad = 0;
+  failure->on = true;
+  for (int pass = 0; pass < 3; ++pass) run_pass();
+
+  EXPECT_EQ(errors_of_bad, acquires_of_bad);
+  const auto events = pager.events().snapshot();
+  ASSERT_LT(events.size(), pager.events().capacity());  // nothing was overwritten
+  int prefetches_of_bad = 0;
+  for (std::size_t i = events_before; i < events.size(); ++i)
+    if (events[i].kind == runtime::EventKind::prefetch_issued && events[i].first_page == bad)
+      ++prefetches_of_bad;
+  EXPECT_LE(prefetches_of_bad, 1);
+  EXPECT_LE(failure->failed.load(), acquires_of_bad + 1);
+
+  failure->on = false;
+  for (const auto& t : m.space.layout().tensors()) {
+    if (t.offset <= bad * m.page_size() + extent.page_offset &&
+        bad * m.page_size() + extent.page_offset < t.offset + t.nbytes)
+      check_tensor(pager, m, t, /*whole=*/false);
+  }
+  EXPECT_TRUE(pager.is_resident(bad));
+}
+
+}  // namespace
+}  // namespace lema::test
