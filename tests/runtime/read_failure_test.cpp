@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "lema/io/errors.hpp"
+#include "lema/runtime/mapped_checkpoint.hpp"
 #include "lema/runtime/pager.hpp"
 #include "pager_fixture.hpp"
 #include "test_backends.hpp"
@@ -240,6 +241,55 @@ TEST(ReadFailure, PrefetcherDoesNotRetryAFailedPage) {
   }
   EXPECT_TRUE(pager.is_resident(bad));
 }
+
+// A checkpoint file truncated after open: read_tensor gives the same named read error in guard
+// and fault mode (fault mode used to poison the page and the visit got SIGSEGV), the page is
+// left absent, not poisoned, and once the file is whole again the same read gives its bytes.
+class MappedReadFailure : public ::testing::TestWithParam<runtime::ResidencyMode> {};
+
+TEST_P(MappedReadFailure, TruncatedFileIsANamedReadErrorAndReadsAgainOnceWhole) {
+  Watchdog watchdog(kWatchdogSeconds);
+  TempDir dir("read-failure");
+  const std::filesystem::path path = write_model(dir.path(), ModelShape{});
+  runtime::MappedCheckpointOptions options;
+  options.budget_bytes = std::uint64_t{4} << 20;
+  options.mode = GetParam();
+  options.prefetch = false;
+  options.reader.kind = io::IoKind::pread;
+  options.reader.direct = false;
+  auto mapped = runtime::MappedCheckpoint::open(path, options);
+  if (GetParam() == runtime::ResidencyMode::fault && mapped->mode() != GetParam())
+    GTEST_SKIP() << mapped->fallback_reason();
+  const io::TensorInfo& t = mapped->checkpoint().at("lm_head.weight");
+  const std::vector<char> original = whole_file(path);
+  std::filesystem::resize_file(path, t.offset + t.nbytes / 2);
+
+  auto bytes_of = [&] {
+    std::vector<std::byte> got;
+    mapped->read_tensor(t.name, [&](const std::byte* data, std::uint64_t bytes) {
+      got.insert(got.end(), data, data + bytes);
+    });
+    return got;
+  };
+  try {
+    (void)bytes_of();
+    FAIL() << "no error";
+  } catch (const io::ReadError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(std::filesystem::path(e.file()), path) << what;
+    EXPECT_NE(what.find("offset"), std::string::npos) << what;
+    EXPECT_NE(what.find("changed under us"), std::string::npos) << what;
+  }
+  rewrite(path, original);
+  EXPECT_EQ(bytes_of(), file_bytes(mapped->checkpoint(), t));
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, MappedReadFailure,
+                         ::testing::Values(runtime::ResidencyMode::guard,
+                                           runtime::ResidencyMode::fault),
+                         [](const auto& info) {
+                           return std::string(runtime::residency_mode_name(info.param));
+                         });
 
 }  // namespace
 }  // namespace lema::test
