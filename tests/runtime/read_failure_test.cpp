@@ -1,8 +1,11 @@
-// A checkpoint that cannot be read (truncated while in use, EIO) gives every reader one named
-// io::ReadError: never a signal, a hang, or a prefetcher retrying the bad page forever. A
-// watchdog turns a regression into a failure instead of a hung test.
+// A checkpoint that cannot be read (truncated while in use, EIO) gives every acquirer and every
+// read_tensor one named io::ReadError: never a hang, a prefetcher retrying the bad page forever,
+// or a signal (only fault-mode code reading the addresses directly gets one, after the error is
+// logged). A watchdog turns a regression into a failure instead of a hung test.
 #include <gtest/gtest.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <atomic>
 #include <chrono>
@@ -282,6 +285,31 @@ TEST_P(MappedReadFailure, TruncatedFileIsANamedReadErrorAndReadsAgainOnceWhole) 
   }
   rewrite(path, original);
   EXPECT_EQ(bytes_of(), file_bytes(mapped->checkpoint(), t));
+}
+
+// Code that reads a fault-mode tensor's address directly cannot be handed an error: it gets
+// SIGSEGV at the page, but only after the error naming the file was logged.
+TEST(ReadFailure, FaultModeDirectReaderSeesTheErrorLoggedBeforeTheSignal) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  TempDir dir("read-failure");
+  const std::filesystem::path path = write_model(dir.path(), ModelShape{});
+  runtime::MappedCheckpointOptions options;
+  options.budget_bytes = std::uint64_t{4} << 20;
+  options.mode = runtime::ResidencyMode::fault;
+  options.reader.kind = io::IoKind::pread;
+  options.reader.direct = false;
+  auto mapped = runtime::MappedCheckpoint::open(path, options);
+  if (mapped->mode() != runtime::ResidencyMode::fault) GTEST_SKIP() << mapped->fallback_reason();
+  const io::TensorInfo& t = mapped->checkpoint().at("lm_head.weight");
+  std::filesystem::resize_file(path, t.offset + t.nbytes / 2);
+  const std::byte* last = mapped->tensor(t.name).data + t.nbytes - 1;
+  EXPECT_EXIT(
+      {
+        ::dup2(2, 1);  // the log goes to stdout; the death test matches stderr
+        [[maybe_unused]] volatile std::byte b = *last;
+      },
+      ::testing::KilledBySignal(SIGSEGV),
+      "filling page [0-9]+: .*model\\.safetensors.*changed under us");
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, MappedReadFailure,
