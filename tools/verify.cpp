@@ -1,10 +1,13 @@
 // `lema verify`: streams every tensor of a checkpoint through the address space under a budget
 // and prints each tensor's CRC32 (zlib's), with the pager's counters.
+#include <fcntl.h>
+#include <unistd.h>
 #include <zlib.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -14,8 +17,10 @@
 
 #include "commands.hpp"
 #include "lema/base/error.hpp"
+#include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
 #include "lema/io/checkpoint.hpp"
+#include "lema/io/errors.hpp"
 #include "lema/runtime/address_space.hpp"
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/layout.hpp"
@@ -60,6 +65,53 @@ std::string hex32(std::uint32_t v) {
   return buf;
 }
 
+// Note [Blame on a changed CRC]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A tensor whose CRC differs between passes is either a file modified while verifying or a
+// pager that returned wrong bytes. The tensor is then read again straight from its file (pread,
+// no pager): bytes that differ from the first pass blame the file, and only a file that still
+// holds the first pass's bytes blames the pager.
+std::uint32_t file_crc(const io::Checkpoint& ckpt, const io::TensorInfo& t) {
+  const std::string path = ckpt.files()[t.file].path.string();
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd)
+    throw io::ReadError(path, t.offset, t.nbytes, errno,
+                        "reopening it to check tensor '" + t.name + "'");
+  std::vector<std::byte> buf(std::size_t{4} << 20);
+  auto crc = static_cast<std::uint32_t>(crc32(0L, Z_NULL, 0));
+  std::uint64_t done = 0;
+  while (done < t.nbytes) {
+    const auto want =
+        static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), t.nbytes - done));
+    const ssize_t n = ::pread(fd.get(), buf.data(), want, static_cast<off_t>(t.offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      throw io::ReadError(path, t.offset + done, want, n < 0 ? errno : 0,
+                          "checking tensor '" + t.name +
+                              "' in the file: it changed on disk "
+                              "while verifying");
+    crc = static_cast<std::uint32_t>(
+        crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(n)));
+    done += static_cast<std::uint64_t>(n);
+  }
+  return crc;
+}
+
+[[noreturn]] void throw_crc_changed(const io::Checkpoint& ckpt, const std::string& name,
+                                    std::uint32_t first, std::uint32_t now) {
+  const io::TensorInfo& t = ckpt.at(name);
+  const std::uint32_t in_file = file_crc(ckpt, t);
+  const std::string path = ckpt.files()[t.file].path.string();
+  if (in_file != first)
+    throw Error(path + ": tensor '" + name + "' changed on disk between passes (CRC32 " +
+                hex32(first) + " in the first pass, " + hex32(in_file) +
+                " in the file now): the file was modified while verifying; verify it again "
+                "once nothing writes it");
+  throw Error("tensor '" + name + "': CRC32 changed between passes (" + hex32(first) + " then " +
+              hex32(now) + ") while " + path + " still holds " + hex32(in_file) +
+              ": the pager returned different bytes");
+}
+
 int run_verify(const VerifyArgs& a) {
   runtime::MappedCheckpointOptions options;
   options.budget_bytes = parse_size(a.budget, "--budget");
@@ -88,8 +140,7 @@ int run_verify(const VerifyArgs& a) {
             crc32(crc, reinterpret_cast<const Bytef*>(data), static_cast<uInt>(n)));
       });
       if (pass > 0 && crc != crcs[i])
-        throw Error("tensor '" + names[i] + "': CRC32 changed between passes (" + hex32(crcs[i]) +
-                    " then " + hex32(crc) + "): the pager returned different bytes");
+        throw_crc_changed(mapped->checkpoint(), names[i], crcs[i], crc);
       crcs[i] = crc;
     }
     mapped->mark_step();

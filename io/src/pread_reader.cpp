@@ -19,7 +19,10 @@ class PreadReader final : public Reader {
   PreadReader(std::vector<std::filesystem::path> files, const ReaderOptions& options)
       : files_(std::move(files)), options_(options) {
     fds_.reserve(files_.size());
-    for (const auto& f : files_) fds_.push_back(open_for_read(f));
+    for (const auto& f : files_) {
+      fds_.push_back(open_for_read(f));
+      stamps_.push_back(stamp_of(fds_.back().get()));
+    }
     try {
       for (unsigned i = 0; i < options_.threads; ++i) threads_.emplace_back([this] { work(); });
     } catch (...) {
@@ -114,11 +117,14 @@ class PreadReader final : public Reader {
           counters_.retries.fetch_add(1, std::memory_order_relaxed);
           continue;
         }
-        throw ReadError(files_[p.file].string(), offset, length, err,
-                        p.retries >= kMaxRetries ? "still failing after many retries" : "");
+        throw ReadError(
+            files_[p.file].string(), offset, length, err,
+            read_error_detail(fd, stamps_[p.file], false,
+                              p.retries >= kMaxRetries ? "still failing after many retries" : ""));
       }
       if (n == 0) {
-        throw ReadError(files_[p.file].string(), offset, length, 0, end_of_file_detail(fd));
+        throw ReadError(files_[p.file].string(), offset, length, 0,
+                        read_error_detail(fd, stamps_[p.file], true, ""));
       }
       p.retries = 0;
       p.done += static_cast<std::uint64_t>(n);
@@ -128,6 +134,7 @@ class PreadReader final : public Reader {
 
   std::vector<std::filesystem::path> files_;
   std::vector<UniqueFd> fds_;
+  std::vector<FileStamp> stamps_;  // the files as opened
   ReaderOptions options_;
   StatsCounters counters_;
 

@@ -138,11 +138,30 @@ UniqueFd open_for_read(const std::filesystem::path& path, int extra_flags) {
   return UniqueFd(fd);
 }
 
-std::string end_of_file_detail(int fd) {
+FileStamp stamp_of(int fd) noexcept {
   struct stat st {};
-  const std::string now =
-      ::fstat(fd, &st) == 0 ? "it is now " + std::to_string(st.st_size) + " bytes long; " : "";
-  return now + "was the file truncated or replaced after it was opened?";
+  if (::fstat(fd, &st) != 0) return {};
+  return {true, static_cast<std::uint64_t>(st.st_size),
+          static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec};
+}
+
+std::string read_error_detail(int fd, const FileStamp& at_open, bool end_of_file,
+                              const std::string& detail) {
+  const FileStamp now = stamp_of(fd);
+  std::string out = detail;
+  auto add = [&out](const std::string& part) { out += (out.empty() ? "" : "; ") + part; };
+  if (at_open.known && now.known &&
+      (now.size != at_open.size || now.mtime_ns != at_open.mtime_ns)) {
+    add("the file changed under us: it was " + std::to_string(at_open.size) +
+        " bytes when opened and is now " + std::to_string(now.size) + " bytes" +
+        (now.mtime_ns != at_open.mtime_ns ? ", modified since" : "") +
+        "; it was truncated or rewritten while in use: let whatever writes it finish, then "
+        "start again");
+  } else if (end_of_file) {
+    add("the file is " + (now.known ? std::to_string(now.size) + " bytes, " : std::string()) +
+        "shorter than its header says; was it truncated or replaced after it was opened?");
+  }
+  return out;
 }
 
 }  // namespace detail

@@ -87,6 +87,7 @@ class UringReader final : public Reader {
     fds_.reserve(files_.size());
     for (const auto& f : files_) {
       fds_.push_back(open_for_read(f));
+      stamps_.push_back(stamp_of(fds_.back().get()));
       UniqueFd direct;
       if (options_.direct) {
         // EINVAL: the file system does not do O_DIRECT (tmpfs on older kernels, some FUSE).
@@ -317,8 +318,8 @@ class UringReader final : public Reader {
         requeue(slot_index);
         return;
       }
-      fail(slot_index,
-           ReadError(name(p), offset, length, -res, "still failing after many retries"));
+      fail(slot_index, ReadError(name(p), offset, length, -res,
+                                 changed_detail(p, false, "still failing after many retries")));
       return;
     }
     if (res == -EINVAL && slot.mode != Mode::buffered) {
@@ -329,8 +330,9 @@ class UringReader final : public Reader {
       return;
     }
     if (res < 0) {
-      fail(slot_index, ReadError(name(p), offset, length, -res,
-                                 slot.mode == Mode::buffered ? "" : "O_DIRECT read"));
+      fail(slot_index,
+           ReadError(name(p), offset, length, -res,
+                     changed_detail(p, false, slot.mode == Mode::buffered ? "" : "O_DIRECT read")));
       return;
     }
     std::uint64_t got = static_cast<std::uint64_t>(res);
@@ -339,8 +341,7 @@ class UringReader final : public Reader {
       std::memcpy(p.dest + p.done, bounce(slot_index) + slot.head, got);
     }
     if (got == 0) {
-      fail(slot_index,
-           ReadError(name(p), offset, length, 0, end_of_file_detail(fds_[p.file].get())));
+      fail(slot_index, ReadError(name(p), offset, length, 0, changed_detail(p, true, "")));
       return;
     }
     p.retries = 0;
@@ -377,11 +378,16 @@ class UringReader final : public Reader {
   }
 
   std::string name(const ReadPiece& p) const { return files_[p.file].string(); }
+  std::string changed_detail(const ReadPiece& p, bool end_of_file,
+                             const std::string& detail) const {
+    return read_error_detail(fds_[p.file].get(), stamps_[p.file], end_of_file, detail);
+  }
 
   // Declaration order is teardown order reversed: the ring goes before the buffers and files.
   std::vector<std::filesystem::path> files_;
   ReaderOptions options_;
   std::vector<UniqueFd> fds_;         // buffered
+  std::vector<FileStamp> stamps_;     // the files as opened
   std::vector<UniqueFd> direct_fds_;  // O_DIRECT, or empty where refused
   bool any_direct_ = false;
   AlignedBytes bounce_;

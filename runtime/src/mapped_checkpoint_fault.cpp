@@ -10,8 +10,18 @@
 // read_only, the first write to a page is refused (the writer gets SIGSEGV, the error names
 // the page's tensors), except where the kernel lacks userfaultfd write protection: no write
 // can be seen there, so it is kept as in a writable checkpoint.
+//
+// Note [Reads that can fail]: a thread whose fault cannot be filled (a file truncated or
+// rewritten while in use, EIO) cannot be handed an error and gets SIGSEGV at the page (Note
+// [Fill errors] in uffd_region.cpp). read_tensor_range() therefore makes each page of the range
+// resident through UffdRegion::prefetch(), which throws the fill's io::ReadError, before it
+// visits that page, so its callers (lema verify) get the same named read error as in guard
+// mode. Code that reads the tensors' addresses directly still gets the signal; the error naming
+// the file is logged first. One race remains: another thread's fault may evict a page between
+// its prefetch and the visit, and the visit's own fault may then fail like a direct read.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -109,7 +119,17 @@ class FaultCheckpoint final : public MappedCheckpoint {
       std::string_view name, std::uint64_t offset, std::uint64_t bytes,
       const std::function<void(const std::byte*, std::uint64_t)>& visit) override {
     const TensorAddress t = checked_range(name, offset, bytes);
-    visit(t.data + offset, bytes);
+    // Page by page (Note [Reads that can fail]): one page is always within the budget.
+    const std::uint64_t page = layout_.page_size();
+    std::uint64_t done = 0;
+    while (done < bytes) {
+      const std::byte* at = t.data + offset + done;
+      const auto pos = static_cast<std::uint64_t>(at - region_.data());
+      const std::uint64_t n = std::min(bytes - done, page - pos % page);
+      make_resident(static_cast<PageId>(pos / page));
+      visit(at, n);
+      done += n;
+    }
     if (auto err = region_.first_error(); !err.empty()) throw Error(err);
   }
 
@@ -121,7 +141,8 @@ class FaultCheckpoint final : public MappedCheckpoint {
   PagerStats stats() const override {
     const UffdRegion::Stats r = region_.stats();
     PagerStats s;
-    s.faults = r.faults;
+    // Pages read_tensor_range() made resident ahead of its visit are faults it served.
+    s.faults = r.faults + r.prefetches;
     s.evictions = r.evictions;
     s.bytes_read = bytes_read_.load(std::memory_order_relaxed);
     s.stall_ns = stall_ns_.load(std::memory_order_relaxed);
@@ -152,6 +173,16 @@ class FaultCheckpoint final : public MappedCheckpoint {
   }
 
   // Runs on the handler thread under the region's lock.
+  // Throws the fill's error instead of letting the visit's fault poison the page.
+  void make_resident(PageId page) {
+    try {
+      region_.prefetch(page);
+    } catch (const io::ReadError& e) {
+      throw io::ReadError(e);  // a copy this thread owns: the reader's threads hold the original
+    }
+  }
+
+  // Runs under the region's lock, on the handler thread or in make_resident().
   void fill(PageId page, std::byte* staging) {
     const std::uint64_t start = now_ns();
     {

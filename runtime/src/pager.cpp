@@ -265,9 +265,12 @@ const char* Pager::policy_name() const noexcept {
 void publish_fills(Pager::State& s, std::span<const FillClaim> claims) {
   for (const FillClaim& c : claims) {
     PageEntry& e = s.pages[c.page];
+    ++e.fills_done;
+    e.fill_error = c.error;
+    e.fill_failed = static_cast<bool>(c.error);
     if (c.error) {
-      // The page stays unmapped and its chunk goes back to the free list; a later acquire
-      // retries the read.
+      // The page stays unmapped and its chunk goes back to the free list; its waiters get the
+      // error and a later acquire retries the read (Note [Failed fills]).
       e.state = PageState::absent;
       e.prefetched = false;
       s.chunk_owner[c.chunk] = kNoPage;
@@ -279,6 +282,14 @@ void publish_fills(Pager::State& s, std::span<const FillClaim> claims) {
       if (!c.ready.trivially_complete()) e.fences.push_back(c.ready);
       s.policy->on_resident(c.page);
     }
+  }
+}
+
+void rethrow_fill_error(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const io::ReadError& e) {
+    throw io::ReadError(e);
   }
 }
 

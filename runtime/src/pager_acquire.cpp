@@ -7,6 +7,17 @@
 // the only way to wait forever is a caller holding other leases (see pager.hpp), and the case
 // where the calling thread's own leases make the request impossible is refused with a
 // BudgetError.
+//
+// Note [Failed fills]
+// ~~~~~~~~~~~~~~~~~~~
+// A fill fails when the checkpoint cannot be read (EIO, or a file truncated or rewritten while
+// in use). Its page goes back to absent with its chunk freed, and the error is kept with the
+// page, numbered by the page's count of published fills. Every acquirer that found the page
+// being filled (on any thread) waits for exactly that fill and fails with its error: once, and
+// without reading the page again, so a file that stays bad cannot keep waiters reading it in
+// turn. The prefetcher leaves a page whose last fill failed alone (prefetcher.cpp) until a fill
+// of it succeeds; the next acquire that finds the page absent reads it again, and fails again
+// with the same error if the file is still bad.
 #include <algorithm>
 #include <string>
 
@@ -125,9 +136,11 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
   std::vector<PageId> ready, fenced;
   std::vector<FillClaim> to_fill;
   std::vector<PageId> to_wait;
+  std::vector<std::uint32_t> fills_seen;  // per page of to_wait: its fills_done when claimed
   for (;;) {
     to_fill.clear();
     to_wait.clear();
+    fills_seen.clear();
     std::uint64_t stall_start = 0;
     std::unique_lock lock(s.mutex);
     // Phase 1: wait until every chunk this request needs can be claimed at once.
@@ -189,6 +202,7 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
           }
           record_event(s, EventKind::hit, p, 1, 0, now, 0);
           to_wait.push_back(p);
+          fills_seen.push_back(e.fills_done);
           break;
         case PageState::absent: {
           const std::uint32_t chunk = take_chunk(s, ready);
@@ -228,14 +242,21 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
       if (wake) s.changed.notify_all();
     }
 
-    // Phase 4: pages others were filling.
+    // Phase 4: pages others were filling. Note [Failed fills]: each is waited for until the
+    // fill it found is published; when that fill failed, this acquire fails with its error.
     bool lost = false;
+    std::exception_ptr waited_error;
     if (!to_wait.empty()) {
       const std::uint64_t start = now_ns();
       std::unique_lock relock(s.mutex);
-      for (PageId p : to_wait) {
-        wait_changed(s, relock, [&] { return s.pages[p].state != PageState::filling; });
-        if (s.pages[p].state != PageState::resident) lost = true;  // that fill failed
+      for (std::size_t i = 0; i < to_wait.size() && !waited_error; ++i) {
+        const PageEntry& e = s.pages[to_wait[i]];
+        wait_changed(s, relock, [&] { return e.fills_done != fills_seen[i]; });
+        if (e.state == PageState::resident) continue;
+        if (e.fill_error)
+          waited_error = e.fill_error;
+        else
+          lost = true;  // not resident without an error: fill it here
       }
       relock.unlock();
       const std::uint64_t took = now_ns() - start;
@@ -250,17 +271,17 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
                    stall_start, took);
     }
 
-    if (error) {
+    if (error || waited_error) {
       release_pins(lease, Fence{});
-      std::rethrow_exception(error);
+      rethrow_fill_error(error ? error : waited_error);
     }
     if (!lost) {
       // Host-visible pools are filled in place: nothing can still be on its way.
       if (copies_to_device(s)) wait_until_ready(s, pages, consumer);
       return lease;
     }
-    // Another thread's fill of one of our pages failed: drop everything and start over, so
-    // this acquire fills the page itself (and reports the error if it persists).
+    // One of our pages is neither resident nor failed: drop everything and start over, so this
+    // acquire fills the page itself.
     release_pins(lease, Fence{});
   }
 }

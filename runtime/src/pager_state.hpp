@@ -51,6 +51,13 @@ struct PageEntry {
   // The fill's copy to a device chunk, until seen complete: an acquirer makes its consumer
   // queue wait for it (or waits on the host). Always complete for host-visible pools.
   Fence ready;
+  // Note [Failed fills]: fills of this page published so far, and the error of the last one
+  // (null when it succeeded). An acquirer waiting for another thread's fill waits for the count
+  // to move and gets that fill's error instead of filling the page again itself.
+  std::uint32_t fills_done = 0;
+  std::exception_ptr fill_error;
+  // The last fill failed: the prefetcher leaves the page alone until a fill of it succeeds.
+  bool fill_failed = false;
 };
 
 /// A page given a chunk to fill, and the outcome.
@@ -149,8 +156,12 @@ void retire_copies(Pager::State& s, std::size_t keep) noexcept;
 
 // ---- pager_acquire.cpp / pager.cpp (caller holds State::mutex) ----
 
-/// Publishes the outcome of fills: resident pages, or absent with the chunk freed.
+/// Publishes the outcome of fills: resident pages, or absent with the chunk freed and the error
+/// kept for the fill's waiters (Note [Failed fills]).
 void publish_fills(Pager::State& s, std::span<const FillClaim> claims);
+/// Throws a copy of a fill's error, owned by the calling thread (a read error is shared by every
+/// waiter of the fill that failed).
+[[noreturn]] void rethrow_fill_error(const std::exception_ptr& error);
 /// Needs no lock (the ring and the publisher are lock-free); CUPTI's records arrive through it.
 void record_event(Pager::State& s, EventKind kind, PageId first, std::uint32_t count,
                   std::uint64_t bytes, std::uint64_t start_ns, std::uint64_t duration_ns);

@@ -6,6 +6,12 @@
 // now costs no extra fetch (in particular its next use is later than the page's). At the first
 // page without such a victim the prefetcher stops. Prefetching thus fetches what MIN fetches,
 // only earlier.
+//
+// A predicted page whose last fill failed is skipped (Note [Failed fills]): retrying it after
+// every access would read a bad file in a loop. The failure is logged once; the page is read
+// again by the next acquire of it.
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 
 #include "pager_state.hpp"
@@ -23,7 +29,7 @@ std::vector<FillClaim> claim_predictions(Pager::State& s) {
   for (PageId p : predicted) {
     if (p >= s.pages.size()) continue;
     PageEntry& e = s.pages[p];
-    if (e.state != PageState::absent) continue;
+    if (e.state != PageState::absent || e.fill_failed) continue;
     std::uint32_t chunk;
     if (!s.free_chunks.empty()) {
       chunk = s.free_chunks.back();
@@ -80,9 +86,21 @@ void run_prefetcher(Pager::State& s) {
     fill_and_map(s, claims, FillOrigin::prefetch);
     const std::uint64_t took = now_ns() - start;
     for (const FillClaim& c : claims) {
-      if (!c.error)
+      if (!c.error) {
         record_event(s, EventKind::prefetch_done, c.page, 1, s.layout->page_fill_bytes(c.page),
                      start, took);
+        continue;
+      }
+      try {
+        std::rethrow_exception(c.error);
+      } catch (const std::exception& e) {
+        spdlog::warn(
+            "prefetch of page {} failed: {}; it is not prefetched again until it is read "
+            "when used",
+            c.page, e.what());
+      } catch (...) {
+        spdlog::warn("prefetch of page {} failed", c.page);
+      }
     }
 
     lock.lock();

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -113,6 +114,7 @@ struct UffdRegion::State {
   mutable std::mutex mutex;  // guards everything below; callbacks run under it
   std::vector<std::uint8_t> resident;
   std::vector<std::uint8_t> dirty;  // written since installed (wp only)
+  std::vector<std::uint8_t> poisoned;  // made inaccessible by a failed fill (Note [Fill errors])
   std::vector<PageId> fill_order;  // resident pages, oldest fill first
   Stats stats;
   std::string first_error;
@@ -206,10 +208,14 @@ struct UffdRegion::State {
   // A faulting thread cannot be handed an error: it waits in the kernel until its page exists.
   // Installing anything but the page's bytes would show wrong bytes at its address, so a failed
   // fill makes the page inaccessible instead and wakes the thread, which then gets SIGSEGV at
-  // that address; the error is kept for first_error(). Callers that can fail softly read
-  // through guard mode.
+  // that address; the error is kept for first_error() and logged first, so that the user sees
+  // which file failed before the signal. Callers that can fail softly make a page resident
+  // through prefetch() before touching it: there a fill error is thrown to the caller and the
+  // page stays absent, not poisoned (MappedCheckpoint::read_tensor_range in fault mode does so
+  // page by page). A later successful fill of a poisoned page (a prefetch) makes it accessible
+  // again.
   void poison(PageId page) noexcept {
-    ::mprotect(page_address(page), options.page_size, PROT_NONE);
+    if (::mprotect(page_address(page), options.page_size, PROT_NONE) == 0) poisoned[page] = 1;
     try {
       wake(page);
     } catch (...) {
@@ -225,12 +231,21 @@ struct UffdRegion::State {
       options.fill(page, staging.data());
     } catch (const std::exception& e) {
       if (!for_fault) throw;
-      record_error("filling page " + std::to_string(page) + ": " + e.what());
+      const std::string what = "filling page " + std::to_string(page) + ": " + e.what();
+      spdlog::error(
+          "{}; the thread that touched the page gets SIGSEGV (fault mode cannot hand "
+          "it an error)",
+          what);
+      record_error(what);
       poison(page);
       return false;
     }
     // A write waiting on a missing page: installed writable and dirty at once, saving the
     // write-protect fault that would follow (unless writes are refused: it then comes).
+    if (poisoned[page] != 0) {
+      LEMA_SYS_TRY(::mprotect(page_address(page), options.page_size, PROT_READ | PROT_WRITE));
+      poisoned[page] = 0;
+    }
     const bool written = wp && for_write && !options.refuse_write;
     copy_in(page, written);
     dirty[page] = written ? 1 : 0;
@@ -356,6 +371,7 @@ UffdRegion::UffdRegion(Options options) : state_(std::make_unique<State>()) {
   s.options = std::move(options);
   s.resident.assign(s.options.page_count, 0);
   s.dirty.assign(s.options.page_count, 0);
+  s.poisoned.assign(s.options.page_count, 0);
 
   OpenedUffd opened = open_uffd();
   if (!opened.fd) throw SystemError(explain(opened.error), opened.error);

@@ -400,11 +400,33 @@ TEST_P(ReaderTest, FileTruncatedAfterOpenIsAnEndOfFileError) {
   } catch (const ReadError& e) {
     EXPECT_EQ(e.code(), 0);
     EXPECT_EQ(e.file(), path.string());
-    EXPECT_NE(std::string(e.what()).find("end of file"), std::string::npos) << e.what();
+    const std::string what = e.what();
+    EXPECT_NE(what.find("end of file"), std::string::npos) << what;
+    // The file is blamed, with both sizes: it changed under the reader.
+    EXPECT_NE(what.find("changed under us"), std::string::npos) << what;
+    EXPECT_NE(what.find(std::to_string(1_MiB + 100) + " bytes when opened and is now " +
+                        std::to_string(300_KiB + 5) + " bytes"),
+              std::string::npos)
+        << what;
   }
   // What is still there reads fine.
   reader->read({{0, 0, 300_KiB + 5, buffer.at(1)}});
   EXPECT_EQ(first_mismatch(buffer.at(1), 0, 0, 300_KiB + 5), -1);
+}
+
+TEST_P(ReaderTest, ReadPastTheEndOfAnUnchangedFileSaysItIsShorterThanItsHeaderSays) {
+  const fs::path path = *dir_ / (std::string("short_") + GetParam().name + ".bin");
+  write_pattern_file(path, 0, 300_KiB + 5);
+  OPEN_OR_SKIP(reader, options(), {path});
+  Buffer buffer(1_MiB);
+  try {
+    reader->read({{0, 0, 1_MiB, buffer.at(0)}});
+    FAIL() << "expected a ReadError";
+  } catch (const ReadError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("shorter than its header says"), std::string::npos) << what;
+    EXPECT_EQ(what.find("changed under us"), std::string::npos) << what;
+  }
 }
 
 TEST_P(ReaderTest, BadRequestsAreRejectedAtSubmit) {

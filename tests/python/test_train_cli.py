@@ -14,6 +14,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -213,6 +214,45 @@ def test_killed_run_leaves_a_loadable_checkpoint(model, corpus, tmp_path):
     lema("train", "--model", model, "--data", corpus, "--out", out, "--steps",
          json.loads((latest / "trainer_state.json").read_text())["step"] + 1, "--seq-len", 32,
          "--batch", 2, "--budget", BUDGET, "--resume", "--threads", 1)
+
+
+def read_bytes(pid):
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_checkpoint_truncated_while_training_is_one_error(model, corpus, tmp_path):
+    # The default trace policy prefetches: its prefetcher used to retry the page that failed to
+    # read forever, and the step waiting for that page spun with it.
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    weights = sorted(copy.glob("*.safetensors"))
+    total = sum(w.stat().st_size for w in weights)
+    args = ["train", "--model", copy, "--data", corpus, "--out", tmp_path / "out", "--steps",
+            1000000, "--seq-len", 32, "--batch", 2, "--budget", BUDGET, "--threads", 1]
+    proc = subprocess.Popen([LEMA, *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LEMA_IO": "pread"})
+    # A budget of a third of the model reads the weights about twice per step: after ten times
+    # their size, the trace policy has learned the step and prefetches.
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and read_bytes(proc.pid) < 10 * total:
+        time.sleep(0.02)
+    victim = weights[-1]
+    os.truncate(victim, victim.stat().st_size // 2)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("lema train did not exit within 120 s of its checkpoint being truncated")
+    assert proc.returncode == 1, err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    assert str(victim) in lines[0] and "changed under us" in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -3,11 +3,15 @@ zlib's CRC32 of the bytes the reference `safetensors` package reads, in every mo
 policy, and the peak resident bytes must stay within the budget."""
 import json
 import os
+import shutil
 import subprocess
+import time
 import zlib
 
 import pytest
 from safetensors import safe_open
+
+from conftest import read_header
 
 LEMA = os.environ.get("LEMA_BIN", "lema")
 
@@ -52,3 +56,99 @@ def test_budget_smaller_than_a_page_is_one_line_error(model):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "1 MiB" in lines[0] and "2 MiB" in lines[0]
+
+
+# ------------------------------------------------------- files that change while being read
+#
+# The checkpoint is changed once `lema verify` has read it twice over (its read bytes, from
+# /proc/<pid>/io, counted with LEMA_IO=pread): the first pass is then complete, and with a budget
+# of one page every pass reads every page again.
+
+def read_bytes(pid):
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def start_and_wait_for_reads(args, nbytes):
+    proc = subprocess.Popen([LEMA, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "LEMA_IO": "pread"})
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if read_bytes(proc.pid) >= nbytes:
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
+    return proc
+
+
+def finish(proc):
+    """(status, the stderr lines that start with 'error:'); a run that does not end in time is
+    killed and fails the test (a hang or a spin)."""
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("lema did not exit within 120 s after its checkpoint changed (hang or spin)")
+    return proc.returncode, err, [l for l in err.splitlines() if l.startswith("error:")]
+
+
+def model_copy(model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    return copy
+
+
+def fault_mode_available(model):
+    out = subprocess.run([LEMA, "verify", str(model), "--budget", "64MiB", "--mode", "fault",
+                          "--json"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)["stats"]["mode"] == "fault"
+
+
+@pytest.mark.parametrize("mode", ["guard", "fault"])
+def test_file_truncated_while_verifying_is_one_named_read_error(model, tmp_path, mode):
+    if mode == "fault" and not fault_mode_available(model):
+        pytest.skip("userfaultfd is not available here")
+    copy = model_copy(model, tmp_path)
+    shards = sorted(copy.glob("*.safetensors"))
+    total = sum(s.stat().st_size for s in shards)
+    proc = start_and_wait_for_reads(["verify", copy, "--budget", "2MiB", "--mode", mode,
+                                     "--passes", 1000000], 2 * total)
+    victim = shards[-1]
+    os.truncate(victim, victim.stat().st_size // 2)
+    status, err, errors = finish(proc)
+    assert status == 1, err  # fault mode used to die of SIGSEGV in the reader of the page
+    assert len(errors) == 1, err
+    assert str(victim) in errors[0] and "offset" in errors[0], errors[0]
+    assert "changed under us" in errors[0], errors[0]
+
+
+def test_file_modified_between_passes_is_blamed_on_the_file(model, tmp_path):
+    copy = model_copy(model, tmp_path)
+    shards = sorted(copy.glob("*.safetensors"))
+    total = sum(s.stat().st_size for s in shards)
+    proc = start_and_wait_for_reads(["verify", copy, "--budget", "2MiB", "--order", "layer",
+                                     "--passes", 1000000], 2 * total)
+    # The embedding comes first in layer order: its first pass is long done.
+    name = "model.embed_tokens.weight"
+    for shard in shards:
+        n, header = read_header(shard)
+        if name in header:
+            begin = 8 + n + header[name]["data_offsets"][0]
+            with open(shard, "r+b") as f:
+                f.seek(begin)
+                old = f.read(4096)
+                f.seek(begin)
+                f.write(bytes(b ^ 0xFF for b in old))
+            break
+    status, err, errors = finish(proc)
+    assert status == 1, err
+    assert len(errors) == 1, err
+    assert str(shard) in errors[0], errors[0]
+    assert f"tensor '{name}' changed on disk between passes" in errors[0], errors[0]
+    assert "the pager returned different bytes" not in errors[0], errors[0]

@@ -63,7 +63,22 @@ struct StatsCounters {
 /// Consecutive EAGAIN/EINTR results after which a piece is failed instead of retried again.
 inline constexpr unsigned kMaxRetries = 1000;
 
-/// The ReadError detail for a read that found the end of the file before the wanted bytes.
-std::string end_of_file_detail(int fd);
+/// What a file was when the reader opened it. A failed read compares the file with it, so that
+/// the error can blame a file that was truncated or rewritten while in use ("changed under us")
+/// instead of the disk or the checkpoint's header.
+struct FileStamp {
+  bool known = false;  // fstat succeeded at open
+  std::uint64_t size = 0;
+  std::int64_t mtime_ns = 0;
+};
+
+/// fstat of `fd`; `known` is false when it fails.
+FileStamp stamp_of(int fd) noexcept;
+
+/// The ReadError detail of a failed read of `fd`, opened as `at_open`: `detail` (may be empty),
+/// then whether the file changed since it was opened. A read that found the end of the file
+/// (`end_of_file`) in an unchanged file says the file is shorter than its header says.
+std::string read_error_detail(int fd, const FileStamp& at_open, bool end_of_file,
+                              const std::string& detail);
 
 }  // namespace lema::io::detail

@@ -101,12 +101,15 @@ class UffdRegion {
   /// Drops `page` (MADV_DONTNEED) so that its next touch faults again. No-op when not resident.
   void evict(PageId page);
   /// Fills `page` now on the calling thread (evicting first when the budget is full) so that its
-  /// first touch does not fault. Returns false when it was already resident.
+  /// first touch does not fault. Returns false when it was already resident. A fill error is
+  /// thrown here and leaves the page absent (not poisoned); a page an earlier fault poisoned is
+  /// accessible again once this succeeds.
   bool prefetch(PageId page);
   bool is_resident(PageId page) const;
   Stats stats() const;
-  /// The first error a fill callback threw, empty if none. The faulting thread of a failed fill
-  /// gets SIGSEGV at the page (Note [Fill errors] in uffd_region.cpp).
+  /// The first error a fill callback threw for a fault, empty if none. The faulting thread of a
+  /// failed fill gets SIGSEGV at the page, after the error was logged (Note [Fill errors] in
+  /// uffd_region.cpp).
   std::string first_error() const;
 
   struct State;

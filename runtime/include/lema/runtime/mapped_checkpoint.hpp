@@ -106,8 +106,11 @@ class MappedCheckpoint {
   /// The tensor's fixed address. Throws InvalidArgument naming the tensor when absent.
   virtual TensorAddress tensor(std::string_view name) const = 0;
   /// Calls `visit` with the tensor's bytes at its model address, in order, in pieces that fit
-  /// the budget (guard mode pins each piece while it is visited; fault mode reads the address
-  /// directly and lets the handler fill what is missing).
+  /// the budget (guard mode pins each piece while it is visited; fault mode visits page by page,
+  /// each made resident first). A checkpoint file that cannot be read (EIO, truncated or
+  /// rewritten while in use) throws io::ReadError naming the file and offset, in both modes; in
+  /// fault mode, code that reads a tensor's address directly gets SIGSEGV instead, after the
+  /// error is logged.
   void read_tensor(std::string_view name,
                    const std::function<void(const std::byte*, std::uint64_t)>& visit) {
     read_tensor_range(name, 0, tensor(name).nbytes, visit);
