@@ -10,6 +10,7 @@
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -293,3 +294,28 @@ def test_budget_too_small_names_the_op(model, corpus, tmp_path):
 def test_generate_rejects_ids_outside_the_vocabulary(model):
     expect_error(["generate", "--model", model, "--prompt-ids", "1,99999", "--max-new-tokens",
                   1], "99999")
+
+
+def test_budget_error_is_one_line_with_the_pages_and_the_smallest_budget(model, corpus, tmp_path):
+    for args in (base_args(model, corpus, tmp_path / "out")[:-2] + ["--budget", "2MiB"],
+                 ["generate", "--model", model, "--prompt-ids", "1,40,41", "--max-new-tokens", 1,
+                  "--budget", "2MiB"]):
+        proc = lema(*args, check=False)
+        assert proc.returncode == 1, proc.stderr
+        # The error is the last line and one line: no libtorch stack frames after it (train
+        # prints what it opened before).
+        lines = proc.stderr.strip().splitlines()
+        errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        assert errors == [len(lines) - 1], proc.stderr
+        assert "frame #" not in proc.stderr and "Exception raised" not in proc.stderr
+        lines = lines[-1:]
+        m = re.search(r"they span (\d+) pages of 2 MiB \((\d+) MiB\) but the budget holds 1 page "
+                      r"\(2 MiB\); the smallest budget that works is (\d+) MiB \((\d+) bytes\): "
+                      r"raise the budget \(--budget\) to at least that", lines[0])
+        assert m, lines[0]
+        pages = int(m.group(1))
+        assert pages >= 2 and int(m.group(2)) == int(m.group(3)) == 2 * pages
+        assert int(m.group(4)) == pages << 21
+        # 2 MiB is the smallest page: no smaller one is offered; no Python or C++ setting names.
+        assert "page size" not in lines[0] and "budget=" not in lines[0], lines[0]
+        assert "budget_bytes" not in lines[0], lines[0]

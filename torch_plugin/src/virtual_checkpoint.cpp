@@ -134,6 +134,7 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
   mapped_options.mode = options.mode;
   mapped_options.prefetch = options.prefetch;
   mapped_options.huge_pages = options.huge_pages;
+  mapped_options.setting_names = options.setting_names;
   auto state = std::make_shared<detail::CheckpointState>();
   state->device = options.device;
   state->mapped = runtime::MappedCheckpoint::open(path, mapped_options);

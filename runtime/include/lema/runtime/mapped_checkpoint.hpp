@@ -69,6 +69,8 @@ struct MappedCheckpointOptions {
   /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
   std::uint64_t host_cache_bytes = 0;
   io::ReaderOptions reader;
+  /// How budget and page-size errors name these settings to the user (see SettingNames).
+  SettingNames setting_names;
 };
 
 class MappedCheckpoint {

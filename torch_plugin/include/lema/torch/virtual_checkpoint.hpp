@@ -48,6 +48,9 @@ struct Options {
   runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
   bool prefetch = true;
   bool huge_pages = false;  // the pool from the system's huge pages (guard mode only)
+  // How budget errors (at open and from the guard) name the budget and page size: the command
+  // line passes "--budget", Python "budget="; C++ callers keep the field names.
+  runtime::SettingNames setting_names;
 };
 
 namespace detail {
