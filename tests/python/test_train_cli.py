@@ -319,3 +319,55 @@ def test_budget_error_is_one_line_with_the_pages_and_the_smallest_budget(model, 
         # 2 MiB is the smallest page: no smaller one is offered; no Python or C++ setting names.
         assert "page size" not in lines[0] and "budget=" not in lines[0], lines[0]
         assert "budget_bytes" not in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------ presets
+
+# Presets that train in seconds as they are; the others keep their vocabulary and tie setting
+# (what the tokenizer checks) over a shrunken body.
+FAST_PRESETS = {"tiny", "small"}
+SHRUNKEN = ["--hidden", 32, "--layers", 1, "--heads", 2, "--kv-heads", 1, "--intermediate", 64]
+
+
+def preset_names():
+    help_text = lema("gen", "--help").stdout
+    m = re.search(r"--preset TEXT:\{([^}]*)\}", help_text)
+    assert m, help_text
+    return m.group(1).split(",")
+
+
+def test_every_preset_trains_and_generates_from_text(corpus, tmp_path):
+    names = preset_names()
+    assert FAST_PRESETS <= set(names), names
+    for name in names:
+        out = tmp_path / name
+        lema("gen", "--out", out, "--preset", name, "--seed", 1,
+             *([] if name in FAST_PRESETS else SHRUNKEN))
+        vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+        assert vocab >= 3 + 256, (name, vocab)  # the byte-level tokenizer's ids fit
+        lema("train", "--model", out, "--data", corpus, "--out", tmp_path / f"{name}-adapter",
+             "--steps", 1, "--seq-len", 16, "--batch", 1, "--threads", 1)
+        got = json.loads(lema("generate", "--model", out, "--adapter", tmp_path / f"{name}-adapter",
+                              "--prompt", "the red", "--max-new-tokens", 3, "--greedy", "--json",
+                              "--ignore-eos").stdout)
+        assert len(got["output_ids"]) == 3 and all(0 <= i < vocab for i in got["output_ids"])
+
+
+def test_a_vocabulary_too_small_for_bytes_still_takes_token_ids(tmp_path):
+    import numpy as np
+    out = tmp_path / "m"
+    lema("gen", "--out", out, "--preset", "tiny", "--vocab", 256, "--seed", 1)
+    ids = tmp_path / "ids.npy"
+    np.save(ids, (np.arange(400, dtype=np.uint32) * 7) % 256)
+    lema("train", "--model", out, "--data", ids, "--out", tmp_path / "adapter", "--steps", 1,
+         "--seq-len", 16, "--batch", 1, "--threads", 1)
+    got = json.loads(lema("generate", "--model", out, "--adapter", tmp_path / "adapter",
+                          "--prompt-ids", "1,40,41", "--max-new-tokens", 2, "--greedy", "--json",
+                          "--ignore-eos").stdout)
+    assert len(got["output_ids"]) == 2
+    # Text still needs the byte ids: one line saying so.
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n" * 20)
+    expect_error(["train", "--model", out, "--data", text, "--out", tmp_path / "a2", "--steps", 1,
+                  "--seq-len", 16, "--batch", 1], "259", "token ids")
+    expect_error(["generate", "--model", out, "--prompt", "hi", "--max-new-tokens", 1], "259")
