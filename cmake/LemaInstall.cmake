@@ -27,12 +27,31 @@ install(TARGETS ${_lema_exported} EXPORT lemaTargets
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(TARGETS lema RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+
+# Note [Installed RPATH]: what is installed and links libtorch finds it without LD_LIBRARY_PATH
+# through its RUNPATH: the lib directory of the torch found at configure time (absolute: the
+# wheel stays where it is) and our own lib directory relative to $ORIGIN (the prefix may move).
+# Nothing else: the link path of ${TORCH_LIBRARIES} carries entries such as /lib/intel64 from
+# torch's CMake package (its MKL and CUDA search paths) that name nothing on this machine and
+# only slow every library lookup, and an empty entry would mean the working directory.
+# libtorch's own dependencies (the NVIDIA libraries of a CUDA wheel) resolve through libtorch's
+# RUNPATH. tests/install/check_install.sh runs the installed commands in a clean environment
+# and checks every entry.
+set(LEMA_INSTALL_RPATH_BIN "$ORIGIN/../${CMAKE_INSTALL_LIBDIR}")
+set(LEMA_INSTALL_RPATH_LIB "$ORIGIN")
+if(LEMA_HAVE_TORCH)
+  get_filename_component(LEMA_TORCH_LIBDIR "${TORCH_INSTALL_PREFIX}/lib" ABSOLUTE)
+  list(APPEND LEMA_INSTALL_RPATH_BIN "${LEMA_TORCH_LIBDIR}")
+  list(APPEND LEMA_INSTALL_RPATH_LIB "${LEMA_TORCH_LIBDIR}")
+endif()
 if(TARGET lema_trainer_cli)
-  # Keeps the path to the libtorch it was linked with (the wheel's), which `install` would drop.
-  set_target_properties(lema_trainer_cli PROPERTIES INSTALL_RPATH_USE_LINK_PATH TRUE)
+  set_target_properties(lema_trainer_cli PROPERTIES INSTALL_RPATH "${LEMA_INSTALL_RPATH_BIN}"
+                                                    INSTALL_RPATH_USE_LINK_PATH FALSE)
   install(TARGETS lema_trainer_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 endif()
 if(TARGET lema_torch_ops)
+  set_target_properties(lema_torch_ops PROPERTIES INSTALL_RPATH "${LEMA_INSTALL_RPATH_LIB}"
+                                                  INSTALL_RPATH_USE_LINK_PATH FALSE)
   install(TARGETS lema_torch_ops LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 endif()
 

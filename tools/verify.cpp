@@ -115,6 +115,7 @@ std::uint32_t file_crc(const io::Checkpoint& ckpt, const io::TensorInfo& t) {
 int run_verify(const VerifyArgs& a) {
   runtime::MappedCheckpointOptions options;
   options.budget_bytes = parse_size(a.budget, "--budget");
+  options.setting_names = {.budget = "--budget", .page_size = "--page-size"};
   if (!a.page_size.empty()) options.page_size = parse_size(a.page_size, "--page-size");
   const auto policy = runtime::parse_policy(a.policy);
   LEMA_EXPECTS(policy.has_value(), "--policy must be lru or trace (got '" + a.policy + "')");

@@ -3,6 +3,7 @@ resident on demand under a memory budget.
 
     import lema
     lema.load_library()            # or lema.load_library("/path/to/liblema_torch_ops.so")
+                                   # (else $LEMA_TORCH_OPS, beside the package, the build tree)
     ckpt = lema.open("model.safetensors", budget="64MiB")
     w = ckpt.tensor("model.layers.0.mlp.up_proj.weight")
     y = x @ w.T                    # the guard makes w's pages resident for the op
@@ -12,34 +13,58 @@ of the checkpoint, in a private spill store when it is evicted, never in the che
 Opened with read_only=True (and always for weights on a GPU), an op writing into a weight raises
 RuntimeError naming it before it runs.
 """
+import builtins
 import json
 import os
 import re
 
 import torch
 
-__all__ = ["load_library", "open", "parse_size", "Checkpoint"]
+__all__ = ["load_library", "open", "parse_size", "parse_budget", "Checkpoint", "causal_lm"]
 
 _loaded = False
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}
 
 
+_LIBRARY = "liblema_torch_ops.so"
+
+
+def _library_places(path):
+    """(where, path) pairs load_library tries, in order."""
+    if path is not None:
+        return [("the path given", os.fspath(path))]
+    places = []
+    if os.environ.get("LEMA_TORCH_OPS"):
+        places.append(("$LEMA_TORCH_OPS", os.environ["LEMA_TORCH_OPS"]))
+    here = os.path.dirname(os.path.abspath(__file__))
+    places.append(("beside the package", os.path.join(here, _LIBRARY)))
+    # Written by CMake at configure time (torch_plugin/CMakeLists.txt): the library of the
+    # build tree last configured from this source tree.
+    record = os.path.join(here, "_build_tree")
+    if os.path.exists(record):
+        with builtins.open(record) as f:
+            places.append(("the build configured last (" + record + ")", f.read().strip()))
+    return places
+
+
 def load_library(path=None):
-    """Loads liblema_torch_ops.so: `path`, else $LEMA_TORCH_OPS, else beside this package."""
+    """Loads liblema_torch_ops.so from `path`; without one, from the first that exists of
+    $LEMA_TORCH_OPS, this package's directory and the build tree configured last from this
+    source tree. Raises FileNotFoundError listing every place tried."""
     global _loaded
     if _loaded:
         return
-    if path is None:
-        path = os.environ.get("LEMA_TORCH_OPS")
-    if path is None:
-        path = os.path.join(os.path.dirname(__file__), "liblema_torch_ops.so")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"liblema_torch_ops.so not found at {path}: pass its path to lema.load_library() "
-            "or set LEMA_TORCH_OPS (it is built as torch_plugin/liblema_torch_ops.so)")
-    torch.ops.load_library(path)
-    _loaded = True
+    places = _library_places(path)
+    for _, candidate in places:
+        if os.path.isfile(candidate):
+            torch.ops.load_library(candidate)
+            _loaded = True
+            return
+    tried = "; ".join(f"{where}: {candidate}" for where, candidate in places)
+    raise FileNotFoundError(
+        f"{_LIBRARY} not found (tried {tried}); build the lema_torch_ops target, or pass its "
+        "path to lema.load_library() or set LEMA_TORCH_OPS")
 
 
 def parse_size(size) -> int:
@@ -50,6 +75,16 @@ def parse_size(size) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"cannot read {size!r} as a size; write e.g. 64MiB, 2GiB or 4096")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_budget(budget) -> int:
+    """A budget as the command line takes it: a size (64 * 2**20, "64MiB") or "unlimited"
+    (every page resident), which the plugin receives as -1."""
+    if isinstance(budget, str) and budget.strip().lower() == "unlimited":
+        return -1
+    if isinstance(budget, bool):
+        raise ValueError(f"cannot read {budget!r} as a budget; write e.g. 64MiB or 'unlimited'")
+    return parse_size(budget)
 
 
 class Checkpoint:
@@ -98,6 +133,9 @@ def open(path, budget="64MiB", policy="lru", mode="guard", page_size=0, device="
          gpu_memory="vmm", host_cache=0, read_only=False) -> Checkpoint:
     """Opens a .safetensors file, a sharded index or a checkpoint directory.
 
+    budget: memory for resident weights, a size (an int of bytes, or "64MiB", "1.5GiB") or
+    "unlimited" (every page of the model resident, as `lema train --budget unlimited`).
+
     device: "cpu", or "cuda"/"cuda:N" for weights on a GPU (guard mode), kept as gpu_memory
     says: "vmm" (device memory paged by LEMA; host_cache keeps pages read from disk in pinned
     host memory), "managed" (unified memory prefetched by LEMA) or "unified" (plain unified
@@ -107,7 +145,39 @@ def open(path, budget="64MiB", policy="lru", mode="guard", page_size=0, device="
     keeping them.
     """
     load_library()
-    handle = torch.ops.lema.open(os.fspath(path), parse_size(budget), policy, mode,
+    handle = torch.ops.lema.open(os.fspath(path), parse_budget(budget), policy, mode,
                                  parse_size(page_size), str(device), gpu_memory,
                                  parse_size(host_cache), bool(read_only))
     return Checkpoint(handle)
+
+
+def causal_lm(path, budget="64MiB", model_class=None, **open_kwargs):
+    """A transformers causal LM over this checkpoint's tensors, frozen and paged under `budget`.
+
+    `path` is a Hugging Face model directory (config.json + safetensors). The model is built
+    without allocating weights (accelerate's init_empty_weights), then takes lema's tensors as
+    its parameters; buffers (rotary frequencies) are computed as usual. Its name_or_path (and
+    config._name_or_path) is `path`, so an adapter peft saves over it records its base model;
+    a model built by hand over lema.open tensors should set both the same way.
+    `model_class` defaults to AutoModelForCausalLM; open_kwargs go to lema.open.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = os.fspath(path)
+    config = AutoConfig.from_pretrained(name)
+    with init_empty_weights(include_buffers=False):
+        model = (model_class or AutoModelForCausalLM).from_config(config)
+    checkpoint = open(name, budget=budget, **open_kwargs)
+    _, unexpected = model.load_state_dict(checkpoint.named_tensors(), strict=False, assign=True)
+    model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if unexpected or empty:
+        raise ValueError(f"{name}: the checkpoint does not fit {type(model).__name__}: "
+                         f"tensors it lacks {empty}, tensors it does not use {unexpected}")
+    model.requires_grad_(False)
+    model.eval()
+    model.config._name_or_path = name
+    model.name_or_path = name
+    model.lema_checkpoint = checkpoint  # stats(), mark_step(); the tensors keep it open anyway
+    return model

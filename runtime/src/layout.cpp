@@ -13,11 +13,12 @@
 
 namespace lema::runtime {
 
-std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested, std::uint64_t granularity) {
+std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested, std::uint64_t granularity,
+                                std::string_view setting) {
   const std::uint64_t size = requested.value_or(granularity);
   const bool ok =
       size >= granularity && size % granularity == 0 && is_power_of_two(size / granularity);
-  LEMA_EXPECTS(ok, "--page-size " + format_size(size) + " is not a power-of-two multiple of the " +
+  LEMA_EXPECTS(ok, std::string(setting) + " " + format_size(size) + " is not a power-of-two multiple of the " +
                        "backend's granularity " + format_size(granularity) + "; use " +
                        format_size(granularity) + ", " + format_size(2 * granularity) + ", " +
                        format_size(4 * granularity) + ", ...");

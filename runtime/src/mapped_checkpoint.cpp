@@ -88,14 +88,16 @@ class GuardedCheckpoint final : public MappedCheckpoint {
       : checkpoint_(std::move(checkpoint)),
         backend_(make_backend(options)),
         space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
-                                                                      backend_->granularity()))),
+                                                                      backend_->granularity(),
+                                                                      options.setting_names.page_size))),
         pager_(space_, PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
                                     .policy = options.policy,
                                     .prefetch = options.prefetch,
                                     .access = writable_weights(options) ? Access::read_write
                                                                         : Access::read,
                                     .reader = options.reader,
-                                    .host_cache_bytes = options.host_cache_bytes}),
+                                    .host_cache_bytes = options.host_cache_bytes,
+                                    .setting_names = options.setting_names}),
         fallback_reason_(std::move(fallback_reason)),
         writable_(writable_weights(options)) {
     arm_fault_fallback(options, checkpoint_.source().string());

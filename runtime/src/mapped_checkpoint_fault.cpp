@@ -52,10 +52,12 @@ class FaultCheckpoint final : public MappedCheckpoint {
   FaultCheckpoint(io::Checkpoint checkpoint, const MappedCheckpointOptions& options)
       : checkpoint_(std::move(checkpoint)),
         layout_(Layout::plan(
-            checkpoint_, resolve_page_size(options.page_size, make_host_backend()->granularity()))),
+            checkpoint_, resolve_page_size(options.page_size, make_host_backend()->granularity(),
+                                       options.setting_names.page_size))),
         reader_(io::Reader::open(layout_.files(), options.reader)),
         policy_(make_policy(options.policy, layout_.page_count())),
-        budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count())),
+        budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count(),
+                                 make_host_backend()->granularity(), options.setting_names)),
         read_only_(options.read_only),
         spill_(std::make_unique<SpillStore>(std::max<std::size_t>(layout_.page_count(), 1),
                                             layout_.page_size())),

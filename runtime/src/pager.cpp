@@ -52,7 +52,8 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   const std::uint64_t page_size = space.page_size();
   // Checked before anything is created.
   const std::size_t chunk_count =
-      detail::pool_pages(options.budget_bytes, page_size, space.page_count());
+      detail::pool_pages(options.budget_bytes, page_size, space.page_count(),
+                         space.backend().granularity(), options.setting_names);
   auto s = std::make_unique<State>(options.event_capacity);
   s->space = &space;
   s->backend = &space.backend();

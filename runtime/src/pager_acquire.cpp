@@ -18,10 +18,18 @@
 // turn. The prefetcher leaves a page whose last fill failed alone (prefetcher.cpp) until a fill
 // of it succeeds; the next acquire that finds the page absent reads it again, and fails again
 // with the same error if the file is still bad.
+//
+// Note [Budget advice]: a budget error says how many pages the request spans and the smallest
+// budget that would hold them, not its bytes: ranges are not aligned to pages, so N bytes can
+// span more than N / page_size pages, and "needs 4 MiB but the budget holds 4 MiB" helps nobody.
+// It names the settings the way the opener's caller writes them (PagerOptions::setting_names:
+// --budget on the command line, budget= in Python, budget_bytes in C++), and offers a smaller
+// page size only while the page size is above its minimum, the backend's granularity.
 #include <algorithm>
 #include <string>
 
 #include "lema/base/error.hpp"
+#include "detail/pool_size.hpp"
 #include "lema/base/units.hpp"
 #include "pager_state.hpp"
 
@@ -33,10 +41,16 @@ std::string pages_text(std::uint64_t pages, std::uint64_t page_size) {
          format_size(pages * page_size) + ")";
 }
 
+std::string shortfall_text(const Pager::State& s, std::size_t needed) {
+  return std::to_string(needed) + (needed == 1 ? " page of " : " pages of ") +
+         format_size(s.page_size) + " (" + format_size(needed * s.page_size) +
+         ") but the budget holds " + pages_text(s.chunk_count, s.page_size) + "; " +
+         detail::budget_advice(needed * s.page_size, s.page_size, s.backend->granularity(),
+                               s.options.setting_names);
+}
+
 [[noreturn]] void throw_too_big(const Pager::State& s, std::size_t needed) {
-  throw BudgetError("acquire needs " + pages_text(needed, s.page_size) + " but the budget holds " +
-                    pages_text(s.chunk_count, s.page_size) +
-                    "; raise --budget or lower --page-size");
+  throw BudgetError("acquire needs " + shortfall_text(s, needed));
 }
 
 // Pages the calling thread already pins outside `request` (sorted).
@@ -81,6 +95,10 @@ void wait_until_ready(Pager::State& s, std::span<const PageId> pages, const Queu
 }
 
 }  // namespace
+
+std::string Pager::budget_shortfall(std::size_t pages) const {
+  return shortfall_text(*state_, pages);
+}
 
 Lease Pager::acquire(const void* ptr, std::uint64_t bytes) {
   const ByteRange r{ptr, bytes};
@@ -165,8 +183,10 @@ Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
                           " while this thread's other leases pin " +
                           pages_text(own_pins_outside(s, pages), s.page_size) +
                           ", but the budget holds " + pages_text(s.chunk_count, s.page_size) +
-                          "; release leases before acquiring more, raise --budget or lower "
-                          "--page-size");
+                          "; release leases before acquiring more; " +
+                          detail::budget_advice(
+                              (own_pins_outside(s, pages) + pages.size()) * s.page_size,
+                              s.page_size, s.backend->granularity(), s.options.setting_names));
       }
       if (!deadline) {
         wait_changed(s, lock);

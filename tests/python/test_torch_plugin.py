@@ -1,5 +1,8 @@
 """The PyTorch plugin (torch.ops.lema, python/lema) gives the same tensors as safetensors."""
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -8,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import run_lema
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+PACKAGE_PARENT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+sys.path.insert(0, PACKAGE_PARENT)
 import lema  # noqa: E402
 
 
@@ -79,3 +83,88 @@ def test_gpu_settings_are_checked(model):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             lema.open(model, device="cuda")
+
+
+def test_budgets_are_read_as_the_command_line_reads_them(model):
+    lema.load_library(os.environ["LEMA_TORCH_OPS"])
+    reference = load_file(model)
+    total = sum(t.nbytes for t in reference.values())
+    with lema.open(model, budget="unlimited") as ckpt:
+        for name, want in reference.items():
+            assert torch.equal(ckpt.tensor(name), want), name
+        stats = ckpt.stats()
+        # Every page resident: nothing read twice, the budget holds the whole model.
+        assert stats["budget_bytes"] >= total and stats["evictions"] == 0
+    for budget in ("16MiB", "16 MiB", 16 << 20):
+        with lema.open(model, budget=budget) as ckpt:
+            assert ckpt.stats()["budget_bytes"] == 16 << 20, budget
+    with pytest.raises(ValueError, match="lots"):
+        lema.open(model, budget="lots")
+
+
+def test_a_budget_too_small_for_an_op_names_the_budget_argument(model):
+    lema.load_library(os.environ["LEMA_TORCH_OPS"])
+    reference = load_file(model)
+    name = "lm_head.weight"  # 4 MiB: more than one 2 MiB page
+    x = torch.ones(1, reference[name].shape[1])
+    with lema.open(model, budget="2MiB") as ckpt:
+        w = ckpt.tensor(name)
+        with pytest.raises(RuntimeError) as error:
+            x @ w.T
+    message = str(error.value)
+    assert "\n" not in message.strip(), message  # no C++ stack frames
+    m = re.search(r"they span (\d+) pages of 2 MiB .* the smallest budget that works is \d+ MiB "
+                  r"\((\d+) bytes\): raise the budget \(budget=\) to at least that", message)
+    assert m and name in message, message
+    assert "--budget" not in message and "page size" not in message, message
+    smallest = int(m.group(2))
+    assert smallest == int(m.group(1)) << 21
+    # That budget is enough for this op, one page less is not.
+    with lema.open(model, budget=smallest) as ckpt:
+        assert torch.equal(x @ ckpt.tensor(name).T, x @ reference[name].T)
+    with lema.open(model, budget=smallest - (2 << 20)) as ckpt:
+        with pytest.raises(RuntimeError, match="budget="):
+            x @ ckpt.tensor(name).T
+
+
+def run_python(code, env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_load_library_finds_the_build_without_a_path():
+    env = {k: v for k, v in os.environ.items() if k != "LEMA_TORCH_OPS"}
+    env["PYTHONPATH"] = PACKAGE_PARENT
+    proc = run_python("import lema, torch; lema.load_library(); print(torch.ops.lema.open)", env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_load_library_lists_every_place_it_looked(tmp_path):
+    # A copy of the package with no library beside it and no build recorded.
+    (tmp_path / "lema").mkdir()
+    shutil.copy(os.path.join(PACKAGE_PARENT, "lema", "__init__.py"), tmp_path / "lema")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), LEMA_TORCH_OPS="/nonexistent/ops.so")
+    proc = run_python("import lema; lema.load_library()", env)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("FileNotFoundError"), proc.stderr
+    assert "$LEMA_TORCH_OPS: /nonexistent/ops.so" in last, last
+    assert str(tmp_path / "lema" / "liblema_torch_ops.so") in last, last
+
+
+def test_causal_lm_gives_the_reference_logits_and_peft_records_its_base(model, tmp_path):
+    lema.load_library(os.environ["LEMA_TORCH_OPS"])
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    model_dir = model.parent
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    ours = lema.causal_lm(model_dir, budget="8MiB")
+    assert ours.name_or_path == str(model_dir) and ours.config._name_or_path == str(model_dir)
+    reference = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
+    assert 0 < ours.lema_checkpoint.stats()["peak_resident_bytes"] <= 8 << 20
+    adapter = get_peft_model(ours, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(tmp_path / "adapter")
+    import json
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(model_dir)

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import re
 import signal
 import subprocess
 import time
@@ -488,3 +489,78 @@ def test_runs_killed_at_random_moments_leave_only_complete_checkpoints(model, co
         assert resumed.returncode == 0, resumed.stderr  # nothing here should refuse
         assert_only_complete_checkpoints(out, allow_temporaries=False)
         assert (out / "latest").read_text().strip() == f"checkpoint-{step + 1}"
+def test_budget_error_is_one_line_with_the_pages_and_the_smallest_budget(model, corpus, tmp_path):
+    for args in (base_args(model, corpus, tmp_path / "out")[:-2] + ["--budget", "2MiB"],
+                 ["generate", "--model", model, "--prompt-ids", "1,40,41", "--max-new-tokens", 1,
+                  "--budget", "2MiB"]):
+        proc = lema(*args, check=False)
+        assert proc.returncode == 1, proc.stderr
+        # The error is the last line and one line: no libtorch stack frames after it (train
+        # prints what it opened before).
+        lines = proc.stderr.strip().splitlines()
+        errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        assert errors == [len(lines) - 1], proc.stderr
+        assert "frame #" not in proc.stderr and "Exception raised" not in proc.stderr
+        lines = lines[-1:]
+        m = re.search(r"they span (\d+) pages of 2 MiB \((\d+) MiB\) but the budget holds 1 page "
+                      r"\(2 MiB\); the smallest budget that works is (\d+) MiB \((\d+) bytes\): "
+                      r"raise the budget \(--budget\) to at least that", lines[0])
+        assert m, lines[0]
+        pages = int(m.group(1))
+        assert pages >= 2 and int(m.group(2)) == int(m.group(3)) == 2 * pages
+        assert int(m.group(4)) == pages << 21
+        # 2 MiB is the smallest page: no smaller one is offered; no Python or C++ setting names.
+        assert "page size" not in lines[0] and "budget=" not in lines[0], lines[0]
+        assert "budget_bytes" not in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------ presets
+
+# Presets that train in seconds as they are; the others keep their vocabulary and tie setting
+# (what the tokenizer checks) over a shrunken body.
+FAST_PRESETS = {"tiny", "small"}
+SHRUNKEN = ["--hidden", 32, "--layers", 1, "--heads", 2, "--kv-heads", 1, "--intermediate", 64]
+
+
+def preset_names():
+    help_text = lema("gen", "--help").stdout
+    m = re.search(r"--preset TEXT:\{([^}]*)\}", help_text)
+    assert m, help_text
+    return m.group(1).split(",")
+
+
+def test_every_preset_trains_and_generates_from_text(corpus, tmp_path):
+    names = preset_names()
+    assert FAST_PRESETS <= set(names), names
+    for name in names:
+        out = tmp_path / name
+        lema("gen", "--out", out, "--preset", name, "--seed", 1,
+             *([] if name in FAST_PRESETS else SHRUNKEN))
+        vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+        assert vocab >= 3 + 256, (name, vocab)  # the byte-level tokenizer's ids fit
+        lema("train", "--model", out, "--data", corpus, "--out", tmp_path / f"{name}-adapter",
+             "--steps", 1, "--seq-len", 16, "--batch", 1, "--threads", 1)
+        got = json.loads(lema("generate", "--model", out, "--adapter", tmp_path / f"{name}-adapter",
+                              "--prompt", "the red", "--max-new-tokens", 3, "--greedy", "--json",
+                              "--ignore-eos").stdout)
+        assert len(got["output_ids"]) == 3 and all(0 <= i < vocab for i in got["output_ids"])
+
+
+def test_a_vocabulary_too_small_for_bytes_still_takes_token_ids(tmp_path):
+    import numpy as np
+    out = tmp_path / "m"
+    lema("gen", "--out", out, "--preset", "tiny", "--vocab", 256, "--seed", 1)
+    ids = tmp_path / "ids.npy"
+    np.save(ids, (np.arange(400, dtype=np.uint32) * 7) % 256)
+    lema("train", "--model", out, "--data", ids, "--out", tmp_path / "adapter", "--steps", 1,
+         "--seq-len", 16, "--batch", 1, "--threads", 1)
+    got = json.loads(lema("generate", "--model", out, "--adapter", tmp_path / "adapter",
+                          "--prompt-ids", "1,40,41", "--max-new-tokens", 2, "--greedy", "--json",
+                          "--ignore-eos").stdout)
+    assert len(got["output_ids"]) == 2
+    # Text still needs the byte ids: one line saying so.
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n" * 20)
+    expect_error(["train", "--model", out, "--data", text, "--out", tmp_path / "a2", "--steps", 1,
+                  "--seq-len", 16, "--batch", 1], "259", "token ids")
+    expect_error(["generate", "--model", out, "--prompt", "hi", "--max-new-tokens", 1], "259")

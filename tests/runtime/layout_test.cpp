@@ -62,10 +62,16 @@ TEST(PageSize, DefaultIsGranularityAndMultiplesMustBePowersOfTwo) {
   EXPECT_EQ(runtime::resolve_page_size(2_MiB, 2_MiB), 2_MiB);
   for (std::uint64_t bad : {1_MiB, 6_MiB, 3_MiB, std::uint64_t{0}}) {
     try {
-      runtime::resolve_page_size(bad, 2_MiB);
+      runtime::resolve_page_size(bad, 2_MiB, "--page-size");
       FAIL() << bad;
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find("--page-size"), std::string::npos) << e.what();
+    }
+    try {
+      runtime::resolve_page_size(bad, 2_MiB);  // a C++ caller: the option field
+      FAIL() << bad;
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("page_size ", 0), 0u) << e.what();
     }
   }
 }

@@ -192,7 +192,13 @@ TEST(Pager, BudgetSmallerThanAPageIsRefusedWithBothNumbers) {
     const std::string what = e.what();
     EXPECT_NE(what.find(std::to_string(kPage - 1)), std::string::npos) << what;
     EXPECT_NE(what.find("64 KiB"), std::string::npos) << what;
-    EXPECT_NE(what.find("--budget"), std::string::npos) << what;
+    // A C++ caller is told the option field; the page is the backend's smallest, so a smaller
+    // page size is no way out.
+    EXPECT_NE(what.find("the smallest budget that works is 64 KiB (65536 bytes): raise the "
+                        "budget (budget_bytes) to at least that"),
+              std::string::npos)
+        << what;
+    EXPECT_EQ(what.find("page size"), std::string::npos) << what;
   }
 }
 
@@ -207,7 +213,8 @@ TEST(Pager, AcquireLargerThanTheBudgetIsRefusedBeforeAnyChange) {
     FAIL();
   } catch (const BudgetError& e) {
     const std::string what = e.what();
-    EXPECT_NE(what.find("acquire needs 6 pages (384 KiB) but the budget holds 4 pages (256 KiB)"),
+    EXPECT_NE(what.find("acquire needs 6 pages of 64 KiB (384 KiB) but the budget holds 4 pages "
+                        "(256 KiB); the smallest budget that works is 384 KiB (393216 bytes)"),
               std::string::npos)
         << what;
   }
@@ -215,6 +222,42 @@ TEST(Pager, AcquireLargerThanTheBudgetIsRefusedBeforeAnyChange) {
   EXPECT_EQ(st.faults, 1u);
   EXPECT_EQ(st.resident_bytes, kPage);
   EXPECT_FALSE(pager.is_resident(1));
+}
+
+// Two pages' worth of bytes that start mid-page span three pages: the error counts those, gives
+// the budget that holds them, names the settings as the opener's caller writes them, and offers
+// a smaller page size only down to the backend's granularity.
+TEST(Pager, BudgetErrorCountsThePagesAnUnalignedRangeSpans) {
+  OpenedModel m(runtime::make_host_backend(kPage), small_model(/*shards=*/2), 2 * kPage);
+  ASSERT_GE(m.pages(), 4u);
+  PagerOptions opt;
+  opt.budget_bytes = 2 * m.page_size();
+  opt.setting_names = {.budget = "--budget", .page_size = "--page-size"};
+  Pager pager(m.space, opt);
+  try {
+    (void)pager.acquire(m.space.base() + m.page_size() / 2, 2 * m.page_size());
+    FAIL();
+  } catch (const BudgetError& e) {
+    EXPECT_STREQ(e.what(),
+                 "acquire needs 3 pages of 128 KiB (384 KiB) but the budget holds 2 pages "
+                 "(256 KiB); the smallest budget that works is 384 KiB (393216 bytes): raise the "
+                 "budget (--budget) to at least that, or lower the page size (--page-size; its "
+                 "minimum is 64 KiB)");
+  }
+  EXPECT_EQ(pager.budget_shortfall(3).substr(0, 43), "3 pages of 128 KiB (384 KiB) but the budget");
+  // At the granularity already, no smaller page size is offered.
+  OpenedModel fine(runtime::make_host_backend(kPage), small_model(/*shards=*/2), kPage);
+  opt.budget_bytes = 2 * kPage;
+  Pager at_minimum(fine.space, opt);
+  try {
+    (void)at_minimum.acquire(fine.space.base() + kPage / 2, 2 * kPage);
+    FAIL();
+  } catch (const BudgetError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("acquire needs 3 pages of 64 KiB (192 KiB)"), std::string::npos) << what;
+    EXPECT_NE(what.find("192 KiB (196608 bytes)"), std::string::npos) << what;
+    EXPECT_EQ(what.find("--page-size"), std::string::npos) << what;
+  }
 }
 
 TEST(Pager, OwnLeasesMakingAnAcquireImpossibleAreAnErrorNotADeadlock) {

@@ -199,6 +199,39 @@ TEST_F(GuardedWeights, ABudgetTooSmallForOneOpNamesTheOpTheTensorsAndTheSizes) {
   EXPECT_LE(checkpoint.stats().peak_resident_bytes, 2 * kMiB);
 }
 
+TEST_F(GuardedWeights, ABudgetErrorCountsThePagesSpannedAndGivesTheSmallestBudgetThatWorks) {
+  torch::Options options = guard_options(2 * kMiB);
+  options.setting_names = {.budget = "--budget", .page_size = "--page-size"};
+  torch::VirtualCheckpoint checkpoint = torch::open(path(), options);
+  const at::Tensor big = checkpoint.tensor("big.weight");
+  const runtime::TensorAddress address = checkpoint.mapped().tensor("big.weight");
+  const std::uint32_t pages =
+      checkpoint.mapped().pager()->space().pages_of(address.data, address.nbytes).count;
+  ASSERT_GE(pages, 2u);  // 3 MiB in 2 MiB pages
+  const std::uint64_t smallest = pages * 2 * kMiB;
+  const std::string text = error_text([&] { (void)at::sum(big); });
+  EXPECT_NE(text.find("they span " + std::to_string(pages) + " pages of 2 MiB (" +
+                      std::to_string(2 * pages) +
+                      " MiB) but the budget holds 1 page (2 MiB); the smallest budget that works "
+                      "is " + std::to_string(2 * pages) + " MiB (" + std::to_string(smallest) +
+                      " bytes): raise the budget (--budget) to at least that"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("page size"), std::string::npos) << text;  // 2 MiB is the minimum
+  EXPECT_EQ(text.find('\n'), std::string::npos) << text;
+  // The budget it gives is enough for the op.
+  torch::VirtualCheckpoint enough = torch::open(path(), guard_options(smallest));
+  EXPECT_NO_THROW((void)at::sum(enough.tensor("big.weight")));
+  // With pages above the backend's granularity, a smaller page size is offered down to it.
+  options.page_size = 4 * kMiB;
+  options.setting_names = {};
+  EXPECT_NE(error_text([&] { (void)torch::open(path(), options); })
+                .find("the smallest budget that works is 4 MiB (4194304 bytes): raise the budget "
+                      "(budget_bytes) to at least that, or lower the page size (page_size; its "
+                      "minimum is 2 MiB)"),
+            std::string::npos);
+}
+
 TEST_F(GuardedWeights, BackwardOnAutogradThreadsSeesResidentWeights) {
   torch::VirtualCheckpoint checkpoint = torch::open(path(), guard_options(4 * kMiB));
   const at::Tensor w = checkpoint.tensor("small.weight");

@@ -218,8 +218,12 @@ TEST_F(TokenFiles, TokenizerIdsBeyondTheModelAreNamed) {
 }
 
 TEST(ByteTokenizerTest, NeedsRoomForEveryByte) {
-  EXPECT_NO_THROW(ByteTokenizer(259));
-  EXPECT_THROW(ByteTokenizer(258), InvalidArgument);
+  EXPECT_NO_THROW(ByteTokenizer(259).encode("abc"));
+  // Refused when text is encoded, not before: such a model still takes token ids.
+  const ByteTokenizer small(258);
+  EXPECT_THROW(small.encode("a"), InvalidArgument);
+  EXPECT_EQ(small.decode({3 + 'h', 3 + 'i', 1, 2}), "hi");
+  EXPECT_EQ(small.eos_id(), 2u);
   EXPECT_NO_THROW(ByteTokenizer(256, 0));
   EXPECT_FALSE(ByteTokenizer(256, 0).bos_id().has_value());
 }

@@ -108,7 +108,7 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
   torch::Options options;
   if (!paging.page_size.empty()) options.page_size = parse_size(paging.page_size, "--page-size");
   const std::uint64_t page =
-      runtime::resolve_page_size(options.page_size, std::uint64_t{2} << 20);
+      runtime::resolve_page_size(options.page_size, std::uint64_t{2} << 20, "--page-size");
   const runtime::Layout layout = runtime::Layout::plan(checkpoint, page);
   s.model_bytes_ = layout.tensor_bytes();
   if (paging.budget == "unlimited") {
@@ -118,6 +118,7 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
     s.budget_bytes_ = parse_size(paging.budget, "--budget");
   }
   options.budget_bytes = s.budget_bytes_;
+  options.setting_names = {.budget = "--budget", .page_size = "--page-size"};
   options.policy = *runtime::parse_policy(paging.policy);
   options.mode = *runtime::parse_residency_mode(paging.mode);
   options.prefetch = paging.prefetch;

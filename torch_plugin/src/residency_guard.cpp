@@ -100,23 +100,31 @@ bool is_view_op(const c10::FunctionSchema& schema) {
   });
 }
 
+/// The op's inputs in `pager` do not fit its budget: names them, and says how many pages they
+/// span (more than their bytes alone would fill: a tensor is not aligned to pages) and the
+/// smallest budget for this op, in the setting names of whoever opened the checkpoint.
 [[noreturn]] void throw_budget_error(const c10::OperatorHandle& op,
                                      const std::vector<Piece>& pieces, runtime::Pager& pager,
                                      const BudgetError& error) {
   std::string tensors;
-  std::uint64_t bytes = 0;
+  std::vector<runtime::PageId> pages;
   for (const Piece& p : pieces) {
     if (p.pager != &pager) continue;
     if (!tensors.empty()) tensors += ", ";
     tensors += "'" + p.weight->name + "' (" + format_size(p.hi - p.lo) + ")";
-    bytes += p.hi - p.lo;
+    const runtime::PageRange r =
+        pager.space().pages_of(reinterpret_cast<const void*>(p.lo), p.hi - p.lo);
+    for (std::uint32_t i = 0; i < r.count; ++i) pages.push_back(r.first + i);
   }
-  const std::uint64_t page = pager.space().page_size();
-  TORCH_CHECK(false, "lema: ", op.operator_name(), " needs its inputs ", tensors, ", ",
-              format_size(bytes), " in pages of ", format_size(page),
-              ", resident at once, but the budget holds ", pager.chunk_count(), " pages (",
-              format_size(pager.chunk_count() * page),
-              "); raise the budget or split the op. Pager: ", error.what());
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  if (pages.size() > pager.chunk_count()) {
+    TORCH_CHECK(false, "lema: ", op.operator_name(), " needs its inputs ", tensors,
+                " resident at once; they span ", pager.budget_shortfall(pages.size()));
+  }
+  // The op alone would fit: pages this thread pins for enclosing ops are in the way.
+  TORCH_CHECK(false, "lema: ", op.operator_name(), " needs its inputs ", tensors,
+              " resident at once: ", error.what());
 }
 
 /// The current stream of a weight's CUDA device; nullopt on the CPU.

@@ -8,10 +8,13 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "lema/base/error.hpp"
+#include "lema/io/checkpoint.hpp"
+#include "lema/runtime/layout.hpp"
 #include "lema/runtime/policy.hpp"
 #include "lema/torch/virtual_checkpoint.hpp"
 
@@ -48,6 +51,15 @@ auto translated(Body&& body) {
   }
 }
 
+/// The budget "unlimited" stands for (lema.open passes it as -1): every page of the model, as
+/// `lema train --budget unlimited` computes it, at the host's 2 MiB granularity.
+std::uint64_t unlimited_budget(const std::string& path, std::optional<std::uint64_t> page_size) {
+  const io::Checkpoint checkpoint = io::Checkpoint::open(path);
+  const std::uint64_t page =
+      runtime::resolve_page_size(page_size, std::uint64_t{2} << 20, "page_size=");
+  return runtime::Layout::plan(checkpoint, page).virtual_bytes();
+}
+
 std::int64_t open_op(std::string path, std::int64_t budget, std::string policy, std::string mode,
                      std::int64_t page_size, std::string device, std::string gpu_memory,
                      std::int64_t host_cache, bool read_only) {
@@ -64,9 +76,12 @@ std::int64_t open_op(std::string path, std::int64_t budget, std::string policy, 
     options.gpu_memory = *memory;
     TORCH_CHECK(host_cache >= 0, "lema: host_cache must not be negative, got ", host_cache);
     options.host_cache_bytes = static_cast<std::uint64_t>(host_cache);
-    TORCH_CHECK(budget > 0, "lema: the budget must be positive, got ", budget);
-    options.budget_bytes = static_cast<std::uint64_t>(budget);
+    TORCH_CHECK(budget > 0 || budget == -1, "lema: the budget must be positive or 'unlimited', got ",
+                budget);
     if (page_size > 0) options.page_size = static_cast<std::uint64_t>(page_size);
+    options.budget_bytes = budget == -1 ? unlimited_budget(path, options.page_size)
+                                        : static_cast<std::uint64_t>(budget);
+    options.setting_names = {.budget = "budget=", .page_size = "page_size="};
     const auto kind = runtime::parse_policy(policy);
     TORCH_CHECK(kind.has_value(), "lema: unknown policy '", policy, "'");
     options.policy = *kind;

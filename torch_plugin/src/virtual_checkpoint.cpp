@@ -136,6 +136,7 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
   mapped_options.huge_pages = options.huge_pages;
   mapped_options.fault_fallback = options.fault_fallback;
   mapped_options.read_only = options.read_only;
+  mapped_options.setting_names = options.setting_names;
   auto state = std::make_shared<detail::CheckpointState>();
   state->device = options.device;
   state->mapped = runtime::MappedCheckpoint::open(path, mapped_options);

@@ -9,17 +9,18 @@
 namespace lema::trainer {
 
 ByteTokenizer::ByteTokenizer(std::int64_t model_vocab, std::uint32_t byte_offset)
-    : byte_offset_(byte_offset) {
-  if (model_vocab < static_cast<std::int64_t>(byte_offset) + 256) {
-    throw InvalidArgument("the byte-level tokenizer needs " + std::to_string(byte_offset + 256) +
-                          " token ids (256 bytes after offset " + std::to_string(byte_offset) +
-                          ") but the model's vocabulary has " + std::to_string(model_vocab) +
+    : model_vocab_(model_vocab), byte_offset_(byte_offset) {}
+
+// Checked when text is encoded, not at construction: a model too small for byte ids still
+// trains on token ids and generates from them (decode() skips ids that are not bytes).
+std::vector<std::uint32_t> ByteTokenizer::encode(std::string_view text) const {
+  if (model_vocab_ < static_cast<std::int64_t>(byte_offset_) + 256) {
+    throw InvalidArgument("the byte-level tokenizer needs " + std::to_string(byte_offset_ + 256) +
+                          " token ids (256 bytes after offset " + std::to_string(byte_offset_) +
+                          ") but the model's vocabulary has " + std::to_string(model_vocab_) +
                           "; put a tokenizer.model beside the checkpoint or give token ids "
                           "(.bin/.npy) instead of text");
   }
-}
-
-std::vector<std::uint32_t> ByteTokenizer::encode(std::string_view text) const {
   std::vector<std::uint32_t> ids;
   ids.reserve(text.size());
   for (const char c : text) ids.push_back(static_cast<unsigned char>(c) + byte_offset_);

@@ -38,8 +38,10 @@ namespace lema::runtime {
 inline constexpr std::uint64_t kTensorAlignment = 256;
 
 /// The page size to use: `requested` (nullopt = the backend's granularity) checked to be a
-/// power-of-two multiple of `granularity`. Throws InvalidArgument naming --page-size.
-std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested, std::uint64_t granularity);
+/// power-of-two multiple of `granularity`. Throws InvalidArgument naming the setting as
+/// `setting` ("--page-size" on the command line).
+std::uint64_t resolve_page_size(std::optional<std::uint64_t> requested, std::uint64_t granularity,
+                                std::string_view setting = "page_size");
 
 /// Bytes of one file that fill part of a page.
 struct FillExtent {

@@ -81,6 +81,8 @@ struct MappedCheckpointOptions {
   /// (false: save every evicted page, as where it has not; for tests).
   bool uffd_write_protect = true;
   io::ReaderOptions reader;
+  /// How budget and page-size errors name these settings to the user (see SettingNames).
+  SettingNames setting_names;
 };
 
 class MappedCheckpoint {

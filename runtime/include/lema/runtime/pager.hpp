@@ -45,6 +45,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -63,6 +64,14 @@ struct ByteRange {
   std::uint64_t bytes = 0;
 };
 
+/// How budget errors name the settings a user can change, in the words of whoever opened the
+/// checkpoint: "--budget" for the command line, "budget=" for Python. The defaults are the C++
+/// option fields. See Note [Budget advice] in pager_acquire.cpp.
+struct SettingNames {
+  std::string budget = "budget_bytes";
+  std::string page_size = "page_size";
+};
+
 struct PagerOptions {
   std::uint64_t budget_bytes = 0;  // the pool holds budget_bytes / page_size chunks
   PolicyKind policy = PolicyKind::lru;
@@ -78,6 +87,7 @@ struct PagerOptions {
   // kernel's page cache keeps already.
   std::uint64_t host_cache_bytes = 0;
   std::size_t event_capacity = 1u << 16;
+  SettingNames setting_names;
 };
 
 class Pager;
@@ -163,6 +173,11 @@ class Pager {
   const AddressSpace& space() const noexcept;
   std::size_t chunk_count() const noexcept;
   const char* policy_name() const noexcept;
+  /// Why `pages` pages cannot be resident at once and the smallest budget that holds them, in
+  /// the options' setting names: "3 pages of 2 MiB (6 MiB) but the budget holds 2 pages (4 MiB);
+  /// the smallest budget that works is 6 MiB (6291456 bytes): raise the budget (--budget) to at
+  /// least that". For a caller that explains what needed the pages.
+  std::string budget_shortfall(std::size_t pages) const;
 
   struct State;  // defined in src/pager_state.hpp
 

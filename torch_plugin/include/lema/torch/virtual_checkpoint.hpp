@@ -56,6 +56,9 @@ struct Options {
   // MappedCheckpointOptions::fault_fallback). Off only to measure what it costs.
   bool fault_fallback = true;
   bool read_only = false;   // refuse writes into weights instead of keeping them
+  // How budget errors (at open and from the guard) name the budget and page size: the command
+  // line passes "--budget", Python "budget="; C++ callers keep the field names.
+  runtime::SettingNames setting_names;
 };
 
 namespace detail {

@@ -39,7 +39,8 @@ class Tokenizer {
 class ByteTokenizer final : public Tokenizer {
  public:
   static constexpr std::uint32_t kDefaultOffset = 3;
-  /// Throws InvalidArgument when byte_offset + 256 > model_vocab (the ids would not fit).
+  /// encode() throws InvalidArgument when byte_offset + 256 > model_vocab (the ids would not
+  /// fit); decoding and BOS/EOS work with any vocabulary.
   explicit ByteTokenizer(std::int64_t model_vocab, std::uint32_t byte_offset = kDefaultOffset);
   std::vector<std::uint32_t> encode(std::string_view text) const override;
   std::string decode(const std::vector<std::uint32_t>& ids) const override;
@@ -49,6 +50,7 @@ class ByteTokenizer final : public Tokenizer {
   std::string describe() const override;
 
  private:
+  std::int64_t model_vocab_;
   std::uint32_t byte_offset_;
 };
 
