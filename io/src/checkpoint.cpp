@@ -1,7 +1,6 @@
 #include "lema/io/checkpoint.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <set>
 #include <system_error>
 
@@ -16,8 +15,9 @@ namespace {
 
 constexpr const char* kIndexName = "model.safetensors.index.json";
 
+// Names come from the files and may be of any length: messages quote an excerpt.
 std::string quoted(const std::string& s) {
-  return "'" + s + "'";
+  return "'" + detail::excerpt(s) + "'";
 }
 
 // One shard named by the index, with the tensors the index assigns to it.
@@ -39,21 +39,14 @@ bool escapes_directory(const std::string& name) {
 }
 
 std::string read_small_file(const fs::path& path, const std::string& label) {
-  std::error_code ec;
-  const auto size = fs::file_size(path, ec);
-  if (ec) {
-    throw CheckpointError(label, "", "unreadable", "cannot read: " + ec.message());
-  }
-  if (size > kMaxHeaderBytes) {
+  const detail::RegularFile file = detail::open_regular_file(path, label);
+  if (file.size > kMaxHeaderBytes) {
     throw CheckpointError(label, "", "bad-index",
-                          "index is " + std::to_string(size) + " bytes, over the limit of " +
+                          "index is " + std::to_string(file.size) + " bytes, over the limit of " +
                               std::to_string(kMaxHeaderBytes));
   }
-  std::ifstream in(path, std::ios::binary);
-  std::string text(size, '\0');
-  if (!in || !in.read(text.data(), static_cast<std::streamsize>(size))) {
-    throw CheckpointError(label, "", "unreadable", "cannot read the file");
-  }
+  std::string text(file.size, '\0');
+  detail::pread_exact(file.fd.get(), text.data(), file.size, 0, label, "reading the index");
   return text;
 }
 

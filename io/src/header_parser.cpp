@@ -18,8 +18,9 @@ using nlohmann::json;
 
 constexpr std::string_view kMetadataKey = "__metadata__";
 
+// Names come from the file and may be of any length: messages quote an excerpt.
 std::string quoted(const std::string& name) {
-  return "'" + name + "'";
+  return "'" + detail::excerpt(name) + "'";
 }
 
 std::string shape_string(const std::vector<std::int64_t>& shape) {
@@ -108,7 +109,7 @@ class EntryParser {
         ok = dim >= 0;
       }
       if (!ok) {
-        fail("bad-shape", "shape element " + d.dump() +
+        fail("bad-shape", "shape element " + detail::json_excerpt(d) +
                               " is not a dimension (dimensions are integers from 0 to 2^63-1)");
       }
       shape.push_back(dim);
@@ -119,8 +120,8 @@ class EntryParser {
   std::pair<std::uint64_t, std::uint64_t> parse_offsets(const json& v) const {
     if (!v.is_array() || v.size() != 2 || !v[0].is_number_unsigned() ||
         !v[1].is_number_unsigned()) {
-      fail("bad-offsets",
-           "data_offsets " + v.dump() + " is not a pair [begin, end] of non-negative integers");
+      fail("bad-offsets", "data_offsets " + detail::json_excerpt(v) +
+                              " is not a pair [begin, end] of non-negative integers");
     }
     auto begin = v[0].get<std::uint64_t>();
     auto end = v[1].get<std::uint64_t>();
@@ -184,23 +185,25 @@ void check_layout(const std::vector<TensorInfo>& tensors, std::uint64_t data_byt
   const TensorInfo* prev = nullptr;
   for (const auto& t : tensors) {
     const std::uint64_t end = t.offset + t.nbytes;  // no overflow: both came from the header
-    const std::string where = "tensor " + quoted(t.name) + ": data_offsets [" +
-                              std::to_string(t.offset) + ", " + std::to_string(end) + "]";
+    const auto where = [&] {
+      return "tensor " + quoted(t.name) + ": data_offsets [" + std::to_string(t.offset) + ", " +
+             std::to_string(end) + "]";
+    };
     if (end > data_bytes) {
       throw CheckpointError(file, t.name, "offsets-beyond-eof",
-                            where + " reach past the end of the data section, which holds " +
+                            where() + " reach past the end of the data section, which holds " +
                                 std::to_string(data_bytes) + " bytes (is the file truncated?)");
     }
     if (t.offset > expected) {
       throw CheckpointError(
           file, t.name, "gap",
-          where + " leave " + std::to_string(t.offset - expected) + " unused bytes after " +
+          where() + " leave " + std::to_string(t.offset - expected) + " unused bytes after " +
               (prev ? "tensor " + quoted(prev->name) : std::string("the start of the data")) +
               ", which ends at " + std::to_string(expected));
     }
     if (t.offset < expected) {
       throw CheckpointError(file, t.name, "overlap",
-                            where + " overlap tensor " + quoted(prev->name) + ", which ends at " +
+                            where() + " overlap tensor " + quoted(prev->name) + ", which ends at " +
                                 std::to_string(expected));
     }
     expected = end;

@@ -1,13 +1,16 @@
 // Checkpoint::open and parse_header: every broken-file case is a named test that checks the
 // exception type, the rule id and that the offending file is named; positive cases check the
 // tensor table against bytes written independently of the library.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <future>
 #include <string>
 #include <vector>
 
@@ -313,6 +316,102 @@ TEST_F(CheckpointTest, RejectsUnreadableFile) {
   expect_rejected(p, "unreadable", "secret.safetensors");
 }
 
+// A header nested 100,000 deep must be refused while it is read: building or printing it
+// recursively would overflow the stack.
+TEST_F(CheckpointTest, RejectsDeeplyNestedShape) {
+  const std::size_t depth = 100'000;
+  const std::string h = one_entry("{\"dtype\":\"U8\",\"shape\":" + std::string(depth, '[') +
+                                  std::string(depth, ']') + ",\"data_offsets\":[0,4]}");
+  auto e = expect_rejected(file_with_header(h, 4), "too-deep", "model.safetensors");
+  EXPECT_EQ(e.tensor(), "t");
+  EXPECT_NE(e.detail().find("128"), std::string::npos) << e.what();
+  // The same document unclosed, and nested objects, hit the same rule before the syntax error.
+  expect_rejected(file_with_header("{\"t\":" + std::string(depth, '['), 0), "too-deep",
+                  "model.safetensors");
+  std::string objects;
+  for (std::size_t i = 0; i < depth; ++i) objects += "{\"a\":";
+  expect_rejected(file_with_header(objects + "1" + std::string(depth, '}'), 0), "too-deep",
+                  "model.safetensors");
+}
+
+TEST_F(CheckpointTest, AcceptsNestingUpToTheLimitWhereTheFormatAllowsIt) {
+  // 128 levels are parsed (the reference's JSON parser has the same limit); the entry is then
+  // refused for its shape, not for its depth.
+  const std::string h = one_entry("{\"dtype\":\"U8\",\"shape\":[" + std::string(125, '[') +
+                                  std::string(126, ']') + ",\"data_offsets\":[0,4]}");
+  expect_rejected(file_with_header(h, 4), "bad-shape", "model.safetensors");
+  const std::string deeper = one_entry("{\"dtype\":\"U8\",\"shape\":[" + std::string(126, '[') +
+                                       std::string(127, ']') + ",\"data_offsets\":[0,4]}");
+  expect_rejected(file_with_header(deeper, 4), "too-deep", "model.safetensors");
+}
+
+// Whatever a rejection quotes from the file (a tensor name, a JSON value, the token a syntax
+// error stopped at) is cut short, so one bad entry cannot make a megabyte-long message.
+TEST_F(CheckpointTest, RejectionMessagesQuoteBoundedExcerpts) {
+  const std::string big(1'000'000, 'x');
+  std::string many_dims = "[";
+  for (int i = 0; i < 100'000; ++i) many_dims += "1,";
+  many_dims += "[1]]";
+  std::string long_array = "[";
+  for (int i = 0; i < 100'000; ++i) long_array += "12345,";
+  long_array += "0]";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"bad-dtype", "{" + header_entry(big, "X99", {4}, 0, 4) + "}"},
+      {"bad-dtype", one_entry("{\"dtype\":\"" + big + "\",\"shape\":[4],\"data_offsets\":[0,4]}")},
+      {"bad-shape",
+       one_entry("{\"dtype\":\"U8\",\"shape\":[" + many_dims + "],\"data_offsets\":[0,4]}")},
+      {"bad-offsets",
+       one_entry("{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":" + long_array + "}")},
+      {"bad-json", "{\"" + big + "\\q\":1}"},
+      {"duplicate-key", "{\"" + big + "\":1,\"" + big + "\":2}"},
+  };
+  for (const auto& [rule, h] : cases) {
+    SCOPED_TRACE(rule);
+    auto e = expect_rejected(file_with_header(h, 4), rule, "model.safetensors");
+    EXPECT_LT(std::string(e.what()).size(), 1000u) << std::string(e.what()).substr(0, 300);
+  }
+}
+
+// A JSON value followed by a NUL and junk: nlohmann's reader stops at the NUL, the reference
+// (serde_json) rejects the trailing characters, and so must we.
+TEST_F(CheckpointTest, RejectsNulAndJunkAfterHeaderJson) {
+  const std::string json = "{" + header_entry("a", "U8", {4}, 0, 4) + "}";
+  for (const std::string& tail :
+       {std::string("\0", 1), std::string("\0junk", 5), std::string("  \0\0\0", 5),
+        std::string("\x01"), std::string(" x")}) {
+    SCOPED_TRACE(::testing::PrintToString(tail));
+    expect_rejected(file_with_header(json + tail, 4), "bad-json", "model.safetensors");
+  }
+  // A NUL inside the JSON is named by its offset.
+  auto e = expect_rejected(file_with_header(std::string("{\"a\0\":1}", 8), 0), "bad-json",
+                           "model.safetensors");
+  EXPECT_NE(e.detail().find("offset 3"), std::string::npos) << e.what();
+}
+
+// Runs Checkpoint::open(path) on another thread. Opening a FIFO for reading waits for a writer,
+// so if the call is still blocked after a generous delay the test opens the FIFO for writing
+// itself, which releases it, and fails instead of hanging.
+CheckpointError expect_rejected_without_blocking(const fs::path& path, const fs::path& fifo,
+                                                 const std::string& rule,
+                                                 const std::string& file_name) {
+  auto result =
+      std::async(std::launch::async, [&] { return expect_rejected(path, rule, file_name); });
+  if (result.wait_for(std::chrono::seconds(20)) == std::future_status::timeout) {
+    ADD_FAILURE() << "Checkpoint::open(" << path << ") blocked on the FIFO " << fifo;
+    const int fd = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    EXPECT_GE(fd, 0);
+    if (fd >= 0) ::close(fd);
+  }
+  return result.get();
+}
+
+TEST_F(CheckpointTest, RejectsFifo) {
+  const fs::path fifo = dir_ / "pipe.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto e = expect_rejected_without_blocking(fifo, fifo, "unreadable", "pipe.safetensors");
+  EXPECT_NE(e.detail().find("is a FIFO, not a regular file"), std::string::npos) << e.what();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Valid single files.
 
@@ -505,6 +604,35 @@ TEST(ParseHeaderTest, OffsetsStayRelativeToTheDataSection) {
   }
 }
 
+// A header the size of a very large model's (200,000 tensors, 13 MB) parses completely and in
+// order; the parse is linear, see docs/PERFORMANCE.md.
+TEST(ParseHeaderTest, ParsesTwoHundredThousandTensors) {
+  constexpr std::uint64_t kCount = 200'000;
+  // Names in an order unlike the offsets', so the sort by offset is exercised.
+  std::string h = "{\"__metadata__\":{\"format\":\"pt\"}";
+  std::uint64_t offset = 0;
+  for (std::uint64_t i = 0; i < kCount; ++i) {
+    const std::uint64_t nbytes = i % 2 ? 4 : 2;
+    h += "," + header_entry("model.layers." + std::to_string((i * 7919) % kCount) + ".w",
+                            i % 2 ? "F16" : "U8", {2}, offset, offset + nbytes);
+    offset += nbytes;
+  }
+  h += "}";
+  ASSERT_GT(h.size(), 13'000'000u);
+  const auto parsed = parse_header(h, offset, "big.safetensors");
+  ASSERT_EQ(parsed.tensors.size(), kCount);
+  EXPECT_EQ(parsed.metadata.at("format"), "pt");
+  std::uint64_t expected = 0;
+  for (std::uint64_t i = 0; i < kCount; ++i) {
+    const auto& t = parsed.tensors[i];
+    ASSERT_EQ(t.offset, expected) << i;
+    ASSERT_EQ(t.name, "model.layers." + std::to_string((i * 7919) % kCount) + ".w");
+    ASSERT_EQ(t.dtype, i % 2 ? Dtype::F16 : Dtype::U8);
+    expected += t.nbytes;
+  }
+  EXPECT_EQ(expected, offset);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Directories.
 
@@ -660,6 +788,25 @@ TEST_F(ShardedCheckpointTest, RejectsShardThatIsADirectory) {
   fs::create_directories(ckpt_ / "model-00002-of-00002.safetensors");
   write_index(standard_weight_map());
   expect_rejected(ckpt_, "unreadable", "model-00002-of-00002.safetensors");
+}
+
+TEST_F(ShardedCheckpointTest, RejectsShardThatIsAFifo) {
+  write_bytes(ckpt_ / "model-00001-of-00002.safetensors", shard_a_.bytes());
+  const fs::path fifo = ckpt_ / "model-00002-of-00002.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  write_index(standard_weight_map());
+  auto e = expect_rejected_without_blocking(ckpt_, fifo, "unreadable",
+                                            "model-00002-of-00002.safetensors");
+  EXPECT_NE(e.detail().find("is a FIFO, not a regular file"), std::string::npos) << e.what();
+}
+
+TEST_F(ShardedCheckpointTest, RejectsIndexThatIsAFifo) {
+  write_shards();
+  const fs::path fifo = ckpt_ / "model.safetensors.index.json";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto e =
+      expect_rejected_without_blocking(ckpt_, fifo, "unreadable", "model.safetensors.index.json");
+  EXPECT_NE(e.detail().find("is a FIFO, not a regular file"), std::string::npos) << e.what();
 }
 
 TEST_F(ShardedCheckpointTest, RejectsIndexThatCannotBeRead) {
