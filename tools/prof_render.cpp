@@ -67,7 +67,8 @@ void write_chrome_trace(const Recording& rec, std::ostream& os) {
   const auto [t0, t1] = time_span(rec);
   (void)t1;
   std::vector<PageMap> maps;
-  for (const auto& src : rec.sources) maps.push_back(page_map(src));
+  for (const auto& src : rec.sources) maps.emplace_back(src);
+  std::vector<std::uint32_t> on_page;
   std::string out;
   out.reserve(rec.events.size() * 160 + 4096);
   out += "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n";
@@ -114,16 +115,17 @@ void write_chrome_trace(const Recording& rec, std::ostream& os) {
   };
   auto where = [&](const ProfileEvent& e) {
     std::string w;
-    if (e.source >= maps.size() || e.first_page >= maps[e.source].group.size()) return w;
+    if (e.source >= maps.size()) return w;
     const PageMap& m = maps[e.source];
-    if (m.group[e.first_page] >= 0) {
+    if (const std::int32_t g = m.group(e.first_page); g >= 0) {
       w += ",\"layer\":\"";
-      append_json(w, m.labels[static_cast<std::size_t>(m.group[e.first_page])]);
+      append_json(w, m.labels()[static_cast<std::size_t>(g)]);
       w += "\"";
     }
-    if (m.first[e.first_page] < m.first[e.first_page + 1]) {
+    m.tensors_on(e.first_page, on_page);
+    if (!on_page.empty()) {
       w += ",\"tensor\":\"";
-      append_json(w, rec.sources[e.source].tensors[m.tensor_ids[m.first[e.first_page]]].name);
+      append_json(w, rec.sources[e.source].tensors[on_page.front()].name);
       w += "\"";
     }
     return w;
@@ -342,29 +344,22 @@ void write_svg(const Recording& rec, std::ostream& os) {
   // Layer bands and labels (Note: pages of one layer are contiguous, see layout.hpp).
   emit(out, "<g id=\"layers\">\n");
   for (std::size_t i = 0; i < rec.sources.size(); ++i) {
-    const PageMap m = page_map(rec.sources[i]);
-    std::size_t p = 0;
+    const PageMap m(rec.sources[i]);
     int band = 0;
-    while (p < m.group.size()) {
-      std::size_t q = p;
-      while (q < m.group.size() && m.group[q] == m.group[p]) ++q;
-      if (m.group[p] >= 0) {
-        const double y_hi = kTop + kPlotH - double(page_offset[i] + q) * kPlotH / pages;
-        const double y_lo = kTop + kPlotH - double(page_offset[i] + p) * kPlotH / pages;
-        if (band++ % 2 == 0)
-          emit(out,
-               "<rect x=\"{}\" y=\"{:.1f}\" width=\"{}\" height=\"{:.1f}\" fill=\"#f2f2f2\"/>\n",
-               kLeft, y_hi, kPlotW, y_lo - y_hi);
-        if (y_lo - y_hi >= 11) {
-          std::string label;
-          append_xml(label, m.labels[static_cast<std::size_t>(m.group[p])]);
-          emit(out,
-               "<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\" font-size=\"10\" "
-               "fill=\"#666\">{}</text>\n",
-               kLeft - 6, (y_hi + y_lo) / 2 + 3, label);
-        }
+    for (const PageMap::Band& b : m.bands()) {
+      const double y_hi = kTop + kPlotH - double(page_offset[i] + b.end) * kPlotH / pages;
+      const double y_lo = kTop + kPlotH - double(page_offset[i] + b.first) * kPlotH / pages;
+      if (band++ % 2 == 0)
+        emit(out, "<rect x=\"{}\" y=\"{:.1f}\" width=\"{}\" height=\"{:.1f}\" fill=\"#f2f2f2\"/>\n",
+             kLeft, y_hi, kPlotW, y_lo - y_hi);
+      if (y_lo - y_hi >= 11) {
+        std::string label;
+        append_xml(label, m.labels()[static_cast<std::size_t>(b.group)]);
+        emit(out,
+             "<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\" font-size=\"10\" "
+             "fill=\"#666\">{}</text>\n",
+             kLeft - 6, (y_hi + y_lo) / 2 + 3, label);
       }
-      p = q;
     }
   }
   emit(out, "</g>\n");

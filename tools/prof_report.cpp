@@ -60,36 +60,70 @@ Recording ProfileCollector::finish() {
 
 // ---- the page map ----
 
-PageMap page_map(const runtime::ProfileSourceInfo& src) {
-  PageMap m;
-  const std::size_t pages = src.page_count;
-  m.group.assign(pages, -1);
-  std::vector<std::uint32_t> count(pages + 1, 0);
-  auto clamp_end = [&](const runtime::ProfileTensor& t) {
-    return std::min<std::uint64_t>(pages, std::uint64_t{t.first_page} + t.page_count);
-  };
-  for (const auto& t : src.tensors)
-    for (std::uint64_t p = t.first_page; p < clamp_end(t); ++p) ++count[p];
-  m.first.assign(pages + 1, 0);
-  for (std::size_t p = 0; p < pages; ++p) m.first[p + 1] = m.first[p] + count[p];
-  m.tensor_ids.resize(m.first[pages]);
-  std::vector<std::uint32_t> fill(m.first.begin(), m.first.end() - 1);
+PageMap::PageMap(const runtime::ProfileSourceInfo& src) {
   std::map<std::string, std::int32_t> label_index;
   for (std::uint32_t i = 0; i < src.tensors.size(); ++i) {
     const auto& t = src.tensors[i];
+    const std::uint64_t end =
+        std::min<std::uint64_t>(src.page_count, std::uint64_t{t.first_page} + t.page_count);
+    if (t.first_page >= end) continue;
     std::string label = t.layer >= 0 ? "layer " + std::to_string(t.layer)
                         : t.name.find("embed") != std::string::npos ? "embedding"
                                                                     : "head";
-    auto [it, fresh] = label_index.emplace(label, static_cast<std::int32_t>(m.labels.size()));
-    if (fresh) m.labels.push_back(label);
-    for (std::uint64_t p = t.first_page; p < clamp_end(t); ++p) {
-      m.tensor_ids[fill[p]++] = i;
-      // A page shared by a layer and an unnumbered tensor (a group boundary never is) keeps the
-      // layer.
-      if (m.group[p] < 0 || t.layer >= 0) m.group[p] = it->second;
-    }
+    auto [it, fresh] = label_index.emplace(label, static_cast<std::int32_t>(labels_.size()));
+    if (fresh) labels_.push_back(label);
+    ranges_.push_back({t.first_page, end, end, i, it->second, t.layer >= 0});
   }
-  return m;
+  std::stable_sort(ranges_.begin(), ranges_.end(),
+                   [](const Range& a, const Range& b) { return a.first < b.first; });
+  std::uint64_t reach = 0;
+  for (Range& r : ranges_) r.reach = reach = std::max(reach, r.end);
+}
+
+template <typename Fn>
+void PageMap::for_each_on(std::uint64_t p, Fn&& fn) const {
+  // `reach` ascends: skip every range that ends before p, stop at the first starting after it.
+  auto at = std::partition_point(ranges_.begin(), ranges_.end(),
+                                 [p](const Range& r) { return r.reach <= p; });
+  for (; at != ranges_.end() && at->first <= p; ++at)
+    if (p < at->end) fn(*at);
+}
+
+std::int32_t PageMap::group(std::uint64_t p) const {
+  // A page shared by a layer and an unnumbered tensor (a group boundary never is) keeps the
+  // layer.
+  std::int32_t g = -1;
+  for_each_on(p, [&](const Range& r) {
+    if (g < 0 || r.layer) g = r.group;
+  });
+  return g;
+}
+
+void PageMap::tensors_on(std::uint64_t p, std::vector<std::uint32_t>& out) const {
+  out.clear();
+  for_each_on(p, [&](const Range& r) { out.push_back(r.tensor); });
+}
+
+std::vector<PageMap::Band> PageMap::bands() const {
+  // A page's group changes only where a range starts or ends.
+  std::vector<std::uint64_t> cuts;
+  cuts.reserve(2 * ranges_.size());
+  for (const Range& r : ranges_) {
+    cuts.push_back(r.first);
+    cuts.push_back(r.end);
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  std::vector<Band> out;
+  for (std::size_t k = 0; k + 1 < cuts.size(); ++k) {
+    const std::int32_t g = group(cuts[k]);
+    if (g < 0) continue;
+    if (!out.empty() && out.back().end == cuts[k] && out.back().group == g)
+      out.back().end = cuts[k + 1];
+    else
+      out.push_back({cuts[k], cuts[k + 1], g});
+  }
+  return out;
 }
 
 std::vector<std::uint32_t> time_order(const Recording& rec) {
@@ -218,7 +252,8 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
 
   std::vector<PageMap> maps;
   maps.reserve(rec.sources.size());
-  for (const auto& src : rec.sources) maps.push_back(page_map(src));
+  for (const auto& src : rec.sources) maps.emplace_back(src);
+  std::vector<std::uint32_t> on_page;
   // Per layer (by label, merged over sources) and per tensor (per source).
   std::map<std::string, StallShare> layers;
   std::vector<std::vector<StallShare>> tensors(rec.sources.size());
@@ -231,10 +266,9 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
                        std::uint64_t gpu_faults = 0) {
     if (e.source >= maps.size()) return;
     const PageMap& m = maps[e.source];
-    if (e.first_page >= m.group.size()) return;
     const PageId p = e.first_page;
-    if (m.group[p] >= 0) {
-      StallShare& l = layers[m.labels[static_cast<std::size_t>(m.group[p])]];
+    if (const std::int32_t g = m.group(p); g >= 0) {
+      StallShare& l = layers[m.labels()[static_cast<std::size_t>(g)]];
       l.stall_ns += stall;
       l.gpu_faults += gpu_faults;
       if (fault) {
@@ -242,9 +276,10 @@ ProfileSummary summarize(const Recording& rec, std::size_t top_n) {
         l.bytes += e.bytes;
       }
     }
-    const std::uint32_t n = m.first[p + 1] - m.first[p];
-    for (std::uint32_t k = m.first[p]; k < m.first[p + 1]; ++k) {
-      StallShare& t = tensors[e.source][m.tensor_ids[k]];
+    m.tensors_on(p, on_page);
+    const auto n = static_cast<std::uint32_t>(on_page.size());
+    for (std::uint32_t id : on_page) {
+      StallShare& t = tensors[e.source][id];
       t.stall_ns += stall / n;
       t.gpu_faults += gpu_faults;  // each tensor on the page was in the way
       if (fault) {

@@ -91,12 +91,36 @@ void write_svg(const runtime::Recording& rec, std::ostream& out);
 std::vector<std::uint32_t> time_order(const runtime::Recording& rec);
 
 /// A label for each page of source `src` ("layer N", "embedding", "head"), and the tensors on it.
-struct PageMap {
-  std::vector<std::int32_t> group;  // per page: index into labels, -1 when no tensor
-  std::vector<std::string> labels;
-  std::vector<std::uint32_t> first;       // per page: [first[p], first[p+1]) into tensor_ids
-  std::vector<std::uint32_t> tensor_ids;  // indices into the source's tensors
+/// Kept per tensor, not per page (Note [Tensor page ranges] in profile_file.cpp): a page is
+/// looked up by binary search, so memory follows the tensors a file holds, never the page count
+/// it claims. Exact for tensors in layout order; for others it stays in bounds.
+class PageMap {
+ public:
+  explicit PageMap(const runtime::ProfileSourceInfo& src);
+  /// Index into labels() of page `p`'s group; -1 when no tensor covers it.
+  std::int32_t group(std::uint64_t p) const;
+  /// The tensors on page `p` (indices into the source's tensors), in layout order, into `out`.
+  void tensors_on(std::uint64_t p, std::vector<std::uint32_t>& out) const;
+  const std::vector<std::string>& labels() const noexcept { return labels_; }
+  /// Maximal runs of pages of one group, ascending (gaps without a tensor end a run).
+  struct Band {
+    std::uint64_t first, end;
+    std::int32_t group;
+  };
+  std::vector<Band> bands() const;
+
+ private:
+  template <typename Fn>
+  void for_each_on(std::uint64_t p, Fn&& fn) const;
+  struct Range {
+    std::uint64_t first, end;  // pages [first, end), clamped to the source's pages
+    std::uint64_t reach;       // the largest `end` of this and every earlier range
+    std::uint32_t tensor;
+    std::int32_t group;
+    bool layer;  // the tensor has a layer number
+  };
+  std::vector<Range> ranges_;  // tensors with pages, ordered by first page (stable)
+  std::vector<std::string> labels_;
 };
-PageMap page_map(const runtime::ProfileSourceInfo& src);
 
 }  // namespace lema::tools

@@ -9,6 +9,9 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
+
+#include "lema/base/units.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -18,6 +21,12 @@ static_assert(std::endian::native == std::endian::little, "profile files are lit
 constexpr char kMagic[8] = {'L', 'E', 'M', 'A', 'P', 'R', 'O', 'F'};
 constexpr std::size_t kHeaderBytes = 64;
 constexpr std::size_t kEventBytes = 40;
+// The least a source takes: pid, four string lengths, six sizes, 14 counters, a tensor count.
+constexpr std::size_t kMinSourceBytes = 8 + 4 * 4 + 6 * 8 + 14 * 8 + 4;
+// The least a tensor takes: first page, page count, layer, name length.
+constexpr std::size_t kMinTensorBytes = 16;
+// Pages are numbered with 32 bits (PageId), so no pager has more.
+constexpr std::uint64_t kMaxPages = std::uint64_t{1} << 32;
 
 // CRC-32 (the zlib/IEEE polynomial), header-only so the runtime links no extra library.
 std::uint32_t checksum(const char* data, std::size_t size) {
@@ -43,6 +52,10 @@ class ByteWriter {
   std::string buf_;
 };
 
+// Note [Counts against the bytes left]: every count in a profile (sources, tensors, events, the
+// length of each string) is checked against the bytes still unread before anything is sized by
+// it, so a forged or damaged count is refused with one line naming it instead of allocating
+// gigabytes (or throwing std::bad_alloc) for a file of a few kilobytes.
 class ByteReader {
  public:
   ByteReader(const char* data, std::size_t size, const std::filesystem::path& file)
@@ -55,19 +68,38 @@ class ByteReader {
     at_ += sizeof(T);
     return v;
   }
-  std::string get_string() {
+  std::string get_string(const std::string& field) {
     const auto n = get<std::uint32_t>();
-    need(n);
+    need_count(n, 1, field + " length");
     std::string s(at_, n);
     at_ += n;
     return s;
   }
   void need(std::size_t n) const {
-    if (static_cast<std::size_t>(end_ - at_) < n)
+    if (left() < n)
       throw ProfileFileError(file_.string() +
                              ": damaged profile (a record runs past the end of the file)");
   }
+  /// `count` records of at least `each` bytes must fit in what is left (see the Note).
+  void need_count(std::uint64_t count, std::uint64_t each, const std::string& field) const {
+    need_count_in(file_, count, each, field, left());
+  }
   std::size_t left() const { return static_cast<std::size_t>(end_ - at_); }
+
+  static void need_count_in(const std::filesystem::path& file, std::uint64_t count,
+                            std::uint64_t each, const std::string& field, std::uint64_t left) {
+    if (count > left / each) throw_count(file, field, count, each, left);
+  }
+  [[noreturn]] static void throw_count(const std::filesystem::path& file, const std::string& field,
+                                       std::uint64_t count, std::uint64_t each,
+                                       std::uint64_t left) {
+    const std::uint64_t needs =
+        count > std::numeric_limits<std::uint64_t>::max() / each ? 0 : count * each;
+    throw ProfileFileError(file.string() + ": " + field + " " + std::to_string(count) + " needs " +
+                           (needs == 0 ? std::string("more than 16 EiB") : format_size(needs)) +
+                           " but the file has " + format_size(left) +
+                           " left; the file is corrupt or truncated");
+  }
 
  private:
   const char* at_;
@@ -216,17 +248,23 @@ Recording load_recording(const std::filesystem::path& path) {
   if (checksum(body, body_bytes) != crc)
     throw ProfileFileError(name + ": damaged profile (checksum mismatch)");
 
-  ByteReader r(body, body_bytes, path);
+  // The events fill the end of the body; what precedes them is read with its own bound.
+  ByteReader::need_count_in(path, event_count, kEventBytes, "event count", body_bytes);
+  const std::uint64_t event_bytes = event_count * kEventBytes;
+  ByteReader r(body, body_bytes - event_bytes, path);
   rec.pid = r.get<std::uint64_t>();
   rec.exit_code = r.get<std::int32_t>();
-  rec.command = r.get_string();
+  rec.command = r.get_string("command");
+  r.need_count(source_count, kMinSourceBytes, "source count");
   rec.sources.resize(source_count);
-  for (ProfileSourceInfo& s : rec.sources) {
+  for (std::size_t i = 0; i < rec.sources.size(); ++i) {
+    ProfileSourceInfo& s = rec.sources[i];
+    const std::string field = "source " + std::to_string(i) + " ";
     s.pid = r.get<std::uint64_t>();
-    s.kind = r.get_string();
-    s.policy = r.get_string();
-    s.io_path = r.get_string();
-    s.uvm_counters = r.get_string();
+    s.kind = r.get_string(field + "kind");
+    s.policy = r.get_string(field + "policy");
+    s.io_path = r.get_string(field + "io path");
+    s.uvm_counters = r.get_string(field + "uvm counters");
     for (std::uint64_t* v :
          {&s.page_size, &s.budget_bytes, &s.pool_pages, &s.page_count, &s.open_ns, &s.close_ns})
       *v = r.get<std::uint64_t>();
@@ -235,21 +273,38 @@ Recording load_recording(const std::filesystem::path& path) {
     s.counters.page_size = s.page_size;
     s.counters.io_path = s.io_path;
     s.counters.uvm_counters = s.uvm_counters;
+    if (s.page_count > kMaxPages)
+      throw ProfileFileError(name + ": " + field + "page count " + std::to_string(s.page_count) +
+                             " is more than the 2^32 pages a pager numbers; the file is corrupt");
     const auto tensors = r.get<std::uint32_t>();
-    r.need(std::uint64_t{tensors} * 16);
+    r.need_count(tensors, kMinTensorBytes, field + "tensor count");
     s.tensors.resize(tensors);
-    for (ProfileTensor& t : s.tensors) {
+    std::uint64_t last_page = 0;  // the last page of the previous tensor with pages
+    for (std::size_t k = 0; k < s.tensors.size(); ++k) {
+      ProfileTensor& t = s.tensors[k];
+      const std::string tensor = field + "tensor " + std::to_string(k);
       t.first_page = r.get<std::uint32_t>();
       t.page_count = r.get<std::uint32_t>();
       t.layer = r.get<std::int32_t>();
-      t.name = r.get_string();
+      t.name = r.get_string(tensor + " name");
+      // Note [Tensor page ranges]: a layout places tensors by ascending offset, so their page
+      // ranges ascend and overlap at most on a shared boundary page, inside the address space.
+      // The report relies on it to find a page's tensors without a table per page.
+      const std::uint64_t end = std::uint64_t{t.first_page} + t.page_count;
+      if (t.page_count == 0) continue;
+      if (end > s.page_count || t.first_page < last_page)
+        throw ProfileFileError(name + ": " + tensor + " pages [" + std::to_string(t.first_page) +
+                               ", " + std::to_string(end) + ") are not after the previous " +
+                               "tensor's and inside the source's " + std::to_string(s.page_count) +
+                               " pages; the file is corrupt");
+      last_page = end - 1;
     }
   }
-  if (r.left() != event_count * kEventBytes)
+  if (r.left() != 0)
     throw ProfileFileError(name + ": damaged profile (" + std::to_string(r.left()) +
-                           " bytes of events for " + std::to_string(event_count) + " events)");
+                           " unread bytes before the events)");
   rec.events.resize(event_count);
-  const char* at = body + (body_bytes - r.left());
+  const char* at = body + (body_bytes - event_bytes);
   for (ProfileEvent& e : rec.events) {
     std::memcpy(&e.time_ns, at, 8);
     std::memcpy(&e.duration_ns, at + 8, 8);

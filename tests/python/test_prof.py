@@ -264,6 +264,56 @@ def test_a_file_of_the_format_before_unified_memory_is_refused_as_older(tmp_path
     assert proc.stderr.count("\n") == 1
 
 
+def forge(data: bytes, at: int, fmt: str, value: int) -> bytes:
+    """`data` with the field at `at` replaced; a body field gets the checksum fixed, so only the
+    forged count is wrong."""
+    import struct
+    import zlib
+
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, value)
+    if at >= 64:
+        struct.pack_into("<I", out, 24, zlib.crc32(bytes(out[64:])))
+    return bytes(out)
+
+
+# Where the counts are in a write_synthetic_profile file (the format in profile_file.hpp).
+COMMAND = 64 + 12
+KIND = COMMAND + 4 + len("synthetic training run") + 8
+PAGE_COUNT = KIND + 4 + len("pager") + 4 + len("lru") + 4 + len("pread") + 4 + 3 * 8
+TENSORS = PAGE_COUNT + 8 + 2 * 8 + 14 * 8
+NAME = TENSORS + 4 + 12
+
+
+@pytest.mark.parametrize("field,at,fmt,value", [
+    ("event count 4000000000 needs", 32, "<Q", 4_000_000_000),
+    ("event count", 32, "<Q", 4_000 + (1 << 61)),  # 40 x this wraps to the events' real size
+    ("source count 4000000000 needs", 28, "<I", 4_000_000_000),
+    ("source count 10000000 needs", 28, "<I", 10_000_000),
+    ("command length 4294967295 needs", COMMAND, "<I", 0xFFFFFFFF),
+    ("source 0 kind length", KIND, "<I", 100_000_000),
+    ("source 0 page count", PAGE_COUNT, "<Q", 1 << 40),
+    ("source 0 tensor count 4294967295 needs", TENSORS, "<I", 0xFFFFFFFF),
+    ("source 0 tensor 0 name length", NAME, "<I", 0x7FFFFFFF),
+])
+def test_a_forged_count_is_refused_by_name_in_bounded_memory(tmp_path, field, at, fmt, value):
+    good = tmp_path / "good.lprof"
+    write_synthetic_profile(good, 4_000, pages=512, budget_pages=128)
+    data = good.read_bytes()
+    assert data[KIND + 4:KIND + 9] == b"pager" and data[NAME + 4:NAME + 10] == b"model."
+    bad = tmp_path / "forged.lprof"
+    bad.write_bytes(forge(data, at, fmt, value))
+    # 1 GiB of address space: a reader sized by the forged count would need far more.
+    limited = f"ulimit -v {1 << 20} && exec \"$0\" prof report \"$1\""
+    ok = subprocess.run(["sh", "-c", limited, LEMA, good], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    proc = subprocess.run(["sh", "-c", limited, LEMA, bad], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert str(bad) in proc.stderr and field in proc.stderr, proc.stderr
+    assert "bad_alloc" not in proc.stderr and "corrupt" in proc.stderr
+
+
 if __name__ == "__main__":
     # python tests/python/test_prof.py OUT.lprof EVENTS: a synthetic profile for benchmarks.
     import sys

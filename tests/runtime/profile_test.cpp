@@ -1,12 +1,16 @@
 // The profiler: publishing into shared memory and attaching, the file format, and a report of a
 // real Pager's run whose numbers must equal the Pager's own counters.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <boost/crc.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -232,8 +236,8 @@ TEST(ProfileSegment, IsNeverVisibleHalfMade) {
     }
   }
   creator.join();
-  EXPECT_TRUE(refused.empty()) << refused.size() << " half-made segments seen, first: "
-                               << refused.front();
+  EXPECT_TRUE(refused.empty()) << refused.size()
+                               << " half-made segments seen, first: " << refused.front();
   RecordProperty("attached", attached);
 }
 
@@ -381,6 +385,65 @@ TEST(ProfileFile, BadFilesAreRefusedNamingTheFile) {
   expect_file_error(other, "older lema");
 }
 
+// Writes `value` over the bytes at `at` of a recorded file and, for a body field, fixes the
+// checksum, so that only the forged count is wrong.
+template <typename T>
+std::string forge(std::string bytes, std::size_t at, T value) {
+  std::memcpy(bytes.data() + at, &value, sizeof(T));
+  if (at >= 64) {
+    boost::crc_32_type crc;
+    crc.process_bytes(bytes.data() + 64, bytes.size() - 64);
+    const std::uint32_t sum = crc.checksum();
+    std::memcpy(bytes.data() + 24, &sum, 4);
+  }
+  return bytes;
+}
+
+// Every count a profile holds is checked against the bytes left before anything is sized by it:
+// a forged one is one named error, never std::bad_alloc or gigabytes allocated.
+TEST(ProfileFile, ForgedCountsAreRefusedBeforeAllocating) {
+  test::TempDir dir("prof");
+  const auto good = dir.path() / "good.lprof";
+  const Recording rec = sample_recording();
+  runtime::save_recording(rec, good);
+  const std::string bytes = read_all(good);
+  // Where the fields are (see profile_file.hpp): the header's counts, then the body.
+  const std::size_t kSources = 28, kEvents = 32, kCommand = 64 + 12;
+  const std::size_t source0 = kCommand + 4 + rec.command.size();
+  const std::size_t kind0 = source0 + 8;
+  const std::size_t page_count0 = kind0 + 4 * 4 + 5 + 5 + 5 + 2 + 3 * 8;
+  const std::size_t tensors0 = page_count0 + 8 + 2 * 8 + 14 * 8;
+  const std::size_t name0 = tensors0 + 4 + 12;
+  ASSERT_EQ(bytes.substr(kind0 + 4, 5), "pager");
+  ASSERT_EQ(bytes.substr(name0 + 4, 25), "model.embed_tokens.weight");
+
+  const auto bad = dir.path() / "forged.lprof";
+  auto expect = [&](const std::string& forged, const std::string& what) {
+    write_all(bad, forged);
+    try {
+      expect_file_error(bad, what);
+    } catch (const std::bad_alloc&) {
+      ADD_FAILURE() << what << ": std::bad_alloc";
+    } catch (const std::length_error& e) {
+      ADD_FAILURE() << what << ": " << e.what();
+    }
+  };
+  expect(forge<std::uint64_t>(bytes, kEvents, 4'000'000'000), "event count 4000000000 needs");
+  expect(forge<std::uint64_t>(bytes, kEvents, 4'000'000'000), "the file is corrupt or truncated");
+  // 40 × this count wraps around to the bytes the 60 events really take.
+  expect(forge<std::uint64_t>(bytes, kEvents, 60 + (std::uint64_t{1} << 61)), "event count");
+  expect(forge<std::uint32_t>(bytes, kSources, 4'000'000'000), "source count 4000000000 needs");
+  expect(forge<std::uint32_t>(bytes, kSources, 10'000'000), "source count 10000000 needs");
+  expect(forge<std::uint32_t>(bytes, kCommand, 0xffffffff), "command length 4294967295 needs");
+  expect(forge<std::uint32_t>(bytes, kind0, 1'000'000), "source 0 kind length 1000000 needs");
+  expect(forge<std::uint32_t>(bytes, tensors0, 0xffffffff), "source 0 tensor count");
+  expect(forge<std::uint32_t>(bytes, name0, 0x7fffffff), "source 0 tensor 0 name length");
+  expect(forge<std::uint64_t>(bytes, page_count0, std::uint64_t{1} << 40), "source 0 page count");
+  // A tensor reaching past its source's pages, or before the previous one's.
+  expect(forge<std::uint32_t>(bytes, name0 - 8, 4'000'000'000), "source 0 tensor 0 pages");
+  expect(forge<std::uint32_t>(bytes, name0 - 12, 7), "source 0 tensor 1 pages");
+}
+
 // The driver's events over unified memory and its counters travel like the pager's: published
 // into the segment, drained, saved, loaded, and summarized per layer, in the text, the JSON and
 // the Chrome trace.
@@ -504,6 +567,94 @@ TEST(ProfileReport, SvgHasTheTimelineElements) {
   EXPECT_EQ(count("<g"), count("</g>"));
   EXPECT_EQ(count("<text"), count("</text>"));
   EXPECT_EQ(count("<"), count(">") - count("&gt;"));
+}
+
+// Runs `body` in a child process whose address space is capped at `cap` more than it uses now:
+// true when it returned normally.
+template <typename Fn>
+bool runs_within(std::uint64_t cap, Fn&& body) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    std::uint64_t vm_kib = 0;
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("VmSize:", 0) == 0) vm_kib = std::stoull(line.substr(7));
+    const rlim_t limit = vm_kib * 1024 + cap;
+    const struct rlimit rl { limit, limit };
+    ::setrlimit(RLIMIT_AS, &rl);
+    try {
+      body();
+    } catch (...) {
+      ::_exit(2);
+    }
+    ::_exit(0);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// A report's memory follows the tensors and events it holds, not the pages a source claims: a
+// source of 2^32 pages (the most a loadable file may claim) is reported in a few MiB.
+TEST(ProfileReport, MemoryFollowsTheTensorsNotThePageCount) {
+  Recording rec = sample_recording();
+  rec.sources[0].page_count = std::uint64_t{1} << 32;
+  rec.sources[0].tensors.back().page_count = 0xfffffff0;
+  for (std::uint32_t i = 0; i < 10; ++i)
+    rec.events.push_back(
+        ProfileEvent{9'000'000 + i, 1000, 64_KiB, 0xffffff00 + i, 1, EventKind::fault, 0});
+  const tools::ProfileSummary plain = tools::summarize(sample_recording(), 10);
+  EXPECT_TRUE(runs_within(256_MiB, [&] {
+    const tools::ProfileSummary s = tools::summarize(rec, 10);
+    std::ostringstream trace, svg;
+    tools::write_chrome_trace(rec, trace);
+    tools::write_svg(rec, svg);
+    // lm_head holds the pages of the last 10 faults, besides its own in the sample.
+    for (const tools::StallShare& t : s.tensors)
+      if (t.name == "lm_head.weight" && t.faults >= 10) return;
+    throw 1;
+  }));
+  // The same attribution as before for an ordinary source.
+  ASSERT_FALSE(plain.layers.empty());
+  ASSERT_FALSE(plain.tensors.empty());
+}
+
+// Pages of tensors: each page's tensors and group, the same whether found per page or per tensor.
+TEST(ProfileReport, PageMapFindsEachPagesTensors) {
+  ProfileSourceInfo src = sample_info();
+  // Two small tensors sharing page 4 with the q projection, and an empty one.
+  src.tensors = {{"model.embed_tokens.weight", 0, 2, -1},
+                 {"model.layers.0.self_attn.q_proj.weight", 2, 3, 0},
+                 {"model.layers.0.input_layernorm.weight", 4, 1, 0},
+                 {"model.layers.1.post_attention_layernorm.weight", 4, 2, 1},
+                 {"model.layers.1.mlp.down_proj.weight", 5, 4, 1},
+                 {"empty", 9, 0, -1},
+                 {"lm_head.weight", 9, 1, -1}};
+  const tools::PageMap m(src);
+  std::vector<std::uint32_t> on;
+  const std::vector<std::vector<std::uint32_t>> want = {{0}, {0}, {1}, {1}, {1, 2, 3}, {3, 4},
+                                                        {4}, {4}, {4}, {6}, {}};
+  for (std::uint64_t p = 0; p < want.size(); ++p) {
+    m.tensors_on(p, on);
+    EXPECT_EQ(on, want[p]) << "page " << p;
+  }
+  auto label = [&](std::uint64_t p) {
+    const std::int32_t g = m.group(p);
+    return g < 0 ? std::string("-") : m.labels()[static_cast<std::size_t>(g)];
+  };
+  EXPECT_EQ(label(0), "embedding");
+  EXPECT_EQ(label(4), "layer 1");  // the last layer on a shared page
+  EXPECT_EQ(label(5), "layer 1");
+  EXPECT_EQ(label(9), "head");
+  EXPECT_EQ(label(10), "-");
+  const auto bands = m.bands();
+  ASSERT_EQ(bands.size(), 4u);
+  EXPECT_EQ(bands[0].first, 0u);
+  EXPECT_EQ(bands[1].first, 2u);
+  EXPECT_EQ(bands[1].end, 4u);
+  EXPECT_EQ(bands[2].first, 4u);
+  EXPECT_EQ(bands[2].end, 9u);
+  EXPECT_EQ(bands[3].end, 10u);
 }
 
 // ---- a real run ----
