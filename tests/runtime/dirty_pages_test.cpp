@@ -16,6 +16,7 @@
 #include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/mapped_checkpoint.hpp"
+#include "death.hpp"
 #include "runtime_fixture.hpp"
 
 namespace lema::test {
@@ -188,7 +189,7 @@ TEST_P(ReadOnly, ARawWriteFaultsInsteadOfBeingKept) {
         t.data[0] = ~b;
         std::_Exit(0);
       },
-      ::testing::KilledBySignal(SIGSEGV), "");
+      lema::test::died_of_segv, "");
 }
 
 // Without userfaultfd write protection a raw write cannot be refused: it is kept, not lost.

@@ -22,6 +22,7 @@
 #include "lema/io/errors.hpp"
 #include "lema/runtime/mapped_checkpoint.hpp"
 #include "lema/runtime/pager.hpp"
+#include "death.hpp"
 #include "pager_fixture.hpp"
 #include "test_backends.hpp"
 
@@ -308,7 +309,7 @@ TEST(ReadFailure, FaultModeDirectReaderSeesTheErrorLoggedBeforeTheSignal) {
         ::dup2(2, 1);  // the log goes to stdout; the death test matches stderr
         [[maybe_unused]] volatile std::byte b = *last;
       },
-      ::testing::KilledBySignal(SIGSEGV),
+      lema::test::died_of_segv,
       "filling page [0-9]+: .*model\\.safetensors.*changed under us");
 }
 
