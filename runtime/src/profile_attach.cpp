@@ -207,6 +207,10 @@ std::uint64_t ProfileAttachment::recorder_pid() const noexcept {
 std::uint64_t ProfileAttachment::created_ns() const noexcept {
   return impl_->view->header().created_ns;
 }
+bool ProfileAttachment::owner_running() const {
+  const auto& h = impl_->view->header();
+  return profile_shm::process_running(h.pid, h.start_ticks);
+}
 std::vector<ProfileSourceInfo> ProfileAttachment::sources() const {
   return impl_->view->sources();
 }
