@@ -337,6 +337,29 @@ TEST(ProfileOwners, AnotherStartTimeUnderTheSamePidIsADeadOwner) {
   kill_and_reap(live);
 }
 
+// A header whose arena size is near 2^64 wraps the computed layout back to consistent-looking
+// offsets; the tensor tables would then be read past the mapping. It must be refused at attach.
+TEST(ProfileSegment, AForgedArenaSizeIsRefused) {
+  const std::string name = unique_name("arena");
+  auto seg = ProfileSegment::create(options(name, 64));
+  ASSERT_NE(ProfilePublisher::open(seg, sample_info()), nullptr);  // a tensor table in the arena
+  {
+    MappedHeader m(name);
+    auto& h = *m.header;
+    h.arena_bytes = ~std::uint64_t{0} - 62;  // rounds up to 64 by wrapping to 0
+    const auto g = runtime::profile_shm::geometry(h.max_sources, h.arena_bytes, h.event_capacity);
+    h.events_offset = g.events_offset;
+    h.total_bytes = g.total_bytes;
+  }
+  try {
+    ProfileAttachment::attach(name).sources();
+    FAIL() << "a forged arena size was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("arena"), std::string::npos) << e.what();
+  }
+}
+
 // ---- the file ----
 
 Recording sample_recording() {
