@@ -45,8 +45,10 @@ SegmentView::SegmentView(const std::byte* base, std::size_t size, const std::str
       h.slot_bytes != sizeof(SourceSlot) || h.slots_offset != g.slots_offset ||
       h.arena_offset != g.arena_offset || h.events_offset != g.events_offset ||
       h.total_bytes != g.total_bytes || g.total_bytes > size)
-    throw bad("inconsistent sizes (its header's offsets and sizes disagree with its counts or "
-              "exceed its " + std::to_string(size) + " bytes)");
+    throw bad(
+        "inconsistent sizes (its header's offsets and sizes disagree with its counts or "
+        "exceed its " +
+        std::to_string(size) + " bytes)");
   slots_ = reinterpret_cast<const SourceSlot*>(base + h.slots_offset);
   arena_ = base + h.arena_offset;
   events_ = reinterpret_cast<const EventSlot*>(base + h.events_offset);
