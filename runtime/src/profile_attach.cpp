@@ -116,7 +116,10 @@ std::vector<ProfileSourceInfo> SegmentView::sources() const {
         if (end - at - kTensorRecordFixed < name_len) break;
         pt.name.assign(reinterpret_cast<const char*>(at + kTensorRecordFixed), name_len);
         info.tensors.push_back(std::move(pt));
-        at += round_up(kTensorRecordFixed + name_len, 8);
+        // The padded record may end past the table; stop there rather than step out of it.
+        const std::uint64_t step = round_up(kTensorRecordFixed + name_len, 8);
+        if (step > static_cast<std::uint64_t>(end - at)) break;
+        at += step;
       }
     }
     out.push_back(std::move(info));
