@@ -137,14 +137,23 @@ int run_record(const RecordArgs& a) {
 
 // ---- top ----
 
+// The pids whose segment's owner still runs (pid and start time, Note [Segment owners]); the
+// segments of owners that are gone are removed first, so a killed run is never listed as live.
 std::vector<int> running_profiled_pids() {
+  runtime::ProfileSegment::remove_orphans();
   std::vector<int> pids;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator("/dev/shm", ec)) {
     const std::string name = entry.path().filename().string();
     if (name.rfind("lema-prof-", 0) != 0) continue;
     const int pid = std::atoi(name.c_str() + 10);
-    if (pid > 0 && ::kill(pid, 0) == 0) pids.push_back(pid);
+    if (pid <= 0) continue;
+    try {
+      auto a = runtime::ProfileAttachment::try_attach(name);
+      if (a && a->owner_running()) pids.push_back(pid);
+    } catch (const std::exception&) {
+      // Not a segment this lema reads (another version, another user's): not listed.
+    }
   }
   return pids;
 }
@@ -203,7 +212,11 @@ int run_top(const TopArgs& a) {
     pid = pids.front();
   }
   const std::string name = runtime::ProfileSegment::name_for(pid);
+  runtime::ProfileSegment::remove_orphans();
   auto attached = runtime::ProfileAttachment::try_attach(name);
+  if (attached && !attached->owner_running())
+    throw Error("process " + std::to_string(pid) + " is no longer running; /dev/shm/" + name +
+                " is what it left (its recorder still reads it)");
   if (!attached)
     throw Error("process " + std::to_string(pid) + " has no profile segment (/dev/shm/" + name +
                 "): it is not running, or runs without LEMA_PROFILE set");
@@ -219,7 +232,7 @@ int run_top(const TopArgs& a) {
     std::fflush(stdout);
     printed_lines = static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
     if (a.once) return 0;
-    if (::kill(pid, 0) != 0) {
+    if (!attached->owner_running()) {
       std::printf("process %d exited\n", pid);
       return 0;
     }

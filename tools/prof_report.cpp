@@ -20,7 +20,10 @@ using runtime::Recording;
 
 // ---- ProfileCollector ----
 
-ProfileCollector::ProfileCollector(std::uint64_t recorder_pid) : recorder_pid_(recorder_pid) {}
+// Segments of runs killed before they could remove their own are removed here, as in `top`.
+ProfileCollector::ProfileCollector(std::uint64_t recorder_pid) : recorder_pid_(recorder_pid) {
+  runtime::ProfileSegment::remove_orphans();
+}
 
 void ProfileCollector::poll() {
   std::error_code ec;

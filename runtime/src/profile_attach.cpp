@@ -27,15 +27,28 @@ SegmentView::SegmentView(const std::byte* base, std::size_t size, const std::str
   if (h.version != kVersion)
     throw bad("it is version " + std::to_string(h.version) + ", this lema reads version " +
               std::to_string(kVersion) + "; use the lema that started the program");
-  const bool capacity_ok = h.event_capacity >= 2 && std::has_single_bit(h.event_capacity) &&
-                           h.event_capacity <= (std::uint64_t{1} << 32);
-  const Geometry g = capacity_ok && h.max_sources <= 65535
-                         ? geometry(h.max_sources, h.arena_bytes, h.event_capacity)
-                         : Geometry{};
-  if (!capacity_ok || h.header_bytes != sizeof(Header) || h.slot_bytes != sizeof(SourceSlot) ||
-      h.slots_offset != g.slots_offset || h.arena_offset != g.arena_offset ||
-      h.events_offset != g.events_offset || h.total_bytes != g.total_bytes || g.total_bytes > size)
-    throw bad("inconsistent sizes");
+  // Every count is bounded by the mapping before the layout is computed from it: a count near
+  // 2^64 would wrap the computed offsets back to values that look consistent, and the reads they
+  // size would then leave the mapping.
+  if (h.event_capacity < 2 || !std::has_single_bit(h.event_capacity) ||
+      h.event_capacity > (std::uint64_t{1} << 32) || h.event_capacity > size / sizeof(EventSlot))
+    throw bad("its event capacity " + std::to_string(h.event_capacity) +
+              " is not a power of two that fits its " + std::to_string(size) + " bytes");
+  if (h.max_sources > 65535 || h.max_sources > size / sizeof(SourceSlot))
+    throw bad("its " + std::to_string(h.max_sources) + " source slots do not fit its " +
+              std::to_string(size) + " bytes");
+  if (h.arena_bytes > size)
+    throw bad("its arena of " + std::to_string(h.arena_bytes) + " bytes exceeds its " +
+              std::to_string(size) + " bytes");
+  const Geometry g = geometry(h.max_sources, h.arena_bytes, h.event_capacity);
+  if (h.arena_bytes != g.arena_bytes || h.header_bytes != sizeof(Header) ||
+      h.slot_bytes != sizeof(SourceSlot) || h.slots_offset != g.slots_offset ||
+      h.arena_offset != g.arena_offset || h.events_offset != g.events_offset ||
+      h.total_bytes != g.total_bytes || g.total_bytes > size)
+    throw bad(
+        "inconsistent sizes (its header's offsets and sizes disagree with its counts or "
+        "exceed its " +
+        std::to_string(size) + " bytes)");
   slots_ = reinterpret_cast<const SourceSlot*>(base + h.slots_offset);
   arena_ = base + h.arena_offset;
   events_ = reinterpret_cast<const EventSlot*>(base + h.events_offset);
@@ -103,7 +116,10 @@ std::vector<ProfileSourceInfo> SegmentView::sources() const {
         if (end - at - kTensorRecordFixed < name_len) break;
         pt.name.assign(reinterpret_cast<const char*>(at + kTensorRecordFixed), name_len);
         info.tensors.push_back(std::move(pt));
-        at += round_up(kTensorRecordFixed + name_len, 8);
+        // The padded record may end past the table; stop there rather than step out of it.
+        const std::uint64_t step = round_up(kTensorRecordFixed + name_len, 8);
+        if (step > static_cast<std::uint64_t>(end - at)) break;
+        at += step;
       }
     }
     out.push_back(std::move(info));
@@ -206,6 +222,10 @@ std::uint64_t ProfileAttachment::recorder_pid() const noexcept {
 }
 std::uint64_t ProfileAttachment::created_ns() const noexcept {
   return impl_->view->header().created_ns;
+}
+bool ProfileAttachment::owner_running() const {
+  const auto& h = impl_->view->header();
+  return profile_shm::process_running(h.pid, h.start_ticks);
 }
 std::vector<ProfileSourceInfo> ProfileAttachment::sources() const {
   return impl_->view->sources();

@@ -106,6 +106,7 @@ std::shared_ptr<ProfileSegment> ProfileSegment::create(Options options) {
   h->pid = static_cast<std::uint64_t>(::getpid());
   h->recorder_pid = options.recorder_pid;
   h->created_ns = now_ns();
+  h->start_ticks = process_start_ticks(h->pid);
   h->total_bytes = g.total_bytes;
   h->max_sources = static_cast<std::uint32_t>(options.max_sources);
   h->slot_bytes = sizeof(SourceSlot);
@@ -176,6 +177,7 @@ std::shared_ptr<ProfileSegment> ProfileSegment::process() {
   tried = true;
   const char* path = std::getenv(kProfileEnv);
   if (path == nullptr || *path == '\0') return nullptr;
+  remove_orphans();  // a killed run's segment (4 MiB each) would stay until reboot
   Options o;
   o.name = name_for(::getpid());
   if (const char* rec = std::getenv(kProfileRecorderEnv); rec != nullptr && *rec != '\0') {

@@ -47,10 +47,22 @@ struct Header {
   std::uint64_t arena_offset;
   std::uint64_t arena_bytes;
   std::uint64_t events_offset;
+  // The owner's start time (field 22 of /proc/PID/stat, clock ticks since boot): with `pid`, it
+  // names the process for the life of the system (Note [Segment owners]). 0 when unknown; it
+  // sits in what was padding, so segments of lemas before it read as unknown.
+  std::uint64_t start_ticks;
   alignas(64) std::atomic<std::uint64_t> head;     // events ever claimed: the write index
   alignas(64) std::atomic<std::uint32_t> sources;  // slots ever claimed
   std::atomic<std::uint64_t> arena_used;
 };
+
+static_assert(sizeof(Header) == 256, "the header's size is part of version 2");
+
+/// Field 22 of /proc/PID/stat, 0 when it cannot be read.
+std::uint64_t process_start_ticks(std::uint64_t pid);
+/// Whether process `pid` runs and is the one that started at `start_ticks` (0: pid alone). A
+/// zombie does not run.
+bool process_running(std::uint64_t pid, std::uint64_t start_ticks);
 
 struct alignas(64) SourceSlot {
   std::atomic<std::uint32_t> state;

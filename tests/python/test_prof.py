@@ -131,6 +131,27 @@ def test_top_shows_a_running_process(model, tmp_path):
             os.remove(seg)
 
 
+def test_a_killed_process_is_not_listed_and_its_segment_is_removed(model, tmp_path):
+    env = dict(os.environ, LEMA_PROFILE=str(tmp_path / "killed.lprof"))
+    child = subprocess.Popen([LEMA, "verify", model, "--budget", "2MiB", "--passes", "200"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seg = f"/dev/shm/lema-prof-{child.pid}"
+    try:
+        for _ in range(500):
+            if os.path.exists(seg) or child.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.02"])
+        assert os.path.exists(seg), "the profiled process made no segment"
+    finally:
+        child.kill()  # SIGKILL: it cannot remove its own segment
+        child.wait()
+    assert os.path.exists(seg)
+    proc = lema("prof", "top", "--once", check=False)
+    assert f"pid {child.pid}" not in proc.stdout
+    assert str(child.pid) not in proc.stderr
+    assert not os.path.exists(seg), "top left a dead process's segment"
+
+
 def test_a_process_with_lema_profile_alone_saves_its_own_profile(model, tmp_path):
     prof = tmp_path / "self.lprof"
     env = dict(os.environ, LEMA_PROFILE=str(prof))

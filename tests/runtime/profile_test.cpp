@@ -1,6 +1,9 @@
 // The profiler: publishing into shared memory and attaching, the file format, and a report of a
 // real Pager's run whose numbers must equal the Pager's own counters.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -25,6 +28,7 @@
 #include "lema/runtime/profile_file.hpp"
 #include "pager_fixture.hpp"
 #include "prof_report.hpp"
+#include "profile_shm.hpp"
 
 namespace lema {
 namespace {
@@ -239,6 +243,121 @@ TEST(ProfileSegment, IsNeverVisibleHalfMade) {
   EXPECT_TRUE(refused.empty()) << refused.size()
                                << " half-made segments seen, first: " << refused.front();
   RecordProperty("attached", attached);
+}
+
+// ---- dead owners ----
+
+bool shm_exists(const std::string& name) {
+  return std::filesystem::exists("/dev/shm/" + name);
+}
+
+/// A child that creates its profile segment ("lema-prof-<its pid>") and then waits to be killed.
+pid_t child_with_segment() {
+  int ready[2];
+  if (::pipe(ready) != 0) return -1;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(ready[0]);
+    auto seg = ProfileSegment::create(options(ProfileSegment::name_for(::getpid()), 64));
+    const char ok = 1;
+    if (::write(ready[1], &ok, 1) != 1) ::_exit(1);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char ok = 0;
+  const bool made = ::read(ready[0], &ok, 1) == 1;
+  ::close(ready[0]);
+  return made ? pid : -1;
+}
+
+void kill_and_reap(pid_t pid) {
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+}
+
+/// The header of segment `name`, mapped read-write (the test owns it), for forging fields.
+struct MappedHeader {
+  explicit MappedHeader(const std::string& name) {
+    const int fd = ::shm_open(("/" + name).c_str(), O_RDWR, 0);
+    struct stat st {};
+    if (fd < 0 || ::fstat(fd, &st) != 0) throw std::runtime_error("cannot open " + name);
+    size = static_cast<std::size_t>(st.st_size);
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (p == MAP_FAILED) throw std::runtime_error("cannot map " + name);
+    header = static_cast<runtime::profile_shm::Header*>(p);
+  }
+  ~MappedHeader() { ::munmap(header, size); }
+  runtime::profile_shm::Header* header;
+  std::size_t size = 0;
+};
+
+// A run killed by SIGKILL cannot remove its segment: the next scan removes it, and only it.
+TEST(ProfileOwners, AKilledOwnersSegmentIsRemovedALiveOneKept) {
+  const pid_t dead = child_with_segment();
+  const pid_t live = child_with_segment();
+  ASSERT_GT(dead, 0);
+  ASSERT_GT(live, 0);
+  const std::string dead_name = ProfileSegment::name_for(dead);
+  const std::string live_name = ProfileSegment::name_for(live);
+  kill_and_reap(dead);
+  ASSERT_TRUE(shm_exists(dead_name)) << "SIGKILL left no segment to clean up";
+  {
+    auto a = ProfileAttachment::try_attach(dead_name);
+    ASSERT_TRUE(a);
+    EXPECT_FALSE(a->owner_running());
+    auto b = ProfileAttachment::try_attach(live_name);
+    ASSERT_TRUE(b);
+    EXPECT_TRUE(b->owner_running());
+  }
+  const auto removed = ProfileSegment::remove_orphans();
+  EXPECT_FALSE(shm_exists(dead_name));
+  EXPECT_NE(std::find(removed.begin(), removed.end(), dead_name), removed.end());
+  EXPECT_TRUE(shm_exists(live_name)) << "a running owner's segment was removed";
+  kill_and_reap(live);
+  ProfileSegment::remove_orphans();
+  EXPECT_FALSE(shm_exists(live_name));
+}
+
+// A pid is reused: a segment whose recorded start time is not the running process's is a dead
+// owner's, though kill(pid, 0) would answer.
+TEST(ProfileOwners, AnotherStartTimeUnderTheSamePidIsADeadOwner) {
+  const pid_t live = child_with_segment();
+  ASSERT_GT(live, 0);
+  const std::string name = ProfileSegment::name_for(live);
+  {
+    MappedHeader m(name);
+    ASSERT_NE(m.header->start_ticks, 0u) << "the owner's start time was not recorded";
+    m.header->start_ticks += 1;
+  }
+  EXPECT_FALSE(ProfileAttachment::attach(name).owner_running());
+  ProfileSegment::remove_orphans();
+  EXPECT_FALSE(shm_exists(name));
+  kill_and_reap(live);
+}
+
+// A header whose arena size is near 2^64 wraps the computed layout back to consistent-looking
+// offsets; the tensor tables would then be read past the mapping. It must be refused at attach.
+TEST(ProfileSegment, AForgedArenaSizeIsRefused) {
+  const std::string name = unique_name("arena");
+  auto seg = ProfileSegment::create(options(name, 64));
+  ASSERT_NE(ProfilePublisher::open(seg, sample_info()), nullptr);  // a tensor table in the arena
+  {
+    MappedHeader m(name);
+    auto& h = *m.header;
+    h.arena_bytes = ~std::uint64_t{0} - 62;  // rounds up to 64 by wrapping to 0
+    const auto g = runtime::profile_shm::geometry(h.max_sources, h.arena_bytes, h.event_capacity);
+    h.events_offset = g.events_offset;
+    h.total_bytes = g.total_bytes;
+  }
+  try {
+    ProfileAttachment::attach(name).sources();
+    FAIL() << "a forged arena size was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("arena"), std::string::npos) << e.what();
+  }
 }
 
 // ---- the file ----

@@ -106,6 +106,12 @@ class ProfileSegment {
   static std::shared_ptr<ProfileSegment> process();
   /// "lema-prof-<pid>".
   static std::string name_for(pid_t pid);
+  /// Removes the segments left by processes that are gone (killed before they could remove
+  /// their own): "lema-prof-<pid>", and "lema-init-<pid>-…" half-made ones, whose process no
+  /// longer runs, is a zombie, or is another one under a reused pid. A segment is kept while its
+  /// recorder runs (the recorder reads it last and removes it), and no other name is ever
+  /// touched. Returns the names removed; never throws. See Note [Segment owners].
+  static std::vector<std::string> remove_orphans() noexcept;
 
   ProfileSegment(const ProfileSegment&) = delete;
   ProfileSegment& operator=(const ProfileSegment&) = delete;
@@ -183,6 +189,8 @@ class ProfileAttachment {
   std::uint64_t pid() const noexcept;
   std::uint64_t recorder_pid() const noexcept;
   std::uint64_t created_ns() const noexcept;
+  /// Whether the process that made the segment still runs (by pid and start time).
+  bool owner_running() const;
   /// The publishers so far, with their current counters.
   std::vector<ProfileSourceInfo> sources() const;
   /// Appends the complete events written since the last drain, oldest first. Events the writer
