@@ -58,32 +58,13 @@
 #include <mutex>
 #include <thread>
 
+#include "detail/uffd_open.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/unique_fd.hpp"
 #include "lema/runtime/layout.hpp"
 
 namespace lema::runtime::detail {
 namespace {
-
-struct Opened {
-  UniqueFd fd;
-  bool kernel_faults = false;
-  int error = 0;
-};
-
-// The most capable descriptor first: without UFFD_USER_MODE_ONLY a system call's fault on the
-// range (write(2) from it: save_pretrained's file writes) waits for the fill instead of EFAULT.
-Opened open_uffd() {
-  Opened out;
-  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-  if (fd >= 0) return {UniqueFd(fd), true, 0};
-  out.error = errno;
-#ifdef UFFD_USER_MODE_ONLY
-  fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
-  if (fd >= 0) return {UniqueFd(fd), false, 0};
-#endif
-  return out;
-}
 
 std::string why_not(const char* what, int err) {
   return std::string(what) + ": " + std::strerror(err) +
@@ -278,7 +259,7 @@ std::unique_ptr<GuardFallback> GuardFallback::arm(Pager& pager, Options options,
   for (const std::uint64_t features :
        {std::uint64_t{UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EXACT_ADDRESS},
         std::uint64_t{UFFD_FEATURE_EVENT_REMAP}}) {
-    Opened opened = open_uffd();
+    OpenedUffd opened = open_uffd();
     if (!opened.fd) {
       reason = why_not("userfaultfd", opened.error);
       return nullptr;

@@ -22,42 +22,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include "detail/uffd_open.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/memory_mapping.hpp"
 #include "lema/base/unique_fd.hpp"
 
 namespace lema::runtime::detail {
 namespace {
-
-/// Move-only owner of an anonymous private mapping.
-
-struct OpenedUffd {
-  UniqueFd fd;
-  bool kernel_faults = false;
-  int error = 0;  // errno of the most telling failure when fd is empty
-};
-
-// The most capable way first: without UFFD_USER_MODE_ONLY, faults from syscalls reading the
-// range are served too; that needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1.
-OpenedUffd open_uffd() {
-  OpenedUffd out;
-  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-  if (fd >= 0) return {UniqueFd(fd), true, 0};
-  out.error = errno;
-#ifdef UFFD_USER_MODE_ONLY
-  fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
-  if (fd >= 0) return {UniqueFd(fd), false, 0};
-#endif
-#ifdef USERFAULTFD_IOC_NEW
-  // /dev/userfaultfd grants userfaultfd through file permissions, past the sysctl.
-  UniqueFd dev(::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC));
-  if (dev) {
-    fd = ::ioctl(dev.get(), USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-    if (fd >= 0) return {UniqueFd(fd), true, 0};
-  }
-#endif
-  return out;
-}
 
 std::string explain(int err) {
   switch (err) {
