@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_timing.hpp"
 #include "commands.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
@@ -31,7 +32,6 @@ namespace {
 
 using runtime::MappedCheckpoint;
 using runtime::PageId;
-using Clock = std::chrono::steady_clock;
 
 struct BenchFallbackArgs {
   std::string model;
@@ -40,17 +40,6 @@ struct BenchFallbackArgs {
   unsigned runs = 5;
   unsigned faults = 256;
 };
-
-double micros_since(Clock::time_point start) {
-  return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
 
 void warm_page_cache(const MappedCheckpoint& m) {
   std::vector<char> buf(8 << 20);

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_timing.hpp"
 #include "commands.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/memory_mapping.hpp"
@@ -51,7 +52,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using runtime::PageId;
-using Clock = std::chrono::steady_clock;
 
 struct BenchPagerArgs {
   std::string model;
@@ -60,17 +60,6 @@ struct BenchPagerArgs {
   std::string json;
   std::string tmp_dir = "/var/tmp";
 };
-
-double micros_since(Clock::time_point start) {
-  return std::chrono::duration<double, std::micro>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
 
 /// A page-aligned buffer, touched once so that page faults are not timed.
 MemoryMapping make_buffer(std::uint64_t bytes) {
