@@ -250,6 +250,26 @@ class TrainerResume : public TrainerLoop {
     return losses;
   }
 
+  // A resume of `out` that must be refused with an InvalidArgument naming `file` and each of
+  // `needles`, changing nothing; returns the message.
+  std::string refused_resume(const std::string& out, const std::filesystem::path& file,
+                             const std::vector<std::string>& needles) {
+    TinyLoraModel model;
+    auto o = options(out, kSteps);
+    Trainer trainer(model, data(o), o, identity());
+    try {
+      trainer.resume();
+      ADD_FAILURE() << "resumed";
+      return {};
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_THAT(what, HasSubstr(file.string()));
+      for (const auto& needle : needles) EXPECT_THAT(what, HasSubstr(needle));
+      EXPECT_EQ(trainer.step_count(), 0) << "a refused resume changes nothing";
+      return what;
+    }
+  }
+
   // Resumes `out` to step 6.
   Run second_half(const std::string& out, const std::string& expect_from) {
     TinyLoraModel model;  // fresh adapters: the checkpoint must overwrite them
@@ -524,19 +544,8 @@ TEST_F(TrainerResume, EveryBadFieldOfTheStateIsNamed) {
     auto j = nlohmann::json::parse(original);
     bad.spoil(j);
     std::ofstream(file, std::ios::trunc) << j.dump(2);
-    TinyLoraModel model;
-    auto o = options("edited", kSteps);
-    Trainer trainer(model, data(o), o, identity());
-    try {
-      trainer.resume();
-      ADD_FAILURE() << "resumed";
-    } catch (const InvalidArgument& e) {
-      const std::string what = e.what();
-      EXPECT_THAT(what, HasSubstr(file.string()));
-      for (const auto& needle : bad.needles) EXPECT_THAT(what, HasSubstr(needle));
-      EXPECT_EQ(what.find('\n'), std::string::npos) << "one line";
-      EXPECT_EQ(trainer.step_count(), 0) << "a refused resume changes nothing";
-    }
+    const std::string what = refused_resume("edited", file, bad.needles);
+    EXPECT_EQ(what.find('\n'), std::string::npos) << "one line";
   }
   // The untouched file still resumes.
   std::ofstream(file, std::ios::trunc) << original;
@@ -583,18 +592,7 @@ TEST_F(TrainerResume, BadOptimizerStateIsNamed) {
     for (auto& [name, t] : spoiled.exp_avg_sq) t = t.clone();
     c.spoil(spoiled);
     write_optimizer_state(file, spoiled);
-    TinyLoraModel model;
-    auto o = options("optimizer", kSteps);
-    Trainer trainer(model, data(o), o, identity());
-    try {
-      trainer.resume();
-      ADD_FAILURE() << "resumed";
-    } catch (const InvalidArgument& e) {
-      const std::string what = e.what();
-      EXPECT_THAT(what, HasSubstr(file.string()));
-      for (const auto& needle : c.needles) EXPECT_THAT(what, HasSubstr(needle));
-      EXPECT_EQ(trainer.step_count(), 0);
-    }
+    refused_resume("optimizer", file, c.needles);
   }
 }
 
