@@ -23,6 +23,15 @@ def run_lema(*args, check=True):
     return proc
 
 
+def process_read_bytes(pid: int) -> int:
+    """Bytes the process has read so far (rchar of /proc/<pid>/io): how far a run has got."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
 def inspect_json(path) -> dict:
     return json.loads(run_lema("inspect", path, "--json").stdout)
 

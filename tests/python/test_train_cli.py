@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import process_read_bytes
 from conftest import run_lema as lema
 
 LEMA = os.environ.get("LEMA_BIN", "lema")
@@ -217,14 +218,6 @@ def test_killed_run_leaves_a_loadable_checkpoint(model, corpus, tmp_path):
          "--batch", 2, "--budget", BUDGET, "--resume", "--threads", 1)
 
 
-def read_bytes(pid):
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    return 0
-
-
 def test_checkpoint_truncated_while_training_is_one_error(model, corpus, tmp_path):
     # The default trace policy prefetches: its prefetcher used to retry the page that failed to
     # read forever, and the step waiting for that page spun with it.
@@ -240,7 +233,7 @@ def test_checkpoint_truncated_while_training_is_one_error(model, corpus, tmp_pat
     # A budget of a third of the model reads the weights about twice per step: after ten times
     # their size, the trace policy has learned the step and prefetches.
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and read_bytes(proc.pid) < 10 * total:
+    while proc.poll() is None and time.time() < deadline and process_read_bytes(proc.pid) < 10 * total:
         time.sleep(0.02)
     victim = weights[-1]
     os.truncate(victim, victim.stat().st_size // 2)

@@ -11,7 +11,7 @@ import zlib
 import pytest
 from safetensors import safe_open
 
-from conftest import read_header
+from conftest import process_read_bytes, read_header
 
 LEMA = os.environ.get("LEMA_BIN", "lema")
 
@@ -64,21 +64,13 @@ def test_budget_smaller_than_a_page_is_one_line_error(model):
 # /proc/<pid>/io, counted with LEMA_IO=pread): the first pass is then complete, and with a budget
 # of one page every pass reads every page again.
 
-def read_bytes(pid):
-    with open(f"/proc/{pid}/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    return 0
-
-
 def start_and_wait_for_reads(args, nbytes):
     proc = subprocess.Popen([LEMA, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "LEMA_IO": "pread"})
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         try:
-            if read_bytes(proc.pid) >= nbytes:
+            if process_read_bytes(proc.pid) >= nbytes:
                 break
         except OSError:
             break
