@@ -28,5 +28,10 @@ void throw_system_error(const char* file, int line, const char* call, int err) {
                     err);
 }
 
+void throw_internal_error(const char* file, int line, const char* cond, const std::string& msg) {
+  throw InternalError("internal error: " + msg + " (" + cond + " does not hold; please report)" +
+                      where(file, line));
+}
+
 }  // namespace detail
 }  // namespace lema

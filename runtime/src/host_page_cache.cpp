@@ -25,7 +25,7 @@ std::optional<std::size_t> HostPageCache::pin_cached(PageId page) {
 
 std::optional<std::size_t> HostPageCache::claim_for(PageId page) {
   std::lock_guard lock(mutex_);
-  LEMA_EXPECTS(by_page_.count(page) == 0, "host cache: page already cached; pin it instead");
+  LEMA_ASSERT(by_page_.count(page) == 0, "host cache: page already cached; pin it instead");
   // From the least recently used end; pinned slots are few (the fills in flight).
   for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
     Slot& slot = slots_[*it];

@@ -16,23 +16,27 @@ namespace lema::runtime {
 // ---- Lease ----
 
 Lease::Lease(Lease&& o) noexcept
-    : pager_(std::exchange(o.pager_, nullptr)), pages_(std::move(o.pages_)), owner_(o.owner_) {
+    : pager_(std::exchange(o.pager_, nullptr)),
+      pages_(std::move(o.pages_)),
+      owner_(o.owner_),
+      consumer_(std::exchange(o.consumer_, std::nullopt)) {
   o.pages_.clear();
 }
 
 Lease& Lease::operator=(Lease&& o) noexcept {
   if (this != &o) {
-    if (pager_ != nullptr) pager_->release_pins(*this, Fence{});
+    if (pager_ != nullptr) pager_->drop(*this);
     pager_ = std::exchange(o.pager_, nullptr);
     pages_ = std::move(o.pages_);
     o.pages_.clear();
     owner_ = o.owner_;
+    consumer_ = std::exchange(o.consumer_, std::nullopt);
   }
   return *this;
 }
 
 Lease::~Lease() {
-  if (pager_ != nullptr) pager_->release_pins(*this, Fence{});
+  if (pager_ != nullptr) pager_->drop(*this);
 }
 
 // ---- Pager ----
@@ -54,16 +58,15 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   const std::size_t chunk_count =
       detail::pool_pages(options.budget_bytes, page_size, space.page_count(),
                          space.backend().granularity(), options.setting_names);
-  auto s = std::make_unique<State>(options.event_capacity);
+  auto s = std::make_unique<State>(options.event_capacity, space.page_count(), chunk_count);
   s->space = &space;
   s->backend = &space.backend();
   s->layout = &space.layout();
   s->page_size = page_size;
-  s->chunk_count = chunk_count;
   s->options = std::move(options);
   s->reader = reader ? std::move(reader) : open_reader(space, s->options);
   s->io_path = s->reader->path_name();
-  s->pool = s->backend->create_pool(s->chunk_count, page_size);
+  s->pool = s->backend->create_pool(chunk_count, page_size);
   if (s->options.access == Access::read_write) {
     LEMA_EXPECTS(s->backend->tracks_writes(),
                  "weights on the " + std::string(s->backend->name()) +
@@ -86,16 +89,19 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
         *s->backend, page_size, static_cast<std::size_t>(std::min<std::uint64_t>(
                                     slots, space.page_count())));
   }
-  s->pages.resize(space.page_count());
-  s->chunk_owner.assign(s->chunk_count, kNoPage);
-  s->free_chunks.reserve(s->chunk_count);
-  // Handed out from the back: chunk 0 first.
-  for (std::size_t c = s->chunk_count; c-- > 0;)
-    s->free_chunks.push_back(static_cast<std::uint32_t>(c));
+  s->fills = std::make_unique<FillPipeline>(FillPipeline::Parts{.space = space,
+                                                                 .backend = *s->backend,
+                                                                 .pool = *s->pool,
+                                                                 .reader = *s->reader,
+                                                                 .cache = s->host_cache.get(),
+                                                                 .spill = s->spill.get(),
+                                                                 .counters = s->counters,
+                                                                 .device_errors = s->device_errors,
+                                                                 .access = s->options.access});
   s->policy = make_policy(s->options.policy, space.page_count());
   spdlog::debug("pager: {} pages of {}, pool of {} chunks ({}), policy {}, io {}",
-                space.page_count(), format_size(page_size), s->chunk_count,
-                format_size(s->chunk_count * page_size), s->policy->name(), s->io_path);
+                space.page_count(), format_size(page_size), chunk_count,
+                format_size(chunk_count * page_size), s->policy->name(), s->io_path);
   subscribe_uvm(*s);  // before the publisher, which records whether GPU faults are counted
   s->profile = ProfilePublisher::open_if_enabled(
       ProfileSourceInfo{.kind = "pager",
@@ -104,7 +110,7 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
                         .uvm_counters = s->uvm_status,
                         .page_size = page_size,
                         .budget_bytes = s->options.budget_bytes,
-                        .pool_pages = s->chunk_count,
+                        .pool_pages = chunk_count,
                         .page_count = space.page_count(),
                         .tensors = profile_tensors(space.layout()),
                         .counters = {}});
@@ -115,33 +121,82 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   }
 }
 
+// Note [Device errors without a caller]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Some paths cannot throw: a Lease's destructor, release (unpinning must happen whatever the
+// device says), the retirement of copies, ~Pager. A sticky CUDA error (a kernel's illegal
+// address, say) makes every later driver call fail, so these paths meet it too; letting it
+// escape would end the process in std::terminate. Instead each such error is logged (the first
+// as an error, later ones at debug level: DeviceErrors) and the pager keeps whatever the device
+// may still read rather than reuse or free it, since a kernel reading another page's bytes, or
+// freed memory, would be silently wrong numbers:
+//  - a last-use fence whose query fails is kept with its pages as if still running: the next
+//    eviction check asks again, and an acquirer that needs the chunk gets the error;
+//  - a copy whose completion cannot be confirmed keeps its host memory for good (leaked);
+//  - a lease dropped for a queue whose last use cannot be recorded there keeps its pins for good,
+//    and the pager is broken: it can no longer tell what the device reads, so every acquire from
+//    then on throws PagerBroken (a clear error instead of a wait for chunks that never free);
+//  - at teardown a page whose last use cannot be confirmed complete, or pinned by a lost lease,
+//    stays mapped, and then the pool (and the host cache, when a copy was not confirmed) is
+//    leaked rather than released under it. Memory is lost until the process ends; the process
+//    is not.
+
 Pager::~Pager() {
   State& s = *state_;
   {
-    std::lock_guard lock(s.mutex);
+    std::lock_guard lock(s.table.mutex());
     s.stopping = true;
   }
   s.prefetch_cv.notify_all();
   if (s.prefetch_thread.joinable()) s.prefetch_thread.join();
-  retire_copies(s, 0);  // staging memory outlives the copies reading it
-  // Unmap what is still mapped so the reservation holds no reference to the pool's memory.
-  std::lock_guard lock(s.mutex);
-  for (PageId p = 0; p < s.pages.size(); ++p) {
-    PageEntry& e = s.pages[p];
-    if (e.state != PageState::resident) continue;
-    for (const Fence& f : e.fences) s.backend->wait_fence(f);
-    try {
-      s.backend->unmap(s.space->page_address(p), s.page_size);
-    } catch (const std::exception& ex) {
-      spdlog::warn("pager: unmapping page {} at teardown failed: {}", p, ex.what());
+  // Staging memory outlives the copies reading it.
+  const bool copies_done = s.fills->drain();
+  bool pages_kept = false;
+  {
+    // Unmap what is still mapped so the reservation holds no reference to the pool's memory.
+    std::lock_guard lock(s.table.mutex());
+    const bool broken = s.device_errors.broken();
+    for (PageId p = 0; p < s.table.page_count(); ++p) {
+      PageEntry& e = s.table.entry(p);
+      if (e.state != PageState::resident) continue;
+      if (broken && e.pins != 0) {  // a lost lease's pages
+        pages_kept = true;
+        continue;
+      }
+      bool used = false;
+      for (const Fence& f : e.fences) {
+        try {
+          s.backend->wait_fence(f);
+        } catch (...) {
+          s.device_errors.report_current("waiting for the last use of a page at teardown");
+          used = true;
+          break;
+        }
+      }
+      if (used) {
+        pages_kept = true;
+        continue;
+      }
+      try {
+        s.backend->unmap(s.space->page_address(p), s.page_size);
+      } catch (const std::exception& ex) {
+        spdlog::warn("pager: unmapping page {} at teardown failed: {}", p, ex.what());
+      }
+      s.counters.page_unmapped();
+      e.state = PageState::absent;
     }
-    s.counters.page_unmapped();
-    e.state = PageState::absent;
+    // The last records of the range reach the counters; consumers take no lock, so the pager's
+    // lock may be held (Note [UVM counters]).
+    s.uvm.reset();
+    if (s.profile) s.profile->update(s.counters, s.page_size);
   }
-  // The last records of the range reach the counters; consumers take no lock, so the pager's
-  // lock may be held (Note [UVM counters]).
-  s.uvm.reset();
-  if (s.profile) s.profile->update(s.counters, s.page_size);
+  if (pages_kept) {
+    spdlog::error("pager: pages the device may still read stay mapped; their pool of {} is "
+                  "leaked, not freed",
+                  format_size(s.table.chunk_count() * s.page_size));
+    (void)s.pool.release();
+  }
+  if (!copies_done) (void)s.host_cache.release();
 }
 
 void Pager::release(Lease&& lease, Fence last_use) {
@@ -150,45 +205,77 @@ void Pager::release(Lease&& lease, Fence last_use) {
   release_pins(lease, last_use);
 }
 
+// Note [Dropped leases]: a lease acquired for a queue was used by work on that queue, which may
+// still run when the lease is dropped without release. Its pages are released with a fence
+// recorded on that queue, so their chunks are reused only once that work completed, as if the
+// caller had released it so. (A lease for the host is released with a complete fence: its
+// holder's reads are over when it is dropped.)
+void Pager::drop(Lease& lease) noexcept {
+  if (lease.pager_ == nullptr) return;
+  State& s = *state_;
+  Fence last_use;
+  if (lease.consumer_) {
+    try {
+      last_use = s.backend->record_fence(*lease.consumer_);
+    } catch (...) {
+      // Note [Device errors without a caller]: the pages stay pinned for good.
+      s.device_errors.report_current("recording the last use of a dropped lease on its queue",
+                                     DeviceErrors::Then::break_pager);
+      bool wake = false;
+      {
+        std::lock_guard lock(s.table.mutex());
+        s.table.forget_owner(lease.pages_, lease.owner_);
+        wake = s.table.has_waiters();
+      }
+      if (wake) s.table.notify();  // waiting acquires see the pager broken
+      lease.pager_ = nullptr;
+      lease.pages_.clear();
+      return;
+    }
+  }
+  release_pins(lease, last_use);
+}
+
 void Pager::release_pins(Lease& lease, const Fence& last_use) noexcept {
   if (lease.pager_ == nullptr) return;
   State& s = *state_;
+  // Asked before the lock: the fence is the caller's, nothing else sees it yet.
+  bool pending = false;
+  if (!last_use.trivially_complete()) {
+    try {
+      pending = !s.backend->fence_complete(last_use);
+    } catch (...) {
+      // Note [Device errors without a caller]: kept as if still running.
+      s.device_errors.report_current("asking whether the last use of released pages completed");
+      pending = true;
+    }
+  }
   bool wake = false;
   bool prefetch = false;
   {
-    std::lock_guard lock(s.mutex);
-    const bool pending = !last_use.trivially_complete() && !s.backend->fence_complete(last_use);
-    auto mine = s.pins_by_thread.find(lease.owner_);
-    for (PageId p : lease.pages_) {
-      PageEntry& e = s.pages[p];
-      if (e.pins > 0) --e.pins;
-      if (pending) e.fences.push_back(last_use);
-      if (mine != s.pins_by_thread.end()) {
-        auto it = mine->second.find(p);
-        if (it != mine->second.end() && --it->second == 0) mine->second.erase(it);
-      }
-    }
-    if (mine != s.pins_by_thread.end() && mine->second.empty()) s.pins_by_thread.erase(mine);
-    wake = s.waiters > 0;
+    std::lock_guard lock(s.table.mutex());
+    s.table.unpin(lease.pages_, lease.owner_, pending ? &last_use : nullptr);
+    wake = s.table.has_waiters();
     // A chunk may have become usable for a pending prediction.
     prefetch = prefetch_useful(s);
     if (prefetch) s.prefetch_wanted = true;
   }
-  if (wake) s.changed.notify_all();
+  if (wake) s.table.notify();
   if (prefetch) s.prefetch_cv.notify_one();
   lease.pager_ = nullptr;
   lease.pages_.clear();
+  lease.consumer_.reset();
 }
 
 void Pager::fault_in(PageId page) {
-  LEMA_EXPECTS(page < state_->pages.size(),
+  LEMA_EXPECTS(page < state_->table.page_count(),
                "fault_in: page " + std::to_string(page) + " is outside the address space");
   Lease lease = acquire_pages({page, 1});
   release(std::move(lease));
 }
 
 bool Pager::fault_in(PageId page, std::chrono::nanoseconds patience) {
-  LEMA_EXPECTS(page < state_->pages.size(),
+  LEMA_EXPECTS(page < state_->table.page_count(),
                "fault_in: page " + std::to_string(page) + " is outside the address space");
   state_->counters.add(state_->counters.fallback_faults);
   Lease lease = acquire_sorted({page}, nullptr, std::chrono::steady_clock::now() + patience);
@@ -198,40 +285,41 @@ bool Pager::fault_in(PageId page, std::chrono::nanoseconds patience) {
 }
 
 void Pager::set_evict_hook(std::function<void(PageId)> hook) {
-  std::lock_guard lock(state_->mutex);
+  std::lock_guard lock(state_->table.mutex());
   state_->evict_hook = std::move(hook);
 }
 
 void Pager::quiesce() {
   State& s = *state_;
-  std::unique_lock lock(s.mutex);
-  wait_changed(s, lock, [&] { return s.stopping || (!s.prefetch_wanted && !s.prefetch_busy); });
+  std::unique_lock lock(s.table.mutex());
+  s.table.wait(lock, [&] { return s.stopping || (!s.prefetch_wanted && !s.prefetch_busy); });
 }
 
 void Pager::mark_step() {
   if (state_->uvm) state_->uvm->flush();  // the step's GPU faults, before the next one starts
-  std::lock_guard lock(state_->mutex);
+  std::lock_guard lock(state_->table.mutex());
   state_->policy->mark_step();
 }
 
 std::size_t Pager::evict(PageRange range) {
-  std::lock_guard lock(state_->mutex);
   State& s = *state_;
-  LEMA_EXPECTS(range.first + range.count <= s.pages.size(),
+  std::lock_guard lock(s.table.mutex());
+  LEMA_EXPECTS(range.first + range.count <= s.table.page_count(),
                "evict: pages beyond the end of the address space");
   std::size_t evicted = 0;
   for (PageId page = range.first; page < range.first + range.count; ++page) {
     if (!evictable(s, page)) continue;
-    s.free_chunks.push_back(evict_page(s, page));
+    s.table.free_chunk(evict_page(s, page));
     ++evicted;
   }
-  if (evicted != 0 && s.waiters != 0) s.changed.notify_all();
+  if (evicted != 0 && s.table.has_waiters()) s.table.notify();
   return evicted;
 }
 
 bool Pager::is_resident(PageId page) const {
-  std::lock_guard lock(state_->mutex);
-  return page < state_->pages.size() && state_->pages[page].state == PageState::resident;
+  std::lock_guard lock(state_->table.mutex());
+  return page < state_->table.page_count() &&
+         state_->table.entry(page).state == PageState::resident;
 }
 
 PagerStats Pager::stats() const {
@@ -255,7 +343,7 @@ const AddressSpace& Pager::space() const noexcept {
   return *state_->space;
 }
 std::size_t Pager::chunk_count() const noexcept {
-  return state_->chunk_count;
+  return state_->table.chunk_count();
 }
 const char* Pager::policy_name() const noexcept {
   return state_->options.policy == PolicyKind::trace ? "trace" : "lru";
@@ -265,22 +353,10 @@ const char* Pager::policy_name() const noexcept {
 
 void publish_fills(Pager::State& s, std::span<const FillClaim> claims) {
   for (const FillClaim& c : claims) {
-    PageEntry& e = s.pages[c.page];
-    ++e.fills_done;
-    e.fill_error = c.error;
-    e.fill_failed = static_cast<bool>(c.error);
     if (c.error) {
-      // The page stays unmapped and its chunk goes back to the free list; its waiters get the
-      // error and a later acquire retries the read (Note [Failed fills]).
-      e.state = PageState::absent;
-      e.prefetched = false;
-      s.chunk_owner[c.chunk] = kNoPage;
-      s.free_chunks.push_back(c.chunk);
+      s.table.fill_failed(c.page, c.error);
     } else {
-      e.state = PageState::resident;
-      e.ready = c.ready;
-      // Not unmapped, nor its chunk reused, while the copy may still write it.
-      if (!c.ready.trivially_complete()) e.fences.push_back(c.ready);
+      s.table.fill_succeeded(c.page, c.ready);
       s.policy->on_resident(c.page);
     }
   }

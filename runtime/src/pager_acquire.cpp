@@ -44,36 +44,204 @@ std::string pages_text(std::uint64_t pages, std::uint64_t page_size) {
 std::string shortfall_text(const Pager::State& s, std::size_t needed) {
   return std::to_string(needed) + (needed == 1 ? " page of " : " pages of ") +
          format_size(s.page_size) + " (" + format_size(needed * s.page_size) +
-         ") but the budget holds " + pages_text(s.chunk_count, s.page_size) + "; " +
+         ") but the budget holds " + pages_text(s.table.chunk_count(), s.page_size) + "; " +
          detail::budget_advice(needed * s.page_size, s.page_size, s.backend->granularity(),
                                s.options.setting_names);
 }
 
 [[noreturn]] void throw_too_big(const Pager::State& s, std::size_t needed) {
-  throw BudgetError("acquire needs " + shortfall_text(s, needed));
+  throw BudgetError("acquire needs " + shortfall_text(s, needed),
+                    {.needed_bytes = needed * s.page_size,
+                     .pinned_bytes = 0,
+                     .budget_bytes = s.table.chunk_count() * s.page_size,
+                     .smallest_budget = needed * s.page_size,
+                     .page_size = s.page_size});
 }
 
-// Pages the calling thread already pins outside `request` (sorted).
-std::size_t own_pins_outside(const Pager::State& s, std::span<const PageId> request) {
-  auto it = s.pins_by_thread.find(std::this_thread::get_id());
-  if (it == s.pins_by_thread.end()) return 0;
-  std::size_t n = 0;
-  for (const auto& [page, count] : it->second)
-    if (count > 0 && !std::binary_search(request.begin(), request.end(), page)) ++n;
-  return n;
+[[noreturn]] void throw_own_pins(const Pager::State& s, std::size_t needed, std::size_t pinned) {
+  const std::uint64_t smallest = (pinned + needed) * s.page_size;
+  throw BudgetError("acquire needs " + pages_text(needed, s.page_size) +
+                        " while this thread's other leases pin " +
+                        pages_text(pinned, s.page_size) + ", but the budget holds " +
+                        pages_text(s.table.chunk_count(), s.page_size) +
+                        "; release leases before acquiring more; " +
+                        detail::budget_advice(smallest, s.page_size, s.backend->granularity(),
+                                              s.options.setting_names),
+                    {.needed_bytes = needed * s.page_size,
+                     .pinned_bytes = pinned * s.page_size,
+                     .budget_bytes = s.table.chunk_count() * s.page_size,
+                     .smallest_budget = smallest,
+                     .page_size = s.page_size});
 }
 
-enum class Outcome { done, retry };
+// ---- the steps of an acquire, in order ----
 
-// Note [Device fills]: the copies into device chunks that may still run for `pages` (pinned by
-// the caller, so none is evicted meanwhile). A consumer queue waits for them on the device;
-// without one the caller waits on the host.
+// Step 1 (lock held): waits until every chunk the request needs can be claimed at once (Note
+// [All-or-nothing claim]). Starts the stall clock when it waits. False when `deadline` passed
+// first. Throws BudgetError when the calling thread's own leases make the request impossible,
+// PagerBroken once the pager is broken.
+bool wait_for_room(Pager::State& s, std::unique_lock<std::mutex>& lock,
+                   std::span<const PageId> pages,
+                   const std::optional<std::chrono::steady_clock::time_point>& deadline,
+                   std::uint64_t& stall_start) {
+  std::vector<PageId> ready, fenced;
+  for (;;) {
+    if (s.device_errors.broken()) {
+      throw PagerBroken("the pager serves no more acquires after a device error it could not "
+                        "report (" +
+                        s.device_errors.why_broken() +
+                        "); pages a kernel may still read stay pinned: close the checkpoint and "
+                        "open it again");
+    }
+    const std::size_t needed = s.table.absent_count(pages);
+    if (needed <= s.table.free_chunk_count()) return true;
+    collect_candidates(s, pages, ready, &fenced);
+    if (needed <= s.table.free_chunk_count() + ready.size()) return true;
+    if (stall_start == 0) stall_start = now_ns();
+    if (needed <= s.table.free_chunk_count() + ready.size() + fenced.size()) {
+      // Enough pages are unpinned but their last use is still running: wait for one fence,
+      // outside the lock (Note [Fenced reuse]).
+      const Fence f = s.table.entry(fenced.front()).fences.front();
+      lock.unlock();
+      s.backend->wait_fence(f);
+      lock.lock();
+      continue;
+    }
+    const std::size_t pinned = s.table.pins_outside(std::this_thread::get_id(), pages);
+    if (pinned + pages.size() > s.table.chunk_count()) throw_own_pins(s, pages.size(), pinned);
+    if (!deadline) {
+      s.table.wait(lock);
+    } else if (!s.table.wait_until(lock, *deadline)) {
+      return false;
+    }
+  }
+}
+
+/// A page another thread was filling when the acquire pinned it, and the count of its
+/// published fills then (Note [Failed fills]).
+struct FillOfAnother {
+  PageId page = 0;
+  std::uint32_t fills_seen = 0;
+};
+
+/// What step 2 took: the pages this acquire fills itself, and those others fill.
+struct Claimed {
+  std::vector<FillClaim> to_fill;
+  std::vector<FillOfAnother> to_wait;
+};
+
+void count_hit(Pager::State& s, PageEntry& e, PageId page, std::uint64_t now) {
+  s.counters.add(s.counters.hits);
+  if (e.prefetched) {
+    e.prefetched = false;
+    s.counters.add(s.counters.prefetches_used);
+  }
+  record_event(s, EventKind::hit, page, 1, 0, now, 0);
+}
+
+// Step 2 (lock held, under the same hold as step 1): pins every page and claims a chunk for each
+// absent one, evicting victims the policy picks among the pages outside the request.
+Claimed claim_pages(Pager::State& s, std::span<const PageId> pages, std::thread::id self) {
+  for (PageId p : pages) s.policy->on_access(p);
+  std::vector<PageId> ready;
+  collect_candidates(s, pages, ready, nullptr);
+  Claimed out;
+  const std::uint64_t now = now_ns();
+  for (PageId p : pages) {
+    PageEntry& e = s.table.entry(p);
+    s.table.pin(p, self);
+    switch (e.state) {
+      case PageState::resident:
+        count_hit(s, e, p, now);
+        break;
+      case PageState::filling:
+        // Someone else (the prefetcher or another acquire) fills it: wait, count a hit.
+        count_hit(s, e, p, now);
+        out.to_wait.push_back({p, e.fills_done});
+        break;
+      case PageState::absent:
+        s.table.claim(p, take_chunk(s, ready), /*prefetched=*/false);
+        out.to_fill.push_back({p, e.chunk, nullptr, {}});
+        break;
+    }
+  }
+  return out;
+}
+
+// Step 3 (no lock): faults are served here, on the caller's thread. Returns the first fill's
+// error, after publishing every outcome.
+std::exception_ptr fill_claimed(Pager::State& s, std::span<FillClaim> to_fill) {
+  if (to_fill.empty()) return nullptr;
+  const std::uint64_t start = now_ns();
+  s.fills->fill_and_map(to_fill, FillOrigin::demand);
+  const std::uint64_t took = now_ns() - start;
+  s.counters.add(s.counters.faults, to_fill.size());
+  s.counters.add(s.counters.stall_ns, took);
+  std::exception_ptr error;
+  for (const FillClaim& c : to_fill) {
+    if (c.error && !error) error = c.error;
+    record_event(s, EventKind::fault, c.page, 1, s.layout->page_fill_bytes(c.page), start, took);
+  }
+  bool wake = false;
+  {
+    std::lock_guard lock(s.table.mutex());
+    publish_fills(s, to_fill);
+    wake = s.table.has_waiters();
+  }
+  if (wake) s.table.notify();
+  return error;
+}
+
+struct WaitOutcome {
+  std::exception_ptr error;  // the error of a fill waited for
+  bool lost = false;         // a page neither resident nor failed: fill it here
+};
+
+// Step 4 (takes the lock): pages others were filling. Note [Failed fills]: each is waited for
+// until the fill it found is published; when that fill failed, this acquire fails with its error.
+WaitOutcome wait_for_fills(Pager::State& s, std::span<const FillOfAnother> to_wait) {
+  WaitOutcome out;
+  if (to_wait.empty()) return out;
+  const std::uint64_t start = now_ns();
+  {
+    std::unique_lock lock(s.table.mutex());
+    for (const FillOfAnother& w : to_wait) {
+      const PageEntry& e = s.table.entry(w.page);
+      s.table.wait(lock, [&] { return e.fills_done != w.fills_seen; });
+      if (e.state == PageState::resident) continue;
+      if (!e.fill_error) {
+        out.lost = true;
+        continue;
+      }
+      out.error = e.fill_error;
+      break;
+    }
+  }
+  const std::uint64_t took = now_ns() - start;
+  s.counters.add(s.counters.stall_ns, took);
+  record_event(s, EventKind::stall, to_wait.front().page, static_cast<std::uint32_t>(to_wait.size()),
+               0, start, took);
+  return out;
+}
+
+// Step 5: the time step 1 waited for room, as one stall.
+void record_room_stall(Pager::State& s, std::span<const PageId> pages, std::uint64_t stall_start) {
+  if (stall_start == 0) return;
+  const std::uint64_t took = now_ns() - stall_start;
+  s.counters.add(s.counters.stall_ns, took);
+  record_event(s, EventKind::stall, pages.front(), static_cast<std::uint32_t>(pages.size()), 0,
+               stall_start, took);
+}
+
+// Step 6, Note [Device fills]: the copies into device chunks that may still run for `pages`
+// (pinned by the caller, so none is evicted meanwhile). A consumer queue waits for them on the
+// device; without one the caller waits on the host.
 void wait_until_ready(Pager::State& s, std::span<const PageId> pages, const Queue* consumer) {
   std::vector<Fence> running;
   {
-    std::lock_guard lock(s.mutex);
+    std::lock_guard lock(s.table.mutex());
     for (PageId p : pages) {
-      PageEntry& e = s.pages[p];
+      PageEntry& e = s.table.entry(p);
       if (e.ready.trivially_complete()) continue;
       if (s.backend->fence_complete(e.ready))
         e.ready = Fence{};
@@ -133,10 +301,11 @@ Lease Pager::acquire_pages(PageRange range, Queue consumer) {
 }
 
 Lease Pager::acquire_page_range(PageRange range, const Queue* consumer) {
-  LEMA_EXPECTS(static_cast<std::uint64_t>(range.first) + range.count <= state_->pages.size(),
+  const std::size_t page_count = state_->table.page_count();
+  LEMA_EXPECTS(static_cast<std::uint64_t>(range.first) + range.count <= page_count,
                "acquire: pages [" + std::to_string(range.first) + ", " +
                    std::to_string(static_cast<std::uint64_t>(range.first) + range.count) +
-                   ") are outside the address space of " + std::to_string(state_->pages.size()) +
+                   ") are outside the address space of " + std::to_string(page_count) +
                    " pages");
   std::vector<PageId> pages(range.count);
   for (std::uint32_t i = 0; i < range.count; ++i) pages[i] = range.first + i;
@@ -146,158 +315,32 @@ Lease Pager::acquire_page_range(PageRange range, const Queue* consumer) {
 Lease Pager::acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
                            std::optional<std::chrono::steady_clock::time_point> deadline) {
   State& s = *state_;
-  if (pages.size() > s.chunk_count) throw_too_big(s, pages.size());
+  if (pages.size() > s.table.chunk_count()) throw_too_big(s, pages.size());
   Lease lease;
   if (pages.empty()) return lease;
   const auto self = std::this_thread::get_id();
-
-  std::vector<PageId> ready, fenced;
-  std::vector<FillClaim> to_fill;
-  std::vector<PageId> to_wait;
-  std::vector<std::uint32_t> fills_seen;  // per page of to_wait: its fills_done when claimed
   for (;;) {
-    to_fill.clear();
-    to_wait.clear();
-    fills_seen.clear();
     std::uint64_t stall_start = 0;
-    std::unique_lock lock(s.mutex);
-    // Phase 1: wait until every chunk this request needs can be claimed at once.
-    for (;;) {
-      std::size_t needed = 0;
-      for (PageId p : pages) needed += s.pages[p].state == PageState::absent ? 1 : 0;
-      if (needed <= s.free_chunks.size()) break;
-      collect_candidates(s, pages, ready, &fenced);
-      if (needed <= s.free_chunks.size() + ready.size()) break;
-      if (stall_start == 0) stall_start = now_ns();
-      if (needed <= s.free_chunks.size() + ready.size() + fenced.size()) {
-        // Enough pages are unpinned but their last use is still running: wait for one fence,
-        // outside the lock (Note [Fenced reuse]).
-        const Fence f = s.pages[fenced.front()].fences.front();
-        lock.unlock();
-        s.backend->wait_fence(f);
-        lock.lock();
-        continue;
-      }
-      if (own_pins_outside(s, pages) + pages.size() > s.chunk_count) {
-        throw BudgetError("acquire needs " + pages_text(pages.size(), s.page_size) +
-                          " while this thread's other leases pin " +
-                          pages_text(own_pins_outside(s, pages), s.page_size) +
-                          ", but the budget holds " + pages_text(s.chunk_count, s.page_size) +
-                          "; release leases before acquiring more; " +
-                          detail::budget_advice(
-                              (own_pins_outside(s, pages) + pages.size()) * s.page_size,
-                              s.page_size, s.backend->granularity(), s.options.setting_names));
-      }
-      if (!deadline) {
-        wait_changed(s, lock);
-      } else if (!wait_changed_until(s, lock, *deadline)) {
-        return lease;  // empty: out of patience, nothing taken
-      }
-    }
-
-    // Phase 2: claim everything under the same lock hold.
-    for (PageId p : pages) s.policy->on_access(p);
-    collect_candidates(s, pages, ready, nullptr);
-    auto& mine = s.pins_by_thread[self];
-    const std::uint64_t now = now_ns();
-    for (PageId p : pages) {
-      PageEntry& e = s.pages[p];
-      ++e.pins;
-      ++mine[p];
-      switch (e.state) {
-        case PageState::resident:
-          s.counters.add(s.counters.hits);
-          if (e.prefetched) {
-            e.prefetched = false;
-            s.counters.add(s.counters.prefetches_used);
-          }
-          record_event(s, EventKind::hit, p, 1, 0, now, 0);
-          break;
-        case PageState::filling:
-          // Someone else (the prefetcher or another acquire) fills it: wait, count a hit.
-          s.counters.add(s.counters.hits);
-          if (e.prefetched) {
-            e.prefetched = false;
-            s.counters.add(s.counters.prefetches_used);
-          }
-          record_event(s, EventKind::hit, p, 1, 0, now, 0);
-          to_wait.push_back(p);
-          fills_seen.push_back(e.fills_done);
-          break;
-        case PageState::absent: {
-          const std::uint32_t chunk = take_chunk(s, ready);
-          e.state = PageState::filling;
-          e.chunk = chunk;
-          e.prefetched = false;
-          s.chunk_owner[chunk] = p;
-          to_fill.push_back({p, chunk, nullptr, {}});
-          break;
-        }
-      }
-    }
+    std::unique_lock lock(s.table.mutex());
+    if (!wait_for_room(s, lock, pages, deadline, stall_start)) return lease;  // nothing taken
+    Claimed claimed = claim_pages(s, pages, self);
     lease.pager_ = this;
     lease.pages_ = pages;
     lease.owner_ = self;
     lock.unlock();
 
-    // Phase 3: faults are served here, on the caller's thread, without the lock.
-    std::exception_ptr error;
-    if (!to_fill.empty()) {
-      const std::uint64_t start = now_ns();
-      fill_and_map(s, to_fill, FillOrigin::demand);
-      const std::uint64_t took = now_ns() - start;
-      s.counters.add(s.counters.faults, to_fill.size());
-      s.counters.add(s.counters.stall_ns, took);
-      for (const FillClaim& c : to_fill) {
-        if (c.error && !error) error = c.error;
-        record_event(s, EventKind::fault, c.page, 1, s.layout->page_fill_bytes(c.page), start,
-                     took);
-      }
-      bool wake = false;
-      {
-        std::lock_guard relock(s.mutex);
-        publish_fills(s, to_fill);
-        wake = s.waiters > 0;
-      }
-      if (wake) s.changed.notify_all();
-    }
-
-    // Phase 4: pages others were filling. Note [Failed fills]: each is waited for until the
-    // fill it found is published; when that fill failed, this acquire fails with its error.
-    bool lost = false;
-    std::exception_ptr waited_error;
-    if (!to_wait.empty()) {
-      const std::uint64_t start = now_ns();
-      std::unique_lock relock(s.mutex);
-      for (std::size_t i = 0; i < to_wait.size() && !waited_error; ++i) {
-        const PageEntry& e = s.pages[to_wait[i]];
-        wait_changed(s, relock, [&] { return e.fills_done != fills_seen[i]; });
-        if (e.state == PageState::resident) continue;
-        if (e.fill_error)
-          waited_error = e.fill_error;
-        else
-          lost = true;  // not resident without an error: fill it here
-      }
-      relock.unlock();
-      const std::uint64_t took = now_ns() - start;
-      s.counters.add(s.counters.stall_ns, took);
-      record_event(s, EventKind::stall, to_wait.front(), static_cast<std::uint32_t>(to_wait.size()),
-                   0, start, took);
-    }
-    if (stall_start != 0) {
-      const std::uint64_t took = now_ns() - stall_start;
-      s.counters.add(s.counters.stall_ns, took);
-      record_event(s, EventKind::stall, pages.front(), static_cast<std::uint32_t>(pages.size()), 0,
-                   stall_start, took);
-    }
-
-    if (error || waited_error) {
+    const std::exception_ptr fill_error = fill_claimed(s, claimed.to_fill);
+    const WaitOutcome waited = wait_for_fills(s, claimed.to_wait);
+    record_room_stall(s, pages, stall_start);
+    if (fill_error || waited.error) {
       release_pins(lease, Fence{});
-      rethrow_fill_error(error ? error : waited_error);
+      rethrow_fill_error(fill_error ? fill_error : waited.error);
     }
-    if (!lost) {
+    if (!waited.lost) {
       // Host-visible pools are filled in place: nothing can still be on its way.
-      if (copies_to_device(s)) wait_until_ready(s, pages, consumer);
+      if (s.fills->copies_to_device()) wait_until_ready(s, pages, consumer);
+      // Note [Dropped leases]: dropped without release, it is released on this queue.
+      if (consumer != nullptr) lease.consumer_ = *consumer;
       return lease;
     }
     // One of our pages is neither resident nor failed: drop everything and start over, so this

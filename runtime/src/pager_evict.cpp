@@ -1,4 +1,4 @@
-// Victim choice and eviction. Every function here runs under Pager::State::mutex.
+// Victim choice and eviction. Every function here runs under the page table's lock.
 #include <algorithm>
 
 #include "pager_state.hpp"
@@ -6,7 +6,7 @@
 namespace lema::runtime {
 
 bool evictable(Pager::State& s, PageId page) {
-  PageEntry& e = s.pages[page];
+  PageEntry& e = s.table.entry(page);
   if (e.state != PageState::resident || e.pins != 0) return false;
   // Note [Fenced reuse]: a chunk is reused only once the last use of its page completed on the
   // device; unmapping under a running kernel would let it read another page's bytes.
@@ -19,9 +19,9 @@ void collect_candidates(Pager::State& s, std::span<const PageId> exclude,
   ready.clear();
   if (fenced != nullptr) fenced->clear();
   // The resident set is exactly the owners of the chunks: O(chunks), not O(pages).
-  for (PageId page : s.chunk_owner) {
+  for (PageId page : s.table.chunk_owners()) {
     if (page == kNoPage) continue;
-    const PageEntry& e = s.pages[page];
+    const PageEntry& e = s.table.entry(page);
     if (e.state != PageState::resident || e.pins != 0) continue;
     if (std::binary_search(exclude.begin(), exclude.end(), page)) continue;
     if (evictable(s, page)) {
@@ -46,7 +46,7 @@ void collect_candidates(Pager::State& s, std::span<const PageId> exclude,
 // private copy is memory beside the pool until the eviction: a page written while resident
 // costs up to twice its size.
 std::uint32_t evict_page(Pager::State& s, PageId page) {
-  PageEntry& e = s.pages[page];
+  const PageEntry& e = s.table.entry(page);
   const std::uint64_t start = now_ns();
   if (s.spill) {
     const std::byte* at = s.space->page_address(page);
@@ -59,12 +59,7 @@ std::uint32_t evict_page(Pager::State& s, PageId page) {
   s.counters.page_unmapped();
   s.counters.add(s.counters.evictions);
   if (e.prefetched) s.counters.add(s.counters.prefetches_wasted);
-  const std::uint32_t chunk = e.chunk;
-  e.state = PageState::absent;
-  e.prefetched = false;
-  e.fences.clear();
-  e.ready = Fence{};
-  s.chunk_owner[chunk] = kNoPage;
+  const std::uint32_t chunk = s.table.evicted(page);
   s.policy->on_evicted(page);
   if (s.evict_hook) s.evict_hook(page);
   record_event(s, EventKind::evict, page, 1, s.page_size, start, now_ns() - start);
@@ -72,11 +67,7 @@ std::uint32_t evict_page(Pager::State& s, PageId page) {
 }
 
 std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates) {
-  if (!s.free_chunks.empty()) {
-    const std::uint32_t chunk = s.free_chunks.back();
-    s.free_chunks.pop_back();
-    return chunk;
-  }
+  if (s.table.free_chunk_count() != 0) return s.table.take_free_chunk();
   const PageId victim = s.policy->choose_victim(candidates);
   auto it = std::find(candidates.begin(), candidates.end(), victim);
   if (it == candidates.end()) it = candidates.begin();  // a policy bug must not break the pool

@@ -1,119 +1,85 @@
-// Internals of the Pager, shared by the files that implement it by concern:
-//   pager.cpp          construction, destruction, leases, release, small queries
-//   pager_acquire.cpp  acquire: the page table walk, waiting, budget checks
-//   pager_fill.cpp     reading pages into chunks and mapping them (IO, outside the lock)
-//   pager_evict.cpp    victim choice and eviction (under the lock)
+// Internals of the Pager. The pager composes types that each keep their own invariants:
+//   page_table.hpp     the page table: page states, chunk owners, free chunks, pins (its lock)
+//   fill_pipeline.hpp  reading pages into chunks and mapping them; staging, copies in flight
+//   host_page_cache.hpp, spill_store.hpp   the tiers beside the pool (each with its lock)
+//   device_errors.hpp  device errors met where nothing can throw
+// and its functions are split by concern:
+//   pager.cpp          construction, teardown, leases, release, small queries
+//   pager_acquire.cpp  acquire: the steps from a request to a lease, budget checks
+//   pager_evict.cpp    victim choice and eviction (under the table's lock)
 //   prefetcher.cpp     the prefetch thread
+//   pager_uvm.cpp      CUPTI's unified-memory counters
 //
-// Lock order: State::mutex (the page table, the chunk table, the policy, the per-thread pin
-// records) may be held while calling the Backend's map/unmap/fence queries and the policy.
-// State::staging_mutex is a leaf, never held while taking State::mutex. No IO (Reader waits) and
-// no fence wait ever happens under State::mutex.
+// Note [Pager lock order]
+// ~~~~~~~~~~~~~~~~~~~~~~~
+// 1. PageTable::mutex(): the page table, and what changes with it (State's members marked so:
+//    the policy, the evict hook, the prefetcher's flags). Held while calling the Backend's
+//    map/unmap, fence queries and written_bytes, the policy, the evict hook, the spill store
+//    (a dirty eviction writes it) and the event ring; never while waiting: no IO (Reader waits),
+//    no Backend::wait_fence, no fill.
+// 2. FillPipeline's lock (free staging buffers, copies in flight): held only around its own
+//    lists and Backend::fence_complete; never together with the table's lock, either way round.
+// 3. Leaves, taken under either or alone, taking nothing themselves: HostPageCache's,
+//    SpillStore's and DeviceErrors' locks.
+// The CUPTI consumer (pager_uvm.cpp) runs under the collector's registry lock and takes none of
+// these: counters and events only, both lock-free.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <cstdint>
 #include <exception>
 #include <functional>
-#include <limits>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <span>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
+#include "device_errors.hpp"
+#include "fill_pipeline.hpp"
 #include "host_page_cache.hpp"
-#include "spill_store.hpp"
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/profile.hpp"
+#include "page_table.hpp"
+#include "spill_store.hpp"
 #include "uvm_counters.hpp"
 
 namespace lema::runtime {
 
-inline constexpr PageId kNoPage = std::numeric_limits<PageId>::max();
-
-enum class PageState : std::uint8_t {
-  absent,    // not mapped; no chunk
-  filling,   // owns a chunk being filled by one thread; not mapped yet (Note [Map after fill])
-  resident,  // mapped at its model address
-};
-
-struct PageEntry {
-  PageState state = PageState::absent;
-  bool prefetched = false;  // filled by the prefetcher and not accessed since
-  std::uint32_t chunk = 0;  // valid unless absent
-  std::uint32_t pins = 0;
-  std::vector<Fence> fences;  // last-use fences (and the fill's copy) not yet seen complete
-  // The fill's copy to a device chunk, until seen complete: an acquirer makes its consumer
-  // queue wait for it (or waits on the host). Always complete for host-visible pools.
-  Fence ready;
-  // Note [Failed fills]: fills of this page published so far, and the error of the last one
-  // (null when it succeeded). An acquirer waiting for another thread's fill waits for the count
-  // to move and gets that fill's error instead of filling the page again itself.
-  std::uint32_t fills_done = 0;
-  std::exception_ptr fill_error;
-  // The last fill failed: the prefetcher leaves the page alone until a fill of it succeeds.
-  bool fill_failed = false;
-};
-
-/// A page given a chunk to fill, and the outcome.
-struct FillClaim {
-  PageId page = 0;
-  std::uint32_t chunk = 0;
-  std::exception_ptr error;  // set when the read or the map failed
-  Fence ready;               // the copy into a device chunk (see PageEntry::ready)
-};
-
-/// Host memory a copy to the device still reads from: a staging buffer or a host cache slot,
-/// given back once the copy completed.
-struct CopyInFlight {
-  Fence copied;
-  std::unique_ptr<StagingBuffer> staging;
-  std::optional<std::size_t> cache_slot;
-};
-
 struct Pager::State {
+  State(std::size_t event_capacity, std::size_t pages, std::size_t chunks)
+      : events(event_capacity), table(pages, chunks) {}
+
   AddressSpace* space = nullptr;
   Backend* backend = nullptr;
   const Layout* layout = nullptr;
   PagerOptions options;
   std::uint64_t page_size = 0;
-  std::size_t chunk_count = 0;
   std::unique_ptr<io::Reader> reader;
   std::string io_path;
+  // The tiers: the pool; the host cache of a device pool (host_cache_bytes); the spill store of
+  // written pages (Access::read_write, Note [Dirty pages]).
   std::unique_ptr<PhysicalPool> pool;
-  std::unique_ptr<HostPageCache> host_cache;  // device pools with a host cache tier only
-  std::unique_ptr<SpillStore> spill;  // Access::read_write only: written pages (Note [Dirty pages])
+  std::unique_ptr<HostPageCache> host_cache;
+  std::unique_ptr<SpillStore> spill;
 
   PagerCounters counters;
   EventRing events;
   std::unique_ptr<ProfilePublisher> profile;  // set when LEMA_PROFILE is (see profile.hpp)
+  DeviceErrors device_errors;
 
-  // ---- guarded by mutex ----
-  std::mutex mutex;
-  std::condition_variable changed;  // a fill finished, or pins/fences were released
-  std::uint32_t waiters = 0;        // threads blocked on `changed` (notify only when > 0)
-  std::vector<PageEntry> pages;
-  std::vector<PageId> chunk_owner;  // kNoPage when the chunk is free
-  std::vector<std::uint32_t> free_chunks;
+  std::unique_ptr<FillPipeline> fills;  // after the tiers it reads from and writes to
+  PageTable table;
+
+  // ---- guarded by table.mutex() ----
   std::unique_ptr<EvictionPolicy> policy;
-  // Pins per acquiring thread, to refuse (instead of waiting forever) an acquire that the
-  // caller's own leases make impossible.
-  std::unordered_map<std::thread::id, std::unordered_map<PageId, std::uint32_t>> pins_by_thread;
   std::function<void(PageId)> evict_hook;
   bool prefetch_wanted = false;
   bool prefetch_busy = false;  // the prefetcher claimed pages and is filling them
   bool stopping = false;
   std::condition_variable prefetch_cv;
-
-  // ---- guarded by staging_mutex (device backends only) ----
-  std::mutex staging_mutex;
-  std::vector<std::unique_ptr<StagingBuffer>> staging_free;
-  std::deque<CopyInFlight> copies_in_flight;  // oldest first
 
   std::thread prefetch_thread;
 
@@ -123,11 +89,9 @@ struct Pager::State {
   std::string uvm_status;
   std::unique_ptr<UvmConsumer> uvm_consumer;
   std::unique_ptr<UvmSubscription> uvm;
-
-  explicit State(std::size_t event_capacity) : events(event_capacity) {}
 };
 
-// ---- pager_evict.cpp (caller holds State::mutex) ----
+// ---- pager_evict.cpp (caller holds table.mutex()) ----
 
 /// True when `page` is resident, unpinned and all its last-use fences completed (completed
 /// fences are dropped on the way).
@@ -141,20 +105,7 @@ std::uint32_t evict_page(Pager::State& s, PageId page);
 /// no chunk is free). Removes the victim from `candidates`.
 std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates);
 
-// ---- pager_fill.cpp (caller holds no lock) ----
-
-/// Who fills: a caller that faulted (and waits), or the prefetch thread.
-enum class FillOrigin { demand, prefetch };
-/// Reads each claim's page into its chunk, then maps the pages read at their model addresses
-/// with one Backend::map_pages call (Note [Map after fill]); when that map fails, every claim
-/// of it fails. Errors are stored per claim; never throws. Copies into device chunks are left
-/// running: each claim's `ready` fence says when its bytes are there.
-void fill_and_map(Pager::State& s, std::span<FillClaim> claims, FillOrigin origin);
-/// Gives back the host memory of completed copies; waits on the host for the oldest ones while
-/// more than `keep` are in flight (bounding pinned staging memory).
-void retire_copies(Pager::State& s, std::size_t keep) noexcept;
-
-// ---- pager_acquire.cpp / pager.cpp (caller holds State::mutex) ----
+// ---- pager.cpp (caller holds table.mutex()) ----
 
 /// Publishes the outcome of fills: resident pages, or absent with the chunk freed and the error
 /// kept for the fill's waiters (Note [Failed fills]).
@@ -165,32 +116,6 @@ void publish_fills(Pager::State& s, std::span<const FillClaim> claims);
 /// Needs no lock (the ring and the publisher are lock-free); CUPTI's records arrive through it.
 void record_event(Pager::State& s, EventKind kind, PageId first, std::uint32_t count,
                   std::uint64_t bytes, std::uint64_t start_ns, std::uint64_t duration_ns);
-
-/// Blocks on State::changed (lock held), counting the waiter.
-template <typename Pred>
-void wait_changed(Pager::State& s, std::unique_lock<std::mutex>& lock, Pred pred) {
-  ++s.waiters;
-  s.changed.wait(lock, pred);
-  --s.waiters;
-}
-inline void wait_changed(Pager::State& s, std::unique_lock<std::mutex>& lock) {
-  ++s.waiters;
-  s.changed.wait(lock);
-  --s.waiters;
-}
-/// The same with a deadline; false when it passed first.
-inline bool wait_changed_until(Pager::State& s, std::unique_lock<std::mutex>& lock,
-                               std::chrono::steady_clock::time_point deadline) {
-  ++s.waiters;
-  const bool woken = s.changed.wait_until(lock, deadline) == std::cv_status::no_timeout;
-  --s.waiters;
-  return woken;
-}
-/// Whether fills copy into device chunks (a pool without a host window): only then may a page's
-/// bytes still be on their way when it is mapped (Note [Device fills]).
-inline bool copies_to_device(const Pager::State& s) {
-  return s.pool->window(0) == nullptr;
-}
 /// Whether the prefetch thread has anything to do after an access (lock held).
 inline bool prefetch_useful(const Pager::State& s) {
   return s.options.prefetch && s.policy->has_prediction();

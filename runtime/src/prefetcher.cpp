@@ -27,13 +27,12 @@ std::vector<FillClaim> claim_predictions(Pager::State& s) {
   std::vector<PageId> ready;
   bool collected = false;
   for (PageId p : predicted) {
-    if (p >= s.pages.size()) continue;
-    PageEntry& e = s.pages[p];
+    if (p >= s.table.page_count()) continue;
+    const PageEntry& e = s.table.entry(p);
     if (e.state != PageState::absent || e.fill_failed) continue;
     std::uint32_t chunk;
-    if (!s.free_chunks.empty()) {
-      chunk = s.free_chunks.back();
-      s.free_chunks.pop_back();
+    if (s.table.free_chunk_count() != 0) {
+      chunk = s.table.take_free_chunk();
     } else {
       if (!collected) {
         collect_candidates(s, {}, ready, nullptr);
@@ -52,10 +51,7 @@ std::vector<FillClaim> claim_predictions(Pager::State& s) {
       ready.erase(it);
       chunk = evict_page(s, *victim);
     }
-    e.state = PageState::filling;
-    e.chunk = chunk;
-    e.prefetched = true;
-    s.chunk_owner[chunk] = p;
+    s.table.claim(p, chunk, /*prefetched=*/true);
     claims.push_back({p, chunk, nullptr, {}});
   }
   return claims;
@@ -64,14 +60,14 @@ std::vector<FillClaim> claim_predictions(Pager::State& s) {
 }  // namespace
 
 void run_prefetcher(Pager::State& s) {
-  std::unique_lock lock(s.mutex);
+  std::unique_lock lock(s.table.mutex());
   for (;;) {
     s.prefetch_cv.wait(lock, [&] { return s.stopping || s.prefetch_wanted; });
     if (s.stopping) return;
     s.prefetch_wanted = false;
     std::vector<FillClaim> claims = claim_predictions(s);
     if (claims.empty()) {
-      if (s.waiters > 0) s.changed.notify_all();  // quiesce() waits for this
+      if (s.table.has_waiters()) s.table.notify();  // quiesce() waits for this
       continue;
     }
     s.prefetch_busy = true;
@@ -83,7 +79,7 @@ void run_prefetcher(Pager::State& s) {
       record_event(s, EventKind::prefetch_issued, c.page, 1, s.layout->page_fill_bytes(c.page),
                    start, 0);
     // IO without the lock: hits on other pages proceed meanwhile.
-    fill_and_map(s, claims, FillOrigin::prefetch);
+    s.fills->fill_and_map(claims, FillOrigin::prefetch);
     const std::uint64_t took = now_ns() - start;
     for (const FillClaim& c : claims) {
       if (!c.error) {
@@ -108,7 +104,7 @@ void run_prefetcher(Pager::State& s) {
     s.prefetch_busy = false;
     // More may be predictable now (the prediction window moved, chunks freed).
     s.prefetch_wanted = prefetch_useful(s);
-    if (s.waiters > 0) s.changed.notify_all();
+    if (s.table.has_waiters()) s.table.notify();
   }
 }
 

@@ -35,8 +35,13 @@ inline std::size_t pool_pages(std::uint64_t budget, std::uint64_t page_size,
                               const SettingNames& names) {
   if (budget < page_size)
     throw BudgetError("budget " + format_size(budget) + " (" + std::to_string(budget) +
-                      " bytes) is smaller than one page (" + format_size(page_size) + "); " +
-                      budget_advice(page_size, page_size, min_page_size, names));
+                          " bytes) is smaller than one page (" + format_size(page_size) + "); " +
+                          budget_advice(page_size, page_size, min_page_size, names),
+                      {.needed_bytes = page_size,
+                       .pinned_bytes = 0,
+                       .budget_bytes = budget,
+                       .smallest_budget = page_size,
+                       .page_size = page_size});
   return static_cast<std::size_t>(
       std::min<std::uint64_t>(budget / page_size, std::max<std::size_t>(model_pages, 1)));
 }

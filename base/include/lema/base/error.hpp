@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cerrno>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -38,8 +39,28 @@ class OutOfMemory : public Error {
   using Error::Error;
 };
 
-/// A memory budget is too small for what was asked of it.
+/// A memory budget is too small for what was asked of it. Carries the numbers its message states,
+/// for a caller that explains what needed the memory without working them out again.
 class BudgetError : public Error {
+ public:
+  struct Numbers {
+    std::uint64_t needed_bytes = 0;    // what the request spans, in whole pages
+    std::uint64_t pinned_bytes = 0;    // what the caller's own other leases pin (0: not the cause)
+    std::uint64_t budget_bytes = 0;    // what the budget holds, in whole pages (the setting when
+                                       // it holds none)
+    std::uint64_t smallest_budget = 0; // the smallest budget with which the request succeeds
+    std::uint64_t page_size = 0;
+  };
+  BudgetError(const std::string& what, const Numbers& numbers) : Error(what), numbers_(numbers) {}
+  const Numbers& numbers() const noexcept { return numbers_; }
+
+ private:
+  Numbers numbers_;
+};
+
+/// A broken internal invariant of LEMA itself (LEMA_ASSERT): a bug to report, never the caller's
+/// input, which InvalidArgument names.
+class InternalError : public Error {
  public:
   using Error::Error;
 };
@@ -48,6 +69,8 @@ namespace detail {
 [[noreturn]] void throw_invalid_argument(const char* file, int line, const char* cond,
                                          const std::string& msg);
 [[noreturn]] void throw_system_error(const char* file, int line, const char* call, int err);
+[[noreturn]] void throw_internal_error(const char* file, int line, const char* cond,
+                                       const std::string& msg);
 }  // namespace detail
 
 }  // namespace lema
@@ -56,6 +79,13 @@ namespace detail {
 #define LEMA_EXPECTS(cond, msg)                                                            \
   do {                                                                                     \
     if (!(cond)) ::lema::detail::throw_invalid_argument(__FILE__, __LINE__, #cond, (msg)); \
+  } while (0)
+
+/// Throws lema::InternalError naming `msg`, the condition and the place when `cond` is false: for
+/// invariants LEMA keeps itself, not for checks of the caller's input (LEMA_EXPECTS).
+#define LEMA_ASSERT(cond, msg)                                                            \
+  do {                                                                                    \
+    if (!(cond)) ::lema::detail::throw_internal_error(__FILE__, __LINE__, #cond, (msg)); \
   } while (0)
 
 /// Evaluates a POSIX call that returns -1 and sets errno on failure; throws lema::SystemError.

@@ -33,6 +33,11 @@
 // and events with their pages. mark_step() and stats() ask CUPTI for its records first; where
 // CUPTI is missing or refuses, PagerStats::uvm_counters says why and nothing else changes.
 //
+// Device errors where nothing can throw them (a lease's destructor, release, teardown) are
+// logged once and never end the process: what the device may still read is kept rather than
+// reused or freed, and a pager that lost track of a lease's last use refuses further acquires
+// with PagerBroken (Note [Device errors without a caller] in pager.cpp).
+//
 // Thread safety: acquire, release, fault_in, mark_step and stats may be called from any threads
 // concurrently; several threads may acquire overlapping ranges. A Lease is a move-only value that
 // may be released on another thread. The Backend and AddressSpace must outlive the Pager.
@@ -57,6 +62,14 @@
 #include "lema/runtime/stats.hpp"
 
 namespace lema::runtime {
+
+/// The pager met a device error it could not report where it happened (the last use of a
+/// dropped lease could not be recorded on its queue): it can no longer tell which pages a kernel
+/// still reads, keeps them, and refuses acquires. Close the checkpoint and open it again.
+class PagerBroken : public Error {
+ public:
+  using Error::Error;
+};
 
 /// [ptr, ptr + bytes) inside the address space.
 struct ByteRange {
@@ -92,7 +105,9 @@ struct PagerOptions {
 
 class Pager;
 
-/// Pins on a set of pages. Move-only; destruction releases with an already-complete fence.
+/// Pins on a set of pages. Move-only. Destroyed (or assigned over) while it still pins, it
+/// releases them with an already-complete fence, or, when acquired for a queue, with a fence
+/// recorded on that queue (Note [Dropped leases] in pager.cpp).
 class Lease {
  public:
   Lease() = default;
@@ -111,6 +126,7 @@ class Lease {
   Pager* pager_ = nullptr;
   std::vector<PageId> pages_;
   std::thread::id owner_;
+  std::optional<Queue> consumer_;  // the queue it was acquired for
 };
 
 class Pager {
@@ -122,12 +138,15 @@ class Pager {
   Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptions options);
   Pager(const Pager&) = delete;
   Pager& operator=(const Pager&) = delete;
-  /// Stops the prefetcher and unmaps every page. Outstanding Leases must be gone.
+  /// Stops the prefetcher and unmaps every page. Outstanding Leases must be gone. A page whose
+  /// last use the device cannot confirm complete stays mapped, and the pool is then leaked
+  /// rather than freed under it (Note [Device errors without a caller] in pager.cpp).
   ~Pager();
 
   /// Makes every page of `ranges` resident and pinned; returns once all are mapped. Throws
   /// BudgetError (see above), io::ReadError when a fill failed (that page stays unmapped; a
-  /// later acquire retries), InvalidArgument for a range outside the address space.
+  /// later acquire retries), InvalidArgument for a range outside the address space, PagerBroken
+  /// once the pager is broken.
   /// On a device pool a page's copy from host memory may still be running when it is mapped;
   /// these return once every page's bytes are in place (waiting on the host if need be).
   Lease acquire(std::span<const ByteRange> ranges);
@@ -189,6 +208,8 @@ class Pager {
   Lease acquire_sorted(std::vector<PageId> pages, const Queue* consumer,
                        std::optional<std::chrono::steady_clock::time_point> deadline = {});
   void release_pins(Lease& lease, const Fence& last_use) noexcept;
+  // A lease destroyed or assigned over while it pins (Note [Dropped leases]).
+  void drop(Lease& lease) noexcept;
   std::unique_ptr<State> state_;
 };
 
