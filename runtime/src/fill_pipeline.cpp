@@ -38,10 +38,10 @@ struct FillPipeline::Fill {
   FillClaim* claim = nullptr;
   std::unique_ptr<StagingBuffer> staging;  // device pools without a host cache slot
   std::optional<std::size_t> slot;         // a host cache slot it reads into or copies from
-  bool cached = false;     // the slot already held the page: no read
-  bool spilled = false;    // read from the spill store, not the files
-  bool read_done = false;  // every byte of the page was read
-  io::ReadTicket ticket;   // the reads still running
+  bool cached = false;                     // the slot already held the page: no read
+  bool spilled = false;                    // read from the spill store, not the files
+  bool read_done = false;                  // every byte of the page was read
+  io::ReadTicket ticket;                   // the reads still running
 };
 
 FillPipeline::FillPipeline(const Parts& parts)
@@ -128,8 +128,8 @@ void FillPipeline::finish_read(Fill& f) {
     // completed, but read only by work that waits for `ready`: the acquirer's consumer queue,
     // or the acquirer itself on the host. The host memory it copies from is given back once it
     // completed (retire_copies).
-    c.ready = backend_.copy_to_chunk(pool_, c.chunk, 0,
-                                     std::span<const std::byte>(source, page_size_));
+    c.ready =
+        backend_.copy_to_chunk(pool_, c.chunk, 0, std::span<const std::byte>(source, page_size_));
     if (f.slot && !f.cached) cache_->commit(*f.slot);
     std::lock_guard lock(mutex_);
     in_flight_.push_back({c.ready, std::move(f.staging), f.slot});

@@ -29,7 +29,8 @@ class HostPageCache {
   /// The slot holding `page`, pinned; nullopt when the page is not cached.
   std::optional<std::size_t> pin_cached(PageId page);
   /// A slot to read `page` into, pinned (the least recently used unpinned one, its old page
-  /// forgotten); nullopt when every slot is pinned.
+  /// forgotten); nullopt when every slot is pinned. The page must not be cached (ask
+  /// pin_cached() first): InternalError otherwise.
   std::optional<std::size_t> claim_for(PageId page);
   /// The slot's bytes, page_size of them (allocates the staging buffer on first use).
   std::byte* data(std::size_t slot);

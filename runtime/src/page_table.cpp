@@ -91,8 +91,7 @@ void PageTable::pin(PageId page, std::thread::id owner) {
   ++pins_by_thread_[owner][page];
 }
 
-void PageTable::unpin(std::span<const PageId> pages, std::thread::id owner,
-                      const Fence* last_use) {
+void PageTable::unpin(std::span<const PageId> pages, std::thread::id owner, const Fence* last_use) {
   auto mine = pins_by_thread_.find(owner);
   for (PageId p : pages) {
     PageEntry& e = pages_[p];

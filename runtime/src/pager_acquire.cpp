@@ -219,8 +219,8 @@ WaitOutcome wait_for_fills(Pager::State& s, std::span<const FillOfAnother> to_wa
   }
   const std::uint64_t took = now_ns() - start;
   s.counters.add(s.counters.stall_ns, took);
-  record_event(s, EventKind::stall, to_wait.front().page, static_cast<std::uint32_t>(to_wait.size()),
-               0, start, took);
+  record_event(s, EventKind::stall, to_wait.front().page,
+               static_cast<std::uint32_t>(to_wait.size()), 0, start, took);
   return out;
 }
 

@@ -17,10 +17,10 @@ namespace {
 
 using runtime::Lease;
 using runtime::PageId;
-using runtime::PageState;
-using runtime::PageTable;
 using runtime::Pager;
 using runtime::PagerOptions;
+using runtime::PageState;
+using runtime::PageTable;
 
 // An InternalError, not an InvalidArgument: callers that report bad input must not mistake it.
 template <typename Fn>

@@ -99,8 +99,8 @@ class PagerDeviceErrors : public ::testing::Test {
   std::optional<Pager> pager_;
   void* compute_ = nullptr;
   std::uint64_t before_ = 0;
-  bool leaks_ = false;     // the test makes the pager leak its pool: handles are not counted
-  std::uint64_t kept_ = 0; // handles the test expects kept for good
+  bool leaks_ = false;      // the test makes the pager leak its pool: handles are not counted
+  std::uint64_t kept_ = 0;  // handles the test expects kept for good
 };
 
 // Note [Dropped leases]: the kernels of a lease acquired for a queue may still run when it is

@@ -44,11 +44,11 @@ class OutOfMemory : public Error {
 class BudgetError : public Error {
  public:
   struct Numbers {
-    std::uint64_t needed_bytes = 0;    // what the request spans, in whole pages
-    std::uint64_t pinned_bytes = 0;    // what the caller's own other leases pin (0: not the cause)
-    std::uint64_t budget_bytes = 0;    // what the budget holds, in whole pages (the setting when
-                                       // it holds none)
-    std::uint64_t smallest_budget = 0; // the smallest budget with which the request succeeds
+    std::uint64_t needed_bytes = 0;     // what the request spans, in whole pages
+    std::uint64_t pinned_bytes = 0;     // what the caller's own other leases pin (0: not the cause)
+    std::uint64_t budget_bytes = 0;     // what the budget holds, in whole pages (the setting when
+                                        // it holds none)
+    std::uint64_t smallest_budget = 0;  // the smallest budget with which the request succeeds
     std::uint64_t page_size = 0;
   };
   BudgetError(const std::string& what, const Numbers& numbers) : Error(what), numbers_(numbers) {}
@@ -83,8 +83,8 @@ namespace detail {
 
 /// Throws lema::InternalError naming `msg`, the condition and the place when `cond` is false: for
 /// invariants LEMA keeps itself, not for checks of the caller's input (LEMA_EXPECTS).
-#define LEMA_ASSERT(cond, msg)                                                            \
-  do {                                                                                    \
+#define LEMA_ASSERT(cond, msg)                                                           \
+  do {                                                                                   \
     if (!(cond)) ::lema::detail::throw_internal_error(__FILE__, __LINE__, #cond, (msg)); \
   } while (0)
 

@@ -5,11 +5,11 @@
 // the fence of their last use) or destroyed. A miss is a fault, served synchronously on the
 // calling thread: the page's extents are read through the Reader into a free chunk (through the
 // pool window, or staging + copy on a device backend), and only then is the chunk mapped at the
-// page's model address (Note [Map after fill] in pager_fill.cpp). When no chunk is free, the policy
-// picks a victim among resident pages that are unpinned and whose last-use fences completed; a
-// chunk is never reused before that.
+// page's model address (Note [Map after fill] in fill_pipeline.cpp). When no chunk is free, the
+// policy picks a victim among resident pages that are unpinned and whose last-use fences
+// completed; a chunk is never reused before that.
 //
-// Budget errors (BudgetError, with both numbers) instead of deadlocks:
+// Budget errors (BudgetError, with its numbers as fields) instead of deadlocks:
 //  - a budget smaller than one page: at construction, before anything is created;
 //  - one acquire needing more pages than the pool holds: before any state changes;
 //  - an acquire that cannot succeed because the calling thread itself pins too many other pages
