@@ -230,6 +230,7 @@ void Pager::drop(Lease& lease) noexcept {
       if (wake) s.table.notify();  // waiting acquires see the pager broken
       lease.pager_ = nullptr;
       lease.pages_.clear();
+      lease.consumer_.reset();
       return;
     }
   }

@@ -13,10 +13,10 @@
 // Note [Pager lock order]
 // ~~~~~~~~~~~~~~~~~~~~~~~
 // 1. PageTable::mutex(): the page table, and what changes with it (State's members marked so:
-//    the policy, the evict hook, the prefetcher's flags). Held while calling the Backend's
-//    map/unmap, fence queries and written_bytes, the policy, the evict hook, the spill store
+//    the policy, the evict hook, the prefetcher's flags). Held while calling the Backend's unmap
+//    (eviction), fence queries and written_bytes, the policy, the evict hook, the spill store
 //    (a dirty eviction writes it) and the event ring; never while waiting: no IO (Reader waits),
-//    no Backend::wait_fence, no fill.
+//    no Backend::wait_fence (but in ~Pager, when no other thread is left), no fill or map.
 // 2. FillPipeline's lock (free staging buffers, copies in flight): held only around its own
 //    lists and Backend::fence_complete; never together with the table's lock, either way round.
 // 3. Leaves, taken under either or alone, taking nothing themselves: HostPageCache's,
