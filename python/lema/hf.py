@@ -131,7 +131,7 @@ def _check_budget(model, checkpoint, tensors, budget_arg):
         mib = -(-needed // (1 << 20))
         raise BudgetTooSmallError(
             f"lema: budget={budget_arg!r} ({budget} bytes) cannot hold one op's weights: "
-            f"{', '.join(worst[1])} span {worst[0]} pages of {page >> 20 or page} "
+            f"{' and '.join(worst[1])} together span {worst[0]} pages of {page >> 20 or page} "
             f"{'MiB' if page >= 1 << 20 else 'bytes'}; the smallest budget that works is "
             f"budget='{mib}MiB' ({needed} bytes)")
 
