@@ -274,14 +274,20 @@ class LemaCallback(_trainer_callback_base()):
             return
         delta = {k: now.get(k, 0) - self._last.get(k, 0) for k in _LOGGED}
         self._last = now
-        logs["lema/faults"] = delta["faults"]
-        logs["lema/bytes_read"] = delta["bytes_read"]
-        logs["lema/stall_s"] = round(delta["stall_ns"] / 1e9, 6)
-        logs["lema/evictions"] = delta["evictions"]
-        logs["lema/resident_bytes"] = now.get("resident_bytes", 0)
-        logs["lema/budget_bytes"] = now.get("budget_bytes", 0)
-        logs["lema/prefetches_issued"] = delta["prefetches_issued"]
-        logs["lema/prefetches_used"] = delta["prefetches_used"]
         demand = delta["prefetches_used"] + delta["faults"]
-        logs["lema/prefetch_hit_rate"] = (
-            round(delta["prefetches_used"] / demand, 4) if demand else 0.0)
+        figures = {
+            "lema/faults": delta["faults"],
+            "lema/bytes_read": delta["bytes_read"],
+            "lema/stall_s": round(delta["stall_ns"] / 1e9, 6),
+            "lema/evictions": delta["evictions"],
+            "lema/resident_bytes": now.get("resident_bytes", 0),
+            "lema/budget_bytes": now.get("budget_bytes", 0),
+            "lema/prefetches_issued": delta["prefetches_issued"],
+            "lema/prefetches_used": delta["prefetches_used"],
+            "lema/prefetch_hit_rate": round(delta["prefetches_used"] / demand, 4) if demand else 0.0,
+        }
+        # The callbacks after this one see them in `logs`; the Trainer has recorded this log in
+        # state.log_history before calling any callback, so the record gets them too.
+        logs.update(figures)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)
