@@ -106,18 +106,3 @@ def attach(model, experts):
         object.__setattr__(module, "lema_experts", len(per_expert))
         object.__setattr__(module, "_lema_fused", None)
         module.__class__ = _paged_class(type(module))
-
-
-def is_paged(module):
-    return isinstance(module, PagedExperts)
-
-
-def op_groups(module):
-    """The weights one op of a paged experts module needs at once: each expert's gate, up and
-    down are copied into the fused tensors by an op of their own."""
-    groups = []
-    for e in range(module.lema_experts):
-        for kind in ("gate", "up", "down"):
-            name = f"lema_{kind}_{e}"
-            groups.append([(name, getattr(module, name))])
-    return groups

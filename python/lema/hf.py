@@ -96,44 +96,70 @@ def _resolve_dtype(path, tensors, kwargs):
     return stored
 
 
-def _owner_modules(model):
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
-
-
 def _pages(t, page):
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
     return set(range(lo // page, (hi - 1) // page + 1)) if hi > lo else set()
 
 
-def _check_budget(model, checkpoint, tensors, budget_arg):
+def _check_budget(checkpoint, tensors, budget_arg):
     """Note [Budget at load]: the guard makes an op's weight inputs resident at once, so the
-    budget must hold the pages of the largest such group: a module's own parameters (a linear's
-    weight and bias), or one expert of a paged mixture of experts. Checked here, in the names
-    the user wrote, rather than at the first forward deep inside transformers."""
+    budget must hold the pages of the largest such group: one module's parameters (a linear's
+    weight and bias; the checkpoint's names group them), a paged expert's tensors one by one.
+    Checked here, in the names the user wrote, not at the first forward deep in transformers."""
     stats = checkpoint.stats()
     page, budget = stats["page_size"], stats["budget_bytes"]
-    ours = {t.data_ptr() for t in tensors.values()}
-    worst = (0, None, [])
-    for module_name, module in model.named_modules():
-        groups = _moe.op_groups(module) if _moe.is_paged(module) else [
-            [(n, p) for n, p in module.named_parameters(recurse=False)]]
-        for group in groups:
-            pages, names = set(), []
-            for n, p in group:
-                if p.data_ptr() in ours:
-                    pages |= _pages(p, page)
-                    names.append(f"{module_name}.{n}" if module_name else n)
-            if len(pages) > worst[0]:
-                worst = (len(pages), names, group)
-    needed = worst[0] * page
+    groups = {}
+    for name, t in tensors.items():
+        groups.setdefault(name.rsplit(".", 1)[0], []).append((name, t))
+    worst_pages, worst_names = 0, []
+    for members in groups.values():
+        pages = set()
+        for _, t in members:
+            pages |= _pages(t, page)
+        if len(pages) > worst_pages:
+            worst_pages, worst_names = len(pages), [n for n, _ in members]
+    needed = worst_pages * page
     if needed > budget:
-        mib = -(-needed // (1 << 20))
         raise BudgetTooSmallError(
             f"lema: budget={budget_arg!r} ({budget} bytes) cannot hold one op's weights: "
-            f"{' and '.join(worst[1])} together span {worst[0]} pages of {page >> 20 or page} "
-            f"{'MiB' if page >= 1 << 20 else 'bytes'}; the smallest budget that works is "
-            f"budget='{mib}MiB' ({needed} bytes)")
+            f"{' and '.join(worst_names)} span{'s' if len(worst_names) == 1 else ''} {worst_pages} pages of {_size(page)}; the "
+            f"smallest budget that works is budget='{-(-needed // (1 << 20))}MiB' "
+            f"({needed} bytes)")
+
+
+def _size(n):
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def _open(path, budget, **settings):
+    """lema.open, with a budget below one page refused as below one op (the smallest budget
+    that works is worked out over the model's pages, opened without a budget to count them)."""
+    from . import open as lema_open
+    try:
+        return lema_open(path, budget=budget, **settings)
+    except RuntimeError as e:
+        if "smallest budget that works" not in str(e):
+            raise
+    whole = lema_open(path, budget="unlimited", **settings)
+    tensors = whole.named_tensors()
+    try:
+        _check_budget(_Fixed(whole.stats(), budget), tensors, budget)
+    finally:
+        del tensors
+        whole.close()
+    raise AssertionError("unreachable: lema.open refused a budget that holds every op")
+
+
+class _Fixed:
+    """The stats of a checkpoint, with the budget asked for in place of the one it opened with."""
+
+    def __init__(self, stats, budget):
+        from . import parse_budget
+        self._stats = dict(stats, budget_bytes=parse_budget(budget))
+
+    def stats(self):
+        return self._stats
 
 
 def from_pretrained(path, budget, device="cpu", mode="guard", policy="trace", read_only=False,
@@ -151,15 +177,14 @@ def from_pretrained(path, budget, device="cpu", mode="guard", policy="trace", re
     tied embeddings are tied; model.name_or_path is `path`. model.stats() gives the paging
     figures; each forward of the model marks a step for the trace policy.
     """
-    from . import open as lema_open
-
     path = os.fspath(path)
     raw = _read_config_json(path)
     config, cls = _model_class(path, raw, trust_remote_code)
-    checkpoint = lema_open(path, budget=budget, policy=policy, mode=mode, page_size=page_size,
-                           device=device, gpu_memory=gpu_memory, host_cache=host_cache,
-                           read_only=read_only)
+    checkpoint = _open(path, budget, policy=policy, mode=mode, page_size=page_size,
+                       device=device, gpu_memory=gpu_memory, host_cache=host_cache,
+                       read_only=read_only)
     tensors = checkpoint.named_tensors()
+    _check_budget(checkpoint, tensors, budget)
     dtype = _resolve_dtype(path, tensors, kwargs)
     state, experts = _moe.split(config, tensors)
     with _quiet_progress():
@@ -177,7 +202,6 @@ def from_pretrained(path, budget, device="cpu", mode="guard", policy="trace", re
     model.config._name_or_path = path
     if device != "cpu":
         _move_buffers(model, device)
-    _check_budget(model, checkpoint, tensors, budget)
     _attach_checkpoint(model, checkpoint)
     return model
 
