@@ -91,6 +91,12 @@ def _check_torch_version(library):
             f"is installed; {_REBUILD}")
 
 
+# An installed package (pip install) checks its library's torch at import, before anything
+# loads it (a source tree's build library is checked when load_library finds it).
+if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY)):
+    _check_torch_version(os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY))
+
+
 def load_library(path=None):
     """Loads liblema_torch_ops.so from `path`; without one, from the first that exists of
     $LEMA_TORCH_OPS, this package's directory and the build tree configured last from this

@@ -41,17 +41,28 @@ def test_the_installed_package_has_its_library_and_the_lema_command(llama):
     assert "model.embed_tokens.weight" in proc.stdout
 
 
-def test_a_library_built_for_another_torch_is_refused_in_one_line(tmp_path):
-    here = os.path.dirname(lema.__file__)
-    shutil.copy(os.path.join(here, "liblema_torch_ops.so"), tmp_path)
-    (tmp_path / "lema_torch_ops.torch_version").write_text("2.0.1+cpu\n")
-    code = f"import lema; lema.load_library({str(tmp_path / 'liblema_torch_ops.so')!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def refused_for_another_torch(proc):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lema.TorchVersionError: "), proc.stderr
     assert "built against torch 2.0.1+cpu" in last and f"torch {torch.__version__}" in last
     assert "undefined symbol" not in proc.stderr
+
+
+def test_a_library_built_for_another_torch_is_refused_in_one_line(tmp_path):
+    # An installed package whose library was built for another torch: refused at import.
+    shutil.copytree(os.path.dirname(lema.__file__), tmp_path / "lema")
+    (tmp_path / "lema" / "lema_torch_ops.torch_version").write_text("2.0.1+cpu\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    refused_for_another_torch(subprocess.run([sys.executable, "-c", "import lema"], env=env,
+                                             capture_output=True, text=True, cwd=tmp_path))
+    # A library loaded by path: refused when loaded.
+    (tmp_path / "lib").mkdir()
+    shutil.copy(tmp_path / "lema" / "liblema_torch_ops.so", tmp_path / "lib")
+    (tmp_path / "lib" / "lema_torch_ops.torch_version").write_text("2.0.1+cpu\n")
+    code = f"import lema; lema.load_library({str(tmp_path / 'lib' / 'liblema_torch_ops.so')!r})"
+    refused_for_another_torch(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                             text=True))
 
 
 def test_buffers_names_and_ties_are_transformers_own(tmp_path, llama):
