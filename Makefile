@@ -27,11 +27,14 @@ build: configure
 # the venv the Python tests run in: they test the installed package, not python/.
 wheel: build
 	@rm -rf $(BUILD)/dist
-	@$(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(BUILD)/dist \
+	@if ! $(PY) -c 'import scikit_build_core, torch' 2>/dev/null; then \
+	  echo "wheel: skipped, $(PY) lacks scikit-build-core or torch (LEMA_SKIP_PYTHON?)"; exit 0; fi; \
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(BUILD)/dist \
 	  -C build-dir=$(abspath $(BUILD)) -C cmake.define.LEMA_PYTHON=$(PY) \
+	  -C cmake.build-type=$$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' $(BUILD)/CMakeCache.txt) \
 	  -C cmake.define.LEMA_BUILD_TESTS=ON -C cmake.define.LEMA_BUILD_BENCHMARKS=ON . \
-	  >$(BUILD)/wheel.log 2>&1 || { cat $(BUILD)/wheel.log; exit 1; }
-	@$(PY) -m pip install -q --no-deps --force-reinstall $(BUILD)/dist/lema-*.whl
+	  >$(BUILD)/wheel.log 2>&1 || { cat $(BUILD)/wheel.log; exit 1; }; \
+	$(PY) -m pip install -q --no-deps --force-reinstall $(BUILD)/dist/lema-*.whl
 
 test: wheel
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 600
