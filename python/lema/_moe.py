@@ -21,7 +21,8 @@ _LAYOUTS = {
 
 
 def split(config, tensors):
-    """(state dict for transformers, {experts module: [(gate, up, down) per expert]}). The
+    """(state dict for transformers, {experts module: ((gate, up, down) names, [(gate, up, down)
+    tensors per expert])}). The
     fused names get placeholders, so transformers neither converts nor initialises them."""
     layout = _LAYOUTS.get(getattr(config, "model_type", None))
     if layout is None:
@@ -38,7 +39,7 @@ def split(config, tensors):
     experts = {}
     for module, by_expert in found.items():
         ordered = [by_expert[e] for e in sorted(by_expert)]
-        experts[module] = [(x[gate], x[up], x[down]) for x in ordered]
+        experts[module] = ((gate, up, down), [(x[gate], x[up], x[down]) for x in ordered])
         g, d = ordered[0][gate], ordered[0][down]
         state[module + ".gate_up_proj"] = _placeholder(
             (len(ordered), 2 * g.shape[0], g.shape[1]), g)
@@ -95,7 +96,7 @@ def _paged_class(cls):
 
 def attach(model, experts):
     """Swaps the placeholders of each experts module for the per-expert tensors."""
-    for module_name, per_expert in experts.items():
+    for module_name, (names, per_expert) in experts.items():
         module = model.get_submodule(module_name)
         for fused in ("gate_up_proj", "down_proj"):
             module._parameters.pop(fused, None)
@@ -104,5 +105,20 @@ def attach(model, experts):
                 module.register_parameter(f"lema_{kind}_{e}",
                                           torch.nn.Parameter(t, requires_grad=False))
         object.__setattr__(module, "lema_experts", len(per_expert))
+        object.__setattr__(module, "lema_names", names)
         object.__setattr__(module, "_lema_fused", None)
         module.__class__ = _paged_class(type(module))
+        module._register_state_dict_hook(_checkpoint_state)
+
+
+def _checkpoint_state(module, state, prefix, local_metadata):
+    """The module's state under the checkpoint's per-expert names (experts.0.w1.weight, ...),
+    which save_pretrained writes as a plain model does: transformers reverts at save only the
+    conversions it applied at load, and the fusing was not one of them (its renames, such as
+    .mlp. back to .block_sparse_moe., still apply)."""
+    for key in [k for k in state if k.startswith(prefix + "lema_")]:
+        del state[key]
+    for e in range(module.lema_experts):
+        for kind, name in zip(("gate", "up", "down"), module.lema_names):
+            state[f"{prefix}{e}.{name}.weight"] = getattr(module, f"lema_{kind}_{e}")
+    return state

@@ -184,3 +184,19 @@ def test_a_dtype_other_than_the_checkpoints_is_refused(tmp_path):
         with torch.no_grad():
             assert torch.equal(model(IDS).logits,
                                AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")(IDS).logits)
+
+
+def test_a_paged_mixture_of_experts_saves_as_transformers_does(tmp_path):
+    from transformers import AutoModelForCausalLM
+    path = make_model("mixtral", tmp_path / "mixtral")
+    ours = lema.from_pretrained(path, budget=quarter_budget(path))
+    assert not any(k.startswith("lema_") or ".lema_" in k for k in ours.state_dict())
+    ours.save_pretrained(tmp_path / "saved")
+    from safetensors import safe_open
+    names = [set(safe_open(p / "model.safetensors", "pt").keys())
+             for p in (path, tmp_path / "saved")]
+    assert names[0] == names[1]
+    with torch.no_grad():
+        want = plain(path)(IDS).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(IDS).logits,
+                           want)
