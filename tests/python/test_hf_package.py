@@ -200,3 +200,10 @@ def test_a_paged_mixture_of_experts_saves_as_transformers_does(tmp_path):
         want = plain(path)(IDS).logits
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(IDS).logits,
                            want)
+
+
+def test_a_checkpoint_that_lacks_weights_of_its_class_is_refused(tmp_path, llama):
+    path = copy_with_config(llama, tmp_path / "m", num_hidden_layers=7)
+    with pytest.raises(lema.errors.NotACheckpointError) as e:
+        lema.from_pretrained(path, budget="unlimited")
+    assert "model.layers.6.mlp.down_proj.weight" in one_line(e)
