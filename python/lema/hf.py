@@ -187,6 +187,9 @@ def from_pretrained(path, budget, device="cpu", mode="guard", policy="trace", re
     _check_budget(checkpoint, tensors, budget)
     dtype = _resolve_dtype(path, tensors, kwargs)
     state, experts = _moe.split(config, tensors)
+    if str(device) != "cpu":
+        # The weights are on `device` already; placed anywhere else, transformers would copy them.
+        kwargs.setdefault("device_map", {"": str(device)})
     with _quiet_progress():
         model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                     output_loading_info=True, **kwargs)
