@@ -7,7 +7,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build test demo sanitize asan tsan fuzz bench format clean device-rehearsal
+.PHONY: all setup configure build wheel test demo sanitize asan tsan fuzz bench format clean device-rehearsal
 
 all: build
 
@@ -22,7 +22,21 @@ configure: setup
 build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
-test: build
+# The Python package as `pip wheel .` makes it, taken from the build folder just built (its
+# configure is rerun with the same settings, so nothing is compiled twice), and installed into
+# the venv the Python tests run in: they test the installed package, not python/.
+wheel: build
+	@rm -rf $(BUILD)/dist
+	@if ! $(PY) -c 'import scikit_build_core, torch' 2>/dev/null; then \
+	  echo "wheel: skipped, $(PY) lacks scikit-build-core or torch (LEMA_SKIP_PYTHON?)"; exit 0; fi; \
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(BUILD)/dist \
+	  -C build-dir=$(abspath $(BUILD)) -C cmake.define.LEMA_PYTHON=$(PY) \
+	  -C cmake.build-type=$$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' $(BUILD)/CMakeCache.txt) \
+	  -C cmake.define.LEMA_BUILD_TESTS=ON -C cmake.define.LEMA_BUILD_BENCHMARKS=ON . \
+	  >$(BUILD)/wheel.log 2>&1 || { cat $(BUILD)/wheel.log; exit 1; }; \
+	$(PY) -m pip install -q --no-deps --force-reinstall $(BUILD)/dist/lema-*.whl
+
+test: wheel
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 600
 
 demo: build

@@ -50,7 +50,8 @@ if(TARGET lema_trainer_cli)
   install(TARGETS lema_trainer_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 endif()
 if(TARGET lema_torch_ops)
-  set_target_properties(lema_torch_ops PROPERTIES INSTALL_RPATH "${LEMA_INSTALL_RPATH_LIB}"
+  # $ORIGIN/../torch/lib: the torch beside it in site-packages when pip installed it (LemaPython).
+  set_target_properties(lema_torch_ops PROPERTIES INSTALL_RPATH "${LEMA_INSTALL_RPATH_LIB};$ORIGIN/../torch/lib"
                                                   INSTALL_RPATH_USE_LINK_PATH FALSE)
   install(TARGETS lema_torch_ops LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 endif()

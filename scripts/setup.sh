@@ -12,7 +12,9 @@ DEB_PACKAGES=(
   fio clang libclang-rt-14-dev
 )
 VENV=${LEMA_VENV:-$PWD/.venv}
-PY_PACKAGES=(torch transformers peft safetensors numpy pytest)
+# scikit-build-core builds the lema wheel (make test installs it); trl and accelerate are what
+# the Python package's tests train with.
+PY_PACKAGES=(torch transformers peft safetensors numpy pytest scikit-build-core trl accelerate)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -30,7 +32,7 @@ if [[ "${LEMA_SKIP_PYTHON:-0}" != 1 ]]; then
     echo "setup: creating virtual environment $VENV"
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, numpy, pytest' 2>/dev/null; then
+  if ! "$VENV/bin/python" -c 'import torch, transformers, peft, safetensors, numpy, pytest, scikit_build_core, trl, accelerate' 2>/dev/null; then
     echo "setup: installing ${PY_PACKAGES[*]} into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "${PY_PACKAGES[@]}"

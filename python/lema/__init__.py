@@ -20,7 +20,28 @@ import re
 
 import torch
 
-__all__ = ["load_library", "open", "parse_size", "parse_budget", "Checkpoint", "causal_lm"]
+__all__ = ["load_library", "open", "parse_size", "parse_budget", "Checkpoint", "causal_lm",
+           "from_pretrained", "stats", "TorchVersionError"]
+
+
+def from_pretrained(path, budget, **kwargs):
+    """lema.hf.from_pretrained: a transformers model whose weights are paged under `budget`."""
+    from .hf import from_pretrained as load
+    return load(path, budget, **kwargs)
+
+
+def stats(model):
+    """The paging figures of a model from from_pretrained (or peft's wrapper of one)."""
+    from .hf import stats as model_stats
+    return model_stats(model)
+
+
+def __getattr__(name):
+    # `lema.hf` and `lema.errors` without importing transformers at `import lema`.
+    if name in ("hf", "errors"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'lema' has no attribute {name!r}")
 
 _loaded = False
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6,
@@ -48,6 +69,34 @@ def _library_places(path):
     return places
 
 
+class TorchVersionError(ImportError):
+    """The ops library was built against another torch than the one imported."""
+
+
+_REBUILD = ("rebuild lema against the torch installed here (pip install --force-reinstall "
+            "--no-deps <lema source>), or install the torch it was built against")
+
+
+def _check_torch_version(library):
+    """Note [Torch version record]: the version of the torch the library was built against is
+    written beside it; loading it into another fails with an undefined symbol at best."""
+    record = os.path.join(os.path.dirname(library), "lema_torch_ops.torch_version")
+    if not os.path.exists(record):
+        return
+    with builtins.open(record) as f:
+        built = f.read().strip()
+    if built and built != torch.__version__:
+        raise TorchVersionError(
+            f"lema: {library} was built against torch {built} but torch {torch.__version__} "
+            f"is installed; {_REBUILD}")
+
+
+# An installed package (pip install) checks its library's torch at import, before anything
+# loads it (a source tree's build library is checked when load_library finds it).
+if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY)):
+    _check_torch_version(os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY))
+
+
 def load_library(path=None):
     """Loads liblema_torch_ops.so from `path`; without one, from the first that exists of
     $LEMA_TORCH_OPS, this package's directory and the build tree configured last from this
@@ -58,7 +107,12 @@ def load_library(path=None):
     places = _library_places(path)
     for _, candidate in places:
         if os.path.isfile(candidate):
-            torch.ops.load_library(candidate)
+            _check_torch_version(candidate)
+            try:
+                torch.ops.load_library(candidate)
+            except OSError as e:
+                raise TorchVersionError(f"lema: {candidate} does not load into torch "
+                                        f"{torch.__version__} ({e}); {_REBUILD}") from None
             _loaded = True
             return
     tried = "; ".join(f"{where}: {candidate}" for where, candidate in places)
