@@ -469,7 +469,7 @@ TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   const std::uint64_t misuses = fake().misuse_count();
   const std::uint64_t before = fake().live_handles();
   {
-    OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-pager");
+    OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-pager");
     ASSERT_GE(m.pages(), 8u);
     for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
       PagerOptions opt;
@@ -514,7 +514,7 @@ std::vector<std::byte> expected_pages(const OpenedModel& m, runtime::PageId firs
 TEST(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
   FakeSetting pages("granularity", static_cast<long long>(kPage));
   const std::uint64_t misuses = fake().misuse_count();
-  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-runs");
+  OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-runs");
   PagerOptions opt;
   opt.budget_bytes = 6 * kPage;
   opt.prefetch = false;
@@ -539,10 +539,12 @@ TEST(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
 // under test, not that race.
 class CopyWaitingBackend final : public ForwardingBackend {
  public:
-  CopyWaitingBackend() : ForwardingBackend(std::make_unique<FakeCudaBackend>()) {}
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
-    Fence f = ForwardingBackend::copy_to_chunk(pool, chunk, offset, src);
+  CopyWaitingBackend() : ForwardingBackend(make_fake_cuda_backend()) {}
+
+ private:
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
+    Fence f = ForwardingBackend::do_copy_to_chunk(pool, chunk, offset, src);
     wait_fence(f);
     return f;
   }
@@ -600,7 +602,7 @@ TEST(CudaPager, FailedMapOfABatchIsReportedAndTheNextAcquireSucceeds) {
 TEST(CudaPager, AcquireForAQueueLeavesTheWaitToTheQueue) {
   FakeSetting pages("granularity", static_cast<long long>(kPage));
   const std::uint64_t misuses = fake().misuse_count();
-  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-async");
+  OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-async");
   PagerOptions opt;
   opt.budget_bytes = 3 * kPage;
   opt.prefetch = false;
@@ -648,7 +650,7 @@ TEST(CudaPager, HostCacheTierServesLaterPassesWithoutReading) {
   const std::uint64_t misuses = fake().misuse_count();
   const std::uint64_t before = fake().live_handles();
   {
-    OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-cache");
+    OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-cache");
     PagerOptions opt;
     opt.budget_bytes = 3 * kPage;
     opt.host_cache_bytes = m.pages() * kPage;
@@ -676,7 +678,7 @@ TEST(CudaPager, HostCacheTierServesLaterPassesWithoutReading) {
 TEST(CudaPager, LastUseFenceHoldsTheChunkUntilTheKernelCompleted) {
   FakeSetting pages("granularity", static_cast<long long>(kPage));
   const std::uint64_t misuses = fake().misuse_count();
-  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-fence");
+  OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-fence");
   PagerOptions opt;
   opt.budget_bytes = kPage;
   opt.prefetch = false;
