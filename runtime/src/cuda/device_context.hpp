@@ -12,7 +12,6 @@
 
 #include "cuda/driver_api.hpp"
 #include "lema/runtime/backend.hpp"
-#include "lema/runtime/cuda_backend.hpp"
 
 namespace lema::runtime::cuda {
 
