@@ -30,6 +30,9 @@
 #include <cstdlib>
 
 #include "lema/runtime/cuda_backend.hpp"
+#ifdef LEMA_FAKE_CUDA_DRIVER
+#include "fake_cuda_control.hpp"
+#endif
 
 namespace lema::test {
 
@@ -230,15 +233,47 @@ inline std::string fake_cuda_driver_path() {
   return env != nullptr && *env != '\0' ? env : LEMA_FAKE_CUDA_DRIVER;
 }
 
-/// Arms the fake driver's misuse detectors: a misuse aborts with the fake's message.
-inline void make_fake_cuda_strict() {
-  if (void* lib = ::dlopen(fake_cuda_driver_path().c_str(), RTLD_NOW | RTLD_NOLOAD)) {
-    using Configure = long long (*)(const char*, long long);
-    if (auto configure = reinterpret_cast<Configure>(::dlsym(lib, "fake_cuda_configure")))
-      configure("strict", 1);
-    ::dlclose(lib);
-  }
+/// The fake driver's controls, over the library the backends load (one per process).
+inline FakeCudaControl& fake() {
+  static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
+  return *control;
 }
+
+/// Backend options naming the fake driver.
+inline runtime::CudaBackendOptions fake_options() {
+  runtime::CudaBackendOptions o;
+  o.driver_library = fake_cuda_driver_path();
+  return o;
+}
+
+/// Sets a fake-driver setting for the scope of a test.
+class FakeSetting {
+ public:
+  FakeSetting(const char* key, long long value) : key_(key), old_(fake().configure(key, value)) {}
+  FakeSetting(const FakeSetting&) = delete;
+  FakeSetting& operator=(const FakeSetting&) = delete;
+  ~FakeSetting() { fake().configure(key_, old_); }
+
+ private:
+  const char* key_;
+  long long old_;
+};
+
+/// Arms the fake driver's misuse detectors: a misuse aborts with the fake's message.
+inline void make_fake_cuda_strict() { fake().configure("strict", 1); }
+
+/// A test over the fake driver that must not misuse it: TearDown fails the test, naming the
+/// last misuse, when the fake counted one during the test.
+class FakeDriverTest : public ::testing::Test {
+ protected:
+  void SetUp() override { misuses_ = fake().misuse_count(); }
+  void TearDown() override {
+    EXPECT_EQ(fake().misuse_count(), misuses_) << fake().last_misuse();
+  }
+
+ private:
+  std::uint64_t misuses_ = 0;
+};
 
 /// The cuda backend over the fake driver, misuse detectors armed. It is the backend as it
 /// ships: not host-accessible (the fake's device memory happens to be host memory, but the
