@@ -1,6 +1,6 @@
 // A checkpoint made to look fully resident: the one object a tool or a framework plugin opens.
-// It owns the checkpoint's table, the backend, the address space and the residency machinery,
-// in one of two modes:
+// It owns the checkpoint's table, the address space and the residency machinery, and owns (or,
+// given one of the caller's own, shares) the backend, in one of two modes:
 //  - guard: callers make bytes resident around each use (acquire/release on the Pager), over any
 //    backend (host, GPU, or the caller's own); what the libtorch plugin's guard does for every
 //    op;

@@ -1,11 +1,14 @@
 // A checkpoint seen by libtorch: every weight is an ordinary at::Tensor whose storage lies at the
 // weight's fixed address in the checkpoint's virtual range.
 //
-//  - guard mode: the tensors carry a dispatch key on which the residency guard (a boxed fallback,
-//    see residency_guard.cpp) runs before every op that receives one of them: it pins the pages
-//    of every such input for the duration of the op. Code that reads data_ptr() itself,
-//    outside an op, must use fault mode.
-//  - fault mode: plain CPU tensors; userfaultfd fills missing pages on first touch.
+//  - guard mode (CPU or CUDA): the tensors carry a dispatch key on which the residency guard (a
+//    boxed fallback, see residency_guard.cpp and its Note [Guard dispatch key]) runs before
+//    every op that receives one of them: it pins the pages of every such input for the
+//    duration of the op. On the CPU, code that reads data_ptr() itself, outside an op (numpy,
+//    torch.save, a C extension), is served by the runtime's fault fallback, which demand-pages
+//    the read where userfaultfd is permitted (MappedCheckpoint::fault_fallback_reason() says
+//    when it is not); on a GPU only ops may touch the weights.
+//  - fault mode (CPU only): plain CPU tensors; userfaultfd fills missing pages on first touch.
 // Writes: on the CPU a weight may be written (an in-place op such as mul_, or through memory);
 // the write is kept for the life of the checkpoint (a written page evicted goes to a spill
 // store, never to the checkpoint's files). Opened read_only, or on a GPU, ops writing into a
