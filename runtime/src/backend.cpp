@@ -28,9 +28,12 @@ void check_page(const Backend& b, const PhysicalPool& pool, std::size_t chunk,
   LEMA_EXPECTS(chunk < pool.chunk_count(), std::string(op) + ": chunk " + std::to_string(chunk) +
                                                " is outside the pool of " +
                                                std::to_string(pool.chunk_count()) + " chunks");
-  LEMA_EXPECTS(addr != nullptr && aligned(addr, pool.chunk_bytes()),
+  // Pages lie at base + k × page size in a reservation aligned to the granularity, so a page
+  // address is aligned to the granularity, not necessarily to the (larger) chunk.
+  LEMA_EXPECTS(addr != nullptr && aligned(addr, b.granularity()),
                std::string(op) + ": address " + hex(addr) + " is not aligned to the " +
-                   std::string(b.name()) + " pool's chunks of " + format_size(pool.chunk_bytes()));
+                   std::string(b.name()) + " backend's granularity of " +
+                   format_size(b.granularity()));
 }
 
 }  // namespace

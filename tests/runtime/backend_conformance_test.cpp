@@ -365,6 +365,23 @@ TYPED_TEST(BackendConformance, StagingCopyLandsInChunk) {
   b.unmap(r.base(), g);
 }
 
+// Pages larger than the granularity lie at base + k × page in a reservation aligned to the
+// granularity only: a chunk maps at any granularity-aligned address.
+TYPED_TEST(BackendConformance, ChunksLargerThanTheGranularityMapAtGranularityAlignedAddresses) {
+  Backend& b = *this->backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(4 * g);
+  auto pool = b.create_pool(1, 2 * g);
+  this->fill_chunk(*pool, 0, std::byte{0x44});
+  // An address that is not aligned to the chunk's size.
+  std::byte* page = r.base() + g;
+  if (reinterpret_cast<std::uintptr_t>(page) % (2 * g) == 0) page += g;
+  b.map(*pool, 0, page, Access::read);
+  EXPECT_EQ(this->at(page), std::byte{0x44});
+  EXPECT_EQ(this->at(page + 2 * g - 1), std::byte{0x44});
+  b.unmap(page, 2 * g);
+}
+
 // Note [Backend contract]: a caller's mistake is refused by the public entry, with the same
 // InvalidArgument from every backend, before the backend (or its driver) sees it.
 TYPED_TEST(BackendConformance, PreconditionsAreCheckedBeforeTheBackend) {

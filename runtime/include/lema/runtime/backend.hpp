@@ -209,9 +209,9 @@ class Backend {
   /// granularity. Throws OutOfMemory / SystemError.
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t chunk_bytes);
 
-  /// Maps `chunk` at `addr` (chunk-aligned, inside a reservation, currently unmapped).
+  /// Maps `chunk` at `addr` (granularity-aligned, inside a reservation, currently unmapped).
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access);
-  /// Maps every page of the batch, as map() does each: the addresses chunk-aligned, inside
+  /// Maps every page of the batch, as map() does each: the addresses granularity-aligned, inside
   /// reservations, currently unmapped and distinct, in any order. All or nothing: on an error,
   /// the pages this call mapped are unmapped again before it throws, so none of the batch is
   /// left mapped. Afterwards each page is unmapped on its own, as one mapped by map(). The
