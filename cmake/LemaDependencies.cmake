@@ -86,6 +86,9 @@ if(NOT LEMA_WITH_TORCH STREQUAL "OFF")
     file(GLOB LEMA_TORCH_NVIDIA_LIBDIRS LIST_DIRECTORIES true "${_torch_site}/nvidia/*/lib")
     list(JOIN LEMA_TORCH_NVIDIA_LIBDIRS ":" _torch_rpath_link)
     set(LEMA_TORCH_LINK_OPTIONS "")
+    # Compile definitions of our own translation units that see torch's headers (see
+    # torch_plugin/CMakeLists.txt): fmt header-only, since torch's fmt shadows the system's.
+    set(LEMA_TORCH_UNIT_DEFINITIONS FMT_HEADER_ONLY=1)
     if(_torch_rpath_link)
       set(LEMA_TORCH_LINK_OPTIONS "LINKER:-rpath-link,${_torch_rpath_link}")
     endif()

@@ -24,6 +24,7 @@
 #include "lema/base/units.hpp"
 #include "lema/runtime/events.hpp"
 #include "lema/runtime/profile.hpp"
+#include "profile_reader.hpp"
 #include "lema/runtime/profile_file.hpp"
 #include "prof_report.hpp"
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lema/runtime/profile.hpp"
+#include "profile_reader.hpp"
 #include "lema/runtime/profile_file.hpp"
 
 namespace lema::tools {

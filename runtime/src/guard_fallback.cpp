@@ -250,7 +250,7 @@ std::unique_ptr<GuardFallback> GuardFallback::arm(Pager& pager, Options options,
   s->bytes = space.size();
   s->page_size = space.page_size();
   s->options = std::move(options);
-  if (!s->backend->host_accessible() || s->backend->unified_memory_device() >= 0) {
+  if (!s->backend->capabilities().host_pages) {
     reason = "the " + std::string(s->backend->name()) + " backend's pages are not host pages";
     return nullptr;
   }

@@ -19,7 +19,6 @@
 #include "lema/base/unique_fd.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
-#include "detail/backend_checks.hpp"
 #include "detail/fork_guard.hpp"
 
 namespace lema::runtime {
@@ -80,10 +79,16 @@ class HostBackend final : public Backend {
       : granularity_(granularity), pages_(pages) {}
   std::string_view name() const noexcept override { return "host"; }
   std::uint64_t granularity() const noexcept override { return granularity_; }
-  bool host_accessible() const noexcept override { return true; }
+  BackendCapabilities capabilities() const noexcept override {
+    return {.residency = BackendCapabilities::Residency::mapped,
+            .host_window = true,
+            .host_accessible = true,
+            .host_pages = true,
+            .tracks_writes = true};
+  }
 
-  Reservation reserve(std::uint64_t bytes) override {
-    check_reservation_size(bytes, granularity_);
+ private:
+  Reservation do_reserve(std::uint64_t bytes) override {
     // Aligned to the granularity, so that every page boundary is one for the pool's memory too
     // (a huge page can be mapped only at an address aligned to its size).
     const std::uint64_t slack = granularity_;
@@ -106,9 +111,8 @@ class HostBackend final : public Backend {
     return Reservation(this, base, bytes);
   }
 
-  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
-                                            std::uint64_t chunk_bytes) override {
-    check_pool_shape(chunks, chunk_bytes, granularity_);
+  std::unique_ptr<PhysicalPool> do_create_pool(std::size_t chunks,
+                                               std::uint64_t chunk_bytes) override {
     const std::uint64_t bytes = chunks * chunk_bytes;
     const bool huge = pages_ == HostPages::huge;
     HugePagePool hugetlb;
@@ -160,9 +164,8 @@ class HostBackend final : public Backend {
   // MAP_NORESERVE, a write finding none free would get SIGBUS; without it the kernel reserves
   // one per mapped page at map time and the map fails with ENOMEM instead, before any write.
   // So a writable huge-page pool needs twice its pages free.
-  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+  void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
     auto& host = static_cast<HostPool&>(pool);
-    LEMA_EXPECTS(chunk < host.chunk_count(), "map: chunk index out of range");
     const bool writable = access == Access::read_write;
     const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
     const int flags = MAP_FIXED | (writable ? MAP_PRIVATE : MAP_SHARED);
@@ -184,9 +187,7 @@ class HostBackend final : public Backend {
     }
   }
 
-  bool tracks_writes() const noexcept override { return true; }
-
-  std::uint64_t written_bytes(const std::byte* addr, std::uint64_t bytes) override {
+  std::uint64_t do_written_bytes(const std::byte* addr, std::uint64_t bytes) override {
     // One 8-byte entry per system page: bit 63 present, bit 61 "file page or shared anonymous".
     // A present page of a private file mapping without bit 61 is a private copy: written.
     const std::uint64_t n = bytes / os_page_;
@@ -212,7 +213,7 @@ class HostBackend final : public Backend {
     return written;
   }
 
-  void unmap(std::byte* addr, std::uint64_t bytes) override {
+  void do_unmap(std::byte* addr, std::uint64_t bytes) override {
     if (UnmappedPages* pages = unmapped_pages_.load(std::memory_order_acquire)) {
       pages->place(addr, bytes);
       return;
@@ -225,35 +226,31 @@ class HostBackend final : public Backend {
       detail::throw_system_error(__FILE__, __LINE__, "mmap(PROT_NONE unmap)", errno);
   }
 
-  bool set_unmapped_pages(UnmappedPages* pages) noexcept override {
+  bool do_set_unmapped_pages(UnmappedPages* pages) noexcept override {
     unmapped_pages_.store(pages, std::memory_order_release);
     return true;
   }
 
-  std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {
+  std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override {
     return std::make_unique<HostStaging>(bytes);
   }
 
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
-    LEMA_EXPECTS(chunk < pool.chunk_count() && offset + src.size() <= pool.chunk_bytes(),
-                 "copy_to_chunk: out of the chunk");
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
     std::copy(src.begin(), src.end(), pool.window(chunk) + offset);
     return Fence{};
   }
 
-  Fence record_fence(Queue) override { return Fence{}; }
-  bool fence_complete(const Fence&) override { return true; }
-  void wait_fence(const Fence&) override {}
-  void queue_wait(Queue, const Fence&) override {}
+  Fence do_record_fence(Queue) override { return Fence{}; }
+  bool do_fence_complete(const Fence&) override { return true; }
+  void do_wait_fence(const Fence&) override {}
+  void do_queue_wait(Queue, const Fence&) override {}
 
- protected:
   void release(std::byte* base, std::uint64_t bytes) noexcept override {
     forget_in_children(base);
     ::munmap(base, bytes);
   }
 
- private:
   const std::uint64_t granularity_;
   const HostPages pages_;
   std::atomic<UnmappedPages*> unmapped_pages_{nullptr};

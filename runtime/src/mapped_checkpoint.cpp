@@ -9,9 +9,7 @@
 #include "lema/base/units.hpp"
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/layout.hpp"
-#ifdef LEMA_HAVE_CUDA
 #include "lema/runtime/cuda_backend.hpp"
-#endif
 #include "detail/guard_fallback.hpp"
 #include "mapped_checkpoint_fault.hpp"
 
@@ -45,21 +43,17 @@ std::string_view gpu_memory_name(GpuMemory memory) {
 
 namespace {
 
-std::unique_ptr<Backend> make_backend(const MappedCheckpointOptions& options) {
+std::shared_ptr<Backend> make_backend(const MappedCheckpointOptions& options) {
+  if (options.backend) return options.backend;
   if (!options.cuda_device)
     return make_host_backend(std::uint64_t{2} << 20,
                              options.huge_pages ? HostPages::huge : HostPages::base);
-#ifdef LEMA_HAVE_CUDA
+  // A build without the CUDA toolkit throws CudaUnavailable saying so.
   CudaBackendOptions cuda;
   cuda.device = *options.cuda_device;
   if (options.gpu_memory == GpuMemory::vmm) return make_cuda_backend(cuda);
   cuda.managed_prefetch = options.gpu_memory == GpuMemory::managed;
   return make_managed_backend(cuda);
-#else
-  throw InvalidArgument("weights on CUDA device " + std::to_string(*options.cuda_device) +
-                        " need a LEMA built with the CUDA toolkit (LEMA_WITH_CUDA); this one "
-                        "was built without it");
-#endif
 }
 
 // Plain unified memory holds every page at its own address: the pager keeps them all mapped
@@ -77,9 +71,11 @@ std::uint64_t pager_budget(const MappedCheckpointOptions& options, const Layout&
 
 // Note [Dirty pages] in the pager: written pages are kept in a spill store, which only the host
 // backend can feed (it finds the written pages); GPU pages stay read-only until theirs can be.
-bool writable_weights(const MappedCheckpointOptions& options) {
-  return !options.read_only && !options.cuda_device;
+bool writable_weights(const MappedCheckpointOptions& options, const Backend& backend) {
+  return !options.read_only && !options.cuda_device && backend.tracks_writes();
 }
+
+
 
 class GuardedCheckpoint final : public MappedCheckpoint {
  public:
@@ -90,16 +86,17 @@ class GuardedCheckpoint final : public MappedCheckpoint {
         space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
                                                                       backend_->granularity(),
                                                                       options.setting_names.page_size))),
-        pager_(space_, PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
-                                    .policy = options.policy,
-                                    .prefetch = options.prefetch,
-                                    .access = writable_weights(options) ? Access::read_write
-                                                                        : Access::read,
-                                    .reader = options.reader,
-                                    .host_cache_bytes = options.host_cache_bytes,
-                                    .setting_names = options.setting_names}),
+        pager_(space_, detail::open_reader(options, space_.layout()),
+               PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
+                            .policy = options.policy,
+                            .prefetch = options.prefetch,
+                            .access = writable_weights(options, *backend_) ? Access::read_write
+                                                                           : Access::read,
+                            .reader = options.reader,
+                            .host_cache_bytes = options.host_cache_bytes,
+                            .setting_names = options.setting_names}),
         fallback_reason_(std::move(fallback_reason)),
-        writable_(writable_weights(options)) {
+        writable_(writable_weights(options, *backend_)) {
     arm_fault_fallback(options, checkpoint_.source().string());
   }
 
@@ -170,7 +167,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   }
 
   io::Checkpoint checkpoint_;
-  std::unique_ptr<Backend> backend_;
+  std::shared_ptr<Backend> backend_;  // the caller's own may be shared (options.backend)
   AddressSpace space_;
   // Before the pager: destroyed after it (Note [Guard fault fallback]).
   std::unique_ptr<detail::GuardFallback> fault_fallback_;
@@ -181,6 +178,14 @@ class GuardedCheckpoint final : public MappedCheckpoint {
 };
 
 }  // namespace
+
+std::unique_ptr<io::Reader> detail::open_reader(const MappedCheckpointOptions& options,
+                                                const Layout& layout) {
+  if (!options.open_reader) return io::Reader::open(layout.files(), options.reader);
+  std::unique_ptr<io::Reader> reader = options.open_reader(layout.files());
+  LEMA_EXPECTS(reader != nullptr, "MappedCheckpointOptions::open_reader returned no reader");
+  return reader;
+}
 
 const std::string& MappedCheckpoint::fault_fallback_reason() const noexcept {
   static const std::string none;
@@ -210,6 +215,9 @@ std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::
                  std::string(gpu_memory_name(options.gpu_memory)) +
                      " GPU memory needs weights on a GPU: set a CUDA device");
   }
+  LEMA_EXPECTS(!options.backend || options.mode == ResidencyMode::guard,
+               "a backend of your own serves guard mode only (fault mode fills host memory "
+               "through userfaultfd itself); use guard mode or drop the backend");
   if (options.huge_pages && options.mode == ResidencyMode::fault)
     throw InvalidArgument(
         "huge pages serve guard mode only (fault mode fills pages through userfaultfd into "

@@ -54,7 +54,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
         layout_(Layout::plan(
             checkpoint_, resolve_page_size(options.page_size, make_host_backend()->granularity(),
                                        options.setting_names.page_size))),
-        reader_(io::Reader::open(layout_.files(), options.reader)),
+        reader_(open_reader(options, layout_)),
         policy_(make_policy(options.policy, layout_.page_count())),
         budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count(),
                                  make_host_backend()->granularity(), options.setting_names)),

@@ -5,12 +5,18 @@
 #include <string>
 
 #include "lema/io/checkpoint.hpp"
+#include "lema/io/reader.hpp"
+#include "lema/runtime/layout.hpp"
 #include "lema/runtime/mapped_checkpoint.hpp"
 
 namespace lema::runtime::detail {
 
 /// Empty when userfaultfd can be used here, otherwise why not.
 std::string fault_mode_unavailable_reason();
+
+/// The checkpoint's Reader: options.open_reader's, else io::Reader::open(files, options.reader).
+std::unique_ptr<io::Reader> open_reader(const MappedCheckpointOptions& options,
+                                        const Layout& layout);
 
 std::unique_ptr<MappedCheckpoint> open_fault_mode(io::Checkpoint checkpoint,
                                                   const MappedCheckpointOptions& options);

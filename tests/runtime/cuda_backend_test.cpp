@@ -35,30 +35,6 @@ using runtime::PagerOptions;
 using runtime::PolicyKind;
 using runtime::Queue;
 
-FakeCudaControl& fake() {
-  static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
-  return *control;
-}
-
-CudaBackendOptions fake_options() {
-  CudaBackendOptions o;
-  o.driver_library = fake_cuda_driver_path();
-  return o;
-}
-
-// Sets a fake-driver setting for the scope of a test.
-class FakeSetting {
- public:
-  FakeSetting(const char* key, long long value) : key_(key), old_(fake().configure(key, value)) {}
-  FakeSetting(const FakeSetting&) = delete;
-  FakeSetting& operator=(const FakeSetting&) = delete;
-  ~FakeSetting() { fake().configure(key_, old_); }
-
- private:
-  const char* key_;
-  long long old_;
-};
-
 // CUresults, as the fake returns them (the tests do not include cuda.h).
 constexpr int kInvalidValue = 1;  // CUDA_ERROR_INVALID_VALUE
 constexpr int kOutOfMemory = 2;   // CUDA_ERROR_OUT_OF_MEMORY
@@ -151,9 +127,10 @@ TEST(CudaBackend, OutOfMemoryAtPoolCreationNamesTheSizesAndRollsBack) {
   EXPECT_EQ(fake().live_handles(), before);
 }
 
-TEST(CudaBackend, EveryHandleIsReleasedWithItsOwner) {
+using CudaBackendUse = FakeDriverTest;
+
+TEST_F(CudaBackendUse, EveryHandleIsReleasedWithItsOwner) {
   const std::uint64_t before = fake().live_handles();
-  const std::uint64_t misuses = fake().misuse_count();
   {
     auto b = runtime::make_cuda_backend(fake_options());
     const auto g = b->granularity();
@@ -170,7 +147,6 @@ TEST(CudaBackend, EveryHandleIsReleasedWithItsOwner) {
     EXPECT_GT(fake().live_handles(), before);
   }
   EXPECT_EQ(fake().live_handles(), before);
-  EXPECT_EQ(fake().misuse_count(), misuses);
 }
 
 TEST(CudaBackend, QueueWaitOrdersAStreamAfterAFenceWithoutBlockingTheHost) {
@@ -358,11 +334,8 @@ TEST_F(FakeMisuse, LeakedHandleIsCounted) {
 
 // ---- batched maps: access set once per run of adjacent pages (Note [Access per run]) ----
 
-class MapPages : public ::testing::Test {
+class MapPages : public FakeDriverTest {
  protected:
-  void SetUp() override { misuses_ = fake().misuse_count(); }
-  void TearDown() override { EXPECT_EQ(fake().misuse_count(), misuses_) << fake().last_misuse(); }
-
   static std::byte pattern(std::size_t chunk, std::uint64_t offset) {
     return std::byte(static_cast<unsigned char>(chunk * 37 + offset * 13 + offset / 4096));
   }
@@ -391,9 +364,6 @@ class MapPages : public ::testing::Test {
   std::vector<PageMapping> two_runs() const {
     return {{2, at(3)}, {4, at(7)}, {0, at(1)}, {5, at(6)}, {3, at(0)}, {1, at(2)}};
   }
-
- private:
-  std::uint64_t misuses_ = 0;
 };
 
 TEST_F(MapPages, SetsAccessOncePerRunOfAdjacentPages) {
@@ -462,14 +432,18 @@ TEST_F(MapPages, ErrorInTheMiddleOfABatchLeavesNoneOfItMapped) {
   }
 }
 
+// Pager tests over the fake driver: pages of kPage, and no misuse of the driver (TearDown).
+class CudaPager : public FakeDriverTest {
+ protected:
+  FakeSetting pages_{"granularity", static_cast<long long>(kPage)};
+};
+
 // ---- a Pager over the backends ----
 
-TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
-  FakeSetting pages("granularity", static_cast<long long>(kPage));
-  const std::uint64_t misuses = fake().misuse_count();
+TEST_F(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   const std::uint64_t before = fake().live_handles();
   {
-    OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-pager");
+    OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-pager");
     ASSERT_GE(m.pages(), 8u);
     for (PolicyKind policy : {PolicyKind::lru, PolicyKind::trace}) {
       PagerOptions opt;
@@ -492,7 +466,6 @@ TEST(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
       EXPECT_LE(mapped, 3u);
     }
   }
-  EXPECT_EQ(fake().misuse_count(), misuses);
   EXPECT_EQ(fake().live_handles(), before);
 }
 
@@ -511,10 +484,8 @@ std::vector<std::byte> expected_pages(const OpenedModel& m, runtime::PageId firs
 }
 
 // Note [Access per run]: a cold acquire of N adjacent pages maps N chunks and sets access once.
-TEST(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
-  FakeSetting pages("granularity", static_cast<long long>(kPage));
-  const std::uint64_t misuses = fake().misuse_count();
-  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-runs");
+TEST_F(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
+  OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-runs");
   PagerOptions opt;
   opt.budget_bytes = 6 * kPage;
   opt.prefetch = false;
@@ -530,7 +501,6 @@ TEST(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
   const std::vector<std::byte> want = expected_pages(m, kFirst, kCount);
   EXPECT_EQ(std::memcmp(m.space.page_address(kFirst), want.data(), want.size()), 0);
   pager.release(std::move(lease));
-  EXPECT_EQ(fake().misuse_count(), misuses) << fake().last_misuse();
 }
 
 // Copies into chunks complete before copy_to_chunk returns. The backend's rollback of a failed
@@ -539,10 +509,12 @@ TEST(CudaPager, ColdAcquireOfAdjacentPagesSetsAccessOnce) {
 // under test, not that race.
 class CopyWaitingBackend final : public ForwardingBackend {
  public:
-  CopyWaitingBackend() : ForwardingBackend(std::make_unique<FakeCudaBackend>()) {}
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
-    Fence f = ForwardingBackend::copy_to_chunk(pool, chunk, offset, src);
+  CopyWaitingBackend() : ForwardingBackend(make_fake_cuda_backend()) {}
+
+ private:
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
+    Fence f = ForwardingBackend::do_copy_to_chunk(pool, chunk, offset, src);
     wait_fence(f);
     return f;
   }
@@ -550,9 +522,7 @@ class CopyWaitingBackend final : public ForwardingBackend {
 
 // A driver error while mapping a batch of fills fails the acquire with the driver's error, leaves
 // none of the batch mapped or counted resident, and the next acquire fills the pages.
-TEST(CudaPager, FailedMapOfABatchIsReportedAndTheNextAcquireSucceeds) {
-  FakeSetting pages("granularity", static_cast<long long>(kPage));
-  const std::uint64_t misuses = fake().misuse_count();
+TEST_F(CudaPager, FailedMapOfABatchIsReportedAndTheNextAcquireSucceeds) {
   OpenedModel m(std::make_unique<CopyWaitingBackend>(), small_model(), kPage, "cuda-map-error");
   ASSERT_GE(m.pages(), 9u);
   PagerOptions opt;
@@ -591,16 +561,13 @@ TEST(CudaPager, FailedMapOfABatchIsReportedAndTheNextAcquireSucceeds) {
     pager.release(std::move(lease));
   }
   EXPECT_LE(pager.stats().peak_resident_bytes, opt.budget_bytes);
-  EXPECT_EQ(fake().misuse_count(), misuses) << fake().last_misuse();
 }
 
 // Note [Device fills]: an acquire for a consumer queue returns while the copy into the chunk is
 // still held back, and a kernel enqueued on that queue right after runs only once the copy
 // completed, reading the file's bytes.
-TEST(CudaPager, AcquireForAQueueLeavesTheWaitToTheQueue) {
-  FakeSetting pages("granularity", static_cast<long long>(kPage));
-  const std::uint64_t misuses = fake().misuse_count();
-  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-async");
+TEST_F(CudaPager, AcquireForAQueueLeavesTheWaitToTheQueue) {
+  OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-async");
   PagerOptions opt;
   opt.budget_bytes = 3 * kPage;
   opt.prefetch = false;
@@ -637,18 +604,15 @@ TEST(CudaPager, AcquireForAQueueLeavesTheWaitToTheQueue) {
   pager.release(std::move(host));
   for (const auto* t : tensor_order(m.space.layout(), Order::layer, 0))
     check_tensor(pager, m, *t, false);
-  EXPECT_EQ(fake().misuse_count(), misuses) << fake().last_misuse();
   fake().test_stream(compute, 0);
 }
 
 // The host cache tier over the cuda backend: pinned staging slots hold pages read once, later
 // fills only copy host to device, and every pinned buffer is freed with the pager.
-TEST(CudaPager, HostCacheTierServesLaterPassesWithoutReading) {
-  FakeSetting pages("granularity", static_cast<long long>(kPage));
-  const std::uint64_t misuses = fake().misuse_count();
+TEST_F(CudaPager, HostCacheTierServesLaterPassesWithoutReading) {
   const std::uint64_t before = fake().live_handles();
   {
-    OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-cache");
+    OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-cache");
     PagerOptions opt;
     opt.budget_bytes = 3 * kPage;
     opt.host_cache_bytes = m.pages() * kPage;
@@ -667,16 +631,13 @@ TEST(CudaPager, HostCacheTierServesLaterPassesWithoutReading) {
     EXPECT_GT(later.host_cache_hits, first.host_cache_hits);
     EXPECT_LE(later.peak_resident_bytes, opt.budget_bytes);
   }
-  EXPECT_EQ(fake().misuse_count(), misuses);
   EXPECT_EQ(fake().live_handles(), before) << "a pinned slot outlived the pager";
 }
 
 // A page's chunk is reused only after the kernel that read it (a pending stream operation) has
 // completed: the fake reports any unmap before that as misuse.
-TEST(CudaPager, LastUseFenceHoldsTheChunkUntilTheKernelCompleted) {
-  FakeSetting pages("granularity", static_cast<long long>(kPage));
-  const std::uint64_t misuses = fake().misuse_count();
-  OpenedModel m(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "cuda-fence");
+TEST_F(CudaPager, LastUseFenceHoldsTheChunkUntilTheKernelCompleted) {
+  OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-fence");
   PagerOptions opt;
   opt.budget_bytes = kPage;
   opt.prefetch = false;
@@ -698,7 +659,6 @@ TEST(CudaPager, LastUseFenceHoldsTheChunkUntilTheKernelCompleted) {
   EXPECT_TRUE(resumed.load());
   pager.release(std::move(other));
   resume.join();
-  EXPECT_EQ(fake().misuse_count(), misuses);
   fake().test_stream(compute, 0);
 }
 

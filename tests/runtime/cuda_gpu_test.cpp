@@ -14,6 +14,7 @@
 #include "lema/runtime/cuda_backend.hpp"
 #include "lema/runtime/pager.hpp"
 #include "pager_fixture.hpp"
+#include "test_backends.hpp"
 
 namespace lema::test {
 namespace {
@@ -25,30 +26,11 @@ using runtime::PagerOptions;
 using runtime::Queue;
 using runtime::Reservation;
 
-// The driver's cuMemcpyDtoH, looked up the way the backends look up theirs (in the library
-// LEMA_CUDA_DRIVER names, if any: the fake driver rehearses this suite without a GPU).
-using DtoH = int (*)(void*, unsigned long long, std::size_t);
-DtoH device_to_host() {
-  const char* env = std::getenv("LEMA_CUDA_DRIVER");
-  void* lib =
-      ::dlopen(env != nullptr && *env != '\0' ? env : "libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr) return nullptr;
-  using Get = int (*)(const char*, void**, int, unsigned long long, int*);
-  auto get = reinterpret_cast<Get>(::dlsym(lib, "cuGetProcAddress_v2"));
-  void* fn = nullptr;
-  int status = 0;
-  if (get == nullptr || get("cuMemcpyDtoH", &fn, 13000, 0, &status) != 0) return nullptr;
-  return reinterpret_cast<DtoH>(fn);
-}
-
+// Read back with the driver's cuMemcpyDtoH, from the library LEMA_CUDA_DRIVER names, if any
+// (the fake driver rehearses this suite without a GPU).
 std::vector<std::byte> read_device(const void* addr, std::size_t n) {
-  static DtoH copy = device_to_host();
-  std::vector<std::byte> out(n);
-  EXPECT_NE(copy, nullptr);
-  if (copy) {
-    EXPECT_EQ(copy(out.data(), reinterpret_cast<unsigned long long>(addr), n), 0);
-  }
-  return out;
+  const char* env = std::getenv("LEMA_CUDA_DRIVER");
+  return test::read_device(env != nullptr && *env != '\0' ? env : "libcuda.so.1", addr, n);
 }
 
 #define SKIP_WITHOUT(reason_fn)                                 \

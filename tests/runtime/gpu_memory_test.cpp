@@ -23,11 +23,6 @@ using runtime::GpuMemory;
 using runtime::MappedCheckpoint;
 using runtime::MappedCheckpointOptions;
 
-FakeCudaControl& fake() {
-  static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
-  return *control;
-}
-
 // Two layers of 2 MiB pages: 30 MiB, enough pages for a budget well below the model.
 ModelShape gpu_model() {
   ModelShape m;

@@ -25,6 +25,7 @@
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/profile.hpp"
+#include "profile_reader.hpp"
 #include "lema/runtime/profile_file.hpp"
 #include "pager_fixture.hpp"
 #include "prof_report.hpp"

@@ -3,7 +3,7 @@
 //    device path: staging buffer + copy_to_chunk + fence, as on a GPU;
 //  - DelayedFenceBackend: fences complete only after a delay or when the test signals them,
 //    and every unmap checks that no fence recorded for that page is still pending.
-// Plus the backend factories the conformance suite is typed over.
+// Plus the CUDA backends over the fake driver, and reading device memory back.
 #pragma once
 
 #include <algorithm>
@@ -24,12 +24,14 @@
 #include "lema/runtime/backend.hpp"
 #include "lema/runtime/events.hpp"
 
-#ifdef LEMA_FAKE_CUDA_DRIVER  // defined for the tests only where the CUDA toolkit was found
 #include <dlfcn.h>
+#include <gtest/gtest.h>
 
 #include <cstdlib>
 
 #include "lema/runtime/cuda_backend.hpp"
+#ifdef LEMA_FAKE_CUDA_DRIVER
+#include "fake_cuda_control.hpp"
 #endif
 
 namespace lema::test {
@@ -42,39 +44,47 @@ using runtime::Queue;
 using runtime::Reservation;
 using runtime::StagingBuffer;
 
-/// Forwards every primitive to an inner backend.
+/// Forwards every primitive to an inner backend (through its public, checked entry points).
 class ForwardingBackend : public Backend {
  public:
   explicit ForwardingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
   std::string_view name() const noexcept override { return inner_->name(); }
   std::uint64_t granularity() const noexcept override { return inner_->granularity(); }
-  bool host_accessible() const noexcept override { return inner_->host_accessible(); }
-  int unified_memory_device() const noexcept override { return inner_->unified_memory_device(); }
-  Reservation reserve(std::uint64_t bytes) override { return inner_->reserve(bytes); }
-  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t bytes) override {
-    return inner_->create_pool(chunks, bytes);
+  runtime::BackendCapabilities capabilities() const noexcept override {
+    return inner_->capabilities();
   }
-  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
-    inner_->map(pool, chunk, addr, access);
-  }
-  void map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
-                 Access access) override {
-    inner_->map_pages(pool, pages, access);
-  }
-  void unmap(std::byte* addr, std::uint64_t bytes) override { inner_->unmap(addr, bytes); }
-  std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {
-    return inner_->allocate_staging(bytes);
-  }
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
-    return inner_->copy_to_chunk(pool, chunk, offset, src);
-  }
-  Fence record_fence(Queue q) override { return inner_->record_fence(q); }
-  bool fence_complete(const Fence& f) override { return inner_->fence_complete(f); }
-  void wait_fence(const Fence& f) override { inner_->wait_fence(f); }
-  void queue_wait(Queue q, const Fence& f) override { inner_->queue_wait(q, f); }
 
  protected:
+  Reservation do_reserve(std::uint64_t bytes) override { return inner_->reserve(bytes); }
+  std::unique_ptr<PhysicalPool> do_create_pool(std::size_t chunks, std::uint64_t bytes) override {
+    return inner_->create_pool(chunks, bytes);
+  }
+  void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+    inner_->map(pool, chunk, addr, access);
+  }
+  void do_map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
+                    Access access) override {
+    inner_->map_pages(pool, pages, access);
+  }
+  void do_unmap(std::byte* addr, std::uint64_t bytes) override { inner_->unmap(addr, bytes); }
+  bool do_set_unmapped_pages(runtime::UnmappedPages* pages) noexcept override {
+    return inner_->set_unmapped_pages(pages);
+  }
+  std::uint64_t do_written_bytes(const std::byte* addr, std::uint64_t bytes) override {
+    return inner_->written_bytes(addr, bytes);
+  }
+  std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override {
+    return inner_->allocate_staging(bytes);
+  }
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
+    return inner_->copy_to_chunk(pool, chunk, offset, src);
+  }
+  Fence do_record_fence(Queue q) override { return inner_->record_fence(q); }
+  bool do_fence_complete(const Fence& f) override { return inner_->fence_complete(f); }
+  void do_wait_fence(const Fence& f) override { inner_->wait_fence(f); }
+  void do_queue_wait(Queue q, const Fence& f) override { inner_->queue_wait(q, f); }
+
   // Reservations come from the inner backend and are released through it.
   void release(std::byte*, std::uint64_t) noexcept override {}
   Backend& inner() { return *inner_; }
@@ -89,6 +99,11 @@ class StagedBackend final : public ForwardingBackend {
   explicit StagedBackend(std::uint64_t granularity = std::uint64_t{2} << 20)
       : ForwardingBackend(runtime::make_host_backend(granularity)) {}
   std::string_view name() const noexcept override { return "staged"; }
+  runtime::BackendCapabilities capabilities() const noexcept override {
+    runtime::BackendCapabilities c = ForwardingBackend::capabilities();
+    c.host_window = false;
+    return c;
+  }
 
   class Pool final : public PhysicalPool {
    public:
@@ -102,22 +117,24 @@ class StagedBackend final : public ForwardingBackend {
     std::unique_ptr<PhysicalPool> inner_;
   };
 
-  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t bytes) override {
+  std::atomic<std::uint64_t> copies{0};
+
+ private:
+  std::unique_ptr<PhysicalPool> do_create_pool(std::size_t chunks, std::uint64_t bytes) override {
     return std::make_unique<Pool>(inner().create_pool(chunks, bytes));
   }
-  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+  void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
     inner().map(static_cast<Pool&>(pool).inner(), chunk, addr, access);
   }
-  void map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
-                 Access access) override {
+  void do_map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
+                    Access access) override {
     inner().map_pages(static_cast<Pool&>(pool).inner(), pages, access);
   }
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
     copies.fetch_add(1);
     return inner().copy_to_chunk(static_cast<Pool&>(pool).inner(), chunk, offset, src);
   }
-  std::atomic<std::uint64_t> copies{0};
 };
 
 /// Fences that complete late: at a deadline, or only when signalled.
@@ -143,16 +160,21 @@ class DelayedFenceBackend final : public ForwardingBackend {
   }
   static void signal(const Fence& f) { static_cast<State*>(f.state())->deadline_ns = 0; }
 
-  Fence record_fence(Queue) override { return record_fence_for({}, 1'000'000); }
-  bool fence_complete(const Fence& f) override {
+  std::atomic<std::uint64_t> violations{0};  // unmaps of a page whose last use was pending
+  std::atomic<std::uint64_t> fence_queries{0};
+  std::atomic<std::uint64_t> fence_waits{0};
+
+ private:
+  Fence do_record_fence(Queue) override { return record_fence_for({}, 1'000'000); }
+  bool do_fence_complete(const Fence& f) override {
     fence_queries.fetch_add(1);
     return f.trivially_complete() || static_cast<State*>(f.state())->complete();
   }
-  void wait_fence(const Fence& f) override {
+  void do_wait_fence(const Fence& f) override {
     fence_waits.fetch_add(1);
-    while (!fence_complete(f)) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    while (!do_fence_complete(f)) std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
-  void unmap(std::byte* addr, std::uint64_t bytes) override {
+  void do_unmap(std::byte* addr, std::uint64_t bytes) override {
     {
       std::lock_guard lock(mutex_);
       auto it = pending_.find(addr);
@@ -162,42 +184,46 @@ class DelayedFenceBackend final : public ForwardingBackend {
         pending_.erase(it);
       }
     }
-    ForwardingBackend::unmap(addr, bytes);
+    ForwardingBackend::do_unmap(addr, bytes);
   }
 
-  std::atomic<std::uint64_t> violations{0};  // unmaps of a page whose last use was pending
-  std::atomic<std::uint64_t> fence_queries{0};
-  std::atomic<std::uint64_t> fence_waits{0};
-
- private:
   std::mutex mutex_;
   std::map<const std::byte*, std::vector<std::shared_ptr<State>>> pending_;
 };
 
-// ---- factories for typed suites ----
-
-struct HostBackendFactory {
-  static constexpr const char* kName = "host";
-  static std::unique_ptr<Backend> make() { return runtime::make_host_backend(); }
-};
-/// The host backend over huge pages, or nullptr (the suite skips) where the system has too few
-/// free for the suite's pools.
-struct HugeHostBackendFactory {
-  static constexpr const char* kName = "host-huge";
-  static std::unique_ptr<Backend> make() {
-    const runtime::HugePagePool pool = runtime::huge_page_pool();
-    if (pool.available < 4 || pool.page_bytes != (std::uint64_t{2} << 20)) return nullptr;
-    return runtime::make_host_backend(pool.page_bytes, runtime::HostPages::huge);
+/// Reads `n` bytes of device memory at `addr` with the cuMemcpyDtoH of the driver `library`
+/// (loaded the way the backends load theirs; the calling thread must have the device's context
+/// current, as it has after any call of a CUDA backend). Fails the test where it cannot.
+inline std::vector<std::byte> read_device(const std::string& library, const void* addr,
+                                          std::size_t n) {
+  using DtoH = int (*)(void*, unsigned long long, std::size_t);
+  static std::mutex mutex;
+  static std::map<std::string, DtoH> found;
+  DtoH copy = nullptr;
+  {
+    std::lock_guard lock(mutex);
+    auto it = found.find(library);
+    if (it == found.end()) {
+      DtoH fn = nullptr;
+      if (void* lib = ::dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+        using Get = int (*)(const char*, void**, int, unsigned long long, int*);
+        void* sym = nullptr;
+        int status = 0;
+        if (auto get = reinterpret_cast<Get>(::dlsym(lib, "cuGetProcAddress_v2"));
+            get != nullptr && get("cuMemcpyDtoH", &sym, 13000, 0, &status) == 0)
+          fn = reinterpret_cast<DtoH>(sym);
+      }
+      it = found.emplace(library, fn).first;
+    }
+    copy = it->second;
   }
-};
-struct StagedBackendFactory {
-  static constexpr const char* kName = "staged";
-  static std::unique_ptr<Backend> make() { return std::make_unique<StagedBackend>(); }
-};
-struct DelayedFenceBackendFactory {
-  static constexpr const char* kName = "delayed-fence";
-  static std::unique_ptr<Backend> make() { return std::make_unique<DelayedFenceBackend>(); }
-};
+  std::vector<std::byte> out(n);
+  EXPECT_NE(copy, nullptr) << "no cuMemcpyDtoH in " << library;
+  if (copy != nullptr) {
+    EXPECT_EQ(copy(out.data(), reinterpret_cast<unsigned long long>(addr), n), 0);
+  }
+  return out;
+}
 
 #ifdef LEMA_FAKE_CUDA_DRIVER
 /// The fake CUDA driver the tests load: $LEMA_CUDA_DRIVER (ctest sets it), else the one built
@@ -207,29 +233,68 @@ inline std::string fake_cuda_driver_path() {
   return env != nullptr && *env != '\0' ? env : LEMA_FAKE_CUDA_DRIVER;
 }
 
-/// The cuda backend over the fake driver, with the fake's misuse detectors armed (a misuse
-/// aborts with the fake's message). The fake's device memory is host memory mapped at the device
-/// addresses, so the CPU may read mapped pages and the suite checks their bytes and protections
-/// as for the host backend.
-class FakeCudaBackend final : public ForwardingBackend {
+/// The fake driver's controls, over the library the backends load (one per process).
+inline FakeCudaControl& fake() {
+  static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
+  return *control;
+}
+
+/// Backend options naming the fake driver.
+inline runtime::CudaBackendOptions fake_options() {
+  runtime::CudaBackendOptions o;
+  o.driver_library = fake_cuda_driver_path();
+  return o;
+}
+
+/// Sets a fake-driver setting for the scope of a test.
+class FakeSetting {
  public:
-  explicit FakeCudaBackend(std::uint64_t granularity = 0)
-      : ForwardingBackend(runtime::make_cuda_backend(
-            {.device = 0, .driver_library = fake_cuda_driver_path(), .granularity = granularity})) {
-    if (void* lib = ::dlopen(fake_cuda_driver_path().c_str(), RTLD_NOW | RTLD_NOLOAD)) {
-      using Configure = long long (*)(const char*, long long);
-      if (auto configure = reinterpret_cast<Configure>(::dlsym(lib, "fake_cuda_configure")))
-        configure("strict", 1);
-      ::dlclose(lib);
-    }
-  }
-  bool host_accessible() const noexcept override { return true; }
+  FakeSetting(const char* key, long long value) : key_(key), old_(fake().configure(key, value)) {}
+  FakeSetting(const FakeSetting&) = delete;
+  FakeSetting& operator=(const FakeSetting&) = delete;
+  ~FakeSetting() { fake().configure(key_, old_); }
+
+ private:
+  const char* key_;
+  long long old_;
 };
 
-struct FakeCudaBackendFactory {
-  static constexpr const char* kName = "fake-cuda";
-  static std::unique_ptr<Backend> make() { return std::make_unique<FakeCudaBackend>(); }
+/// Arms the fake driver's misuse detectors: a misuse aborts with the fake's message.
+inline void make_fake_cuda_strict() { fake().configure("strict", 1); }
+
+/// A test over the fake driver that must not misuse it: TearDown fails the test, naming the
+/// last misuse, when the fake counted one during the test.
+class FakeDriverTest : public ::testing::Test {
+ protected:
+  void SetUp() override { misuses_ = fake().misuse_count(); }
+  void TearDown() override {
+    EXPECT_EQ(fake().misuse_count(), misuses_) << fake().last_misuse();
+  }
+
+ private:
+  std::uint64_t misuses_ = 0;
 };
+
+/// The cuda backend over the fake driver, misuse detectors armed. It is the backend as it
+/// ships: not host-accessible (the fake's device memory happens to be host memory, but the
+/// suite reads it back with cuMemcpyDtoH, as on a GPU).
+inline std::unique_ptr<Backend> make_fake_cuda_backend(std::uint64_t granularity = 0) {
+  auto b = runtime::make_cuda_backend(
+      {.device = 0, .driver_library = fake_cuda_driver_path(), .granularity = granularity});
+  make_fake_cuda_strict();
+  return b;
+}
+
+/// The managed backend over the fake driver, misuse detectors armed.
+inline std::unique_ptr<Backend> make_fake_managed_backend(std::uint64_t granularity = 0,
+                                                          bool prefetch = true) {
+  auto b = runtime::make_managed_backend({.device = 0,
+                                          .driver_library = fake_cuda_driver_path(),
+                                          .granularity = granularity,
+                                          .managed_prefetch = prefetch});
+  make_fake_cuda_strict();
+  return b;
+}
 #endif
 
 /// Protection of the mapping holding `addr` in /proc/self/maps ("r--s", "---p"), or "" when

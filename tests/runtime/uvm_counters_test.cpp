@@ -51,10 +51,8 @@ FakeCuptiControl& cupti() {
   return *control;
 }
 
-FakeCudaControl& driver() {
-  static auto* control = new FakeCudaControl(fake_cuda_driver_path());
-  return *control;
-}
+// The fake driver's controls (test_backends.hpp).
+FakeCudaControl& driver() { return fake(); }
 
 // The runtime loads what LEMA_CUPTI_LIBRARY names: the fake, also when the binary is run
 // directly.
@@ -65,8 +63,7 @@ class FakeCuptiEnvironment : public ::testing::Environment {
 const auto* const kEnvironment = ::testing::AddGlobalTestEnvironment(new FakeCuptiEnvironment());
 
 CudaBackendOptions managed_options() {
-  CudaBackendOptions o;
-  o.driver_library = fake_cuda_driver_path();
+  CudaBackendOptions o = fake_options();
   o.granularity = kPage;
   return o;
 }

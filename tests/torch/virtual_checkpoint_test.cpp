@@ -1,6 +1,12 @@
 // VirtualCheckpoint: dtypes, ownership, written and read-only weights, and budget errors.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/library.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 
 #include <atomic>
 #include <cstring>
@@ -10,7 +16,9 @@
 #include <vector>
 
 #include "lema/base/error.hpp"
+#include "lema/io/reader.hpp"
 #include "lema/io/safetensors_writer.hpp"
+#include "lema/runtime/backend.hpp"
 #include "lema/torch/dtype_map.hpp"
 #include "lema/torch/virtual_checkpoint.hpp"
 #include "runtime_fixture.hpp"
@@ -101,6 +109,68 @@ TEST(VirtualCheckpoint, ADtypeTorchLacksIsRefusedAtOpenNamingTheTensor) {
       error_text([&] { torch::open(dir.path() / "m.safetensors", guard_options()); });
   EXPECT_NE(text.find("packed.weight"), std::string::npos) << text;
   EXPECT_NE(text.find("F4"), std::string::npos) << text;
+}
+
+// Options holds the runtime's options whole: the reader's settings reach the reads (here a
+// fault injector failing every read, so the first load of a weight fails naming the file).
+TEST(VirtualCheckpoint, ReaderSettingsReachTheReads) {
+  TempDir dir("torch-reader");
+  std::vector<io::TensorToWrite> tensors;
+  tensors.push_back(pattern_tensor("w", io::Dtype::F32, {256}));
+  io::write_safetensors(dir.path() / "m.safetensors", std::move(tensors));
+  struct FailEveryRead : io::FaultInjector {
+    std::optional<long> inject(std::uint32_t, std::uint64_t, std::uint64_t) override {
+      return -EIO;
+    }
+  };
+  torch::Options options = guard_options();
+  options.reader.fault_injector = std::make_shared<FailEveryRead>();
+  torch::VirtualCheckpoint checkpoint = torch::open(dir.path() / "m.safetensors", options);
+  const std::string text = error_text([&] { (void)bytes_of(checkpoint.tensor("w")); });
+  EXPECT_NE(text.find("m.safetensors"), std::string::npos) << text;
+}
+
+// A backend and a reader of the caller's own are used as given.
+TEST(VirtualCheckpoint, OwnBackendAndReaderAreUsed) {
+  TempDir dir("torch-own");
+  std::vector<io::TensorToWrite> tensors;
+  tensors.push_back(pattern_tensor("w", io::Dtype::F32, {256}));
+  std::vector<io::TensorToWrite> expected = tensors;
+  io::write_safetensors(dir.path() / "m.safetensors", std::move(tensors));
+  torch::Options options = guard_options();
+  auto backend = std::shared_ptr<runtime::Backend>(runtime::make_host_backend());
+  options.backend = backend;
+  std::atomic<int> readers{0};
+  options.open_reader = [&](const std::vector<std::filesystem::path>& files) {
+    ++readers;
+    return io::Reader::open(files, io::ReaderOptions{});
+  };
+  torch::VirtualCheckpoint checkpoint = torch::open(dir.path() / "m.safetensors", options);
+  EXPECT_EQ(bytes_of(checkpoint.tensor("w")), expected_bytes(expected[0]));
+  EXPECT_EQ(readers.load(), 1);
+  EXPECT_EQ(&checkpoint.mapped().pager()->space().backend(), backend.get());
+}
+
+// Note [Guard dispatch key]: a fallback another library registered on the guard's key first is
+// named at open, not met as torch's registration error. In a child process: the key's fallback
+// is process-wide.
+TEST(VirtualCheckpointDeathTest, AnotherFallbackOnTheGuardKeyIsNamedAtOpen) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  TempDir dir("torch-key");
+  std::vector<io::TensorToWrite> tensors;
+  tensors.push_back(pattern_tensor("w", io::Dtype::F32, {16}));
+  io::write_safetensors(dir.path() / "m.safetensors", std::move(tensors));
+  const auto path = dir.path() / "m.safetensors";
+  EXPECT_EXIT(
+      {
+        ::torch::Library other(::torch::Library::IMPL, "_",
+                               c10::DispatchKey::TESTING_ONLY_GenericWrapper, __FILE__, __LINE__);
+        other.fallback(::torch::CppFunction::makeFallthrough());
+        const std::string text = error_text([&] { torch::open(path, guard_options()); });
+        std::fprintf(stderr, "%s\n", text.c_str());
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(0), "another library .*TESTING_ONLY_GenericWrapper");
 }
 
 class GuardedWeights : public ::testing::Test {

@@ -9,9 +9,7 @@
 #include "lema/base/units.hpp"
 #include "lema/io/checkpoint.hpp"
 #include "lema/runtime/backend.hpp"
-#ifdef LEMA_HAVE_CUDA
 #include "lema/runtime/cuda_backend.hpp"
-#endif
 #include "lema/runtime/layout.hpp"
 #include "lema/runtime/policy.hpp"
 
@@ -72,7 +70,7 @@ at::Tensor hold_device_memory(const c10::Device& device, std::uint64_t cap) {
   LEMA_EXPECTS(at::globalContext().hasCUDA(),
                "--device-memory-cap: this torch sees no CUDA device (a CPU build of torch, no "
                "GPU, or no driver)");
-#ifdef LEMA_HAVE_CUDA
+  // A LEMA built without the CUDA toolkit throws CudaUnavailable saying so.
   runtime::CudaBackendOptions options;
   options.device = device.has_index() ? device.index() : 0;
   const runtime::CudaDeviceMemory memory = runtime::cuda_device_memory(options);
@@ -84,10 +82,6 @@ at::Tensor hold_device_memory(const c10::Device& device, std::uint64_t cap) {
   const std::uint64_t held = memory.free_bytes - cap;
   return at::empty({static_cast<std::int64_t>(held)},
                    at::TensorOptions().dtype(at::kByte).device(device));
-#else
-  throw InvalidArgument("--device-memory-cap " + format_size(cap) + " on " + device.str() +
-                        " needs a LEMA built with the CUDA toolkit (LEMA_WITH_CUDA)");
-#endif
 }
 
 }  // namespace

@@ -233,6 +233,13 @@ void install_residency_guard() {
   // Registered once, deregistered at exit: only tensors carrying kGuardKey reach it, so an idle
   // registration costs nothing.
   static ::torch::Library library = [] {
+    // Note [Guard dispatch key]: one fallback per key and process; say whose it is.
+    if (c10::Dispatcher::singleton().hasBackendFallbackForDispatchKey(kGuardKey))
+      throw InvalidArgument(
+          "another library in this process registered a fallback on torch's dispatch key " +
+          std::string(c10::toString(kGuardKey)) +
+          ", which LEMA's residency guard needs; load only one of them, or open the "
+          "checkpoint in fault mode without read_only (its tensors carry no key)");
     ::torch::Library lib(::torch::Library::IMPL, "_", kGuardKey, __FILE__, __LINE__);
     lib.fallback(::torch::CppFunction::makeFromBoxedFunction<&guard_fallback>());
     return lib;

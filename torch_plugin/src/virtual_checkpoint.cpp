@@ -124,19 +124,12 @@ VirtualCheckpoint open(const std::filesystem::path& path, Options options) {
                      "driver); open the checkpoint on the CPU");
     if (!options.device.has_index()) options.device.set_index(0);
   }
-  runtime::MappedCheckpointOptions mapped_options;
+  LEMA_EXPECTS(!options.cuda_device,
+               "Options::cuda_device is set from Options::device; set the device (kCUDA with "
+               "an index) instead");
+  // Every runtime setting as given (Options holds them whole); only the device is torch's.
+  runtime::MappedCheckpointOptions mapped_options = options;
   if (options.device.is_cuda()) mapped_options.cuda_device = options.device.index();
-  mapped_options.gpu_memory = options.gpu_memory;
-  mapped_options.host_cache_bytes = options.host_cache_bytes;
-  mapped_options.budget_bytes = options.budget_bytes;
-  mapped_options.page_size = options.page_size;
-  mapped_options.policy = options.policy;
-  mapped_options.mode = options.mode;
-  mapped_options.prefetch = options.prefetch;
-  mapped_options.huge_pages = options.huge_pages;
-  mapped_options.fault_fallback = options.fault_fallback;
-  mapped_options.read_only = options.read_only;
-  mapped_options.setting_names = options.setting_names;
   auto state = std::make_shared<detail::CheckpointState>();
   state->device = options.device;
   state->mapped = runtime::MappedCheckpoint::open(path, mapped_options);

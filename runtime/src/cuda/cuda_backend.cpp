@@ -13,7 +13,6 @@
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/cuda_backend.hpp"
-#include "detail/backend_checks.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -147,10 +146,12 @@ class CudaBackend final : public cuda::DeviceBackend {
 
   std::string_view name() const noexcept override { return "cuda"; }
   std::uint64_t granularity() const noexcept override { return granularity_; }
-  bool host_accessible() const noexcept override { return false; }
+  BackendCapabilities capabilities() const noexcept override {
+    return {.residency = BackendCapabilities::Residency::mapped};
+  }
 
-  Reservation reserve(std::uint64_t bytes) override {
-    check_reservation_size(bytes, granularity_);
+ private:
+  Reservation do_reserve(std::uint64_t bytes) override {
     context().enter();
     CUdeviceptr p = 0;
     api().check(api().mem_address_reserve(&p, bytes, granularity_, 0, 0), "cuMemAddressReserve",
@@ -158,16 +159,15 @@ class CudaBackend final : public cuda::DeviceBackend {
     return Reservation(this, reinterpret_cast<std::byte*>(p), bytes);
   }
 
-  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
-                                            std::uint64_t chunk_bytes) override {
-    check_pool_shape(chunks, chunk_bytes, granularity_);
+  std::unique_ptr<PhysicalPool> do_create_pool(std::size_t chunks,
+                                               std::uint64_t chunk_bytes) override {
     context().enter();
     return std::make_unique<CudaPool>(context(), chunks, chunk_bytes);
   }
 
-  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
+  void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {
     const PageMapping page{chunk, addr};
-    map_pages(pool, std::span<const PageMapping>(&page, 1), access);
+    do_map_pages(pool, std::span<const PageMapping>(&page, 1), access);
   }
 
   // Note [Access per run]: cuMemSetAccess is the costly half of a map (it writes the device's
@@ -175,14 +175,10 @@ class CudaBackend final : public cuda::DeviceBackend {
   // whole range is mapped. So every chunk of the batch is mapped first, then the addresses are
   // sorted and each maximal run of adjacent pages gets one cuMemSetAccess: the pager's fill of
   // N consecutive pages of a layer sets access once, not N times.
-  void map_pages(PhysicalPool& pool, std::span<const PageMapping> pages, Access access) override {
-    if (pages.empty()) return;
+  void do_map_pages(PhysicalPool& pool, std::span<const PageMapping> pages,
+                    Access access) override {
     auto& cp = static_cast<CudaPool&>(pool);
     const std::uint64_t bytes = cp.chunk_bytes();
-    for (const PageMapping& p : pages)
-      LEMA_EXPECTS(p.chunk < cp.chunk_count(), "map: chunk " + std::to_string(p.chunk) +
-                                                   " is outside the pool of " +
-                                                   std::to_string(cp.chunk_count()) + " chunks");
     context().enter();
     std::vector<CUdeviceptr> mapped;
     mapped.reserve(pages.size());
@@ -210,7 +206,7 @@ class CudaBackend final : public cuda::DeviceBackend {
     for (CUdeviceptr p : mapped) mappings_[p] = bytes;
   }
 
-  void unmap(std::byte* addr, std::uint64_t bytes) override {
+  void do_unmap(std::byte* addr, std::uint64_t bytes) override {
     // Every mapping inside the range is unmapped on its own: the driver unmaps whole mappings,
     // and the range may hold holes (pages never mapped).
     std::vector<std::pair<CUdeviceptr, std::uint64_t>> found;
@@ -229,11 +225,9 @@ class CudaBackend final : public cuda::DeviceBackend {
       api().check(api().mem_unmap(p, n), "cuMemUnmap", hex(p) + ", " + format_size(n));
   }
 
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
     auto& cp = static_cast<CudaPool&>(pool);
-    LEMA_EXPECTS(chunk < cp.chunk_count() && offset + src.size() <= cp.chunk_bytes(),
-                 "copy_to_chunk: out of the chunk");
     context().enter();
     api().check(api().memcpy_htod_async(cp.device_window(chunk) + offset, src.data(), src.size(),
                                         context().copy_stream()),
@@ -242,7 +236,6 @@ class CudaBackend final : public cuda::DeviceBackend {
     return context().record(context().copy_stream());
   }
 
- protected:
   void release(std::byte* base, std::uint64_t bytes) noexcept override {
     if (cuda::process_is_exiting()) return;
     try {
@@ -252,7 +245,6 @@ class CudaBackend final : public cuda::DeviceBackend {
     api().mem_address_free(dptr(base), bytes);
   }
 
- private:
   void set_access(CUdeviceptr p, std::uint64_t bytes, Access access) {
     // Read-only mappings catch stray writes into weights; a device that refuses them gets
     // read-write mappings instead (remembered, so the refusal is paid once).

@@ -12,7 +12,6 @@
 
 #include "cuda/driver_api.hpp"
 #include "lema/runtime/backend.hpp"
-#include "lema/runtime/cuda_backend.hpp"
 
 namespace lema::runtime::cuda {
 
@@ -70,15 +69,17 @@ class DeviceContext {
 class DeviceBackend : public Backend {
  public:
   DeviceBackend(const DriverApi& api, int device) : context_(api, device) {}
-  std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) override {
+
+ private:
+  std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override {
     return context_.allocate_staging(bytes);
   }
-  Fence record_fence(Queue queue) override {
+  Fence do_record_fence(Queue queue) override {
     return context_.record(static_cast<CUstream>(queue.native));
   }
-  bool fence_complete(const Fence& fence) override { return context_.complete(fence); }
-  void wait_fence(const Fence& fence) override { context_.wait(fence); }
-  void queue_wait(Queue queue, const Fence& fence) override {
+  bool do_fence_complete(const Fence& fence) override { return context_.complete(fence); }
+  void do_wait_fence(const Fence& fence) override { context_.wait(fence); }
+  void do_queue_wait(Queue queue, const Fence& fence) override {
     context_.queue_wait(static_cast<CUstream>(queue.native), fence);
   }
 

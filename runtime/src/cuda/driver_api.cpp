@@ -10,7 +10,6 @@
 #include <memory>
 #include <mutex>
 
-#include "lema/runtime/cuda_backend.hpp"
 
 namespace lema::runtime::cuda {
 namespace {

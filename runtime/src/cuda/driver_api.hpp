@@ -6,6 +6,9 @@
 // "libcuda.so.1". Loaded libraries stay loaded for the life of the process: fences and pools hold
 // its function pointers, and unloading a driver is never safe.
 //
+// The options and errors (CudaBackendOptions, CudaError, CudaUnavailable) come with this header
+// from lema/runtime/cuda_driver.hpp.
+//
 // Thread safety: load_driver() may be called from any thread; a DriverApi is immutable.
 #pragma once
 
@@ -13,6 +16,8 @@
 
 #include <string>
 #include <string_view>
+
+#include "lema/runtime/cuda_driver.hpp"
 
 namespace lema::runtime::cuda {
 

@@ -12,13 +12,14 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "cuda/device_context.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/cuda_backend.hpp"
-#include "detail/backend_checks.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -98,30 +99,38 @@ class ManagedBackend final : public cuda::DeviceBackend {
 
   std::string_view name() const noexcept override { return prefetch_ ? "managed" : "unified"; }
   std::uint64_t granularity() const noexcept override { return granularity_; }
-  bool host_accessible() const noexcept override { return true; }
-  int unified_memory_device() const noexcept override {
-    return static_cast<int>(context().device());
+  // Note [Managed residency]: a Backend whose unmap keeps the bytes (Residency::unified).
+  BackendCapabilities capabilities() const noexcept override {
+    return {.residency = BackendCapabilities::Residency::unified,
+            .host_window = true,
+            .host_accessible = true,
+            .unified_memory_device = static_cast<int>(context().device())};
   }
 
-  Reservation reserve(std::uint64_t bytes) override {
-    check_reservation_size(bytes, granularity_);
+ private:
+  // Aligned to the granularity as every backend's reservation is (Note [Backend contract]):
+  // cuMemAllocManaged promises less, so one granule more is allocated and the base rounded up.
+  Reservation do_reserve(std::uint64_t bytes) override {
     context().enter();
     CUdeviceptr p = 0;
-    api().check(api().mem_alloc_managed(&p, bytes, CU_MEM_ATTACH_GLOBAL), "cuMemAllocManaged",
-                format_size(bytes) + " for the model range");
-    return Reservation(this, reinterpret_cast<std::byte*>(p), bytes);
+    api().check(api().mem_alloc_managed(&p, bytes + granularity_, CU_MEM_ATTACH_GLOBAL),
+                "cuMemAllocManaged", format_size(bytes) + " for the model range");
+    const CUdeviceptr base = align_up(p, granularity_);
+    {
+      std::lock_guard lock(mutex_);
+      allocations_[base] = p;
+    }
+    return Reservation(this, reinterpret_cast<std::byte*>(base), bytes);
   }
 
-  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
-                                            std::uint64_t chunk_bytes) override {
-    check_pool_shape(chunks, chunk_bytes, granularity_);
+  std::unique_ptr<PhysicalPool> do_create_pool(std::size_t chunks,
+                                               std::uint64_t chunk_bytes) override {
     context().enter();
     return std::make_unique<ManagedPool>(context(), chunks, chunk_bytes);
   }
 
   // Note [Managed residency].
-  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access) override {
-    LEMA_EXPECTS(chunk < pool.chunk_count(), "map: chunk index out of range");
+  void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access) override {
     const std::uint64_t bytes = pool.chunk_bytes();
     std::memcpy(addr, pool.window(chunk), bytes);
     if (!prefetch_) return;  // plain unified memory: the GPU's first touch migrates the page
@@ -133,7 +142,7 @@ class ManagedBackend final : public cuda::DeviceBackend {
                 "cuMemPrefetchAsync", "to the device, " + format_size(bytes));
   }
 
-  void unmap(std::byte* addr, std::uint64_t bytes) override {
+  void do_unmap(std::byte* addr, std::uint64_t bytes) override {
     // Plain unified memory: the bytes stay valid wherever the driver put them.
     if (!prefetch_) return;
     context().enter();
@@ -144,27 +153,33 @@ class ManagedBackend final : public cuda::DeviceBackend {
                 "cuMemPrefetchAsync", "to the host, " + format_size(bytes));
   }
 
-  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                      std::span<const std::byte> src) override {
-    LEMA_EXPECTS(chunk < pool.chunk_count() && offset + src.size() <= pool.chunk_bytes(),
-                 "copy_to_chunk: out of the chunk");
+  Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                         std::span<const std::byte> src) override {
     std::memcpy(pool.window(chunk) + offset, src.data(), src.size());
     return Fence{};
   }
 
- protected:
   void release(std::byte* base, std::uint64_t) noexcept override {
+    CUdeviceptr allocation = 0;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = allocations_.find(dptr(base));
+      if (it == allocations_.end()) return;
+      allocation = it->second;
+      allocations_.erase(it);
+    }
     if (cuda::process_is_exiting()) return;
     try {
       context().enter();
     } catch (...) {
     }
-    api().mem_free(dptr(base));
+    api().mem_free(allocation);
   }
 
- private:
   const std::uint64_t granularity_;
   const bool prefetch_;  // CudaBackendOptions::managed_prefetch
+  std::mutex mutex_;     // guards allocations_
+  std::map<CUdeviceptr, CUdeviceptr> allocations_;  // reservation base → cuMemAllocManaged's
 };
 
 }  // namespace

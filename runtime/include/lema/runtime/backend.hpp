@@ -8,8 +8,8 @@
 //    reserved (touching it afterwards is not a valid read: PROT_NONE on the host, a fatal fault
 //    on a GPU); map_pages maps a batch at once, so that a device backend can set access once per
 //    run of adjacent pages instead of once per page;
-//  - a fill writes into a chunk either through its host-visible window (window() != nullptr: the
-//    host backend) or, for device memory, from a staging buffer with copy_to_chunk() on the
+//  - a fill writes into a chunk either through its host-visible window
+//    (capabilities().host_window: host, managed) or, for device memory, from a staging buffer with copy_to_chunk() on the
 //    backend's copy queue, which returns a fence;
 //  - fences order the device's work: record() after the last use of a page on a compute queue,
 //    complete()/wait() before its chunk is reused, queue_wait() to make a compute queue wait for
@@ -27,6 +27,9 @@
 // guard_fallback.cpp). Fences are complete at once. With
 // HostPages::huge the memfd comes from the hugetlb pool and the reservation is aligned to the
 // huge page, so a 2 MiB page is one page-table entry to map, touch and unmap.
+//
+// What each backend is, and how the public entry points check preconditions once for all of
+// them: BackendCapabilities and Note [Backend contract] below.
 //
 // Thread safety: every Backend member may be called from any thread concurrently, as long as
 // callers do not map/unmap the same address concurrently (the Pager guarantees that).
@@ -137,6 +140,53 @@ class StagingBuffer {
   virtual std::span<std::byte> bytes() noexcept = 0;
 };
 
+/// What a backend is, stated once (Note [Backend contract]); the pager and the tests ask this
+/// instead of probing (a pool's window, a device number).
+struct BackendCapabilities {
+  /// How map/unmap act on a page's address.
+  enum class Residency : std::uint8_t {
+    /// map makes the chunk's bytes appear at the address; unmap takes them away again, the
+    /// address staying reserved and inaccessible (host, cuda).
+    mapped,
+    /// Unified memory (managed): every reserved address always has memory behind it, which
+    /// cannot be moved to another address. map copies the chunk's bytes to the address and
+    /// makes the page resident on the device; unmap moves its residency back to the host and
+    /// the bytes stay readable there. The pool only counts the budget.
+    unified,
+  };
+  Residency residency = Residency::mapped;
+  /// Pool chunks have a host pointer (PhysicalPool::window() != nullptr), where fills write;
+  /// otherwise fills go through staging and copy_to_chunk.
+  bool host_window = false;
+  /// Mapped pages can be read by the CPU at their model address.
+  bool host_accessible = false;
+  /// Pages are the process's own host mappings (mmap): the kernel's tools see them
+  /// (/proc/self/maps, userfaultfd, fork), and set_unmapped_pages() takes a placeholder source.
+  bool host_pages = false;
+  /// written_bytes() works: pages mapped Access::read_write keep their writes apart from the
+  /// chunk and the backend can tell which were written.
+  bool tracks_writes = false;
+  /// The CUDA device whose unified memory holds the reservations (Residency::unified), else -1.
+  /// A Pager over unified memory also counts the driver's GPU page faults and migrations in its
+  /// range (Note [UVM counters] in the runtime).
+  int unified_memory_device = -1;
+};
+
+// Note [Backend contract]
+// ~~~~~~~~~~~~~~~~~~~~~~~
+// Every operation is a public, non-virtual member that checks the caller's preconditions once
+// (sizes are positive multiples of the granularity, chunks inside the pool, addresses aligned,
+// copies inside their chunk, written_bytes only where tracked) and then calls the backend's
+// private virtual do_*(), as rmm's device_memory_resource does: a backend implements only the
+// primitive, never re-checks, and a caller's mistake gets the same InvalidArgument from every
+// backend. The queries (name, granularity, capabilities) are virtual and have no
+// preconditions. What a backend is (host pages or device memory, a host window, unified
+// memory) is its BackendCapabilities, not something callers infer; create_pool checks that the
+// pool agrees with them. Unified memory (managed) is a Backend with Residency::unified rather
+// than a tier of its own: the pager's fill, budget, policy and fences apply to it unchanged,
+// and only what unmap leaves behind differs, which the capability states. The one conformance
+// suite (tests/runtime/backend_conformance_test.cpp) holds every backend to this, with the
+// cases that need a capability gated on it.
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -144,69 +194,94 @@ class Backend {
   virtual std::string_view name() const noexcept = 0;
   /// Smallest unit of reserve/map (2 MiB on the host, by convention; see layout.hpp).
   virtual std::uint64_t granularity() const noexcept = 0;
-  /// True when mapped pages can be read by the CPU at their model address.
-  virtual bool host_accessible() const noexcept = 0;
-  /// The CUDA device whose unified memory (cuMemAllocManaged) holds this backend's
-  /// reservations, or -1 when they are not unified memory (every backend but `managed`). A Pager
-  /// over unified memory also counts the driver's GPU page faults and migrations in its range,
-  /// where CUPTI's unified-memory counters are available (Note [UVM counters] in the runtime).
-  virtual int unified_memory_device() const noexcept { return -1; }
+  /// What this backend is (Note [Backend contract]).
+  virtual BackendCapabilities capabilities() const noexcept = 0;
 
-  /// Reserves `bytes` (a multiple of granularity()) of address space with no memory behind it.
-  /// Throws SystemError / OutOfMemory.
-  virtual Reservation reserve(std::uint64_t bytes) = 0;
-  /// Creates the pool once. Throws OutOfMemory / SystemError.
-  virtual std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks,
-                                                    std::uint64_t chunk_bytes) = 0;
+  // Shorthands for capabilities().
+  bool host_accessible() const noexcept { return capabilities().host_accessible; }
+  int unified_memory_device() const noexcept { return capabilities().unified_memory_device; }
+  bool tracks_writes() const noexcept { return capabilities().tracks_writes; }
 
-  /// Maps `chunk` at `addr` (chunk-aligned, inside a reservation, currently unmapped).
-  virtual void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) = 0;
-  /// Maps every page of the batch, as map() does each: the addresses chunk-aligned, inside
+  /// Reserves `bytes` (a positive multiple of granularity()) of address space with no memory
+  /// behind it (Residency::unified: with memory, see above). Throws SystemError / OutOfMemory.
+  Reservation reserve(std::uint64_t bytes);
+  /// Creates the pool once: `chunks` > 0 chunks of `chunk_bytes`, a positive multiple of the
+  /// granularity. Throws OutOfMemory / SystemError.
+  std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t chunk_bytes);
+
+  /// Maps `chunk` at `addr` (granularity-aligned, inside a reservation, currently unmapped).
+  void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access);
+  /// Maps every page of the batch, as map() does each: the addresses granularity-aligned, inside
   /// reservations, currently unmapped and distinct, in any order. All or nothing: on an error,
   /// the pages this call mapped are unmapped again before it throws, so none of the batch is
   /// left mapped. Afterwards each page is unmapped on its own, as one mapped by map(). The
   /// default calls map() for each page; the cuda backend sets access once per run of adjacent
   /// addresses.
-  virtual void map_pages(PhysicalPool& pool, std::span<const PageMapping> pages, Access access);
-  /// Unmaps [addr, addr + bytes); the range stays reserved and inaccessible, or holds what the
-  /// UnmappedPages source given to set_unmapped_pages() places there.
-  virtual void unmap(std::byte* addr, std::uint64_t bytes) = 0;
+  void map_pages(PhysicalPool& pool, std::span<const PageMapping> pages, Access access);
+  /// Unmaps [addr, addr + bytes) (granularity-aligned); the range stays reserved and
+  /// inaccessible, or holds what the UnmappedPages source given to set_unmapped_pages() places
+  /// there. Residency::unified: the bytes stay readable at their address (on the host).
+  void unmap(std::byte* addr, std::uint64_t bytes);
   /// From now on unmap() asks `pages` for what an unmapped page becomes; nullptr goes back to
-  /// the backend's inaccessible memory. Only host-memory backends take a source (the others
+  /// the backend's inaccessible memory. Only backends with host_pages take a source (the others
   /// return false and keep theirs: a device page cannot be demand-filled by a host thread). No
   /// map/unmap may run concurrently with this call, and `pages` must outlive every unmap() that
   /// uses it.
-  virtual bool set_unmapped_pages(UnmappedPages* pages) noexcept {
+  bool set_unmapped_pages(UnmappedPages* pages) noexcept;
+
+  /// Bytes of [addr, addr + bytes) (mapped read_write, currently mapped) written since the map,
+  /// in whole system pages; 0 when nothing was. Throws InvalidArgument where !tracks_writes.
+  std::uint64_t written_bytes(const std::byte* addr, std::uint64_t bytes);
+
+  /// A staging buffer of at least `bytes` (> 0) for copy_to_chunk().
+  std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes);
+  /// Copies `src` (inside a staging buffer) to `offset` in `chunk` on the copy queue; the copy
+  /// must lie inside the chunk. The returned fence completes when the copy did; `src` must
+  /// stay untouched until then.
+  Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                      std::span<const std::byte> src);
+
+  /// Records a fence at the current end of `queue`'s work.
+  Fence record_fence(Queue queue) { return do_record_fence(queue); }
+  /// Non-blocking: has the work before `fence` completed?
+  bool fence_complete(const Fence& fence) { return do_fence_complete(fence); }
+  /// Blocks until `fence` completed.
+  void wait_fence(const Fence& fence) { do_wait_fence(fence); }
+  /// Makes `queue` wait for `fence` without blocking the host.
+  void queue_wait(Queue queue, const Fence& fence) { do_queue_wait(queue, fence); }
+
+ protected:
+  /// Default: do_map() for each page, unmapping the ones mapped when one fails. Protected so
+  /// that a backend wrapping another may call it.
+  virtual void do_map_pages(PhysicalPool& pool, std::span<const PageMapping> pages,
+                            Access access);
+
+ private:
+  friend class Reservation;
+  // The primitives, called with the preconditions above already checked.
+  virtual Reservation do_reserve(std::uint64_t bytes) = 0;
+  virtual std::unique_ptr<PhysicalPool> do_create_pool(std::size_t chunks,
+                                                       std::uint64_t chunk_bytes) = 0;
+  virtual void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) = 0;
+  virtual void do_unmap(std::byte* addr, std::uint64_t bytes) = 0;
+  /// Called only where capabilities().host_pages.
+  virtual bool do_set_unmapped_pages(UnmappedPages* pages) noexcept {
     (void)pages;
     return false;
   }
-
-  /// Whether written_bytes() works: pages mapped Access::read_write keep their writes apart
-  /// from the chunk and the backend can tell which were written. The host backend can; device
-  /// backends cannot (their pages are mapped read-only).
-  virtual bool tracks_writes() const noexcept { return false; }
-  /// Bytes of [addr, addr + bytes) (mapped read_write, currently mapped) written since the map,
-  /// in whole system pages; 0 when nothing was. Throws InvalidArgument where !tracks_writes().
-  virtual std::uint64_t written_bytes(const std::byte* addr, std::uint64_t bytes);
-
-  /// A staging buffer of at least `bytes` for copy_to_chunk().
-  virtual std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) = 0;
-  /// Copies `src` (inside a staging buffer) to `offset` in `chunk` on the copy queue. The
-  /// returned fence completes when the copy did; `src` must stay untouched until then.
-  virtual Fence copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
-                              std::span<const std::byte> src) = 0;
-
-  /// Records a fence at the current end of `queue`'s work.
-  virtual Fence record_fence(Queue queue) = 0;
-  /// Non-blocking: has the work before `fence` completed?
-  virtual bool fence_complete(const Fence& fence) = 0;
-  /// Blocks until `fence` completed.
-  virtual void wait_fence(const Fence& fence) = 0;
-  /// Makes `queue` wait for `fence` without blocking the host.
-  virtual void queue_wait(Queue queue, const Fence& fence) = 0;
-
- protected:
-  friend class Reservation;
+  /// Called only where capabilities().tracks_writes.
+  virtual std::uint64_t do_written_bytes(const std::byte* addr, std::uint64_t bytes) {
+    (void)addr;
+    (void)bytes;
+    return 0;
+  }
+  virtual std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) = 0;
+  virtual Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
+                                 std::span<const std::byte> src) = 0;
+  virtual Fence do_record_fence(Queue queue) = 0;
+  virtual bool do_fence_complete(const Fence& fence) = 0;
+  virtual void do_wait_fence(const Fence& fence) = 0;
+  virtual void do_queue_wait(Queue queue, const Fence& fence) = 0;
   /// Gives back a range obtained from reserve(). Must not throw.
   virtual void release(std::byte* base, std::uint64_t bytes) noexcept = 0;
 };
@@ -219,29 +294,6 @@ inline Reservation& Reservation::operator=(Reservation&& o) noexcept {
     bytes_ = std::exchange(o.bytes_, 0);
   }
   return *this;
-}
-
-inline void Backend::map_pages(PhysicalPool& pool, std::span<const PageMapping> pages,
-                               Access access) {
-  std::size_t mapped = 0;
-  try {
-    for (; mapped < pages.size(); ++mapped)
-      map(pool, pages[mapped].chunk, pages[mapped].addr, access);
-  } catch (...) {
-    // The map's error is the one reported; an unmap failing as well is not its cause.
-    while (mapped-- > 0) {
-      try {
-        unmap(pages[mapped].addr, pool.chunk_bytes());
-      } catch (...) {
-      }
-    }
-    throw;
-  }
-}
-
-inline std::uint64_t Backend::written_bytes(const std::byte*, std::uint64_t) {
-  throw InvalidArgument("the " + std::string(name()) +
-                        " backend cannot tell which weight pages were written");
 }
 
 inline void Reservation::reset() noexcept {

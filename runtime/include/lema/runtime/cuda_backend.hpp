@@ -1,7 +1,8 @@
 // The CUDA backends. Both reach the driver through a function table filled at run time (dlopen of
-// libcuda.so.1, or the library $LEMA_CUDA_DRIVER names, then cuGetProcAddress): the project links
-// no libcuda, builds wherever the toolkit headers are, and runs where no driver is. Defined only
-// when the library was built with the CUDA toolkit headers (LEMA_HAVE_CUDA).
+// libcuda.so.1, or the library $LEMA_CUDA_DRIVER names, then cuGetProcAddress; lema::cuda): the
+// project links no libcuda, builds wherever the toolkit headers are, and runs where no driver
+// is. Declared in every build: one built without the CUDA toolkit says so through
+// *_unavailable_reason() and CudaUnavailable, so callers need no #ifdef.
 //
 // cuda (make_cuda_backend), the driver's virtual memory management:
 //  - granularity() = cuMemGetAllocationGranularity(minimum) for device memory (2 MiB on current
@@ -48,40 +49,10 @@
 #include <memory>
 #include <string>
 
-#include "lema/base/error.hpp"
 #include "lema/runtime/backend.hpp"
+#include "lema/runtime/cuda_driver.hpp"
 
 namespace lema::runtime {
-
-struct CudaBackendOptions {
-  int device = 0;
-  /// The driver library to dlopen; empty: $LEMA_CUDA_DRIVER, else "libcuda.so.1".
-  std::string driver_library;
-  /// Page granularity; 0: the driver's minimum for the device. Must be a multiple of it.
-  std::uint64_t granularity = 0;
-  /// managed only: advise and prefetch mapped pages to the device and unmapped ones back to the
-  /// host (the pager steers residency). false: plain unified memory, where the bytes are written
-  /// on the host and every placement is left to the driver's page faults and eviction.
-  bool managed_prefetch = true;
-};
-
-/// A CUDA driver call failed; what() names the call, its arguments and the driver's text.
-class CudaError : public Error {
- public:
-  CudaError(const std::string& what, int result) : Error(what), result_(result) {}
-  /// The CUresult.
-  int result() const noexcept { return result_; }
-
- private:
-  int result_;
-};
-
-/// No usable CUDA driver or device: what() says why (missing library, driver too old, no
-/// device, no virtual memory management) and what to do.
-class CudaUnavailable : public Error {
- public:
-  using Error::Error;
-};
 
 /// Empty when make_cuda_backend(options) can work here; otherwise why not.
 std::string cuda_backend_unavailable_reason(const CudaBackendOptions& options = {});

@@ -1,8 +1,9 @@
 // A checkpoint made to look fully resident: the one object a tool or a framework plugin opens.
-// It owns the checkpoint's table, the backend, the address space and the residency machinery,
-// in one of two modes:
-//  - guard: callers make bytes resident around each use (acquire/release on the Pager); the
-//    only way on a GPU, and what the libtorch plugin's guard does for every op;
+// It owns the checkpoint's table, the address space and the residency machinery, and owns (or,
+// given one of the caller's own, shares) the backend, in one of two modes:
+//  - guard: callers make bytes resident around each use (acquire/release on the Pager), over any
+//    backend (host, GPU, or the caller's own); what the libtorch plugin's guard does for every
+//    op;
 //  - fault: userfaultfd demand paging on the host; any code may read the tensors' addresses
 //    directly, missing pages are filled by a handler thread under the same budget. Where
 //    userfaultfd is refused the checkpoint opens in guard mode and says why (fallback_reason()).
@@ -17,10 +18,12 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "lema/io/checkpoint.hpp"
 #include "lema/io/reader.hpp"
 #include "lema/runtime/address_space.hpp"
+#include "lema/runtime/backend.hpp"
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/policy.hpp"
 #include "lema/runtime/stats.hpp"
@@ -80,15 +83,29 @@ struct MappedCheckpointOptions {
   /// Fault mode: use userfaultfd write protection to find written pages where the kernel has it
   /// (false: save every evicted page, as where it has not; for tests).
   bool uffd_write_protect = true;
+  /// How the checkpoint's files are read (io_uring or pread, queue depth, ...), when
+  /// open_reader is empty.
   io::ReaderOptions reader;
   /// How budget and page-size errors name these settings to the user (see SettingNames).
   SettingNames setting_names;
+  /// A backend of the caller's own, instead of the one huge_pages / cuda_device / gpu_memory
+  /// choose (a test's fake, a backend over another allocator). The checkpoint shares its
+  /// ownership; what it is comes from its capabilities() (Note [Backend contract]): weights are
+  /// writable only where it tracks_writes, readable by read_tensor() where host_accessible.
+  /// Guard mode only.
+  std::shared_ptr<Backend> backend;
+  /// Opens the Reader of the caller's own over the checkpoint's files (given in Layout::files()
+  /// order, which extents index), instead of io::Reader::open(files, reader).
+  std::function<std::unique_ptr<io::Reader>(const std::vector<std::filesystem::path>& files)>
+      open_reader;
 };
 
 class MappedCheckpoint {
  public:
-  /// Opens `path` (see io::Checkpoint::open) over the host backend. Throws CheckpointError,
-  /// BudgetError, InvalidArgument (settings), SystemError.
+  /// Opens `path` (see io::Checkpoint::open) over the backend the options choose: the host's
+  /// (huge_pages), a CUDA device's (cuda_device, gpu_memory) or the caller's own (backend).
+  /// Throws CheckpointError, BudgetError, InvalidArgument (settings), SystemError, and
+  /// CudaUnavailable where a CUDA device was asked for and cannot be used.
   static std::unique_ptr<MappedCheckpoint> open(const std::filesystem::path& path,
                                                 MappedCheckpointOptions options);
   virtual ~MappedCheckpoint() = default;

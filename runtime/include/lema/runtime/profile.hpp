@@ -15,8 +15,10 @@
 // The layout of the segment is private to the runtime (src/profile_shm.hpp) and versioned; an
 // attachment refuses a segment of another version.
 //
-// Thread safety: ProfilePublisher::publish/add/update from any threads concurrently;
-// ProfileAttachment is used by one thread at a time (drain() keeps its read position).
+// The reader's side (ProfileAttachment, profile files) is not the runtime's: it lives with the
+// tools that use it (tools/profile/, library lema_prof).
+//
+// Thread safety: ProfilePublisher::publish/add/update from any threads concurrently.
 #pragma once
 
 #include <sys/types.h>
@@ -170,42 +172,6 @@ class ProfilePublisher {
   ProfilePublisher(std::shared_ptr<ProfileSegment> segment, std::uint16_t index);
   std::shared_ptr<ProfileSegment> segment_;
   std::uint16_t index_;
-};
-
-/// A read-only view of another (or this) process's segment. Never writes to it.
-class ProfileAttachment {
- public:
-  /// Throws lema::Error naming the segment: absent ("no profile segment ..."), not a profile
-  /// segment, or of another version.
-  static ProfileAttachment attach(const std::string& name);
-  /// nullopt when no segment has that name; throws like attach() for a bad one.
-  static std::optional<ProfileAttachment> try_attach(const std::string& name);
-
-  ProfileAttachment(ProfileAttachment&&) noexcept;
-  ProfileAttachment& operator=(ProfileAttachment&&) noexcept;
-  ~ProfileAttachment();
-
-  const std::string& name() const noexcept;
-  std::uint64_t pid() const noexcept;
-  std::uint64_t recorder_pid() const noexcept;
-  std::uint64_t created_ns() const noexcept;
-  /// Whether the process that made the segment still runs (by pid and start time).
-  bool owner_running() const;
-  /// The publishers so far, with their current counters.
-  std::vector<ProfileSourceInfo> sources() const;
-  /// Appends the complete events written since the last drain, oldest first. Events the writer
-  /// overwrote before they were read are counted in dropped(). `final`: the writers are gone;
-  /// events left half-written count as dropped instead of being waited for.
-  std::size_t drain(std::vector<ProfileEvent>& out, bool final = false);
-  std::uint64_t dropped() const noexcept;
-  /// Events ever written into the segment.
-  std::uint64_t written() const noexcept;
-
-  struct Impl;
-
- private:
-  explicit ProfileAttachment(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace lema::runtime

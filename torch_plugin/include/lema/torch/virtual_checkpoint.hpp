@@ -1,11 +1,14 @@
 // A checkpoint seen by libtorch: every weight is an ordinary at::Tensor whose storage lies at the
 // weight's fixed address in the checkpoint's virtual range.
 //
-//  - guard mode: the tensors carry a dispatch key on which the residency guard (a boxed fallback,
-//    see residency_guard.cpp) runs before every op that receives one of them: it pins the pages
-//    of every such input for the duration of the op. Code that reads data_ptr() itself,
-//    outside an op, must use fault mode.
-//  - fault mode: plain CPU tensors; userfaultfd fills missing pages on first touch.
+//  - guard mode (CPU or CUDA): the tensors carry a dispatch key on which the residency guard (a
+//    boxed fallback, see residency_guard.cpp and its Note [Guard dispatch key]) runs before
+//    every op that receives one of them: it pins the pages of every such input for the
+//    duration of the op. On the CPU, code that reads data_ptr() itself, outside an op (numpy,
+//    torch.save, a C extension), is served by the runtime's fault fallback, which demand-pages
+//    the read where userfaultfd is permitted (MappedCheckpoint::fault_fallback_reason() says
+//    when it is not); on a GPU only ops may touch the weights.
+//  - fault mode (CPU only): plain CPU tensors; userfaultfd fills missing pages on first touch.
 // Writes: on the CPU a weight may be written (an in-place op such as mul_, or through memory);
 // the write is kept for the life of the checkpoint (a written page evicted goes to a spill
 // store, never to the checkpoint's files). Opened read_only, or on a GPU, ops writing into a
@@ -37,28 +40,18 @@
 
 namespace lema::torch {
 
-struct Options {
-  std::uint64_t budget_bytes = 0;
-  std::optional<std::uint64_t> page_size;  // nullopt: the backend's granularity
-  runtime::PolicyKind policy = runtime::PolicyKind::lru;
-  // kCPU: weights in host memory. kCUDA: in the GPU's memory, paged by the cuda backend; ops
-  // on them wait for their pages' copies on the current stream, never on the host (guard mode).
+/// What open() takes: every runtime setting, held whole (runtime::MappedCheckpointOptions: the
+/// budget, page size, policy, mode, the reader's settings, a backend or reader of your own, ...)
+/// so that none is dropped on the way, plus where torch sees the weights. `device` decides the
+/// runtime's cuda_device (kCUDA: its index, 0 when it has none); leave cuda_device itself
+/// unset. With a backend of your own, `device` must name where its memory is.
+struct Options : runtime::MappedCheckpointOptions {
+  // kCPU: weights in host memory. kCUDA: in the GPU's memory, kept as gpu_memory says (driver
+  // virtual memory, vmm, the default; unified memory steered by the pager, managed; or plain
+  // unified memory left to the driver, unified, where the budget must hold the whole model);
+  // ops on them wait for their pages' copies on the current stream, never on the host (guard
+  // mode). host_cache_bytes (kCUDA, vmm): pages kept in pinned host memory.
   c10::Device device = c10::Device(c10::kCPU);
-  // kCUDA: how the GPU's weights are kept: driver virtual memory (vmm, the default), unified
-  // memory steered by the pager (managed), or plain unified memory left to the driver (unified;
-  // the budget must hold the whole model). See runtime::GpuMemory.
-  runtime::GpuMemory gpu_memory = runtime::GpuMemory::vmm;
-  std::uint64_t host_cache_bytes = 0;  // kCUDA, vmm: pages kept in pinned host memory (0: none)
-  runtime::ResidencyMode mode = runtime::ResidencyMode::guard;
-  bool prefetch = true;
-  bool huge_pages = false;  // the pool from the system's huge pages (guard mode only)
-  // Guard mode, host memory: serve reads outside an op by demand paging (runtime::
-  // MappedCheckpointOptions::fault_fallback). Off only to measure what it costs.
-  bool fault_fallback = true;
-  bool read_only = false;   // refuse writes into weights instead of keeping them
-  // How budget errors (at open and from the guard) name the budget and page size: the command
-  // line passes "--budget", Python "budget="; C++ callers keep the field names.
-  runtime::SettingNames setting_names;
 };
 
 namespace detail {
@@ -98,8 +91,10 @@ class VirtualCheckpoint {
 };
 
 /// Opens `path` (a .safetensors file, a sharded index or a directory). Throws InvalidArgument for
-/// a device other than the CPU or a tensor whose dtype this torch lacks (naming the tensor), and
-/// whatever runtime::MappedCheckpoint::open throws.
+/// a device other than the CPU or CUDA (or CUDA where this torch sees none), cuda_device set
+/// apart from `device`, or a tensor whose dtype this torch lacks (naming the tensor), and
+/// whatever runtime::MappedCheckpoint::open throws (runtime::CudaUnavailable where the device
+/// cannot be used by LEMA).
 VirtualCheckpoint open(const std::filesystem::path& path, Options options);
 
 }  // namespace lema::torch
