@@ -56,7 +56,7 @@ FillPipeline::FillPipeline(const Parts& parts)
       device_errors_(parts.device_errors),
       access_(parts.access),
       page_size_(parts.space.page_size()),
-      copies_to_device_(parts.pool.window(0) == nullptr) {}
+      copies_to_device_(!parts.backend.capabilities().host_window) {}
 
 FillPipeline::~FillPipeline() {
   // Host memory a copy may still read is not given back (Note [Device errors without a

@@ -68,14 +68,14 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
   s->io_path = s->reader->path_name();
   s->pool = s->backend->create_pool(chunk_count, page_size);
   if (s->options.access == Access::read_write) {
-    LEMA_EXPECTS(s->backend->tracks_writes(),
+    LEMA_EXPECTS(s->backend->capabilities().tracks_writes,
                  "weights on the " + std::string(s->backend->name()) +
                      " backend cannot be written yet (a written page could not be kept when "
                      "evicted); open them read-only");
     s->spill = std::make_unique<SpillStore>(space.page_count(), page_size);
   }
   if (s->options.host_cache_bytes != 0) {
-    LEMA_EXPECTS(s->pool->window(0) == nullptr,
+    LEMA_EXPECTS(!s->backend->capabilities().host_window,
                  "a host cache tier serves device pools; the " +
                      std::string(s->backend->name()) +
                      " backend's pages are host memory and the kernel's page cache keeps what "

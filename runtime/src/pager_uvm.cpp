@@ -68,7 +68,7 @@ void report_off(const std::string& reason) {
 }  // namespace
 
 void subscribe_uvm(Pager::State& s) {
-  const int device = s.backend->unified_memory_device();
+  const int device = s.backend->capabilities().unified_memory_device;
   if (device < 0) return;
 #ifdef LEMA_HAVE_CUDA
   std::string reason;
