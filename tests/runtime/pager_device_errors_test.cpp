@@ -29,11 +29,6 @@ using runtime::PagerBroken;
 using runtime::PagerOptions;
 using runtime::Queue;
 
-FakeCudaControl& fake() {
-  static FakeCudaControl* control = new FakeCudaControl(fake_cuda_driver_path());
-  return *control;
-}
-
 constexpr int kInvalidHandle = 400;  // CUDA_ERROR_INVALID_HANDLE, as a sticky error would fail
 
 // One model on the fake device with 64 KiB pages, a pool of three pages, no prefetcher (so every
@@ -43,7 +38,7 @@ class PagerDeviceErrors : public ::testing::Test {
   void SetUp() override {
     before_ = fake().live_handles();
     granularity_ = fake().configure("granularity", static_cast<long long>(kPage));
-    model_.emplace(std::make_unique<FakeCudaBackend>(), small_model(), kPage, "device-errors");
+    model_.emplace(make_fake_cuda_backend(), small_model(), kPage, "device-errors");
     PagerOptions opt;
     opt.budget_bytes = 3 * kPage;
     opt.prefetch = false;
