@@ -55,6 +55,7 @@ struct TrainArgs {
   int threads = 0;
   trainer::TrainOptions train;
   trainer::LoraSettings lora;
+  bool targets_given = false;  // --target-modules on the command line
   PagingArgs paging;
 };
 
@@ -163,6 +164,9 @@ void run(TrainArgs args) {
 
   ModelSession session = ModelSession::open(args.model, args.paging);
   const trainer::ModelConfig& config = session.config();
+  // By default every projection the model has, under the names peft gives them.
+  if (!args.targets_given) args.lora.target_modules = trainer::lora_target_candidates(config);
+  args.lora.fan_in_fan_out = config.family == trainer::ModelFamily::kGpt2;
   if (args.lora.rank > config.hidden_size) {
     throw InvalidArgument(fmt::format(
         "--lora-rank {} is larger than the model's hidden size {}, past which a low-rank "
@@ -307,7 +311,8 @@ void register_train(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "train", "Fine-tune a LoRA adapter on a model larger than the memory budget");
   trainer::TrainOptions& t = args->train;
-  cmd->add_option("--model", args->model, "Hugging Face model directory (Llama or Mistral)")
+  cmd->add_option("--model", args->model,
+                  "Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3 or GPT-2)")
       ->required();
   cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--seq-len", t.seq_len, "Tokens per sequence")->capture_default_str();
@@ -334,10 +339,11 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--lora-dropout", args->lora.dropout, "Dropout on the adapters' input")
       ->capture_default_str();
-  cmd->add_option("--target-modules", args->lora.target_modules,
-                  "Projections to adapt (comma-separated)")
-      ->delimiter(',')
-      ->capture_default_str();
+  CLI::Option* targets =
+      cmd->add_option("--target-modules", args->lora.target_modules,
+                      "Projections to adapt (comma-separated; default: every projection, e.g. "
+                      "q_proj,...,down_proj, or GPT-2's c_attn,c_proj,c_fc)")
+          ->delimiter(',');
   cmd->add_option("--data", args->data,
                   "Token ids (.bin uint16/uint32, .npy) or text (.jsonl with \"text\", plain); "
                   "without it, synthetic tokens");
@@ -353,7 +359,10 @@ void register_train(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
   add_paging_options(*cmd, args->paging);
   add_device_options(*cmd, args->paging);
-  cmd->callback([args] { run(*args); });
+  cmd->callback([args, targets] {
+    args->targets_given = targets->count() > 0;
+    run(*args);
+  });
 }
 
 }  // namespace lema::tools
