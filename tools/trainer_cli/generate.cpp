@@ -108,7 +108,8 @@ void run(const GenerateArgs& args) {
   ModelSession session = ModelSession::open(args.model, args.paging);
   const trainer::ModelConfig& config = session.config();
   const std::unique_ptr<trainer::Tokenizer> tokenizer =
-      trainer::open_tokenizer(session.dir(), config.vocab_size);
+      trainer::open_tokenizer(session.dir(), config.vocab_size,
+                                       config.model_type == "llama" || config.model_type == "mistral");
 
   trainer::LlamaModelOptions options;
   // Without an adapter the model's own projections (B starts at zero: the base model's logits).

@@ -189,7 +189,8 @@ void run(TrainArgs args) {
     trainer::TokenSourceOptions source;
     source.vocab_size = config.vocab_size;
     source.format = trainer::parse_token_file_format(args.data_format);
-    tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size);
+    tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size,
+                                       config.model_type == "llama" || config.model_type == "mistral");
     source.tokenizer = tokenizer.get();
     data.emplace(trainer::load_tokens(args.data, source), args.train.seq_len, args.train.batch,
                  args.train.seed);

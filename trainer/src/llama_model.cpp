@@ -266,6 +266,24 @@ at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
   return at::cross_entropy_loss(predicted, targets);
 }
 
+at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) {
+  if (input_ids.dim() == 2 && input_ids.size(1) < 2) {
+    throw InvalidArgument(
+        fmt::format("the loss needs sequences of at least 2 tokens (got {})", input_ids.size(1)));
+  }
+  if (labels.sizes() != input_ids.sizes()) {
+    throw InvalidArgument(fmt::format("labels of shape {} for input ids of shape {}",
+                                      shape_string(labels.sizes().vec()),
+                                      shape_string(input_ids.sizes().vec())));
+  }
+  const at::Tensor all = logits(input_ids);
+  const std::int64_t seq = all.size(1);
+  const at::Tensor predicted = all.narrow(1, 0, seq - 1).reshape({-1, config_.vocab_size});
+  const at::Tensor targets = labels.narrow(1, 1, seq - 1).reshape({-1}).to(at::kLong);
+  return at::cross_entropy_loss(predicted, targets, /*weight=*/{}, at::Reduction::Mean,
+                                /*ignore_index=*/-100);
+}
+
 std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_adapters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& layer : layers_) {

@@ -84,6 +84,10 @@ double total_grad_norm(const std::vector<at::Tensor>& params) {
 
 }  // namespace
 
+at::Tensor TrainableModel::masked_loss(const at::Tensor&, const at::Tensor&) {
+  throw InvalidArgument("this model takes no labels; give it plain token data");
+}
+
 Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
                  RunIdentity identity, std::optional<OutputDirLock> lock)
     : model_(model),
@@ -139,7 +143,12 @@ StepResult Trainer::step() {
     const at::Tensor ids =
         at::from_blob(batch.ids.data(), {batch.rows, batch.cols}, at::kLong)
             .to(at::TensorOptions().device(device), /*non_blocking=*/false, /*copy=*/true);
-    const at::Tensor loss = model_.loss(ids);
+    const at::Tensor loss =
+        batch.labels.empty()
+            ? model_.loss(ids)
+            : model_.masked_loss(
+                  ids, at::from_blob(batch.labels.data(), {batch.rows, batch.cols}, at::kLong)
+                           .to(at::TensorOptions().device(device), false, /*copy=*/true));
     LEMA_EXPECTS(loss.numel() == 1, "the model's loss must be a scalar");
     (loss / static_cast<double>(options_.grad_accum)).backward();
     loss_sum += loss.item<double>();

@@ -71,6 +71,7 @@ class LlamaModel : public TrainableModel {
   at::Tensor logits(const at::Tensor& input_ids, KvCache* cache = nullptr);
   /// Mean next-token cross entropy (labels = input_ids, as transformers computes it); seq >= 2.
   at::Tensor loss(const at::Tensor& input_ids) override;
+  at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) override;
 
   /// Every adapter matrix, PEFT-named, layer by layer, modules in the order q k v o gate up
   /// down, A before B. The tensors are the parameters themselves.
