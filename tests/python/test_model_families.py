@@ -218,3 +218,23 @@ def test_other_architectures_are_refused_in_one_line(tmp_path, arch, model_type)
                        "LlamaForCausalLM", "lema.from_pretrained"):
             assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_weights_without_the_transformer_prefix(family, tmp_path):
+    """The original GPT-2 uploads name their weights "h.0.attn.c_attn.weight", not
+    "transformer.h.0..."; both are found (and the adapter keeps peft's module paths)."""
+    name, model_dir = family
+    if name != "gpt2":
+        pytest.skip("GPT-2 only")
+    from safetensors.torch import save_file
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((model_dir / "config.json").read_text())
+    tensors = load_file(model_dir / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+              bare / "model.safetensors", metadata={"format": "pt"})
+    assert not any(k.startswith("transformer.") for k in load_file(bare / "model.safetensors"))
+    want, _ = dump(model_dir, tmp_path)
+    got, _ = dump(bare, tmp_path)
+    assert torch.equal(got, want)
+    assert lema_greedy(bare) == lema_greedy(model_dir)
