@@ -134,13 +134,18 @@ def test_chat_and_instruction_examples_and_the_masked_loss(model, tmp_path):
     ({"messages": "hello"}, "non-empty list"),
     ({"prompt": "say something", "completion": "  "}, "completion is empty"),
 ])
-def test_bad_lines_are_named_with_their_line_number(model, tmp_path, bad, needle):
+def test_bad_lines_are_named_with_their_line_number(model, tmp_path, bad, needle, capsys):
+    # In this process (the command line itself is run above): python -m lema.data's main().
+    sys.path.insert(0, str(PYTHON_DIR))
+    try:
+        from lema.data import main
+    finally:
+        sys.path.remove(str(PYTHON_DIR))
     data = write_lines(tmp_path / "data.jsonl", [{"messages": CHATS[0]}, bad])
     out = tmp_path / "prepared.jsonl"
-    proc = prepare(model, data, out, check=False)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{data}:2:" in lines[0] and needle in lines[0], proc.stderr
+    assert main(["--model", str(model), "--data", str(data), "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{data}:2:" in lines[0] and needle in lines[0], lines
     assert not out.exists()
 
 
