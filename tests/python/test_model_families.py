@@ -238,3 +238,21 @@ def test_gpt2_weights_without_the_transformer_prefix(family, tmp_path):
     got, _ = dump(bare, tmp_path)
     assert torch.equal(got, want)
     assert lema_greedy(bare) == lema_greedy(model_dir)
+
+
+def test_gpt2_refuses_text_without_a_tokenizer_and_sequences_past_its_positions(family, tmp_path):
+    name, model_dir = family
+    if name != "gpt2":
+        pytest.skip("GPT-2 only")
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text " * 100)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(1).integers(0, VOCAB, 4096, dtype=np.uint16).tofile(tokens)
+    for data, seq, needles in ((text, 32, ["no tokenizer file", "python -m lema.data"]),
+                               (tokens, 129, ["--seq-len 129", "128 learned positions"])):
+        proc = run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / "out",
+                        "--steps", 1, "--seq-len", seq, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert all(n in lines[0] for n in needles), lines[0]
+        assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

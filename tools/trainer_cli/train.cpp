@@ -173,6 +173,14 @@ void run(TrainArgs args) {
         "adapter is no longer low-rank; lower it",
         args.lora.rank, config.hidden_size));
   }
+  if (config.family == trainer::ModelFamily::kGpt2 &&
+      args.train.seq_len > config.max_position_embeddings) {
+    throw InvalidArgument(fmt::format(
+        "--seq-len {} is longer than the {} learned positions of {} (n_positions); give at most "
+        "{}",
+        args.train.seq_len, config.max_position_embeddings, config.source.string(),
+        config.max_position_embeddings));
+  }
   check_micro_batch(args.train, config.vocab_size);
   // Before the data loads (which may take a while): a second run on the same --out is refused
   // at once, and nothing touches --out before every setting has been checked.
