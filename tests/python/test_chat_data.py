@@ -5,7 +5,8 @@ ChatML template that refuses unknown roles; a small Qwen2 model is saved beside 
 - chat lines render exactly as apply_chat_template renders them, and only the assistant turns
   (and their end tokens) are learned; instruction lines learn only the completion and EOS;
 - the first step's loss of `lema train` on the prepared examples (right-padded, one batch) equals
-  transformers' loss on the same padded batch with the same labels;
+  transformers' loss on the same padded batch with the same labels, and --eval-data's loss
+  after the last step equals transformers + peft's with the trained adapter;
 - bad lines are refused with the data file's line number, nothing written; a prepared example
   longer than --seq-len is refused naming its line; text data for a model whose tokenizer lema
   cannot read is refused instead of being tokenized byte by byte.
@@ -120,6 +121,26 @@ def test_chat_and_instruction_examples_and_the_masked_loss(model, tmp_path):
     with torch.no_grad():
         want = reference(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
     assert abs(ours - want) <= 1e-4 * abs(want), (ours, want)
+
+    # Validation on the same examples: after the last step, the eval loss is the trained
+    # adapter's loss on them as transformers + peft compute it; logged and kept in
+    # trainer_state.json.
+    peft = pytest.importorskip("peft")
+    log = tmp_path / "eval.jsonl"
+    run_lema("train", "--model", model, "--data", prepared, "--out", tmp_path / "eval",
+             "--steps", 2, "--seq-len", seq, "--batch", 2, "--lr", "1e-2", "--budget",
+             "unlimited", "--log-json", log, "--threads", 1, "--eval-data", prepared,
+             "--eval-every", 1)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [("eval_loss" in r) for r in records] == [True, True]
+    state = json.loads((tmp_path / "eval" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["eval_losses"]] == [1, 2]
+    assert state["eval_losses"][1]["eval_loss"] == records[1]["eval_loss"]
+    adapted = peft.PeftModel.from_pretrained(reference, tmp_path / "eval").eval()
+    with torch.no_grad():
+        want = adapted(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert abs(records[1]["eval_loss"] - want) <= 1e-4 * abs(want), (records[1], want)
+    assert records[1]["eval_loss"] != records[0]["eval_loss"]
 
     # Longer than --seq-len: refused naming the prepared file's line.
     proc = run_lema("train", "--model", model, "--data", prepared, "--out", tmp_path / "short",

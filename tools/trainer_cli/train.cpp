@@ -47,6 +47,8 @@ struct TrainArgs {
   std::string model;
   std::string data;
   std::string data_format = "auto";
+  std::string eval_data;
+  std::int64_t eval_every = 0;
   std::string out = "lema-out";
   bool resume = false;
   std::string log_json;
@@ -211,10 +213,28 @@ void run(TrainArgs args) {
   model_options.activation_checkpointing = !args.no_activation_checkpointing;
   trainer::LlamaModel model(config, session.lookup(), model_options);
 
+  std::optional<trainer::TokenBatches> eval;
+  if (!args.eval_data.empty()) {
+    trainer::TokenSourceOptions source;
+    source.vocab_size = config.vocab_size;
+    source.format = trainer::parse_token_file_format(args.data_format);
+    if (!tokenizer) {
+      tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size,
+                                          config.model_type == "llama" ||
+                                              config.model_type == "mistral");
+    }
+    source.tokenizer = tokenizer.get();
+    eval.emplace(trainer::load_tokens(args.eval_data, source), args.train.seq_len, 1,
+                 args.train.seed);
+  } else if (args.eval_every != 0) {
+    throw InvalidArgument("--eval-every needs --eval-data FILE (the validation data)");
+  }
+
   trainer::RunIdentity identity{trainer::model_fingerprint(session.dir()),
                                 fs::absolute(session.dir()).lexically_normal().string(),
                                 args.lora};
   trainer::Trainer trainer(model, std::move(*data), args.train, identity, std::move(lock));
+  if (eval) trainer.set_eval_data(std::move(*eval), args.eval_every);
   std::optional<fs::path> resumed;
   if (args.resume) resumed = trainer.resume();
 
@@ -255,6 +275,10 @@ void run(TrainArgs args) {
     if (r.step == first_step) first_loss = r.loss;
     last_loss = r.loss;
     progress.update(r, s);
+    if (r.eval_loss) {
+      progress.finish();
+      std::fprintf(stderr, "step %ld: eval loss %.4f\n", static_cast<long>(r.step), *r.eval_loss);
+    }
     if (log.is_open()) {
       nlohmann::json j;
       j["step"] = r.step;
@@ -264,6 +288,7 @@ void run(TrainArgs args) {
       j["tokens_per_s"] = r.step_time_s > 0 ? static_cast<double>(r.tokens) / r.step_time_s : 0;
       j["lr"] = r.lr;
       j["grad_norm"] = r.grad_norm;
+      if (r.eval_loss) j["eval_loss"] = *r.eval_loss;
       j["faults"] = s.faults;
       j["hits"] = s.hits;
       j["step_faults"] = s.faults - before.faults;
@@ -357,6 +382,12 @@ void register_train(CLI::App& app) {
                   "Token ids (.bin uint16/uint32, .npy) or text (.jsonl with \"text\", plain); "
                   "without it, synthetic tokens");
   cmd->add_option("--data-format", args->data_format, "auto, bin, npy, jsonl or text")
+      ->capture_default_str();
+  cmd->add_option("--eval-data", args->eval_data,
+                  "Validation data (any --data format); its loss is printed, logged and kept in "
+                  "trainer_state.json");
+  cmd->add_option("--eval-every", args->eval_every,
+                  "Evaluate every K steps (0: only after the last step)")
       ->capture_default_str();
   cmd->add_option("--out", args->out, "Checkpoints and the final adapter")->capture_default_str();
   cmd->add_flag("--resume", args->resume, "Continue from the newest checkpoint in --out");
