@@ -180,3 +180,23 @@ def test_text_is_refused_where_lema_cannot_tokenize_it(model, tmp_path):
     assert "tokenizer.json" in lines[0] and "python -m lema.data" in lines[0], lines[0]
     proc = run_lema("generate", "--model", model, "--prompt", "hello", check=False)
     assert proc.returncode == 1 and "tokenizer.json" in proc.stderr, proc.stderr
+
+
+def test_eval_losses_continue_across_a_resume(model, tmp_path):
+    data = write_lines(tmp_path / "data.jsonl", [{"messages": c} for c in CHATS] + INSTRUCTIONS)
+    prepared = tmp_path / "prepared.jsonl"
+    prepare(model, data, prepared)
+
+    def train(out, steps, *extra):
+        run_lema("train", "--model", model, "--data", prepared, "--out", out, "--steps", steps,
+                 "--seq-len", 64, "--batch", 2, "--lr", "1e-2", "--schedule-steps", 4,
+                 "--save-every", 1, "--eval-data", prepared, "--eval-every", 1, "--threads", 1,
+                 *extra)
+        state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+        return state["eval_losses"]
+
+    full = train(tmp_path / "full", 4)
+    train(tmp_path / "split", 2)
+    resumed = train(tmp_path / "split", 4, "--resume")
+    assert [e["step"] for e in full] == [1, 2, 3, 4]
+    assert resumed == full
