@@ -267,16 +267,16 @@ def base_args(model, data, out):
 
 
 def test_unsupported_architecture(model, corpus, tmp_path):
-    other = tmp_path / "gpt2"
+    other = tmp_path / "mixtral"
     other.mkdir()
     for f in model.iterdir():
         (other / f.name).symlink_to(f)
     (other / "config.json").unlink()
     config = json.loads((model / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
-    config["model_type"] = "gpt2"
+    config["architectures"] = ["MixtralForCausalLM"]
+    config["model_type"] = "mixtral"
     (other / "config.json").write_text(json.dumps(config))
-    expect_error(base_args(other, corpus, tmp_path / "out"), "gpt2")
+    expect_error(base_args(other, corpus, tmp_path / "out"), "mixtral")
     assert not (tmp_path / "out" / "latest").exists()
 
 

@@ -163,3 +163,20 @@ def test_adapter_loads_in_peft_with_the_same_logits(tmp):
     peft_model.save_pretrained(peft_dir)
     from_peft, _ = ours(model_dir, tmp, "--adapter", peft_dir)
     assert_close(from_peft, want, "logits with the adapter peft wrote")
+
+
+def test_llama_with_attention_and_mlp_biases(tmp):
+    # attention_bias puts a bias on q, k, v and o; mlp_bias on gate, up and down.
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5,
+        attention_bias=True, mlp_bias=True)
+    torch.manual_seed(2)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model_dir = tmp / "llama-bias"
+    model.save_pretrained(model_dir)
+    check_parity(model_dir, tmp)

@@ -83,6 +83,49 @@ class TokenFiles : public ::testing::Test {
   test::TempDir dir_{"trainer-data"};
 };
 
+TEST_F(TokenFiles, PreparedExamplesArePaddedOneASequenceWithTheirLabels) {
+  const auto path = file("p.jsonl",
+                         "{\"input_ids\": [5, 6, 7], \"labels\": [-100, 6, 7]}\n\n"
+                         "{\"input_ids\": [8, 9], \"labels\": [-100, 9]}\n");
+  const auto stream = load_tokens(path, vocab(16));
+  ASSERT_EQ(stream.examples.size(), 2u);
+  EXPECT_EQ(stream.examples[1].line, 3u);
+  TokenBatches batches(stream, /*seq_len=*/4, /*batch=*/2, /*seed=*/1);
+  EXPECT_EQ(batches.num_sequences(), 2u);
+  const TokenBatch b = batches.next();
+  std::vector<std::int64_t> first(b.ids.begin(), b.ids.begin() + 4);
+  std::vector<std::int64_t> labels(b.labels.begin(), b.labels.begin() + 4);
+  if (first[0] == 8) {
+    EXPECT_EQ(first, (std::vector<std::int64_t>{8, 9, 0, 0}));
+    EXPECT_EQ(labels, (std::vector<std::int64_t>{-100, 9, -100, -100}));
+  } else {
+    EXPECT_EQ(first, (std::vector<std::int64_t>{5, 6, 7, 0}));
+    EXPECT_EQ(labels, (std::vector<std::int64_t>{-100, 6, 7, -100}));
+  }
+  // Longer than a sequence: refused naming the line, not truncated.
+  try {
+    TokenBatches(load_tokens(path, vocab(16)), 2, 1, 1);
+    ADD_FAILURE() << "an example longer than --seq-len was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_THAT(std::string(e.what()), AllOf(HasSubstr("p.jsonl:1:"), HasSubstr("--seq-len 2")));
+  }
+}
+
+TEST_F(TokenFiles, BadPreparedExamplesNameTheLine) {
+  const std::string good = "{\"input_ids\": [1, 2], \"labels\": [-100, 2]}\n";
+  const std::pair<std::string, std::string> cases[] = {
+      {"{\"input_ids\": [1, 99], \"labels\": [-100, 99]}", "input_ids[1] = 99"},
+      {"{\"input_ids\": [1, 2], \"labels\": [-100, 3]}", "labels[1] = 3"},
+      {"{\"input_ids\": [1, 2, 3], \"labels\": [1, 2]}", "3 input_ids but 2 labels"},
+      {"{\"input_ids\": [1, 2], \"labels\": [1, -100]}", "nothing to learn"},
+      {"{\"input_ids\": [1, 2]}", "\"labels\""},
+  };
+  for (const auto& [line, needle] : cases) {
+    const auto path = file("bad.jsonl", good + line + "\n");
+    EXPECT_THAT(error_of(path, vocab(16)), AllOf(HasSubstr("bad.jsonl:2:"), HasSubstr(needle)));
+  }
+}
+
 TEST_F(TokenFiles, BinUint16IsTheDefaultForSmallVocabularies) {
   const auto path = file("a.bin", raw<std::uint16_t>({0, 1, 65535, 7}));
   const auto stream = load_tokens(path, vocab(65536));

@@ -75,6 +75,7 @@ int run(int argc, char** argv) {
   std::optional<std::string> adapter_dir, save_dir;
   std::optional<std::uint64_t> random_seed;
   lema::trainer::LlamaModelOptions options;
+  bool targets_given = false;
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--adapter")
@@ -88,12 +89,13 @@ int run(int argc, char** argv) {
     else if (flag == "--alpha")
       options.lora.alpha = std::stod(value);
     else if (flag == "--targets")
-      options.lora.target_modules = split(value, ',');
+      options.lora.target_modules = split(value, ','), targets_given = true;
     else
       throw std::runtime_error("unknown option " + flag);
   }
 
   const auto config = lema::trainer::ModelConfig::from_hf_dir(model_dir);
+  if (!targets_given) options.lora.target_modules = lema::trainer::lora_target_candidates(config);
   lema::trainer::LoadedAdapter adapter;
   if (adapter_dir) {
     adapter = lema::trainer::load_adapter(*adapter_dir);

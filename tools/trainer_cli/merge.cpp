@@ -29,6 +29,7 @@
 #include "lema/io/safetensors_writer.hpp"
 #include "lema/torch/dtype_map.hpp"
 #include "lema/trainer/adapter.hpp"
+#include "lema/trainer/model_config.hpp"
 #include "model_session.hpp"
 
 namespace lema::tools {
@@ -62,9 +63,12 @@ std::string read_whole(const fs::path& path) {
 }
 
 /// One adapted projection: its weight and the adapter's matrices.
+// W + left · right · scaling, row by row of W as stored: left = B [out, r] and right = A [r, in]
+// for a Linear's [out, in] weight, left = Aᵀ [in, r] and right = Bᵀ [r, out] for a Conv1D's
+// [in, out] (GPT-2).
 struct Delta {
-  at::Tensor a;  // [r, in] float32
-  at::Tensor b;  // [out, r] float32
+  at::Tensor left;   // float32
+  at::Tensor right;  // float32
   double scaling = 1.0;
 };
 
@@ -98,9 +102,9 @@ void fill_merged(torch::VirtualCheckpoint& weights, const io::TensorInfo& info, 
                });
   const auto row_count = static_cast<std::int64_t>(end_row - first_row);
   const at::Tensor w = at::from_blob(rows.data(), {row_count, cols}, at::TensorOptions(type));
-  const at::Tensor b = d.b.narrow(0, static_cast<std::int64_t>(first_row), row_count);
+  const at::Tensor left = d.left.narrow(0, static_cast<std::int64_t>(first_row), row_count);
   const at::Tensor merged =
-      (w.to(at::kFloat) + at::matmul(b, d.a) * d.scaling).to(type).contiguous();
+      (w.to(at::kFloat) + at::matmul(left, d.right) * d.scaling).to(type).contiguous();
   const auto* bytes = static_cast<const std::byte*>(merged.data_ptr());
   std::memcpy(out.data(), bytes + (offset - first_row * row_bytes), out.size());
 }
@@ -133,21 +137,26 @@ void run(const MergeArgs& args) {
       throw InvalidArgument(
           fmt::format("{}: adapter key '{}' does not start with '{}'", args.adapter, key, prefix));
     }
-    const std::string weight = module.substr(prefix.size()) + ".weight";
+    std::string weight = module.substr(prefix.size()) + ".weight";
     const auto b_it = adapter.tensors.find(module + ".lora_B.weight");
     if (b_it == adapter.tensors.end()) {
       throw InvalidArgument(
           fmt::format("{}: '{}' has no matching lora_B.weight", args.adapter, key));
     }
-    const io::TensorInfo* info = checkpoint.find(weight);
+    const io::TensorInfo* info = nullptr;
+    for (const std::string& name : trainer::checkpoint_names(weight)) {
+      if (info == nullptr && (info = checkpoint.find(name)) != nullptr) weight = name;
+    }
     if (info == nullptr) {
       throw InvalidArgument(fmt::format("{}: the adapter adapts '{}', which {} does not hold",
                                         args.adapter, weight, args.model));
     }
     const at::Tensor a = tensor.to(at::kFloat);
     const at::Tensor b = b_it->second.to(at::kFloat);
+    const bool conv1d = session.config().family == trainer::ModelFamily::kGpt2;
+    const std::size_t in_dim = conv1d ? 0 : 1;
     if (info->shape.size() != 2 || a.dim() != 2 || b.dim() != 2 || a.size(0) != b.size(1) ||
-        a.size(1) != info->shape[1] || b.size(0) != info->shape[0]) {
+        a.size(1) != info->shape[in_dim] || b.size(0) != info->shape[1 - in_dim]) {
       throw InvalidArgument(fmt::format(
           "{}: '{}' is [{}, {}] but lora_A is {} and lora_B is {}; the adapter was trained "
           "for another model",
@@ -155,7 +164,8 @@ void run(const MergeArgs& args) {
           info->shape.size() < 2 ? 0 : info->shape[1], fmt::join(a.sizes(), "x"),
           fmt::join(b.sizes(), "x")));
     }
-    deltas[weight] = Delta{a, b, adapter.lora.scaling()};
+    deltas[weight] = conv1d ? Delta{a.t().contiguous(), b.t().contiguous(), adapter.lora.scaling()}
+                            : Delta{b, a, adapter.lora.scaling()};
   }
   if (deltas.empty()) {
     throw InvalidArgument(

@@ -47,6 +47,8 @@ struct TrainArgs {
   std::string model;
   std::string data;
   std::string data_format = "auto";
+  std::string eval_data;
+  std::int64_t eval_every = 0;
   std::string out = "lema-out";
   bool resume = false;
   std::string log_json;
@@ -55,6 +57,7 @@ struct TrainArgs {
   int threads = 0;
   trainer::TrainOptions train;
   trainer::LoraSettings lora;
+  bool targets_given = false;  // --target-modules on the command line
   PagingArgs paging;
 };
 
@@ -163,11 +166,22 @@ void run(TrainArgs args) {
 
   ModelSession session = ModelSession::open(args.model, args.paging);
   const trainer::ModelConfig& config = session.config();
+  // By default every projection the model has, under the names peft gives them.
+  if (!args.targets_given) args.lora.target_modules = trainer::lora_target_candidates(config);
+  args.lora.fan_in_fan_out = config.family == trainer::ModelFamily::kGpt2;
   if (args.lora.rank > config.hidden_size) {
     throw InvalidArgument(fmt::format(
         "--lora-rank {} is larger than the model's hidden size {}, past which a low-rank "
         "adapter is no longer low-rank; lower it",
         args.lora.rank, config.hidden_size));
+  }
+  if (config.family == trainer::ModelFamily::kGpt2 &&
+      args.train.seq_len > config.max_position_embeddings) {
+    throw InvalidArgument(fmt::format(
+        "--seq-len {} is longer than the {} learned positions of {} (n_positions); give at most "
+        "{}",
+        args.train.seq_len, config.max_position_embeddings, config.source.string(),
+        config.max_position_embeddings));
   }
   check_micro_batch(args.train, config.vocab_size);
   // Before the data loads (which may take a while): a second run on the same --out is refused
@@ -185,7 +199,8 @@ void run(TrainArgs args) {
     trainer::TokenSourceOptions source;
     source.vocab_size = config.vocab_size;
     source.format = trainer::parse_token_file_format(args.data_format);
-    tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size);
+    tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size,
+                                       config.model_type == "llama" || config.model_type == "mistral");
     source.tokenizer = tokenizer.get();
     data.emplace(trainer::load_tokens(args.data, source), args.train.seq_len, args.train.batch,
                  args.train.seed);
@@ -198,10 +213,28 @@ void run(TrainArgs args) {
   model_options.activation_checkpointing = !args.no_activation_checkpointing;
   trainer::LlamaModel model(config, session.lookup(), model_options);
 
+  std::optional<trainer::TokenBatches> eval;
+  if (!args.eval_data.empty()) {
+    trainer::TokenSourceOptions source;
+    source.vocab_size = config.vocab_size;
+    source.format = trainer::parse_token_file_format(args.data_format);
+    if (!tokenizer) {
+      tokenizer = trainer::open_tokenizer(session.dir(), config.vocab_size,
+                                          config.model_type == "llama" ||
+                                              config.model_type == "mistral");
+    }
+    source.tokenizer = tokenizer.get();
+    eval.emplace(trainer::load_tokens(args.eval_data, source), args.train.seq_len, 1,
+                 args.train.seed);
+  } else if (args.eval_every != 0) {
+    throw InvalidArgument("--eval-every needs --eval-data FILE (the validation data)");
+  }
+
   trainer::RunIdentity identity{trainer::model_fingerprint(session.dir()),
                                 fs::absolute(session.dir()).lexically_normal().string(),
                                 args.lora};
   trainer::Trainer trainer(model, std::move(*data), args.train, identity, std::move(lock));
+  if (eval) trainer.set_eval_data(std::move(*eval), args.eval_every);
   std::optional<fs::path> resumed;
   if (args.resume) resumed = trainer.resume();
 
@@ -242,6 +275,10 @@ void run(TrainArgs args) {
     if (r.step == first_step) first_loss = r.loss;
     last_loss = r.loss;
     progress.update(r, s);
+    if (r.eval_loss) {
+      progress.finish();
+      std::fprintf(stderr, "step %ld: eval loss %.4f\n", static_cast<long>(r.step), *r.eval_loss);
+    }
     if (log.is_open()) {
       nlohmann::json j;
       j["step"] = r.step;
@@ -251,6 +288,7 @@ void run(TrainArgs args) {
       j["tokens_per_s"] = r.step_time_s > 0 ? static_cast<double>(r.tokens) / r.step_time_s : 0;
       j["lr"] = r.lr;
       j["grad_norm"] = r.grad_norm;
+      if (r.eval_loss) j["eval_loss"] = *r.eval_loss;
       j["faults"] = s.faults;
       j["hits"] = s.hits;
       j["step_faults"] = s.faults - before.faults;
@@ -307,7 +345,8 @@ void register_train(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "train", "Fine-tune a LoRA adapter on a model larger than the memory budget");
   trainer::TrainOptions& t = args->train;
-  cmd->add_option("--model", args->model, "Hugging Face model directory (Llama or Mistral)")
+  cmd->add_option("--model", args->model,
+                  "Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3 or GPT-2)")
       ->required();
   cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--seq-len", t.seq_len, "Tokens per sequence")->capture_default_str();
@@ -334,14 +373,21 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--lora-dropout", args->lora.dropout, "Dropout on the adapters' input")
       ->capture_default_str();
-  cmd->add_option("--target-modules", args->lora.target_modules,
-                  "Projections to adapt (comma-separated)")
-      ->delimiter(',')
-      ->capture_default_str();
+  CLI::Option* targets =
+      cmd->add_option("--target-modules", args->lora.target_modules,
+                      "Projections to adapt (comma-separated; default: every projection, e.g. "
+                      "q_proj,...,down_proj, or GPT-2's c_attn,c_proj,c_fc)")
+          ->delimiter(',');
   cmd->add_option("--data", args->data,
                   "Token ids (.bin uint16/uint32, .npy) or text (.jsonl with \"text\", plain); "
                   "without it, synthetic tokens");
   cmd->add_option("--data-format", args->data_format, "auto, bin, npy, jsonl or text")
+      ->capture_default_str();
+  cmd->add_option("--eval-data", args->eval_data,
+                  "Validation data (any --data format); its loss is printed, logged and kept in "
+                  "trainer_state.json");
+  cmd->add_option("--eval-every", args->eval_every,
+                  "Evaluate every K steps (0: only after the last step)")
       ->capture_default_str();
   cmd->add_option("--out", args->out, "Checkpoints and the final adapter")->capture_default_str();
   cmd->add_flag("--resume", args->resume, "Continue from the newest checkpoint in --out");
@@ -353,7 +399,10 @@ void register_train(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
   add_paging_options(*cmd, args->paging);
   add_device_options(*cmd, args->paging);
-  cmd->callback([args] { run(*args); });
+  cmd->callback([args, targets] {
+    args->targets_given = targets->count() > 0;
+    run(*args);
+  });
 }
 
 }  // namespace lema::tools

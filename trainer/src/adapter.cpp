@@ -48,7 +48,7 @@ json adapter_config(const LoraSettings& lora, const std::string& base_model) {
               {"auto_mapping", nullptr},
               {"base_model_name_or_path", base_model},
               {"bias", "none"},
-              {"fan_in_fan_out", false},
+              {"fan_in_fan_out", lora.fan_in_fan_out},
               {"inference_mode", true},
               {"init_lora_weights", true},
               {"layers_pattern", nullptr},
@@ -106,7 +106,8 @@ LoadedAdapter read_config(const fs::path& file) {
     if (!t.is_string()) bad_config(file, "'target_modules' must list strings");
     out.lora.target_modules.push_back(t.get<std::string>());
   }
-  for (const char* flag : {"use_rslora", "use_dora", "fan_in_fan_out"}) {
+  out.lora.fan_in_fan_out = j.value("fan_in_fan_out", false);
+  for (const char* flag : {"use_rslora", "use_dora"}) {
     if (j.value(flag, false)) bad_config(file, fmt::format("'{}' is true; not supported", flag));
   }
   for (const char* pattern : {"rank_pattern", "alpha_pattern"}) {

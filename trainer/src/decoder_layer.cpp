@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 
 namespace lema::trainer::detail {
 
@@ -13,20 +14,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight.to(x.scalar_type()) * normed.to(x.scalar_type());
 }
 
-std::vector<LoraLinear*> DecoderLayer::projections() {
-  return {&q_proj, &k_proj, &v_proj, &o_proj, &gate_proj, &up_proj, &down_proj};
-}
-
-std::vector<const LoraLinear*> DecoderLayer::projections() const {
-  return {&q_proj, &k_proj, &v_proj, &o_proj, &gate_proj, &up_proj, &down_proj};
-}
-
 std::vector<at::Tensor> DecoderLayer::adapter_parameters() const {
   std::vector<at::Tensor> out;
-  for (const LoraLinear* p : projections()) {
-    if (!p->adapted()) continue;
-    out.push_back(p->lora_a);
-    out.push_back(p->lora_b);
+  for (const LoraLinear& p : projections) {
+    if (!p.adapted()) continue;
+    out.push_back(p.lora_a);
+    out.push_back(p.lora_b);
   }
   return out;
 }
@@ -43,25 +36,60 @@ at::Tensor repeat_kv(const at::Tensor& x, std::int64_t groups) {
 
 }  // namespace
 
-at::Tensor DecoderLayer::forward(const at::Tensor& x, const RopeTables& rope,
-                                 const ForwardContext& ctx) const {
-  const auto batch = x.size(0), seq = x.size(1);
-  const at::Tensor h = rms_norm(x, input_layernorm, rms_norm_eps);
-  const auto split = [&](const at::Tensor& t, std::int64_t n) {
-    return t.view({batch, seq, n, head_dim}).transpose(1, 2);
-  };
-  const at::Tensor q = apply_rope(split(q_proj.forward(h, ctx), heads), rope);
-  const at::Tensor k = apply_rope(split(k_proj.forward(h, ctx), kv_heads), rope);
-  const at::Tensor v = split(v_proj.forward(h, ctx), kv_heads);
-  const std::int64_t groups = heads / kv_heads;
+at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, LayerCache* cache) {
+  const auto batch = q.size(0), heads = q.size(1), seq = q.size(2), d = q.size(3);
+  std::int64_t past = 0;
+  if (cache != nullptr) {
+    if (cache->keys.defined()) {
+      past = cache->keys.size(2);
+      k = at::cat({cache->keys, k}, 2);
+      v = at::cat({cache->values, v}, 2);
+    }
+    cache->keys = k;
+    cache->values = v;
+  }
+  // Without earlier positions the mask is the plain causal one; a single new token sees every
+  // cached position; several new tokens after cached ones need the mask shifted by `past`
+  // (sdpa's is_causal aligns it to the top left).
+  std::optional<at::Tensor> mask;
+  if (past > 0 && seq > 1) {
+    const at::Tensor rows = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(q.device()));
+    const at::Tensor cols =
+        at::arange(past + seq, at::TensorOptions().dtype(at::kLong).device(q.device()));
+    mask = cols.unsqueeze(0) <= (rows.unsqueeze(1) + past);
+  }
+  const std::int64_t groups = heads / k.size(1);
   const at::Tensor attn = at::scaled_dot_product_attention(
-      q, repeat_kv(k, groups), repeat_kv(v, groups), /*attn_mask=*/std::nullopt,
-      /*dropout_p=*/0.0, /*is_causal=*/true,
-      /*scale=*/std::pow(static_cast<double>(head_dim), -0.5));
-  const at::Tensor merged = attn.transpose(1, 2).reshape({batch, seq, heads * head_dim});
-  const at::Tensor after_attn = x + o_proj.forward(merged, ctx);
+      q, repeat_kv(k, groups), repeat_kv(v, groups), mask, /*dropout_p=*/0.0,
+      /*is_causal=*/past == 0 && seq > 1, /*scale=*/std::pow(static_cast<double>(d), -0.5));
+  return attn.transpose(1, 2).reshape({batch, seq, heads * d});
+}
 
-  const at::Tensor m = rms_norm(after_attn, post_attention_layernorm, rms_norm_eps);
+at::Tensor DecoderLayer::forward(const at::Tensor& x, const RopeTables& rope,
+                                 const ForwardContext& ctx, LayerCache* cache) const {
+  return family == ModelFamily::kGpt2 ? gpt2_forward(x, ctx, cache)
+                                      : llama_forward(x, rope, ctx, cache);
+}
+
+at::Tensor DecoderLayer::llama_forward(const at::Tensor& x, const RopeTables& rope,
+                                       const ForwardContext& ctx, LayerCache* cache) const {
+  const auto batch = x.size(0), seq = x.size(1);
+  const LoraLinear &q_proj = projections[0], &k_proj = projections[1], &v_proj = projections[2],
+                   &o_proj = projections[3], &gate_proj = projections[4],
+                   &up_proj = projections[5], &down_proj = projections[6];
+  const at::Tensor h = rms_norm(x, norm1, norm_eps);
+  // [batch, seq, n * d] → [batch, n, seq, d]; Qwen3 normalizes each head before the rotation.
+  const auto split = [&](const at::Tensor& t, std::int64_t n, const at::Tensor& norm) {
+    at::Tensor heads_view = t.view({batch, seq, n, head_dim});
+    if (norm.defined()) heads_view = rms_norm(heads_view, norm, norm_eps);
+    return heads_view.transpose(1, 2);
+  };
+  const at::Tensor q = apply_rope(split(q_proj.forward(h, ctx), heads, q_norm), rope);
+  const at::Tensor k = apply_rope(split(k_proj.forward(h, ctx), kv_heads, k_norm), rope);
+  const at::Tensor v = split(v_proj.forward(h, ctx), kv_heads, at::Tensor());
+  const at::Tensor after_attn = x + o_proj.forward(causal_attention(q, k, v, cache), ctx);
+
+  const at::Tensor m = rms_norm(after_attn, norm2, norm_eps);
   const at::Tensor gated = at::silu(gate_proj.forward(m, ctx)) * up_proj.forward(m, ctx);
   return after_attn + down_proj.forward(gated, ctx);
 }

@@ -1,11 +1,18 @@
-// One Llama decoder layer: pre-norm attention and pre-norm SwiGLU MLP, each with a residual.
+// One decoder layer of either layout (model_config.hpp), each sub-block pre-norm with a residual:
+//   Llama layout: RMSNorm → attention (q/k/v/o, optional biases and q/k norms, rotary) →
+//                 RMSNorm → SwiGLU MLP (gate/up/down);
+//   GPT-2:        LayerNorm → attention (fused c_attn, c_proj) → LayerNorm → GELU MLP
+//                 (c_fc, c_proj); positions come from the model's learned table, not rotations.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "lema/trainer/kv_cache.hpp"
+#include "lema/trainer/model_config.hpp"
 #include "lora_linear.hpp"
 #include "rotary.hpp"
 
@@ -14,20 +21,40 @@ namespace lema::trainer::detail {
 /// Hugging Face's LlamaRMSNorm: normalized in float32, cast back, then scaled.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+using LayerCache = LayerKv;
+
 struct DecoderLayer {
+  ModelFamily family = ModelFamily::kLlama;
   std::int64_t index = 0;
   std::int64_t heads = 0, kv_heads = 0, head_dim = 0;
-  double rms_norm_eps = 1e-6;
-  at::Tensor input_layernorm, post_attention_layernorm;
-  LoraLinear q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+  double norm_eps = 1e-6;
+  std::string hidden_act = "silu";
+  // First and second norm (input_layernorm / post_attention_layernorm, or ln_1 / ln_2); the
+  // biases are defined for GPT-2's LayerNorm only.
+  at::Tensor norm1, norm1_bias, norm2, norm2_bias;
+  at::Tensor q_norm, k_norm;  // Qwen3; undefined otherwise
+  /// In peft's and named_trainable()'s order: q k v o gate up down, or GPT-2's c_attn,
+  /// attn.c_proj, c_fc, mlp.c_proj.
+  std::vector<LoraLinear> projections;
 
-  /// The projections in peft's and named_trainable()'s order.
-  std::vector<LoraLinear*> projections();
-  std::vector<const LoraLinear*> projections() const;
   /// The adapter leaves of this layer (A, B per adapted projection).
   std::vector<at::Tensor> adapter_parameters() const;
 
-  at::Tensor forward(const at::Tensor& x, const RopeTables& rope, const ForwardContext& ctx) const;
+  /// `x` is [batch, seq, hidden] at positions cache->seen .. +seq (0 without a cache); `rope`
+  /// covers those positions (unused by GPT-2). With a cache, this call's keys and values are
+  /// appended to it.
+  at::Tensor forward(const at::Tensor& x, const RopeTables& rope, const ForwardContext& ctx,
+                     LayerCache* cache = nullptr) const;
+
+ private:
+  at::Tensor llama_forward(const at::Tensor& x, const RopeTables& rope, const ForwardContext& ctx,
+                           LayerCache* cache) const;
+  at::Tensor gpt2_forward(const at::Tensor& x, const ForwardContext& ctx, LayerCache* cache) const;
 };
+
+/// Causal attention of q [batch, heads, seq, d] over the cached keys and values followed by
+/// k, v [batch, kv_heads, seq, d] (which are appended to the cache); scale 1/sqrt(d). Returns
+/// [batch, seq, heads * d].
+at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, LayerCache* cache);
 
 }  // namespace lema::trainer::detail

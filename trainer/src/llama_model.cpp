@@ -18,15 +18,9 @@
 
 namespace lema::trainer {
 
-const std::vector<std::string>& lora_target_candidates() {
-  static const std::vector<std::string> names = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                                                 "gate_proj", "up_proj", "down_proj"};
-  return names;
-}
-
 namespace {
 
-void check_options(const LlamaModelOptions& o) {
+void check_options(const LlamaModelOptions& o, const ModelConfig& config) {
   const LoraSettings& lora = o.lora;
   if (lora.rank < 1) {
     throw InvalidArgument(fmt::format("LoRA rank must be at least 1 (got {})", lora.rank));
@@ -35,15 +29,16 @@ void check_options(const LlamaModelOptions& o) {
     throw InvalidArgument(fmt::format("LoRA dropout must be in [0, 1) (got {})", lora.dropout));
   }
   if (lora.target_modules.empty()) {
-    throw InvalidArgument("LoRA needs at least one target module (e.g. q_proj,v_proj)");
+    throw InvalidArgument(fmt::format("LoRA needs at least one target module (e.g. {})",
+                                      lora_target_candidates(config).front()));
   }
-  const auto& known = lora_target_candidates();
+  const auto& known = lora_target_candidates(config);
   for (const std::string& m : lora.target_modules) {
     if (std::find(known.begin(), known.end(), m) == known.end()) {
       throw InvalidArgument(
-          fmt::format("LoRA target module '{}' is not a projection of a Llama "
-                      "layer; choose among {}",
-                      m, fmt::join(known, ",")));
+          fmt::format("LoRA target module '{}' is not a projection of a {} layer; choose among "
+                      "{}",
+                      m, config.model_type, fmt::join(known, ",")));
     }
   }
   const auto d = o.compute_dtype;
@@ -57,7 +52,14 @@ void check_options(const LlamaModelOptions& o) {
 
 // The weight, checked against the shape the config implies.
 at::Tensor take(const WeightLookup& weights, const ExpectedTensor& want, const ModelConfig& c) {
-  at::Tensor t = weights(want.name);
+  at::Tensor t;
+  for (const std::string& name : checkpoint_names(want.name)) {
+    if (t.defined()) break;
+    try {
+      t = weights(name);
+    } catch (const InvalidArgument&) {  // not under this name; the next, or the error below
+    }
+  }
   if (!t.defined()) {
     throw InvalidArgument(fmt::format("tensor '{}' {} that {} implies is missing", want.name,
                                       shape_string(want.shape), c.source.string()));
@@ -93,18 +95,29 @@ LlamaModel::LlamaModel(ModelConfig config, const std::map<std::string, at::Tenso
 
 LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaModelOptions options)
     : config_(std::move(config)), options_(std::move(options)) {
-  check_options(options_);
+  check_options(options_, config_);
+  options_.lora.fan_in_fan_out = config_.family == ModelFamily::kGpt2;
   const ModelConfig& c = config_;
+  const bool gpt2 = c.family == ModelFamily::kGpt2;
   const std::vector<ExpectedTensor> expected = expected_tensors(c);
   std::map<std::string, at::Tensor> w;
   for (const ExpectedTensor& e : expected) w[e.name] = take(weights, e, c);
+  const auto get = [&](const std::string& name) { return w.at(name); };
+  const auto get_if = [&](const std::string& name) {
+    const auto it = w.find(name);
+    return it == w.end() ? at::Tensor() : it->second;
+  };
 
-  embed_tokens_ = w.at("model.embed_tokens.weight");
-  norm_ = w.at("model.norm.weight");
-  lm_head_ = c.tie_word_embeddings ? embed_tokens_ : w.at("lm_head.weight");
+  embed_tokens_ = get(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
+  norm_ = get(gpt2 ? "transformer.ln_f.weight" : "model.norm.weight");
+  if (gpt2) {
+    position_embed_ = get("transformer.wpe.weight");
+    norm_bias_ = get("transformer.ln_f.bias");
+  }
+  lm_head_ = c.tie_word_embeddings ? embed_tokens_ : get("lm_head.weight");
   // Everything the model creates lives where its weights are (host memory, or a GPU's).
   const at::Device device = embed_tokens_.device();
-  inv_freq_ = detail::rope_inv_freq(c).to(device);
+  if (!gpt2) inv_freq_ = detail::rope_inv_freq(c).to(device);
 
   at::Generator init = at::make_generator<at::CPUGeneratorImpl>(options_.seed);
   const auto& targets = options_.lora.target_modules;
@@ -112,33 +125,50 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
     return std::find(targets.begin(), targets.end(), name) != targets.end();
   };
   const std::int64_t r = options_.lora.rank;
+  // Module paths inside a layer, in peft's order; the leaf is what target_modules names.
+  static const std::vector<std::string> llama_paths = {
+      "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+      "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+  static const std::vector<std::string> gpt2_paths = {"attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                      "mlp.c_proj"};
   for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
     auto layer = std::make_unique<detail::DecoderLayer>();
-    const std::string prefix = fmt::format("model.layers.{}.", i);
+    const std::string prefix = (gpt2 ? "transformer.h." : "model.layers.") + std::to_string(i) + ".";
+    layer->family = c.family;
     layer->index = i;
     layer->heads = c.num_attention_heads;
     layer->kv_heads = c.num_key_value_heads;
     layer->head_dim = c.head_dim;
-    layer->rms_norm_eps = c.rms_norm_eps;
-    layer->input_layernorm = w.at(prefix + "input_layernorm.weight");
-    layer->post_attention_layernorm = w.at(prefix + "post_attention_layernorm.weight");
-    const std::pair<detail::LoraLinear*, std::string> projections[] = {
-        {&layer->q_proj, "self_attn.q_proj"}, {&layer->k_proj, "self_attn.k_proj"},
-        {&layer->v_proj, "self_attn.v_proj"}, {&layer->o_proj, "self_attn.o_proj"},
-        {&layer->gate_proj, "mlp.gate_proj"}, {&layer->up_proj, "mlp.up_proj"},
-        {&layer->down_proj, "mlp.down_proj"}};
-    for (const auto& [p, path] : projections) {
-      p->module_path = prefix + path;
-      p->weight = w.at(p->module_path + ".weight");
+    layer->norm_eps = c.rms_norm_eps;
+    layer->hidden_act = c.hidden_act;
+    if (gpt2) {
+      layer->norm1 = get(prefix + "ln_1.weight");
+      layer->norm1_bias = get(prefix + "ln_1.bias");
+      layer->norm2 = get(prefix + "ln_2.weight");
+      layer->norm2_bias = get(prefix + "ln_2.bias");
+    } else {
+      layer->norm1 = get(prefix + "input_layernorm.weight");
+      layer->norm2 = get(prefix + "post_attention_layernorm.weight");
+      layer->q_norm = get_if(prefix + "self_attn.q_norm.weight");
+      layer->k_norm = get_if(prefix + "self_attn.k_norm.weight");
+    }
+    for (const std::string& path : gpt2 ? gpt2_paths : llama_paths) {
+      detail::LoraLinear p;
+      p.module_path = prefix + path;
+      p.weight = get(p.module_path + ".weight");
+      p.bias = get_if(p.module_path + ".bias");
+      p.transposed = gpt2;
       const std::string leaf = path.substr(path.find('.') + 1);
-      if (!is_target(leaf)) continue;
-      // Drawn on the CPU from the seed, so every device starts from the same adapter.
-      p->lora_a = init_lora_a(r, p->weight.size(1), init).to(device).requires_grad_(true);
-      p->lora_b =
-          at::zeros({p->weight.size(0), r}, at::TensorOptions().dtype(at::kFloat).device(device))
-              .requires_grad_(true);
-      p->scaling = options_.lora.scaling();
-      p->dropout = options_.lora.dropout;
+      if (is_target(leaf)) {
+        // Drawn on the CPU from the seed, so every device starts from the same adapter.
+        p.lora_a = init_lora_a(r, p.in_features(), init).to(device).requires_grad_(true);
+        p.lora_b = at::zeros({p.out_features(), r},
+                             at::TensorOptions().dtype(at::kFloat).device(device))
+                       .requires_grad_(true);
+        p.scaling = options_.lora.scaling();
+        p.dropout = options_.lora.dropout;
+      }
+      layer->projections.push_back(std::move(p));
     }
     layers_.push_back(std::move(layer));
   }
@@ -148,14 +178,16 @@ LlamaModel::~LlamaModel() = default;
 LlamaModel::LlamaModel(LlamaModel&&) noexcept = default;
 LlamaModel& LlamaModel::operator=(LlamaModel&&) noexcept = default;
 
-at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids) {
+at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache) {
   if (input_ids.dim() != 2 || !at::isIntegralType(input_ids.scalar_type(), /*includeBool=*/false)) {
     throw InvalidArgument(
         fmt::format("input ids must be a [batch, seq] integer tensor (got {} "
                     "of shape {})",
                     c10::toString(input_ids.scalar_type()), shape_string(input_ids.sizes().vec())));
   }
+  const std::int64_t first = cache != nullptr ? cache->length : 0;
   const std::int64_t seq = input_ids.size(1);
+  const std::int64_t end = first + seq;
   if (input_ids.numel() == 0) throw InvalidArgument("input ids are empty");
   const std::int64_t lowest = input_ids.min().item<std::int64_t>();
   const std::int64_t highest = input_ids.max().item<std::int64_t>();
@@ -164,23 +196,42 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids) {
                                       lowest < 0 ? lowest : highest, config_.vocab_size,
                                       config_.source.string()));
   }
-  if (config_.sliding_window && seq > *config_.sliding_window) {
+  if (config_.sliding_window && end > *config_.sliding_window) {
     throw InvalidArgument(fmt::format(
         "sequence length {} exceeds the sliding window {} of {}; "
         "sliding-window attention is not implemented, use a "
         "sequence length of at most {}",
-        seq, *config_.sliding_window, config_.source.string(), *config_.sliding_window));
+        end, *config_.sliding_window, config_.source.string(), *config_.sliding_window));
+  }
+  const bool gpt2 = config_.family == ModelFamily::kGpt2;
+  if (gpt2 && end > config_.max_position_embeddings) {
+    throw InvalidArgument(fmt::format(
+        "sequence length {} exceeds the {} learned positions (n_positions) of {}; use at most {}",
+        end, config_.max_position_embeddings, config_.source.string(),
+        config_.max_position_embeddings));
   }
 
-  at::Tensor h = at::embedding(embed_tokens_, input_ids.to(at::kLong)).to(options_.compute_dtype);
+  at::Tensor h = at::embedding(embed_tokens_, input_ids.to(at::kLong));
+  if (gpt2) h = h + position_embed_.narrow(0, first, seq).to(h.scalar_type());
+  h = h.to(options_.compute_dtype);
   const detail::ForwardContext ctx{
       options_.compute_dtype, training_,
       training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator()};
-  const detail::RopeTables rope = detail::rope_tables(inv_freq_, seq, ctx.dtype);
-  const bool recompute = options_.activation_checkpointing && at::GradMode::is_enabled();
-  for (const auto& layer_ptr : layers_) {
+  const detail::RopeTables rope =
+      gpt2 ? detail::RopeTables{} : detail::rope_tables(inv_freq_, seq, ctx.dtype, first);
+  if (cache != nullptr) {
+    if (at::GradMode::is_enabled()) {
+      throw InvalidArgument("a key/value cache serves generation only; run it without gradients");
+    }
+    cache->layers.resize(layers_.size());
+    cache->length = end;
+  }
+  const bool recompute =
+      options_.activation_checkpointing && at::GradMode::is_enabled() && cache == nullptr;
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const auto& layer_ptr = layers_[i];
     if (!recompute) {
-      h = layer_ptr->forward(h, rope, ctx);
+      h = layer_ptr->forward(h, rope, ctx, cache != nullptr ? &cache->layers[i] : nullptr);
       continue;
     }
     // The closure holds copies of the layer's tensor and generator handles, so backward does
@@ -191,11 +242,15 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids) {
     h = detail::checkpointed(std::move(run), h, layer_ptr->adapter_parameters(),
                              ctx.dropout_generator);
   }
+  if (gpt2) {
+    return at::layer_norm(h, {h.size(-1)}, norm_.to(h.scalar_type()),
+                          norm_bias_.to(h.scalar_type()), config_.rms_norm_eps);
+  }
   return detail::rms_norm(h, norm_, config_.rms_norm_eps);
 }
 
-at::Tensor LlamaModel::logits(const at::Tensor& input_ids) {
-  const at::Tensor h = hidden_states(input_ids);
+at::Tensor LlamaModel::logits(const at::Tensor& input_ids, KvCache* cache) {
+  const at::Tensor h = hidden_states(input_ids, cache);
   return at::linear(h, lm_head_.to(options_.compute_dtype)).to(at::kFloat);
 }
 
@@ -211,13 +266,31 @@ at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
   return at::cross_entropy_loss(predicted, targets);
 }
 
+at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) {
+  if (input_ids.dim() == 2 && input_ids.size(1) < 2) {
+    throw InvalidArgument(
+        fmt::format("the loss needs sequences of at least 2 tokens (got {})", input_ids.size(1)));
+  }
+  if (labels.sizes() != input_ids.sizes()) {
+    throw InvalidArgument(fmt::format("labels of shape {} for input ids of shape {}",
+                                      shape_string(labels.sizes().vec()),
+                                      shape_string(input_ids.sizes().vec())));
+  }
+  const at::Tensor all = logits(input_ids);
+  const std::int64_t seq = all.size(1);
+  const at::Tensor predicted = all.narrow(1, 0, seq - 1).reshape({-1, config_.vocab_size});
+  const at::Tensor targets = labels.narrow(1, 1, seq - 1).reshape({-1}).to(at::kLong);
+  return at::cross_entropy_loss(predicted, targets, /*weight=*/{}, at::Reduction::Mean,
+                                /*ignore_index=*/-100);
+}
+
 std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_adapters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& layer : layers_) {
-    for (const detail::LoraLinear* p : std::as_const(*layer).projections()) {
-      if (!p->adapted()) continue;
-      out.emplace_back(peft_key(*p, "lora_A"), p->lora_a);
-      out.emplace_back(peft_key(*p, "lora_B"), p->lora_b);
+    for (const detail::LoraLinear& p : layer->projections) {
+      if (!p.adapted()) continue;
+      out.emplace_back(peft_key(p, "lora_A"), p.lora_a);
+      out.emplace_back(peft_key(p, "lora_B"), p.lora_b);
     }
   }
   return out;

@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <vector>
+
 namespace lema::trainer::detail {
 
 at::Tensor dropout(const at::Tensor& x, double p, const at::Generator& generator) {
@@ -13,7 +16,20 @@ at::Tensor dropout(const at::Tensor& x, double p, const at::Generator& generator
 }
 
 at::Tensor LoraLinear::forward(const at::Tensor& x, const ForwardContext& ctx) const {
-  at::Tensor y = at::linear(x, weight.to(ctx.dtype));
+  const at::Tensor b = bias.defined() ? bias.to(ctx.dtype) : at::Tensor();
+  at::Tensor y;
+  if (transposed) {
+    // As transformers' Conv1D computes it: addmm over the flattened positions.
+    std::vector<std::int64_t> shape = x.sizes().vec();
+    shape.back() = weight.size(1);
+    const at::Tensor flat = x.reshape({-1, x.size(-1)});
+    y = (b.defined() ? at::addmm(b, flat, weight.to(ctx.dtype))
+                     : at::mm(flat, weight.to(ctx.dtype)))
+            .view(shape);
+  } else {
+    y = at::linear(x, weight.to(ctx.dtype), b.defined() ? std::optional<at::Tensor>(b)
+                                                        : std::nullopt);
+  }
   if (!adapted()) return y;
   const at::Tensor input = ctx.training && dropout > 0 && ctx.dropout_generator.defined()
                                ? detail::dropout(x, dropout, ctx.dropout_generator)

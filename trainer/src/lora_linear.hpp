@@ -1,5 +1,6 @@
 // A frozen projection with an optional LoRA adapter, computed as peft's lora.Linear computes it:
-// y = x W^T + (dropout(x) A^T) B^T * scaling.
+// y = x W^T + b + (dropout(x) A^T) B^T * scaling. GPT-2's Conv1D keeps W as [in, out] (y = x W +
+// b); its adapter has the same [r, in] / [out, r] shapes as a Linear's.
 #pragma once
 
 #include <ATen/core/Generator.h>
@@ -20,13 +21,17 @@ struct ForwardContext {
 
 struct LoraLinear {
   std::string module_path;  // "model.layers.0.self_attn.q_proj"
-  at::Tensor weight;        // frozen [out, in], any float dtype
+  at::Tensor weight;        // frozen [out, in] ([in, out] when transposed), any float dtype
+  at::Tensor bias;          // frozen [out]; undefined when the projection has none
+  bool transposed = false;  // Conv1D layout
   at::Tensor lora_a;        // float32 [r, in] leaf; undefined when not adapted
   at::Tensor lora_b;        // float32 [out, r] leaf
   double scaling = 1.0;
   double dropout = 0.0;
 
   bool adapted() const { return lora_a.defined(); }
+  std::int64_t in_features() const { return weight.size(transposed ? 0 : 1); }
+  std::int64_t out_features() const { return weight.size(transposed ? 1 : 0); }
   at::Tensor forward(const at::Tensor& x, const ForwardContext& ctx) const;
 };
 

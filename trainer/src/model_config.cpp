@@ -25,7 +25,7 @@ std::int64_t get_int(const json& j, const char* key, const fs::path& file,
   const auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
     if (fallback) return *fallback;
-    fail(file, fmt::format("'{}' is missing; a Llama-family config.json must set it", key));
+    fail(file, fmt::format("'{}' is missing; this model's config.json must set it", key));
   }
   if (!it->is_number_integer()) {
     fail(file, fmt::format("'{}' must be an integer (got {})", key, it->dump()));
@@ -50,7 +50,18 @@ bool get_bool(const json& j, const char* key, const fs::path& file, bool fallbac
   return it->get<bool>();
 }
 
-// "llama" or "mistral" from model_type and architectures; anything else is refused.
+struct Known {
+  const char* type;
+  const char* arch;
+};
+constexpr Known kKnown[] = {{"llama", "LlamaForCausalLM"},
+                            {"mistral", "MistralForCausalLM"},
+                            {"qwen2", "Qwen2ForCausalLM"},
+                            {"qwen3", "Qwen3ForCausalLM"},
+                            {"gpt2", "GPT2LMHeadModel"}};
+
+// The model type from model_type and architectures; anything else is refused, pointing at the
+// Python route, which runs any transformers model.
 void read_architecture(const json& j, const fs::path& file, ModelConfig& c) {
   std::string arch;
   if (const auto it = j.find("architectures");
@@ -61,20 +72,21 @@ void read_architecture(const json& j, const fs::path& file, ModelConfig& c) {
   if (const auto it = j.find("model_type"); it != j.end() && it->is_string()) {
     type = it->get<std::string>();
   }
-  const auto supported_arch = [](const std::string& a) {
-    return a.empty() || a == "LlamaForCausalLM" || a == "MistralForCausalLM";
-  };
-  const bool type_ok = type == "llama" || type == "mistral" ||
-                       (type.empty() && !arch.empty() && supported_arch(arch));
-  if (!type_ok || !supported_arch(arch)) {
-    const std::string named = !arch.empty() ? arch : (!type.empty() ? type : "not named");
-    fail(file, fmt::format("the architecture is {} (model_type '{}'); only Llama-family models "
-                           "(LlamaForCausalLM, MistralForCausalLM) are supported",
-                           named, type));
+  const Known* known = nullptr;
+  for (const Known& k : kKnown) {
+    const bool type_ok = type == k.type || (type.empty() && arch == k.arch);
+    if (type_ok && (arch.empty() || arch == k.arch)) known = &k;
   }
-  if (type.empty()) type = arch == "MistralForCausalLM" ? "mistral" : "llama";
-  c.model_type = type;
+  if (known == nullptr) {
+    const std::string named = !arch.empty() ? arch : (!type.empty() ? type : "not named");
+    fail(file, fmt::format("the architecture is {} (model_type '{}'); lema train and generate "
+                           "support {}; for any other transformers model use the Python route "
+                           "(lema.from_pretrained)",
+                           named, type, supported_architectures()));
+  }
+  c.model_type = known->type;
   c.architecture = arch;
+  c.family = c.model_type == "gpt2" ? ModelFamily::kGpt2 : ModelFamily::kLlama;
 }
 
 void read_llama3_scaling(const json& r, const fs::path& file, const char* where, ModelConfig& c) {
@@ -137,7 +149,121 @@ void read_rope(const json& j, const fs::path& file, ModelConfig& c) {
   read_llama3_scaling(*r, file, where, c);
 }
 
+// Qwen's sliding window applies only when use_sliding_window is set (then to the layers that
+// layer_types marks); like Mistral's, sequences longer than it are refused.
+void read_qwen_window(const json& j, const fs::path& file, ModelConfig& c) {
+  bool sliding = get_bool(j, "use_sliding_window", file, false);
+  if (const auto it = j.find("layer_types"); it != j.end() && it->is_array()) {
+    for (const json& t : *it) sliding = sliding || t == "sliding_attention";
+  }
+  if (!sliding) return;
+  if (const auto it = j.find("sliding_window"); it != j.end() && !it->is_null()) {
+    c.sliding_window = get_int(j, "sliding_window", file);
+  }
+}
+
+void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
+  c.hidden_size = get_int(j, "hidden_size", label);
+  c.intermediate_size = get_int(j, "intermediate_size", label);
+  c.num_hidden_layers = get_int(j, "num_hidden_layers", label);
+  c.num_attention_heads = get_int(j, "num_attention_heads", label);
+  c.num_key_value_heads = get_int(j, "num_key_value_heads", label, c.num_attention_heads);
+  // Qwen3Config's default head_dim is 128 whatever the hidden size.
+  const bool default_128 = c.model_type == "qwen3";
+  if (!default_128 && c.hidden_size % c.num_attention_heads != 0 && !j.contains("head_dim")) {
+    fail(label, fmt::format("hidden_size {} is not divisible by num_attention_heads {} and no "
+                            "head_dim is given",
+                            c.hidden_size, c.num_attention_heads));
+  }
+  c.head_dim = get_int(j, "head_dim", label,
+                       default_128 ? 128 : c.hidden_size / c.num_attention_heads);
+  c.vocab_size = get_int(j, "vocab_size", label);
+  c.max_position_embeddings =
+      get_int(j, "max_position_embeddings", label, c.model_type == "mistral" ? 4096 * 32 : 2048);
+  c.rms_norm_eps = get_double(j, "rms_norm_eps", label, 1e-6);
+  c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", label, false);
+  read_rope(j, label, c);
+  if (c.model_type == "mistral") {
+    c.sliding_window = 4096;  // MistralConfig's default
+    if (const auto it = j.find("sliding_window"); it != j.end()) {
+      c.sliding_window = it->is_null()
+                             ? std::nullopt
+                             : std::optional<std::int64_t>(get_int(j, "sliding_window", label));
+    }
+  }
+  if (c.model_type == "qwen2" || c.model_type == "qwen3") read_qwen_window(j, label, c);
+  if (c.num_attention_heads % c.num_key_value_heads != 0) {
+    fail(label, fmt::format("num_attention_heads {} is not divisible by num_key_value_heads {}",
+                            c.num_attention_heads, c.num_key_value_heads));
+  }
+  if (c.head_dim % 2 != 0) {
+    fail(label, fmt::format("head_dim {} is odd; rotary embeddings rotate pairs of dimensions",
+                            c.head_dim));
+  }
+  if (const auto it = j.find("hidden_act");
+      it != j.end() && !it->is_null() && *it != "silu" && *it != "swish") {
+    fail(label, fmt::format("hidden_act {} is not supported; the gated MLPs of {} use silu",
+                            it->dump(), c.model_type));
+  }
+  // Qwen2 has biases on q, k and v whatever the config says; attention_bias puts one on all
+  // four attention projections (Llama, Mistral's config has none, Qwen3), mlp_bias on the MLP's.
+  const bool attention_bias = get_bool(j, "attention_bias", label, false);
+  if (attention_bias && (c.model_type == "mistral" || c.model_type == "qwen2")) {
+    fail(label, fmt::format("'attention_bias' is true, which {} does not implement; set it to "
+                            "false",
+                            c.architecture.empty() ? c.model_type : c.architecture));
+  }
+  c.qkv_bias = c.model_type == "qwen2" || attention_bias;
+  c.o_bias = attention_bias;
+  c.mlp_bias = get_bool(j, "mlp_bias", label, false);
+  if (c.mlp_bias && c.model_type != "llama") {
+    fail(label, fmt::format("'mlp_bias' is true, which {} does not implement; set it to false",
+                            c.model_type));
+  }
+  c.qk_norm = c.model_type == "qwen3";
+}
+
+void read_gpt2_layout(const json& j, const fs::path& label, ModelConfig& c) {
+  c.hidden_size = get_int(j, "n_embd", label);
+  c.num_hidden_layers = get_int(j, "n_layer", label);
+  c.num_attention_heads = get_int(j, "n_head", label);
+  c.num_key_value_heads = c.num_attention_heads;
+  if (c.hidden_size % c.num_attention_heads != 0) {
+    fail(label, fmt::format("n_embd {} is not divisible by n_head {}", c.hidden_size,
+                            c.num_attention_heads));
+  }
+  c.head_dim = c.hidden_size / c.num_attention_heads;
+  c.intermediate_size = get_int(j, "n_inner", label, 4 * c.hidden_size);
+  c.vocab_size = get_int(j, "vocab_size", label);
+  c.max_position_embeddings = get_int(j, "n_positions", label, 1024);
+  c.rms_norm_eps = get_double(j, "layer_norm_epsilon", label, 1e-5);
+  c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", label, true);
+  c.hidden_act = "gelu_new";
+  if (const auto it = j.find("activation_function"); it != j.end() && !it->is_null()) {
+    if (!it->is_string() || (*it != "gelu_new" && *it != "gelu_pytorch_tanh" && *it != "gelu")) {
+      fail(label, fmt::format("activation_function {} is not supported; GPT-2 models use "
+                              "gelu_new, gelu_pytorch_tanh or gelu",
+                              it->dump()));
+    }
+    c.hidden_act = it->get<std::string>();
+  }
+  if (!get_bool(j, "scale_attn_weights", label, true) ||
+      get_bool(j, "scale_attn_by_inverse_layer_idx", label, false)) {
+    fail(label, "only GPT-2's default attention scaling (scale_attn_weights true, "
+                "scale_attn_by_inverse_layer_idx false) is supported");
+  }
+  if (get_bool(j, "add_cross_attention", label, false)) {
+    fail(label, "'add_cross_attention' is true; cross-attention is not supported");
+  }
+}
+
 }  // namespace
+
+std::string supported_architectures() {
+  std::string out;
+  for (const Known& k : kKnown) out += (out.empty() ? "" : ", ") + std::string(k.arch);
+  return out;
+}
 
 ModelConfig ModelConfig::from_hf_dir(const std::filesystem::path& dir) {
   const fs::path file = fs::is_directory(dir) ? dir / "config.json" : dir;
@@ -160,48 +286,10 @@ ModelConfig ModelConfig::from_json_text(const std::string& text,
   ModelConfig c;
   c.source = label;
   read_architecture(j, label, c);
-  c.hidden_size = get_int(j, "hidden_size", label);
-  c.intermediate_size = get_int(j, "intermediate_size", label);
-  c.num_hidden_layers = get_int(j, "num_hidden_layers", label);
-  c.num_attention_heads = get_int(j, "num_attention_heads", label);
-  c.num_key_value_heads = get_int(j, "num_key_value_heads", label, c.num_attention_heads);
-  if (c.hidden_size % c.num_attention_heads != 0 && !j.contains("head_dim")) {
-    fail(label, fmt::format("hidden_size {} is not divisible by num_attention_heads {} and no "
-                            "head_dim is given",
-                            c.hidden_size, c.num_attention_heads));
-  }
-  c.head_dim = get_int(j, "head_dim", label, c.hidden_size / c.num_attention_heads);
-  c.vocab_size = get_int(j, "vocab_size", label);
-  c.max_position_embeddings =
-      get_int(j, "max_position_embeddings", label, c.model_type == "mistral" ? 4096 * 32 : 2048);
-  c.rms_norm_eps = get_double(j, "rms_norm_eps", label, 1e-6);
-  c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", label, false);
-  read_rope(j, label, c);
-  if (c.model_type == "mistral") {
-    c.sliding_window = 4096;  // MistralConfig's default
-    if (const auto it = j.find("sliding_window"); it != j.end()) {
-      c.sliding_window = it->is_null()
-                             ? std::nullopt
-                             : std::optional<std::int64_t>(get_int(j, "sliding_window", label));
-    }
-  }
-  if (c.num_attention_heads % c.num_key_value_heads != 0) {
-    fail(label, fmt::format("num_attention_heads {} is not divisible by num_key_value_heads {}",
-                            c.num_attention_heads, c.num_key_value_heads));
-  }
-  if (c.head_dim % 2 != 0) {
-    fail(label, fmt::format("head_dim {} is odd; rotary embeddings rotate pairs of dimensions",
-                            c.head_dim));
-  }
-  if (const auto it = j.find("hidden_act");
-      it != j.end() && !it->is_null() && *it != "silu" && *it != "swish") {
-    fail(label,
-         fmt::format("hidden_act {} is not supported; Llama-family MLPs use silu", it->dump()));
-  }
-  for (const char* key : {"attention_bias", "mlp_bias"}) {
-    if (get_bool(j, key, label, false)) {
-      fail(label, fmt::format("'{}' is true; biases in the projections are not supported", key));
-    }
+  if (c.family == ModelFamily::kGpt2) {
+    read_gpt2_layout(j, label, c);
+  } else {
+    read_llama_layout(j, label, c);
   }
   return c;
 }
@@ -210,30 +298,87 @@ std::string shape_string(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
+namespace {
+
+std::vector<ExpectedTensor> gpt2_tensors(const ModelConfig& c) {
+  std::vector<ExpectedTensor> out;
+  const std::int64_t h = c.hidden_size, m = c.intermediate_size;
+  out.push_back({"transformer.wte.weight", {c.vocab_size, h}});
+  out.push_back({"transformer.wpe.weight", {c.max_position_embeddings, h}});
+  // Conv1D keeps its weight as [in, out].
+  for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = fmt::format("transformer.h.{}.", i);
+    out.push_back({p + "ln_1.weight", {h}});
+    out.push_back({p + "ln_1.bias", {h}});
+    out.push_back({p + "attn.c_attn.weight", {h, 3 * h}});
+    out.push_back({p + "attn.c_attn.bias", {3 * h}});
+    out.push_back({p + "attn.c_proj.weight", {h, h}});
+    out.push_back({p + "attn.c_proj.bias", {h}});
+    out.push_back({p + "ln_2.weight", {h}});
+    out.push_back({p + "ln_2.bias", {h}});
+    out.push_back({p + "mlp.c_fc.weight", {h, m}});
+    out.push_back({p + "mlp.c_fc.bias", {m}});
+    out.push_back({p + "mlp.c_proj.weight", {m, h}});
+    out.push_back({p + "mlp.c_proj.bias", {h}});
+  }
+  out.push_back({"transformer.ln_f.weight", {h}});
+  out.push_back({"transformer.ln_f.bias", {h}});
+  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, h}});
+  return out;
+}
+
+}  // namespace
+
 std::vector<ExpectedTensor> expected_tensors(const ModelConfig& c) {
+  if (c.family == ModelFamily::kGpt2) return gpt2_tensors(c);
   std::vector<ExpectedTensor> out;
   const std::int64_t h = c.hidden_size, m = c.intermediate_size;
   out.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
   for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = fmt::format("model.layers.{}.", i);
+    const auto linear = [&](const std::string& name, std::int64_t rows, std::int64_t cols,
+                            bool bias) {
+      out.push_back({p + name + ".weight", {rows, cols}});
+      if (bias) out.push_back({p + name + ".bias", {rows}});
+    };
     out.push_back({p + "input_layernorm.weight", {h}});
-    out.push_back({p + "self_attn.q_proj.weight", {c.q_size(), h}});
-    out.push_back({p + "self_attn.k_proj.weight", {c.kv_size(), h}});
-    out.push_back({p + "self_attn.v_proj.weight", {c.kv_size(), h}});
-    out.push_back({p + "self_attn.o_proj.weight", {h, c.q_size()}});
+    linear("self_attn.q_proj", c.q_size(), h, c.qkv_bias);
+    linear("self_attn.k_proj", c.kv_size(), h, c.qkv_bias);
+    linear("self_attn.v_proj", c.kv_size(), h, c.qkv_bias);
+    linear("self_attn.o_proj", h, c.q_size(), c.o_bias);
+    if (c.qk_norm) {
+      out.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+      out.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+    }
     out.push_back({p + "post_attention_layernorm.weight", {h}});
-    out.push_back({p + "mlp.gate_proj.weight", {m, h}});
-    out.push_back({p + "mlp.up_proj.weight", {m, h}});
-    out.push_back({p + "mlp.down_proj.weight", {h, m}});
+    linear("mlp.gate_proj", m, h, c.mlp_bias);
+    linear("mlp.up_proj", m, h, c.mlp_bias);
+    linear("mlp.down_proj", h, m, c.mlp_bias);
   }
   out.push_back({"model.norm.weight", {h}});
   if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, h}});
   return out;
 }
 
+std::vector<std::string> checkpoint_names(const std::string& name) {
+  static const std::string kPrefix = "transformer.";
+  if (name.rfind(kPrefix, 0) == 0) return {name, name.substr(kPrefix.size())};
+  return {name};
+}
+
+const std::vector<std::string>& lora_target_candidates(const ModelConfig& config) {
+  static const std::vector<std::string> llama = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  static const std::vector<std::string> gpt2 = {"c_attn", "c_proj", "c_fc"};
+  return config.family == ModelFamily::kGpt2 ? gpt2 : llama;
+}
+
 void check_checkpoint(const ModelConfig& config, const io::Checkpoint& checkpoint) {
   for (const ExpectedTensor& want : expected_tensors(config)) {
-    const io::TensorInfo* got = checkpoint.find(want.name);
+    const io::TensorInfo* got = nullptr;
+    for (const std::string& name : checkpoint_names(want.name)) {
+      if (got == nullptr) got = checkpoint.find(name);
+    }
     if (got == nullptr) {
       throw io::CheckpointError(
           checkpoint.source().string(), want.name, "missing-tensor",

@@ -30,9 +30,12 @@ at::Tensor rope_inv_freq(const ModelConfig& config) {
   return at::where(is_medium_freq, smoothed_inv_freq, inv_freq_llama);
 }
 
-RopeTables rope_tables(const at::Tensor& inv_freq, std::int64_t seq, c10::ScalarType dtype) {
+RopeTables rope_tables(const at::Tensor& inv_freq, std::int64_t seq, c10::ScalarType dtype,
+                       std::int64_t first) {
   const at::Tensor positions =
-      at::arange(seq, at::TensorOptions().dtype(at::kLong).device(inv_freq.device())).to(at::kFloat);
+      at::arange(first, first + seq,
+                 at::TensorOptions().dtype(at::kLong).device(inv_freq.device()))
+          .to(at::kFloat);
   const at::Tensor freqs = positions.unsqueeze(-1) * inv_freq;
   const at::Tensor emb = at::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};

@@ -20,8 +20,9 @@ struct RopeTables {
   at::Tensor sin;
 };
 
-/// Tables for positions 0 .. seq-1 (computed in float32, then cast).
-RopeTables rope_tables(const at::Tensor& inv_freq, std::int64_t seq, c10::ScalarType dtype);
+/// Tables for positions first .. first+seq-1 (computed in float32, then cast).
+RopeTables rope_tables(const at::Tensor& inv_freq, std::int64_t seq, c10::ScalarType dtype,
+                       std::int64_t first = 0);
 
 /// x * cos + rotate_half(x) * sin over [batch, heads, seq, head_dim].
 at::Tensor apply_rope(const at::Tensor& x, const RopeTables& tables);

@@ -1,5 +1,6 @@
 #include "lema/trainer/token_batches.hpp"
 
+#include <algorithm>
 #include <random>
 #include <utility>
 
@@ -36,6 +37,29 @@ std::uint64_t fnv1a(const std::vector<std::uint32_t>& ids) {
   return h;
 }
 
+// Prepared examples padded to seq_len each (the ids; labels into `labels`), or the stream's ids.
+std::vector<std::uint32_t> take_ids(TokenStream& stream, std::int64_t seq_len,
+                                    std::vector<std::int32_t>& labels) {
+  if (stream.examples.empty()) return std::move(stream.tokens);
+  const auto len = static_cast<std::size_t>(std::max<std::int64_t>(seq_len, 0));
+  std::vector<std::uint32_t> ids;
+  ids.reserve(stream.examples.size() * len);
+  labels.reserve(stream.examples.size() * len);
+  for (const PreparedExample& e : stream.examples) {
+    if (e.ids.size() > len) {
+      throw InvalidArgument(stream.path.string() + ":" + std::to_string(e.line) + ": the example " +
+                            "has " + std::to_string(e.ids.size()) + " tokens, more than --seq-len " +
+                            std::to_string(seq_len) +
+                            "; raise --seq-len or shorten the example (nothing is truncated)");
+    }
+    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+    ids.resize(ids.size() + len - e.ids.size(), 0);
+    labels.insert(labels.end(), e.labels.begin(), e.labels.end());
+    labels.resize(labels.size() + len - e.labels.size(), kIgnoreLabel);
+  }
+  return ids;
+}
+
 }  // namespace
 
 std::vector<std::uint64_t> shuffled_order(std::uint64_t n, std::uint64_t seed,
@@ -51,7 +75,11 @@ std::vector<std::uint64_t> shuffled_order(std::uint64_t n, std::uint64_t seed,
 
 TokenBatches::TokenBatches(TokenStream stream, std::int64_t seq_len, std::int64_t batch,
                            std::uint64_t seed)
-    : TokenBatches(std::move(stream.tokens), stream.path.string(), seq_len, batch, seed) {}
+    : source_(stream.path.string()), seq_len_(seq_len), batch_(batch), seed_(seed) {
+  check_shape();
+  tokens_ = take_ids(stream, seq_len, labels_);
+  init();
+}
 
 TokenBatches::TokenBatches(std::vector<std::uint32_t> tokens, std::string source,
                            std::int64_t seq_len, std::int64_t batch, std::uint64_t seed)
@@ -60,6 +88,11 @@ TokenBatches::TokenBatches(std::vector<std::uint32_t> tokens, std::string source
       seq_len_(seq_len),
       batch_(batch),
       seed_(seed) {
+  check_shape();
+  init();
+}
+
+void TokenBatches::check_shape() const {
   if (seq_len_ < 2) {
     throw InvalidArgument("--seq-len " + std::to_string(seq_len_) +
                           " is too short: a sequence needs at least 2 tokens to predict one");
@@ -67,6 +100,9 @@ TokenBatches::TokenBatches(std::vector<std::uint32_t> tokens, std::string source
   if (batch_ < 1) {
     throw InvalidArgument("--batch " + std::to_string(batch_) + " must be at least 1");
   }
+}
+
+void TokenBatches::init() {
   if (tokens_.empty()) {
     throw InvalidArgument("data file " + source_ + " holds no tokens; give a file with tokens");
   }
@@ -77,6 +113,10 @@ TokenBatches::TokenBatches(std::vector<std::uint32_t> tokens, std::string source
   }
   num_sequences_ = tokens_.size() / static_cast<std::uint64_t>(seq_len_);
   fingerprint_ = fnv1a(tokens_);
+  if (!labels_.empty()) {
+    const std::vector<std::uint32_t> as_ids(labels_.begin(), labels_.end());
+    fingerprint_ ^= splitmix64(fnv1a(as_ids));
+  }
   enter_epoch(0);
 }
 
@@ -95,6 +135,10 @@ TokenBatch TokenBatches::next() {
     const std::uint64_t first = order_[position_.index++] * static_cast<std::uint64_t>(seq_len_);
     out.ids.insert(out.ids.end(), tokens_.begin() + static_cast<std::ptrdiff_t>(first),
                    tokens_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
+    if (!labels_.empty()) {
+      out.labels.insert(out.labels.end(), labels_.begin() + static_cast<std::ptrdiff_t>(first),
+                        labels_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
+    }
   }
   return out;
 }

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "detail/npy_header.hpp"
+#include "prepared_examples.hpp"
 #include "lema/base/error.hpp"
 
 namespace lema::trainer {
@@ -88,7 +89,7 @@ TokenStream read_bin(const std::filesystem::path& path, const std::string& bytes
   const std::string hint =
       std::string("the file is read as ") + type +
       (wide ? "; was it written as uint16?" : "; was it written as uint32, or for another model?");
-  TokenStream stream{path, {}, std::string(type) + " .bin"};
+  TokenStream stream{path, {}, {}, std::string(type) + " .bin"};
   const std::span<const char> data(bytes.data(), bytes.size());
   if (wide) {
     append_ids<std::uint32_t>(data, path, options.vocab_size, hint, stream.tokens);
@@ -137,7 +138,7 @@ TokenStream read_npy(const std::filesystem::path& path, const std::string& bytes
                           " bytes follow; the file is truncated or "
                           "corrupt");
   }
-  TokenStream stream{path, {}, "npy " + header.descr + " [" + shape_text + "]"};
+  TokenStream stream{path, {}, {}, "npy " + header.descr + " [" + shape_text + "]"};
   const std::span<const char> data(bytes.data() + header.data_offset, data_bytes);
   const std::string hint = "were these ids made for another model?";
   if (header.descr == "<u2")
@@ -167,7 +168,7 @@ TokenStream read_text(const std::filesystem::path& path, const std::string& byte
                           "(.bin/.npy) instead");
   }
   const Tokenizer& tokenizer = *options.tokenizer;
-  TokenStream stream{path, {}, ""};
+  TokenStream stream{path, {}, {}, ""};
   std::size_t documents = 0;
   if (!jsonl) {
     append_document(tokenizer, bytes, stream.tokens);
@@ -264,6 +265,7 @@ TokenStream load_tokens(const std::filesystem::path& path, const TokenSourceOpti
       stream = read_npy(path, bytes, options);
       break;
     case TokenFileFormat::kJsonl:
+      if (detail::looks_prepared(bytes)) return detail::read_prepared(path, bytes, options);
       stream = read_text(path, bytes, /*jsonl=*/true, options);
       break;
     case TokenFileFormat::kText:

@@ -47,14 +47,54 @@ std::string ByteTokenizer::describe() const {
   return "byte-level (byte b -> id b + " + std::to_string(byte_offset_) + ")";
 }
 
+namespace {
+
+/// Text cannot be tokenized for this model here; ids still work.
+class NoTextTokenizer final : public Tokenizer {
+ public:
+  explicit NoTextTokenizer(std::string why) : why_(std::move(why)) {}
+  std::vector<std::uint32_t> encode(std::string_view) const override {
+    throw InvalidArgument(why_);
+  }
+  std::string decode(const std::vector<std::uint32_t>&) const override { return {}; }
+  std::optional<std::uint32_t> bos_id() const override { return std::nullopt; }
+  std::optional<std::uint32_t> eos_id() const override { return std::nullopt; }
+  std::int64_t vocab_size() const override { return 0; }
+  std::string describe() const override { return "none (text refused)"; }
+
+ private:
+  std::string why_;
+};
+
+}  // namespace
+
 std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir,
-                                          std::int64_t model_vocab) {
+                                          std::int64_t model_vocab, bool byte_level_ids) {
   const auto model_file = model_dir / "tokenizer.model";
   std::error_code ec;
   if (std::filesystem::is_regular_file(model_file, ec)) {
     if (have_sentencepiece()) return load_sentencepiece(model_file);
     spdlog::warn("{}: this build has no SentencePiece; tokenizing text byte by byte instead",
                  model_file.string());
+    return std::make_unique<ByteTokenizer>(model_vocab);
+  }
+  const std::string what_to_do =
+      "give token ids (.bin/.npy, or --prompt-ids), or prepare chat and instruction data with "
+      "the model's own tokenizer: python -m lema.data --model DIR --data FILE --out "
+      "prepared.jsonl";
+  for (const char* name : {"tokenizer.json", "vocab.json"}) {
+    if (std::filesystem::is_regular_file(model_dir / name, ec)) {
+      return std::make_unique<NoTextTokenizer>(
+          (model_dir / name).string() +
+          ": lema reads only SentencePiece tokenizer.model files, and tokenizing this model's "
+          "text byte by byte would give ids its vocabulary does not mean; " + what_to_do);
+    }
+  }
+  if (!byte_level_ids) {
+    return std::make_unique<NoTextTokenizer>(
+        model_dir.string() +
+        " has no tokenizer file and its vocabulary does not hold Llama's byte tokens, so text "
+        "cannot be tokenized; " + what_to_do);
   }
   return std::make_unique<ByteTokenizer>(model_vocab);
 }

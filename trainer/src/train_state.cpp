@@ -90,6 +90,12 @@ void write_train_state(const std::filesystem::path& file, const TrainState& s) {
   j["data_sequences"] = s.data_sequences;
   j["lr"] = s.lr;
   j["steps"] = s.steps;
+  if (!s.eval_losses.empty()) {
+    j["eval_losses"] = nlohmann::ordered_json::array();
+    for (const auto& [step, loss] : s.eval_losses) {
+      j["eval_losses"].push_back({{"step", step}, {"eval_loss", loss}});
+    }
+  }
   io::write_file_atomically(file, j.dump(2) + "\n");
 }
 
@@ -252,6 +258,22 @@ TrainState read_train_state(const std::filesystem::path& file) {
   s.data_fingerprint = f.hex("data_fingerprint", 16);
   s.data_sequences = f.unsigned_integer("data_sequences", 1);
   s.lr = f.number("lr", [](double v) { return v > 0; }, "it must be positive");
+  // Only a record, but read back so that a resumed run keeps it: each entry a step of this run
+  // and a finite loss.
+  if (const auto it = j.find("eval_losses"); it != j.end()) {
+    if (!it->is_array()) f.bad("eval_losses", it->dump().substr(0, 60), "it must be a list");
+    for (const auto& e : *it) {
+      const auto step = e.is_object() ? e.find("step") : e.end();
+      const auto loss = e.is_object() ? e.find("eval_loss") : e.end();
+      if (step == e.end() || loss == e.end() || !step->is_number_integer() ||
+          step->get<std::int64_t>() < 1 || step->get<std::int64_t>() > s.step ||
+          !loss->is_number() || !std::isfinite(loss->get<double>())) {
+        f.bad("eval_losses", e.dump().substr(0, 60),
+              "each entry must be {\"step\": a step up to 'step', \"eval_loss\": a finite number}");
+      }
+      s.eval_losses.emplace_back(step->get<std::int64_t>(), loss->get<double>());
+    }
+  }
   return s;
 }
 

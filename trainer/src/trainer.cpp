@@ -84,6 +84,10 @@ double total_grad_norm(const std::vector<at::Tensor>& params) {
 
 }  // namespace
 
+at::Tensor TrainableModel::masked_loss(const at::Tensor&, const at::Tensor&) {
+  throw InvalidArgument("this model takes no labels; give it plain token data");
+}
+
 Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
                  RunIdentity identity, std::optional<OutputDirLock> lock)
     : model_(model),
@@ -139,7 +143,12 @@ StepResult Trainer::step() {
     const at::Tensor ids =
         at::from_blob(batch.ids.data(), {batch.rows, batch.cols}, at::kLong)
             .to(at::TensorOptions().device(device), /*non_blocking=*/false, /*copy=*/true);
-    const at::Tensor loss = model_.loss(ids);
+    const at::Tensor loss =
+        batch.labels.empty()
+            ? model_.loss(ids)
+            : model_.masked_loss(
+                  ids, at::from_blob(batch.labels.data(), {batch.rows, batch.cols}, at::kLong)
+                           .to(at::TensorOptions().device(device), false, /*copy=*/true));
     LEMA_EXPECTS(loss.numel() == 1, "the model's loss must be a scalar");
     (loss / static_cast<double>(options_.grad_accum)).backward();
     loss_sum += loss.item<double>();
@@ -178,9 +187,56 @@ bool Trainer::checkpoint_due() const noexcept {
   return options_.save_every > 0 && step_ > 0 && step_ % options_.save_every == 0;
 }
 
+void Trainer::set_eval_data(TokenBatches eval, std::int64_t every) {
+  if (every < 0) {
+    throw InvalidArgument(fmt::format("--eval-every {} is negative; give a step count (0: only "
+                                      "after the last step)",
+                                      every));
+  }
+  if (eval.batch() != 1) throw InvalidArgument("evaluation data must be packed with batch 1");
+  eval_data_.emplace(std::move(eval));
+  eval_every_ = every;
+}
+
+double Trainer::evaluate() {
+  LEMA_EXPECTS(eval_data_.has_value(), "no evaluation data was given");
+  model_.set_training(false);
+  at::NoGradGuard no_grad;
+  TokenBatches data = *eval_data_;
+  data.restore({0, 0});
+  const at::Device device = params_.front().second.device();
+  double sum = 0, count = 0;
+  for (std::uint64_t i = 0; i < data.num_sequences(); ++i) {
+    TokenBatch batch = data.next();
+    const auto to_device = [&](std::vector<std::int64_t>& v) {
+      return at::from_blob(v.data(), {batch.rows, batch.cols}, at::kLong)
+          .to(at::TensorOptions().device(device), false, /*copy=*/true);
+    };
+    const at::Tensor ids = to_device(batch.ids);
+    double n = static_cast<double>(batch.cols - 1);
+    at::Tensor loss;
+    if (batch.labels.empty()) {
+      loss = model_.loss(ids);
+    } else {
+      n = static_cast<double>(
+          std::count_if(batch.labels.begin() + 1, batch.labels.end(),
+                        [](std::int64_t l) { return l != kIgnoreLabel; }));
+      loss = model_.masked_loss(ids, to_device(batch.labels));
+    }
+    sum += loss.item<double>() * n;
+    count += n;
+  }
+  model_.set_training(true);  // step() sets it again anyway
+  return sum / count;
+}
+
 void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
   while (!finished()) {
-    const StepResult result = step();
+    StepResult result = step();
+    if (eval_data_ && ((eval_every_ > 0 && step_ % eval_every_ == 0) || finished())) {
+      result.eval_loss = evaluate();
+      eval_losses_.emplace_back(step_, *result.eval_loss);
+    }
     if (on_step) on_step(result);
     if (checkpoint_due() && !finished()) save_checkpoint();
   }
@@ -214,6 +270,7 @@ std::filesystem::path Trainer::save_checkpoint() {
   state.data = data_.position();
   state.rng_cpu = generator_state(at::detail::getDefaultCPUGenerator());
   if (const auto cuda = cuda_generator()) state.rng_cuda = generator_state(*cuda);
+  state.eval_losses = eval_losses_;
 
   OptimizerState optimizer;
   auto& adamw_state = optimizer_->adamw.state();
@@ -418,6 +475,7 @@ void Trainer::resume_from(const std::filesystem::path& dir) {
   if (rng_cuda.defined()) set_generator_state(*cuda, rng_cuda);
   step_ = saved.step;
   last_saved_step_ = saved.step;
+  eval_losses_ = saved.eval_losses;
 }
 
 }  // namespace lema::trainer

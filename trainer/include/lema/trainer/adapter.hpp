@@ -26,6 +26,9 @@ struct LoraSettings {
   double dropout = 0.0;
   std::vector<std::string> target_modules = {"q_proj",    "k_proj",  "v_proj", "o_proj",
                                              "gate_proj", "up_proj", "down_proj"};
+  /// True for GPT-2's Conv1D projections (weights stored [in, out]), as peft records it; the
+  /// model's layout decides it, so a loaded value is only carried along.
+  bool fan_in_fan_out = false;
   /// alpha / rank, the factor on B·A.
   double scaling() const { return alpha / static_cast<double>(rank); }
 };

@@ -1,8 +1,11 @@
-// The Llama-family decoder (Llama 1-3, Mistral) in libtorch, with LoRA adapters on chosen
-// projections. It computes what transformers' LlamaForCausalLM / MistralForCausalLM compute for
-// the same weights (RMSNorm in float32, rotary embeddings with optional llama3 scaling,
-// grouped-query causal attention, SwiGLU MLP, tied or untied output projection), and what peft's
-// LoRA layers add: y = x W^T + dropout(x) A^T B^T * alpha / r.
+// The decoder of every supported family (Llama 1-3, Mistral, Qwen2/Qwen2.5, Qwen3, GPT-2; see
+// model_config.hpp) in libtorch, with LoRA adapters on chosen projections. It computes what
+// transformers' *ForCausalLM / GPT2LMHeadModel compute for the same weights (Llama layout:
+// RMSNorm in float32, rotary embeddings with optional llama3 scaling, grouped-query causal
+// attention with Qwen's biases and q/k norms, SwiGLU MLP; GPT-2: learned positions, LayerNorm,
+// Conv1D projections, GELU MLP; tied or untied output projection), in evaluation mode apart from
+// the adapters' dropout, and what peft's LoRA layers add: y = x W^T + dropout(x) A^T B^T * alpha
+// / r. (The class keeps the name of the family it started with.)
 //
 // The base weights are looked up once, at construction, and never given gradients: they may be
 // read-only paged tensors of a lema::torch::VirtualCheckpoint in any float dtype; they are cast
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "lema/trainer/adapter.hpp"
+#include "lema/trainer/kv_cache.hpp"
 #include "lema/trainer/model_config.hpp"
 #include "lema/trainer/trainable_model.hpp"
 #include "lema/trainer/weights.hpp"
@@ -60,11 +64,14 @@ class LlamaModel : public TrainableModel {
   LlamaModel& operator=(LlamaModel&&) noexcept;
 
   /// [batch, seq, vocab] float32 logits of `input_ids` ([batch, seq] integer). Throws
-  /// InvalidArgument for ids outside [0, vocab_size), a wrong rank, or (Mistral) a sequence
-  /// longer than the sliding window.
-  at::Tensor logits(const at::Tensor& input_ids);
+  /// InvalidArgument for ids outside [0, vocab_size), a wrong rank, a sequence past the model's
+  /// positions, or (Mistral, Qwen with a window) one longer than the sliding window.
+  /// With `cache`, the ids continue the cached positions, and their keys and values are added to
+  /// it: logits(all) equals logits(first part, c) then logits(rest, c) (no gradients needed).
+  at::Tensor logits(const at::Tensor& input_ids, KvCache* cache = nullptr);
   /// Mean next-token cross entropy (labels = input_ids, as transformers computes it); seq >= 2.
   at::Tensor loss(const at::Tensor& input_ids) override;
+  at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) override;
 
   /// Every adapter matrix, PEFT-named, layer by layer, modules in the order q k v o gate up
   /// down, A before B. The tensors are the parameters themselves.
@@ -84,18 +91,16 @@ class LlamaModel : public TrainableModel {
   void load_adapter_tensors(const std::map<std::string, at::Tensor>& tensors);
 
  private:
-  at::Tensor hidden_states(const at::Tensor& input_ids);
+  at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache);
   std::vector<std::pair<std::string, at::Tensor>> named_adapters() const;
 
   ModelConfig config_;
   LlamaModelOptions options_;
   bool training_ = true;
   at::Tensor embed_tokens_, norm_, lm_head_;
+  at::Tensor position_embed_, norm_bias_;  // GPT-2's learned positions and final LayerNorm bias
   at::Tensor inv_freq_;  // float32 [head_dim / 2]
   std::vector<std::unique_ptr<detail::DecoderLayer>> layers_;
 };
-
-/// The projections LoRA may target, as peft names them.
-const std::vector<std::string>& lora_target_candidates();
 
 }  // namespace lema::trainer

@@ -1,5 +1,11 @@
-// A Llama-family model's shape, read from a Hugging Face checkpoint directory's config.json, and
-// the weights that shape implies (names and shapes as in the checkpoints transformers writes).
+// A causal language model's shape, read from a Hugging Face checkpoint directory's config.json,
+// and the weights that shape implies (names and shapes as in the checkpoints transformers writes).
+// Two layouts are understood:
+//   - the Llama layout (Llama 1-3, Mistral, Qwen2/Qwen2.5, Qwen3): RMSNorm, rotary positions,
+//     separate q/k/v/o projections (with biases where the family has them: Qwen2's q/k/v,
+//     `attention_bias` and `mlp_bias`), Qwen3's per-head q/k RMSNorm, a SwiGLU MLP;
+//   - GPT-2: learned positions, LayerNorm with bias, a fused c_attn, Conv1D weights stored
+//     [in, out], a GELU MLP.
 #pragma once
 
 #include <cstdint>
@@ -22,9 +28,15 @@ struct Llama3RopeScaling {
   std::int64_t original_max_position_embeddings = 8192;
 };
 
+enum class ModelFamily { kLlama, kGpt2 };
+
+/// "LlamaForCausalLM, MistralForCausalLM, ..., GPT2LMHeadModel": what from_hf_dir accepts.
+std::string supported_architectures();
+
 struct ModelConfig {
-  std::string model_type;    // "llama" or "mistral"
-  std::string architecture;  // "LlamaForCausalLM", "MistralForCausalLM" (may be empty)
+  std::string model_type;    // "llama", "mistral", "qwen2", "qwen3" or "gpt2"
+  std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", ... (may be empty)
+  ModelFamily family = ModelFamily::kLlama;
   std::int64_t hidden_size = 0;
   std::int64_t intermediate_size = 0;
   std::int64_t num_hidden_layers = 0;
@@ -33,7 +45,14 @@ struct ModelConfig {
   std::int64_t head_dim = 0;  // hidden_size / num_attention_heads unless config.json says
   std::int64_t vocab_size = 0;
   std::int64_t max_position_embeddings = 2048;
-  double rms_norm_eps = 1e-6;
+  double rms_norm_eps = 1e-6;  // GPT-2: layer_norm_epsilon
+  /// "silu" (the Llama layout's gated MLP), or GPT-2's "gelu_new" / "gelu_pytorch_tanh" (tanh
+  /// approximation) or "gelu" (exact).
+  std::string hidden_act = "silu";
+  bool qkv_bias = false;     // biases on q_proj, k_proj, v_proj (Qwen2; attention_bias)
+  bool o_bias = false;       // a bias on o_proj (attention_bias of Llama and Qwen3)
+  bool mlp_bias = false;     // biases on gate_proj, up_proj, down_proj (mlp_bias)
+  bool qk_norm = false;      // Qwen3: RMSNorm over each head of q and k before the rotation
   double rope_theta = 10000.0;
   std::optional<Llama3RopeScaling> rope_scaling;
   bool tie_word_embeddings = false;
@@ -43,9 +62,9 @@ struct ModelConfig {
   std::filesystem::path source;  // the config.json read, for messages
 
   /// Reads `dir`/config.json (or `dir` itself when it names a file). Throws InvalidArgument, one
-  /// line naming the file and the field, for an unsupported architecture ("... is
-  /// GPT2LMHeadModel; only llama and mistral are supported"), a missing or ill-typed field, an
-  /// unsupported rope scaling or activation, or inconsistent sizes.
+  /// line naming the file and the field, for an unsupported architecture (naming it, the
+  /// supported list and the Python route), a missing or ill-typed field, an unsupported rope
+  /// scaling or activation, or inconsistent sizes.
   static ModelConfig from_hf_dir(const std::filesystem::path& dir);
   /// Parses config.json's text; `label` names it in errors.
   static ModelConfig from_json_text(const std::string& text, const std::filesystem::path& label);
@@ -60,8 +79,19 @@ struct ExpectedTensor {
 };
 
 /// The weights a checkpoint of this shape holds, in execution order. With tied embeddings
-/// lm_head.weight is not among them (the embedding serves as the output projection).
+/// lm_head.weight is not among them (the embedding serves as the output projection). GPT-2's
+/// names are those GPT2LMHeadModel.save_pretrained writes ("transformer.h.0.attn.c_attn.weight");
+/// checkpoints without the "transformer." prefix (the original GPT-2 uploads) are found too
+/// (checkpoint_name).
 std::vector<ExpectedTensor> expected_tensors(const ModelConfig& config);
+
+/// The names a weight may have in a checkpoint, the canonical one first: GPT-2's
+/// "transformer.wte.weight" is also looked for as "wte.weight".
+std::vector<std::string> checkpoint_names(const std::string& name);
+
+/// The projections LoRA may target in this model, as peft names them: q_proj ... down_proj, or
+/// GPT-2's c_attn, c_proj (attention and MLP output alike, as peft matches it) and c_fc.
+const std::vector<std::string>& lora_target_candidates(const ModelConfig& config);
 
 /// Checks that `checkpoint` holds every expected tensor with the expected shape. Throws
 /// io::CheckpointError (rules "missing-tensor", "shape-mismatch") naming the tensor, its file,

@@ -7,6 +7,12 @@
 // `batch` sequences of that order and runs on into the next epoch's order when one ends, so any
 // number of sequences ≥ 1 serves any batch size.
 //
+// Prepared examples (token_source.hpp) are not packed: each is one sequence, padded on the right
+// to seq_len with id 0 and label -100. Causal attention never looks right, so the padding changes
+// no logit of the example's own positions: the loss is what transformers computes on the padded
+// batch with the same labels (and an attention mask). An example longer than seq_len is refused,
+// naming its line.
+//
 // The shuffle is the same on every machine and standard library: std::mt19937_64 (whose output
 // the standard fixes) drives a Fisher-Yates shuffle with its own unbiased bounded draw, not
 // std::shuffle or std::uniform_int_distribution (implementation-defined).
@@ -32,6 +38,7 @@ struct DataPosition {
 /// One batch: `rows` sequences of `cols` ids, row-major, as int64 for torch.
 struct TokenBatch {
   std::vector<std::int64_t> ids;
+  std::vector<std::int64_t> labels;  // prepared examples only; empty: every next id is learned
   std::int64_t rows = 0;
   std::int64_t cols = 0;
 };
@@ -61,17 +68,21 @@ class TokenBatches {
   std::int64_t batch() const noexcept { return batch_; }
   std::uint64_t seed() const noexcept { return seed_; }
   const std::string& source() const noexcept { return source_; }
-  /// FNV-1a 64 over the ids: tells a resumed run whether its data is the data it started with.
+  bool has_labels() const noexcept { return !labels_.empty(); }
+  /// FNV-1a 64 over the ids (and labels): tells a resumed run whether its data is the data it started with.
   std::uint64_t fingerprint() const noexcept { return fingerprint_; }
 
  private:
   void enter_epoch(std::uint64_t epoch);
+  void check_shape() const;
+  void init();
 
   std::vector<std::uint32_t> tokens_;
+  std::vector<std::int32_t> labels_;  // beside tokens_, for prepared examples; else empty
   std::string source_;
-  std::int64_t seq_len_;
-  std::int64_t batch_;
-  std::uint64_t seed_;
+  std::int64_t seq_len_ = 0;
+  std::int64_t batch_ = 0;
+  std::uint64_t seed_ = 0;
   std::uint64_t num_sequences_ = 0;
   std::uint64_t fingerprint_ = 0;
   DataPosition position_;

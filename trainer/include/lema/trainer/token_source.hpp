@@ -1,7 +1,10 @@
 // Token streams for training, read from one data file:
 //   .bin    raw little-endian token ids, uint16 or uint32 (TokenWidth)
 //   .npy    a NumPy array of dtype <u2, <u4, <i4 or <i8, 1-D or 2-D C-order (rows concatenated)
-//   .jsonl  one JSON object per line with a string field "text"; each is one document
+//   .jsonl  one JSON object per line with a string field "text"; each is one document. Or
+//           prepared examples: {"input_ids": [...], "labels": [...]} per line, labels -100 where
+//           no loss is taken (transformers' convention; what `python -m lema.data` writes from
+//           chat and instruction data); each line is one example, padded, never packed
 //   other   plain text; the whole file is one document
 // Text is tokenized by a Tokenizer (tokenizer.hpp); each document becomes BOS + ids + EOS
 // (whichever of the two the tokenizer has), documents concatenated in file order.
@@ -39,9 +42,21 @@ struct TokenSourceOptions {
   std::string jsonl_field = "text";
 };
 
+/// One prepared example: its ids, the label of each (the id, or -100: no loss there) and the
+/// line of the data file it came from.
+struct PreparedExample {
+  std::vector<std::uint32_t> ids;
+  std::vector<std::int32_t> labels;
+  std::uint64_t line = 0;
+};
+
+inline constexpr std::int32_t kIgnoreLabel = -100;
+
 struct TokenStream {
   std::filesystem::path path;
   std::vector<std::uint32_t> tokens;
+  /// Prepared examples (then `tokens` is empty): each becomes one sequence of its own.
+  std::vector<PreparedExample> examples;
   /// How the file was read, for logs: "uint16 .bin", "npy <i8 [4, 512]", "jsonl (12 documents,
   /// byte-level ...)".
   std::string description;

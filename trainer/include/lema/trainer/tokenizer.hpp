@@ -62,9 +62,13 @@ bool have_sentencepiece() noexcept;
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file);
 
 /// The tokenizer for a checkpoint directory: `model_dir/tokenizer.model` through SentencePiece
-/// when present and supported, else ByteTokenizer(model_vocab) (logged as a warning when a
-/// tokenizer.model exists but this build cannot read it).
+/// when present and supported; else, when the directory holds no tokenizer file at all and
+/// `byte_level_ids` (a Llama-layout vocabulary, as `lema gen` writes), ByteTokenizer(model_vocab)
+/// (logged as a warning when a tokenizer.model exists but this build cannot read it). Otherwise
+/// a tokenizer that refuses text (encode throws InvalidArgument, one line naming the file or the
+/// model and pointing at `python -m lema.data` and token ids) and decodes nothing: a
+/// tokenizer.json model's text is never silently tokenized byte by byte.
 std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir,
-                                          std::int64_t model_vocab);
+                                          std::int64_t model_vocab, bool byte_level_ids = true);
 
 }  // namespace lema::trainer

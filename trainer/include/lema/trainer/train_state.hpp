@@ -62,6 +62,9 @@ struct TrainState {
   // For the record (a resume may change them): the schedule and optimizer settings.
   double lr = 0;
   std::int64_t steps = 0;
+  /// Validation losses so far, (step, loss), oldest first; written as "eval_losses": [{"step",
+  /// "eval_loss"}, ...] when there are any.
+  std::vector<std::pair<std::int64_t, double>> eval_losses;
 };
 
 void write_train_state(const std::filesystem::path& file, const TrainState& state);

@@ -21,6 +21,11 @@ class TrainableModel {
   /// with a graph back to the adapters.
   virtual at::Tensor loss(const at::Tensor& input_ids) = 0;
 
+  /// The same with `labels` ([batch, seq] int64): position t predicts labels[t + 1], and labels
+  /// of -100 take no loss; the mean is over the labels that count (transformers' loss with
+  /// labels). Models that cannot take labels refuse them.
+  virtual at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels);
+
   /// The adapter parameters (requires_grad), keyed by their PEFT names
   /// ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", ...), in a fixed order.
   virtual std::vector<std::pair<std::string, at::Tensor>> named_trainable() = 0;

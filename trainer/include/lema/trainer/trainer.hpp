@@ -18,6 +18,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "lema/trainer/adapter.hpp"
 #include "lema/trainer/token_batches.hpp"
@@ -41,6 +43,7 @@ struct StepResult {
   double step_time_s = 0;   // wall time of the step, forward to optimizer update
   double lr = 0;            // the learning rate this step used
   double grad_norm = 0;     // total L2 norm of the gradients before clipping
+  std::optional<double> eval_loss;  // run() only: the validation loss after this step, when due
 };
 
 class Trainer {
@@ -58,6 +61,16 @@ class Trainer {
 
   /// Takes one optimizer step.
   StepResult step();
+
+  /// Validation data (packed with batch 1): run() evaluates after every `every` steps (0: only
+  /// after the last) and records the losses in trainer_state.json's eval_losses.
+  void set_eval_data(TokenBatches eval, std::int64_t every);
+  /// The mean next-token loss over every eval sequence (the learned tokens of prepared
+  /// examples), in evaluation mode without gradients; draws nothing from the RNG.
+  double evaluate();
+  const std::vector<std::pair<std::int64_t, double>>& eval_losses() const noexcept {
+    return eval_losses_;
+  }
 
   /// Steps until options.steps, writing a checkpoint every save_every steps and the final
   /// adapter at the end (save_final); `on_step` sees each result.
@@ -104,6 +117,9 @@ class Trainer {
   std::unique_ptr<Optimizer> optimizer_;
   std::int64_t step_ = 0;
   std::int64_t last_saved_step_ = -1;
+  std::optional<TokenBatches> eval_data_;
+  std::int64_t eval_every_ = 0;
+  std::vector<std::pair<std::int64_t, double>> eval_losses_;  // (step, loss)
 };
 
 }  // namespace lema::trainer

@@ -1,0 +1,258 @@
+"""Qwen2, Qwen3 and GPT-2 checkpoints saved by transformers, against transformers and peft.
+
+For each family, a small random model written by save_pretrained:
+- the logits and loss of our decoder equal transformers' (1e-4 relative), also with an adapter
+  our writer saved, which peft loads and which gives peft's logits; an adapter peft wrote reads
+  back the same;
+- greedy `lema generate` continuations equal transformers' generate(), with and without the
+  key/value cache, and with the adapter equal peft's;
+- `lema train` under a quarter of the model as budget gives the losses of an unlimited budget,
+  bit for bit, its adapter loads in peft on the transformers model, and `lema merge` of it gives
+  peft's logits.
+Other architectures are refused in one line naming them, the supported list and the Python route.
+"""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_lema
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+RTOL = 1e-4
+IDS = [[5, 17, 3, 99, 42, 7, 120, 1, 64, 33, 8, 90], [2, 2, 250, 31, 77, 18, 5, 6, 140, 11, 0, 3]]
+PROMPT = [1, 40, 41, 300, 7]
+NEW_TOKENS = 10
+# Large enough that a budget of a quarter holds the biggest op's pages (2 MiB each), small enough
+# to train in seconds: about 24-28 MiB of float32 weights, no tensor above 2 MiB.
+VOCAB = 2048
+HIDDEN = 256
+LAYERS = 6
+BUDGET = "6MiB"
+
+
+def qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=True))
+
+
+def qwen3():
+    # head_dim is not hidden / heads, as in the published Qwen3 models.
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=VOCAB,
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False))
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=HIDDEN, n_layer=8, n_head=4, n_positions=128, vocab_size=VOCAB,
+        activation_function="gelu_new"))
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2}
+TARGETS = {"qwen2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+           "qwen3": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+           "gpt2": "c_attn,c_proj,c_fc"}
+
+
+def randomize(model):
+    """Every parameter random (transformers starts biases at zero and norms at one, which would
+    leave them unchecked), at scales that keep the logits spread so greedy choices are clear."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.copy_((1 if name.endswith("weight") else 0) + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "wte" in name or "embed_tokens" in name or "wpe" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / HIDDEN ** 0.5)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    model = FAMILIES[name]().eval()
+    randomize(model)
+    out = tmp_path_factory.mktemp(name) / "model"
+    model.save_pretrained(out)
+    return name, out
+
+
+def reference(model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def dump(model_dir, tmp, *extra, ids=IDS):
+    tool = os.environ.get("LEMA_LOGITS_DUMP")
+    if not tool:
+        pytest.fail("LEMA_LOGITS_DUMP must name trainer_logits_dump (ctest sets it)")
+    out = tmp / "ours.safetensors"
+    text = ";".join(",".join(map(str, row)) for row in ids)
+    proc = subprocess.run([tool, str(model_dir), text, str(out), *map(str, extra)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = load_file(out)
+    return got["logits"], got["loss"]
+
+
+def assert_close(got, want, what):
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= RTOL * max(scale, 1e-6), f"{what}: max abs error {err} against scale {scale}"
+
+
+def hf_greedy(model):
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS)
+    return out[0, len(PROMPT):].tolist()
+
+
+def lema_greedy(model_dir, *extra):
+    proc = run_lema("generate", "--model", model_dir, "--prompt-ids",
+                    ",".join(map(str, PROMPT)), "--max-new-tokens", NEW_TOKENS, "--greedy",
+                    "--json", "--ignore-eos", *extra)
+    return json.loads(proc.stdout)["output_ids"]
+
+
+def test_logits_loss_and_adapters_match_transformers_and_peft(family, tmp_path):
+    name, model_dir = family
+    base = reference(model_dir)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        out = base(input_ids=ids, labels=ids)
+    logits, loss = dump(model_dir, tmp_path)
+    assert logits.shape == out.logits.shape
+    assert_close(logits, out.logits, "logits")
+    assert abs(loss.item() - out.loss.item()) <= RTOL * abs(out.loss.item())
+
+    adapter_dir = tmp_path / "adapter"
+    with_adapter, _ = dump(model_dir, tmp_path, "--random-adapter", 7, "--rank", 4, "--alpha", 8,
+                           "--targets", TARGETS[name], "--save-adapter", adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(TARGETS[name].split(","))
+    assert config["fan_in_fan_out"] == (name == "gpt2")
+    peft_model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    assert (want - out.logits).abs().max().item() > 1e-2  # the adapter matters
+    assert_close(with_adapter, want, "logits with the adapter")
+    peft_dir = tmp_path / "peft-written"
+    peft_model.save_pretrained(peft_dir)
+    from_peft, _ = dump(model_dir, tmp_path, "--adapter", peft_dir)
+    assert_close(from_peft, want, "logits with the adapter peft wrote")
+
+    # Greedy continuations: transformers' (with its own cache) = ours with and without a cache.
+    want_tokens = hf_greedy(reference(model_dir))
+    assert lema_greedy(model_dir) == want_tokens
+    assert lema_greedy(model_dir, "--no-cache") == want_tokens
+    adapted = hf_greedy(peft.PeftModel.from_pretrained(reference(model_dir), adapter_dir).eval())
+    assert lema_greedy(model_dir, "--adapter", adapter_dir, "--budget", BUDGET) == adapted
+
+
+def train(model_dir, data, out, budget):
+    log = out.with_suffix(".jsonl")
+    run_lema("train", "--model", model_dir, "--data", data, "--out", out, "--steps", 3,
+             "--seq-len", 32, "--batch", 2, "--lr", "3e-3", "--seed", 5, "--budget", budget,
+             "--log-json", log, "--threads", 1)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_training_under_a_quarter_budget_matches_and_loads_in_peft(family, tmp_path):
+    name, model_dir = family
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    assert 4 * (6 << 20) <= weights  # the budget is at most a quarter of the model
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(1).integers(0, VOCAB, 4096, dtype=np.uint16).tofile(data)
+    resident = train(model_dir, data, tmp_path / "unlimited", "unlimited")
+    paged = train(model_dir, data, tmp_path / "paged", BUDGET)
+    assert [r["loss"] for r in paged] == [r["loss"] for r in resident]
+    assert all(0 < r["peak_resident_bytes"] <= 6 << 20 for r in paged)
+    adapter = tmp_path / "paged"
+    assert (adapter / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "unlimited" / "adapter_model.safetensors").read_bytes()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(TARGETS[name].split(","))
+
+    ids = torch.tensor(IDS)
+    peft_model = peft.PeftModel.from_pretrained(reference(model_dir), adapter).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    got, _ = dump(model_dir, tmp_path, "--adapter", adapter)
+    assert_close(got, want, "logits with the trained adapter")
+    # Merged into the weights (GPT-2's Conv1D ones transposed), transformers gives peft's logits.
+    run_lema("merge", "--model", model_dir, "--adapter", adapter, "--out", tmp_path / "merged",
+             "--budget", BUDGET)
+    with torch.no_grad():
+        merged = reference(tmp_path / "merged")(input_ids=ids).logits
+    assert_close(merged, want, "logits of the merged model")
+
+
+@pytest.mark.parametrize("arch,model_type", [("MixtralForCausalLM", "mixtral"),
+                                             ("Gemma2ForCausalLM", "gemma2")])
+def test_other_architectures_are_refused_in_one_line(tmp_path, arch, model_type):
+    model_dir = tmp_path / model_type
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": [arch], "model_type": model_type, "hidden_size": 64}))
+    for command in (["train", "--out", tmp_path / "out"], ["generate", "--prompt-ids", "1"]):
+        proc = run_lema(command[0], "--model", model_dir, *command[1:], check=False)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        for needle in (arch, "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+                       "LlamaForCausalLM", "lema.from_pretrained"):
+            assert needle in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_weights_without_the_transformer_prefix(family, tmp_path):
+    """The original GPT-2 uploads name their weights "h.0.attn.c_attn.weight", not
+    "transformer.h.0..."; both are found (and the adapter keeps peft's module paths)."""
+    name, model_dir = family
+    if name != "gpt2":
+        pytest.skip("GPT-2 only")
+    from safetensors.torch import save_file
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((model_dir / "config.json").read_text())
+    tensors = load_file(model_dir / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+              bare / "model.safetensors", metadata={"format": "pt"})
+    assert not any(k.startswith("transformer.") for k in load_file(bare / "model.safetensors"))
+    want, _ = dump(model_dir, tmp_path)
+    got, _ = dump(bare, tmp_path)
+    assert torch.equal(got, want)
+    assert lema_greedy(bare) == lema_greedy(model_dir)
+
+
+def test_gpt2_refuses_text_without_a_tokenizer_and_sequences_past_its_positions(family, tmp_path):
+    name, model_dir = family
+    if name != "gpt2":
+        pytest.skip("GPT-2 only")
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text " * 100)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(1).integers(0, VOCAB, 4096, dtype=np.uint16).tofile(tokens)
+    for data, seq, needles in ((text, 32, ["no tokenizer file", "python -m lema.data"]),
+                               (tokens, 129, ["--seq-len 129", "128 learned positions"])):
+        proc = run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / "out",
+                        "--steps", 1, "--seq-len", seq, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert all(n in lines[0] for n in needles), lines[0]
+        assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
