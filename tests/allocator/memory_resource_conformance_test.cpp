@@ -7,6 +7,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <sstream>
 #include <string>
@@ -33,6 +34,7 @@ struct Stack {
 struct Case {
   std::string name;
   std::function<Stack()> make;
+  friend void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 };
 
 std::unique_ptr<MemoryResource> host() {
