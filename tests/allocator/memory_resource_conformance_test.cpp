@@ -18,6 +18,7 @@
 #include "lema/allocator/host_memory_resource.hpp"
 #include "lema/allocator/limit_adaptor.hpp"
 #include "lema/allocator/logging_adaptor.hpp"
+#include "lema/allocator/slot_pool.hpp"
 #include "lema/allocator/statistics_adaptor.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
@@ -60,6 +61,20 @@ std::vector<Case> cases() {
          s.mr = std::make_unique<LimitAdaptor>(
              std::make_unique<StatisticsAdaptor>(std::make_unique<LoggingAdaptor>(host(), *s.log)),
              kLimit);
+         return s;
+       }},
+      // Slots of 16 KiB: the suite's small blocks take slots, its larger ones pass through.
+      {"SlotPool",
+       [] {
+         return Stack{.mr = std::make_unique<SlotPool>(
+                          host(), SlotPoolOptions{.slot_bytes = 16_KiB, .slots_per_chunk = 32})};
+       }},
+      {"StatisticsOverSlotPoolOverLogging",
+       [] {
+         Stack s;
+         s.mr = std::make_unique<StatisticsAdaptor>(std::make_unique<SlotPool>(
+             std::make_unique<LoggingAdaptor>(host(), *s.log),
+             SlotPoolOptions{.slot_bytes = 4_KiB, .slots_per_chunk = 64}));
          return s;
        }},
       {"StatisticsOverLimit",
