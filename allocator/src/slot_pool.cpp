@@ -1,5 +1,6 @@
 #include "lema/allocator/slot_pool.hpp"
 
+#include <algorithm>
 #include <limits>
 #include <string>
 
@@ -37,8 +38,20 @@ SlotPool::SlotPool(std::unique_ptr<MemoryResource> upstream, SlotPoolOptions opt
   LEMA_EXPECTS(upstream_ != nullptr, "SlotPool needs an upstream resource, got null");
 }
 
+// Note [A slot still out keeps its chunk]: a slot that was never given back may still be read
+// by a device (the pager leaks a staging buffer whose copy it could not see finish, rather than
+// free memory a DMA engine may still read). Freeing its chunk would free that slot with it, so
+// only chunks whose every slot is back are given to the upstream; the others are leaked whole.
 SlotPool::~SlotPool() {
-  for (void* chunk : chunks_) upstream_->deallocate(chunk, chunk_bytes_, slot_alignment_);
+  std::sort(free_.begin(), free_.end(), std::less<>());
+  for (void* chunk : chunks_) {
+    auto* first = static_cast<unsigned char*>(chunk);
+    const auto lo = std::lower_bound(free_.begin(), free_.end(), first, std::less<>());
+    const auto hi = std::lower_bound(lo, free_.end(), first + chunk_bytes_, std::less<>());
+    if (static_cast<std::size_t>(hi - lo) == options_.slots_per_chunk) {
+      upstream_->deallocate(chunk, chunk_bytes_, slot_alignment_);
+    }
+  }
 }
 
 std::size_t SlotPool::chunk_count() const {

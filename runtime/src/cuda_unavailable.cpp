@@ -4,6 +4,7 @@
 #include <string>
 
 #include "lema/runtime/cuda_backend.hpp"
+#include "lema/runtime/pinned_host_pool.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -32,6 +33,14 @@ CudaDeviceMemory cuda_device_memory(const CudaBackendOptions&) {
 std::unique_ptr<Backend> try_make_cuda_backend(const CudaBackendOptions&, std::string* reason) {
   if (reason != nullptr) *reason = not_built();
   return nullptr;
+}
+
+std::unique_ptr<allocator::MemoryResource> make_pinned_host_resource(const CudaBackendOptions&) {
+  throw CudaUnavailable(not_built());
+}
+std::unique_ptr<PinnedHostPool> make_pinned_host_pool(allocator::SlotPoolOptions,
+                                                      const CudaBackendOptions&) {
+  throw CudaUnavailable(not_built());
 }
 
 }  // namespace lema::runtime

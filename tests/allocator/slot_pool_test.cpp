@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <set>
 #include <thread>
@@ -59,6 +60,27 @@ TEST(SlotPool, ManySlotsComeFromFewUpstreamAllocationsAllGivenBack) {
     for (void* p : again) pool.deallocate(p, 1);
   }
   EXPECT_EQ(live.load(), 0);  // every chunk went back
+}
+
+// A slot never given back may still be read by a device: its chunk is leaked, not freed, and
+// only the chunks whose every slot came back are returned to the upstream.
+TEST(SlotPool, AChunkWithASlotStillOutIsLeakedTheOthersGivenBack) {
+  std::atomic<int> live{0}, calls{0};
+  void* kept = nullptr;
+  {
+    SlotPool pool(std::make_unique<CountingResource>(live, calls),
+                  SlotPoolOptions{.slot_bytes = 4_KiB, .slots_per_chunk = 4});
+    std::vector<void*> slots;
+    for (int i = 0; i < 12; ++i) slots.push_back(pool.allocate(4_KiB, 4096));
+    ASSERT_EQ(calls.load(), 3);
+    kept = slots[5];  // in the second chunk
+    for (void* p : slots) {
+      if (p != kept) pool.deallocate(p, 4_KiB, 4096);
+    }
+  }
+  EXPECT_EQ(live.load(), 1);   // the chunk holding the slot still out
+  static_cast<unsigned char*>(kept)[0] = 1;  // still writable: its chunk was not freed (ASan)
+  std::free(static_cast<unsigned char*>(kept) - 4_KiB);  // the chunk's start (slot 1 of chunk 2)
 }
 
 TEST(SlotPool, AFreedSlotIsTheNextHandedOut) {

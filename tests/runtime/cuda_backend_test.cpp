@@ -440,6 +440,30 @@ class CudaPager : public FakeDriverTest {
 
 // ---- a Pager over the backends ----
 
+// Fill staging and the host cache tier take their pinned page buffers from one pool of the
+// backend: a pager whose host cache holds every page pins host memory once (chunks of 32 MiB
+// hold 512 pages of kPage), where it used to pin once per page. Every block is given back.
+TEST_F(CudaPager, StagingAndTheHostCachePinHostMemoryInFewBlocks) {
+  const std::uint64_t before = fake().live_handles();
+  const std::uint64_t pinned_before = fake().calls("cuMemHostAlloc");
+  {
+    OpenedModel m(make_fake_cuda_backend(), small_model(), kPage, "cuda-pinned-pool");
+    ASSERT_GE(m.pages(), 8u);
+    PagerOptions opt;
+    opt.budget_bytes = 3 * kPage;
+    opt.host_cache_bytes = m.pages() * kPage;
+    Pager pager(m.space, opt);
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto* t : tensor_order(m.space.layout(), Order::layer, 7))
+        check_tensor(pager, m, *t, false);
+    pager.quiesce();
+    EXPECT_GT(pager.stats().host_cache_hits, 0u);  // the second pass came from the host cache
+    EXPECT_EQ(fake().calls("cuMemHostAlloc") - pinned_before, 1u)
+        << "pinned blocks for " << m.pages() << " pages";
+  }
+  EXPECT_EQ(fake().live_handles(), before);  // the pool's block freed with the backend
+}
+
 TEST_F(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   const std::uint64_t before = fake().live_handles();
   {

@@ -1,5 +1,5 @@
 // What both CUDA backends share: the device's primary context, a copy stream, pinned staging
-// buffers, and fences as CUDA events.
+// buffers (slots of one pinned pool), and fences as CUDA events.
 //
 // Thread safety: every member may be called from any thread; each makes the primary context
 // current on the calling thread before calling the driver.
@@ -8,9 +8,11 @@
 #include <cuda.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "cuda/driver_api.hpp"
+#include "lema/allocator/slot_pool.hpp"
 #include "lema/runtime/backend.hpp"
 
 namespace lema::runtime::cuda {
@@ -51,7 +53,6 @@ class DeviceContext {
   /// Makes the primary context current on the calling thread.
   void enter() const;
 
-  std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes) const;
   /// A fence at the current end of `stream`'s work.
   Fence record(CUstream stream) const;
   bool complete(const Fence& fence) const;
@@ -66,14 +67,13 @@ class DeviceContext {
 };
 
 /// Fences and staging from a DeviceContext; the memory primitives are the subclass's.
+/// Staging buffers are slots of one pinned pool (Note [One pinned staging pool]).
 class DeviceBackend : public Backend {
  public:
   DeviceBackend(const DriverApi& api, int device) : context_(api, device) {}
 
  private:
-  std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override {
-    return context_.allocate_staging(bytes);
-  }
+  std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override;
   Fence do_record_fence(Queue queue) override {
     return context_.record(static_cast<CUstream>(queue.native));
   }
@@ -89,6 +89,9 @@ class DeviceBackend : public Backend {
 
  private:
   DeviceContext context_;
+  std::once_flag pool_once_;
+  // Shared with every staging buffer it handed out, which gives its slot back on destruction.
+  std::shared_ptr<allocator::SlotPool> staging_pool_;
 };
 
 }  // namespace lema::runtime::cuda

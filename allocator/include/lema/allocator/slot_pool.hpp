@@ -8,7 +8,8 @@
 // request passes through to the upstream unchanged (deallocate tells the two apart by the same
 // bytes and alignment). With max_chunks set, a request that needs a chunk beyond it throws
 // allocator::OutOfMemory with the pool's numbers. Chunks are kept until the pool is destroyed,
-// which gives them back to the upstream; every slot must have been returned by then.
+// which gives back to the upstream every chunk whose slots have all been returned; a chunk with
+// a slot still out is leaked (Note [A slot still out keeps its chunk]).
 // Owns its upstream (Note [Adaptors own their upstream]).
 // Thread safety: fully thread-safe; one mutex guards the free list and is held while a chunk is
 // taken from the upstream (Note [Grow under the lock]).
