@@ -22,6 +22,7 @@
 #include "lema/allocator/statistics_adaptor.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
+#include "lema/runtime/pinned_host_pool.hpp"
 
 namespace lema::allocator {
 namespace {
@@ -43,6 +44,14 @@ std::unique_ptr<MemoryResource> host() {
 }
 
 constexpr std::uint64_t kLimit = 1_GiB;  // room for every test below
+
+#ifdef LEMA_FAKE_CUDA_DRIVER
+runtime::CudaBackendOptions fake_driver() {
+  runtime::CudaBackendOptions o;
+  o.driver_library = LEMA_FAKE_CUDA_DRIVER;
+  return o;
+}
+#endif
 
 std::vector<Case> cases() {
   return {
@@ -82,6 +91,24 @@ std::vector<Case> cases() {
          return Stack{.mr = std::make_unique<StatisticsAdaptor>(
                           std::make_unique<LimitAdaptor>(host(), kLimit))};
        }},
+#ifdef LEMA_FAKE_CUDA_DRIVER
+      // Pinned host memory and the pinned staging pool, over the fake driver.
+      {"PinnedHost", [] { return Stack{.mr = runtime::make_pinned_host_resource(fake_driver())}; }},
+      {"PinnedHostPool",
+       [] {
+         return Stack{.mr = runtime::make_pinned_host_pool(
+                          SlotPoolOptions{.slot_bytes = 16_KiB, .slots_per_chunk = 32},
+                          fake_driver())};
+       }},
+      {"LimitOverStatisticsOverPinnedHostPool",
+       [] {
+         return Stack{.mr = std::make_unique<LimitAdaptor>(
+                          std::make_unique<StatisticsAdaptor>(runtime::make_pinned_host_pool(
+                              SlotPoolOptions{.slot_bytes = 4_KiB, .slots_per_chunk = 64},
+                              fake_driver())),
+                          kLimit)};
+       }},
+#endif
   };
 }
 

@@ -19,6 +19,7 @@
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/pager.hpp"
+#include "lema/runtime/pinned_host_pool.hpp"
 #include "pager_fixture.hpp"
 #include "test_backends.hpp"
 
@@ -439,6 +440,33 @@ class CudaPager : public FakeDriverTest {
 };
 
 // ---- a Pager over the backends ----
+
+// The pinned pool outside the pager: what its resource refuses, named, and nothing left behind.
+TEST_F(CudaPager, PinnedHostPoolRefusesWhatItCannotPinAndGivesEverythingBack) {
+  const std::uint64_t before = fake().live_handles();
+  {
+    auto pool = runtime::make_pinned_host_pool(
+        {.slot_bytes = kPage, .slots_per_chunk = 4},
+        {.device = 0, .driver_library = fake_cuda_driver_path()});
+    void* a = pool->allocate(kPage, 4096);
+    ASSERT_NE(a, nullptr);
+    try {
+      (void)pool->allocate(kPage + 1, 8192);  // passes through: more than a page's alignment
+      ADD_FAILURE() << "an 8 KiB alignment was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("alignment 8192"), std::string::npos) << e.what();
+    }
+    fake().fail("cuMemHostAlloc", 1, kOutOfMemory);
+    try {
+      (void)pool->allocate(4 * kPage);  // passes through to the driver, which cannot pin it
+      ADD_FAILURE() << "no error";
+    } catch (const OutOfMemory& e) {
+      EXPECT_NE(std::string(e.what()).find("256 KiB"), std::string::npos) << e.what();
+    }
+    pool->deallocate(a, kPage, 4096);
+  }
+  EXPECT_EQ(fake().live_handles(), before);  // the chunk and the pool's context released
+}
 
 // Fill staging and the host cache tier take their pinned page buffers from one pool of the
 // backend: a pager whose host cache holds every page pins host memory once (chunks of 32 MiB
