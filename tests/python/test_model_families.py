@@ -1,4 +1,4 @@
-"""Qwen2, Qwen3 and GPT-2 checkpoints saved by transformers, against transformers and peft.
+"""Qwen2, Qwen3, GPT-2 and Mixtral checkpoints saved by transformers, against transformers and peft.
 
 For each family, a small random model written by save_pretrained:
 - the logits and loss of our decoder equal transformers' (1e-4 relative), also with an adapter
@@ -58,10 +58,22 @@ def gpt2():
         activation_function="gelu_new"))
 
 
-FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2}
+def mixtral():
+    # The router's auxiliary loss on (and weighted enough to show in the loss), 8 experts of
+    # which 2 per token, each expert tensor its own checkpoint entry as save_pretrained writes.
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=HIDDEN, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+        num_local_experts=8, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.05, tie_word_embeddings=False))
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2, "mixtral": mixtral}
 TARGETS = {"qwen2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
            "qwen3": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-           "gpt2": "c_attn,c_proj,c_fc"}
+           "gpt2": "c_attn,c_proj,c_fc",
+           # transformers fuses the experts into 3-D parameters, which peft cannot target.
+           "mixtral": "q_proj,k_proj,v_proj,o_proj"}
 
 
 def randomize(model):
@@ -202,7 +214,7 @@ def test_training_under_a_quarter_budget_matches_and_loads_in_peft(family, tmp_p
     assert_close(merged, want, "logits of the merged model")
 
 
-@pytest.mark.parametrize("arch,model_type", [("MixtralForCausalLM", "mixtral"),
+@pytest.mark.parametrize("arch,model_type", [("Phi3ForCausalLM", "phi3"),
                                              ("Gemma2ForCausalLM", "gemma2")])
 def test_other_architectures_are_refused_in_one_line(tmp_path, arch, model_type):
     model_dir = tmp_path / model_type
@@ -214,7 +226,7 @@ def test_other_architectures_are_refused_in_one_line(tmp_path, arch, model_type)
         assert proc.returncode == 1, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr
-        for needle in (arch, "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+        for needle in (arch, "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
                        "LlamaForCausalLM", "lema.from_pretrained"):
             assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()

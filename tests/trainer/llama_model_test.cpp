@@ -126,11 +126,11 @@ class LlamaModelTest : public ::testing::Test {
 
 TEST_F(LlamaModelTest, UnsupportedArchitectureIsOneLineNamingFileAndArchitecture) {
   json j = tiny_config_json();
-  j["architectures"] = {"MixtralForCausalLM"};
-  j["model_type"] = "mixtral";
+  j["architectures"] = {"Phi3ForCausalLM"};
+  j["model_type"] = "phi3";
   const std::string message = error_of([&] { parse(j); });
   EXPECT_NE(message.find("config.json"), std::string::npos) << message;
-  EXPECT_NE(message.find("MixtralForCausalLM"), std::string::npos) << message;
+  EXPECT_NE(message.find("Phi3ForCausalLM"), std::string::npos) << message;
   EXPECT_NE(message.find("GPT2LMHeadModel"), std::string::npos) << message;
   EXPECT_NE(message.find("lema.from_pretrained"), std::string::npos) << message;
   EXPECT_EQ(message.find('\n'), std::string::npos) << message;
