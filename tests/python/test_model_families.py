@@ -268,3 +268,38 @@ def test_gpt2_refuses_text_without_a_tokenizer_and_sequences_past_its_positions(
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
         assert all(n in lines[0] for n in needles), lines[0]
         assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def skewed_mixtral(out):
+    """Top-2 of 8 experts whose router sends every token to experts 0 and 1: one hidden dimension
+    of every embedding dominates, and only those two experts' router rows weigh it. Each expert
+    tensor is one 2 MiB page, so the bytes read show which experts ran."""
+    hidden, experts = 128, 8
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=hidden, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+        num_local_experts=experts, num_experts_per_tok=2, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn_like(p) / hidden ** 0.5)
+        model.model.embed_tokens.weight[:, 0] = 30.0
+        for layer in model.model.layers:
+            layer.mlp.gate.weight[:, 0] = torch.tensor([4.0, 3.0] + [0.0] * (experts - 2))
+    model.save_pretrained(out)
+    return out
+
+
+def test_unchosen_experts_are_never_read(tmp_path):
+    model_dir = skewed_mixtral(tmp_path / "model")
+    weights = (model_dir / "model.safetensors").stat().st_size
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(1).integers(0, 512, 4096, dtype=np.uint16).tofile(data)
+    log = tmp_path / "log.jsonl"
+    run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / "out", "--steps",
+             1, "--seq-len", 32, "--batch", 2, "--budget", "unlimited", "--log-json", log,
+             "--threads", 1)
+    step = json.loads(log.read_text().splitlines()[0])
+    # Every weight but six of the 16 expert tensors per layer stays unread: under 0.3 of the file.
+    assert 0 < step["step_bytes_read"] <= 0.3 * weights, (step["step_bytes_read"], weights)

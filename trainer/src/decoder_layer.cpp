@@ -87,6 +87,16 @@ at::Tensor DecoderLayer::experts_forward(const at::Tensor& x, const ForwardConte
     router_stats->counts = counts.to(at::kFloat).to(probs.device());
   }
   const auto* count = counts.data_ptr<std::int64_t>();
+  if (ctx.prefetch) {
+    std::vector<std::string> chosen;
+    for (std::int64_t e = 0; e < n_experts; ++e) {
+      if (count[e] == 0) continue;
+      for (const LoraLinear* w : {&experts[e].w1, &experts[e].w3, &experts[e].w2}) {
+        chosen.push_back(w->module_path + ".weight");
+      }
+    }
+    ctx.prefetch(chosen);
+  }
   at::Tensor out = at::zeros_like(flat);
   for (std::int64_t e = 0; e < n_experts; ++e) {
     if (count[e] == 0) continue;  // never read (Note [Routed experts])

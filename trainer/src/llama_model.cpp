@@ -251,7 +251,8 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
   h = h.to(options_.compute_dtype);
   const detail::ForwardContext ctx{
       options_.compute_dtype, training_,
-      training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator()};
+      training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator(),
+      options_.expert_prefetch};
   const detail::RopeTables rope =
       gpt2 ? detail::RopeTables{} : detail::rope_tables(inv_freq_, seq, ctx.dtype, first);
   if (cache != nullptr) {

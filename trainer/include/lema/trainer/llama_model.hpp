@@ -18,6 +18,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -43,6 +44,9 @@ struct LlamaModelOptions {
   /// Keep only each decoder layer's input in forward and recompute the layer in backward (see
   /// Note [Layer checkpointing]). Applies whenever gradients are recorded.
   bool activation_checkpointing = true;
+  /// Mixtral: called with the weight names of the experts a layer's router chose, right after it
+  /// ran and before any of them is read (the CLI passes them to VirtualCheckpoint::prefetch).
+  std::function<void(const std::vector<std::string>&)> expert_prefetch;
 };
 
 namespace detail {
