@@ -9,6 +9,8 @@ For each family, a small random model written by save_pretrained:
 - `lema train` under a quarter of the model as budget gives the losses of an unlimited budget,
   bit for bit, its adapter loads in peft on the transformers model, and `lema merge` of it gives
   peft's logits.
+Mixtral also: its router's auxiliary loss is part of the loss compared, its layers' recompute
+trains as keeping the activations does, and an expert no token chose is never read.
 Other architectures are refused in one line naming them, the supported list and the Python route.
 """
 import json
@@ -303,3 +305,23 @@ def test_unchosen_experts_are_never_read(tmp_path):
     step = json.loads(log.read_text().splitlines()[0])
     # Every weight but six of the 16 expert tensors per layer stays unread: under 0.3 of the file.
     assert 0 < step["step_bytes_read"] <= 0.3 * weights, (step["step_bytes_read"], weights)
+
+
+def test_mixtral_router_loss_trains_the_same_with_layer_checkpointing(tmp_path):
+    """The router statistics leave a recomputed layer packed behind its output: the losses and
+    the adapter equal those of a run that keeps every activation."""
+    model = mixtral().eval()
+    randomize(model)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(2).integers(0, VOCAB, 4096, dtype=np.uint16).tofile(data)
+    runs = {}
+    for name, extra in (("recomputed", []), ("kept", ["--no-activation-checkpointing"])):
+        log = tmp_path / f"{name}.jsonl"
+        run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / name,
+                 "--steps", 3, "--seq-len", 16, "--batch", 2, "--lr", "3e-3", "--seed", 5,
+                 "--budget", "unlimited", "--log-json", log, "--threads", 1, *extra)
+        runs[name] = [(r["loss"], r["grad_norm"])
+                      for r in map(json.loads, log.read_text().splitlines())]
+    assert runs["recomputed"] == runs["kept"]
