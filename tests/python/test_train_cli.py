@@ -267,16 +267,16 @@ def base_args(model, data, out):
 
 
 def test_unsupported_architecture(model, corpus, tmp_path):
-    other = tmp_path / "mixtral"
+    other = tmp_path / "phi3"
     other.mkdir()
     for f in model.iterdir():
         (other / f.name).symlink_to(f)
     (other / "config.json").unlink()
     config = json.loads((model / "config.json").read_text())
-    config["architectures"] = ["MixtralForCausalLM"]
-    config["model_type"] = "mixtral"
+    config["architectures"] = ["Phi3ForCausalLM"]
+    config["model_type"] = "phi3"
     (other / "config.json").write_text(json.dumps(config))
-    expect_error(base_args(other, corpus, tmp_path / "out"), "mixtral")
+    expect_error(base_args(other, corpus, tmp_path / "out"), "phi3")
     assert not (tmp_path / "out" / "latest").exists()
 
 

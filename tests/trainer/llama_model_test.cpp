@@ -126,15 +126,46 @@ class LlamaModelTest : public ::testing::Test {
 
 TEST_F(LlamaModelTest, UnsupportedArchitectureIsOneLineNamingFileAndArchitecture) {
   json j = tiny_config_json();
-  j["architectures"] = {"MixtralForCausalLM"};
-  j["model_type"] = "mixtral";
+  j["architectures"] = {"Phi3ForCausalLM"};
+  j["model_type"] = "phi3";
   const std::string message = error_of([&] { parse(j); });
   EXPECT_NE(message.find("config.json"), std::string::npos) << message;
-  EXPECT_NE(message.find("MixtralForCausalLM"), std::string::npos) << message;
+  EXPECT_NE(message.find("Phi3ForCausalLM"), std::string::npos) << message;
   EXPECT_NE(message.find("GPT2LMHeadModel"), std::string::npos) << message;
   EXPECT_NE(message.find("lema.from_pretrained"), std::string::npos) << message;
   EXPECT_EQ(message.find('\n'), std::string::npos) << message;
   EXPECT_THROW(parse(j), InvalidArgument);
+}
+
+TEST_F(LlamaModelTest, MixtralConfigNamesItsExpertsAndRefusesImpossibleRouting) {
+  json j = tiny_config_json();
+  j["architectures"] = {"MixtralForCausalLM"};
+  j["model_type"] = "mixtral";
+  j["output_router_logits"] = true;
+  const ModelConfig c = parse(j);
+  EXPECT_TRUE(c.is_moe());
+  EXPECT_EQ(c.num_local_experts, 8);  // MixtralConfig's defaults
+  EXPECT_EQ(c.num_experts_per_tok, 2);
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.001);
+  EXPECT_TRUE(c.output_router_logits);
+  EXPECT_FALSE(c.sliding_window.has_value());
+  EXPECT_EQ(lora_target_candidates(c).size(), 4u);  // the attention's only
+  std::size_t experts = 0;
+  for (const ExpectedTensor& t : expected_tensors(c)) {
+    experts += t.name.find("block_sparse_moe.experts.") != std::string::npos;
+    EXPECT_EQ(t.name.find("mlp."), std::string::npos) << t.name;
+  }
+  EXPECT_EQ(experts, 2u * 8u * 3u);
+
+  j["num_experts_per_tok"] = 9;
+  std::string message = error_of([&] { parse(j); });
+  EXPECT_NE(message.find("num_experts_per_tok 9 exceeds num_local_experts 8"), std::string::npos)
+      << message;
+  j["num_experts_per_tok"] = 2;
+  j["router_jitter_noise"] = 0.1;
+  message = error_of([&] { parse(j); });
+  EXPECT_NE(message.find("router_jitter_noise"), std::string::npos) << message;
+  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
 }
 
 TEST_F(LlamaModelTest, ConfigDefaultsAndMistral) {

@@ -120,6 +120,11 @@ void run(const GenerateArgs& args) {
     options.lora = adapter->lora;
   }
   options.activation_checkpointing = false;
+  if (config.is_moe()) {
+    options.expert_prefetch = [&weights = session.weights()](const std::vector<std::string>& names) {
+      weights.prefetch(names);
+    };
+  }
   trainer::LlamaModel model(config, session.lookup(), options);
   if (adapter) model.load_adapter_tensors(adapter->tensors);
   model.set_training(false);

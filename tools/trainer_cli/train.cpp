@@ -211,6 +211,11 @@ void run(TrainArgs args) {
   model_options.seed = args.train.seed;
   model_options.compute_dtype = compute;
   model_options.activation_checkpointing = !args.no_activation_checkpointing;
+  if (config.is_moe()) {
+    model_options.expert_prefetch = [&weights = session.weights()](const std::vector<std::string>& names) {
+      weights.prefetch(names);
+    };
+  }
   trainer::LlamaModel model(config, session.lookup(), model_options);
 
   std::optional<trainer::TokenBatches> eval;

@@ -66,17 +66,59 @@ at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, Lay
 }
 
 at::Tensor DecoderLayer::forward(const at::Tensor& x, const RopeTables& rope,
-                                 const ForwardContext& ctx, LayerCache* cache) const {
+                                 const ForwardContext& ctx, LayerCache* cache,
+                                 RouterStats* router_stats) const {
   return family == ModelFamily::kGpt2 ? gpt2_forward(x, ctx, cache)
-                                      : llama_forward(x, rope, ctx, cache);
+                                      : llama_forward(x, rope, ctx, cache, router_stats);
+}
+
+at::Tensor DecoderLayer::experts_forward(const at::Tensor& x, const ForwardContext& ctx,
+                                         RouterStats* router_stats) const {
+  const at::Tensor flat = x.reshape({-1, x.size(-1)});
+  const auto n_experts = static_cast<std::int64_t>(experts.size());
+  const at::Tensor probs = at::softmax(at::linear(flat, router.to(ctx.dtype)).to(at::kFloat), -1);
+  auto [top_weights, top_index] = probs.topk(top_k, -1);
+  top_weights = top_weights / top_weights.sum(-1, /*keepdim=*/true);
+  // Which experts any row chose, read once on the host: the loop below must know before it
+  // touches an expert's weights.
+  const at::Tensor counts = at::bincount(top_index.reshape({-1}), {}, n_experts).to(at::kCPU);
+  if (router_stats != nullptr) {
+    router_stats->prob_sum = probs.sum(0);
+    router_stats->counts = counts.to(at::kFloat).to(probs.device());
+  }
+  const auto* count = counts.data_ptr<std::int64_t>();
+  if (ctx.prefetch) {
+    std::vector<std::string> chosen;
+    for (std::int64_t e = 0; e < n_experts; ++e) {
+      if (count[e] == 0) continue;
+      for (const LoraLinear* w : {&experts[e].w1, &experts[e].w3, &experts[e].w2}) {
+        chosen.push_back(w->module_path + ".weight");
+      }
+    }
+    ctx.prefetch(chosen);
+  }
+  at::Tensor out = at::zeros_like(flat);
+  for (std::int64_t e = 0; e < n_experts; ++e) {
+    if (count[e] == 0) continue;  // never read (Note [Routed experts])
+    const std::vector<at::Tensor> where = at::where(top_index == e);
+    const at::Tensor& rows = where[0];
+    const at::Tensor& choice = where[1];
+    const Expert& ex = experts[static_cast<std::size_t>(e)];
+    const at::Tensor xe = flat.index_select(0, rows);
+    const at::Tensor hidden = at::silu(ex.w1.forward(xe, ctx)) * ex.w3.forward(xe, ctx);
+    const at::Tensor weight =
+        top_weights.reshape({-1}).index_select(0, rows * top_k + choice).unsqueeze(-1);
+    out = out.index_add(0, rows, (ex.w2.forward(hidden, ctx) * weight).to(out.scalar_type()));
+  }
+  return out.view(x.sizes());
 }
 
 at::Tensor DecoderLayer::llama_forward(const at::Tensor& x, const RopeTables& rope,
-                                       const ForwardContext& ctx, LayerCache* cache) const {
+                                       const ForwardContext& ctx, LayerCache* cache,
+                                       RouterStats* router_stats) const {
   const auto batch = x.size(0), seq = x.size(1);
   const LoraLinear &q_proj = projections[0], &k_proj = projections[1], &v_proj = projections[2],
-                   &o_proj = projections[3], &gate_proj = projections[4],
-                   &up_proj = projections[5], &down_proj = projections[6];
+                   &o_proj = projections[3];
   const at::Tensor h = rms_norm(x, norm1, norm_eps);
   // [batch, seq, n * d] → [batch, n, seq, d]; Qwen3 normalizes each head before the rotation.
   const auto split = [&](const at::Tensor& t, std::int64_t n, const at::Tensor& norm) {
@@ -90,6 +132,9 @@ at::Tensor DecoderLayer::llama_forward(const at::Tensor& x, const RopeTables& ro
   const at::Tensor after_attn = x + o_proj.forward(causal_attention(q, k, v, cache), ctx);
 
   const at::Tensor m = rms_norm(after_attn, norm2, norm_eps);
+  if (router.defined()) return after_attn + experts_forward(m, ctx, router_stats);
+  const LoraLinear &gate_proj = projections[4], &up_proj = projections[5],
+                   &down_proj = projections[6];
   const at::Tensor gated = at::silu(gate_proj.forward(m, ctx)) * up_proj.forward(m, ctx);
   return after_attn + down_proj.forward(gated, ctx);
 }

@@ -1,6 +1,8 @@
 // One decoder layer of either layout (model_config.hpp), each sub-block pre-norm with a residual:
 //   Llama layout: RMSNorm → attention (q/k/v/o, optional biases and q/k norms, rotary) →
 //                 RMSNorm → SwiGLU MLP (gate/up/down);
+//   Mixtral:      the Llama layout with a sparse mixture of SwiGLU experts for the MLP
+//                 (Note [Routed experts]);
 //   GPT-2:        LayerNorm → attention (fused c_attn, c_proj) → LayerNorm → GELU MLP
 //                 (c_fc, c_proj); positions come from the model's learned table, not rotations.
 #pragma once
@@ -23,6 +25,25 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 using LayerCache = LayerKv;
 
+/// What the router of one layer decided over a forward pass, for the auxiliary loss: the sum over
+/// rows of the router's softmax (float32 [experts], with gradients) and how many (row, choice)
+/// pairs chose each expert (float32 [experts], no gradients).
+struct RouterStats {
+  at::Tensor prob_sum;
+  at::Tensor counts;
+};
+
+// Note [Routed experts]
+// Mixtral's block computes, as transformers' MixtralSparseMoeBlock does: router logits
+// x G^T, probabilities softmax(logits) in float32, the top k of them renormalized to sum to one,
+// and for each expert e the rows that chose it: w2(silu(w1 x) * w3 x) times the row's weight for
+// e, summed into the output. Each expert runs only on the rows that chose it (index_select), and
+// an expert no row chose is skipped before any of its weights is touched: under a budget its
+// pages are never read, so a step reads only the chosen experts' bytes.
+struct Expert {
+  LoraLinear w1, w2, w3;  // gate [m, h], down [h, m], up [m, h]; never adapted
+};
+
 struct DecoderLayer {
   ModelFamily family = ModelFamily::kLlama;
   std::int64_t index = 0;
@@ -33,7 +54,10 @@ struct DecoderLayer {
   // biases are defined for GPT-2's LayerNorm only.
   at::Tensor norm1, norm1_bias, norm2, norm2_bias;
   at::Tensor q_norm, k_norm;  // Qwen3; undefined otherwise
-  /// In peft's and named_trainable()'s order: q k v o gate up down, or GPT-2's c_attn,
+  at::Tensor router;          // Mixtral's gate [experts, hidden]; undefined for a dense MLP
+  std::vector<Expert> experts;
+  std::int64_t top_k = 0;
+  /// In peft's and named_trainable()'s order: q k v o gate up down (Mixtral: q k v o), or GPT-2's c_attn,
   /// attn.c_proj, c_fc, mlp.c_proj.
   std::vector<LoraLinear> projections;
 
@@ -42,13 +66,15 @@ struct DecoderLayer {
 
   /// `x` is [batch, seq, hidden] at positions cache->seen .. +seq (0 without a cache); `rope`
   /// covers those positions (unused by GPT-2). With a cache, this call's keys and values are
-  /// appended to it.
+  /// appended to it. With `router_stats` (Mixtral), the router's decision is stored there.
   at::Tensor forward(const at::Tensor& x, const RopeTables& rope, const ForwardContext& ctx,
-                     LayerCache* cache = nullptr) const;
+                     LayerCache* cache = nullptr, RouterStats* router_stats = nullptr) const;
 
  private:
   at::Tensor llama_forward(const at::Tensor& x, const RopeTables& rope, const ForwardContext& ctx,
-                           LayerCache* cache) const;
+                           LayerCache* cache, RouterStats* router_stats) const;
+  at::Tensor experts_forward(const at::Tensor& x, const ForwardContext& ctx,
+                             RouterStats* router_stats) const;
   at::Tensor gpt2_forward(const at::Tensor& x, const ForwardContext& ctx, LayerCache* cache) const;
 };
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <set>
+#include <utility>
 
 #include "decoder_layer.hpp"
 #include "layer_checkpoint.hpp"
@@ -147,12 +148,26 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
       layer->norm2 = get(prefix + "ln_2.weight");
       layer->norm2_bias = get(prefix + "ln_2.bias");
     } else {
+      if (c.is_moe()) {
+        layer->router = get(prefix + "block_sparse_moe.gate.weight");
+        layer->top_k = c.num_experts_per_tok;
+        for (std::int64_t e = 0; e < c.num_local_experts; ++e) {
+          const std::string x = fmt::format("{}block_sparse_moe.experts.{}.", prefix, e);
+          detail::Expert ex;
+          for (auto [lin, name] : {std::pair{&ex.w1, "w1"}, {&ex.w2, "w2"}, {&ex.w3, "w3"}}) {
+            lin->module_path = x + name;
+            lin->weight = get(lin->module_path + ".weight");
+          }
+          layer->experts.push_back(std::move(ex));
+        }
+      }
       layer->norm1 = get(prefix + "input_layernorm.weight");
       layer->norm2 = get(prefix + "post_attention_layernorm.weight");
       layer->q_norm = get_if(prefix + "self_attn.q_norm.weight");
       layer->k_norm = get_if(prefix + "self_attn.k_norm.weight");
     }
     for (const std::string& path : gpt2 ? gpt2_paths : llama_paths) {
+      if (c.is_moe() && path.rfind("mlp.", 0) == 0) continue;  // experts instead
       detail::LoraLinear p;
       p.module_path = prefix + path;
       p.weight = get(p.module_path + ".weight");
@@ -177,6 +192,26 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
 LlamaModel::~LlamaModel() = default;
 LlamaModel::LlamaModel(LlamaModel&&) noexcept = default;
 LlamaModel& LlamaModel::operator=(LlamaModel&&) noexcept = default;
+
+namespace {
+
+// Note [Router auxiliary loss]
+// transformers' load_balancing_loss_func over every layer's router logits (no attention mask):
+// with f_e = (top-k choices of e, summed over layers) / rows and P_e = (softmax probability of e,
+// summed over layers) / rows, where rows = batch * seq * layers, the loss is
+// experts * sum_e f_e P_e. Gradients flow through P only (the choices are discrete).
+at::Tensor router_aux_loss(const std::vector<detail::RouterStats>& stats, std::int64_t rows,
+                           std::int64_t experts) {
+  at::Tensor counts = stats.front().counts, probs = stats.front().prob_sum;
+  for (std::size_t i = 1; i < stats.size(); ++i) {
+    counts = counts + stats[i].counts;
+    probs = probs + stats[i].prob_sum;
+  }
+  const double total = static_cast<double>(rows) * static_cast<double>(stats.size());
+  return (counts / total * (probs / total)).sum() * static_cast<double>(experts);
+}
+
+}  // namespace
 
 at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache) {
   if (input_ids.dim() != 2 || !at::isIntegralType(input_ids.scalar_type(), /*includeBool=*/false)) {
@@ -216,7 +251,8 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
   h = h.to(options_.compute_dtype);
   const detail::ForwardContext ctx{
       options_.compute_dtype, training_,
-      training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator()};
+      training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator(),
+      options_.expert_prefetch};
   const detail::RopeTables rope =
       gpt2 ? detail::RopeTables{} : detail::rope_tables(inv_freq_, seq, ctx.dtype, first);
   if (cache != nullptr) {
@@ -228,20 +264,39 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
   }
   const bool recompute =
       options_.activation_checkpointing && at::GradMode::is_enabled() && cache == nullptr;
+  const bool want_stats = want_router_stats_ && config_.is_moe() && cache == nullptr;
+  std::vector<detail::RouterStats> stats(want_stats ? layers_.size() : 0);
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const auto& layer_ptr = layers_[i];
     if (!recompute) {
-      h = layer_ptr->forward(h, rope, ctx, cache != nullptr ? &cache->layers[i] : nullptr);
+      h = layer_ptr->forward(h, rope, ctx, cache != nullptr ? &cache->layers[i] : nullptr,
+                             want_stats ? &stats[i] : nullptr);
       continue;
     }
     // The closure holds copies of the layer's tensor and generator handles, so backward does
-    // not depend on this model object.
-    detail::LayerFunction run = [layer = *layer_ptr, rope, ctx](const at::Tensor& x) {
-      return layer.forward(x, rope, ctx);
+    // not depend on this model object. The checkpoint passes one tensor through, so a layer
+    // whose router statistics are wanted returns them packed after its output, in float32
+    // (exact for every compute dtype), and they are unpacked below.
+    detail::LayerFunction run = [layer = *layer_ptr, rope, ctx, want_stats](const at::Tensor& x) {
+      if (!want_stats) return layer.forward(x, rope, ctx);
+      detail::RouterStats s;
+      const at::Tensor out = layer.forward(x, rope, ctx, nullptr, &s);
+      return at::cat({out.to(at::kFloat).reshape({-1}), s.prob_sum, s.counts});
     };
-    h = detail::checkpointed(std::move(run), h, layer_ptr->adapter_parameters(),
-                             ctx.dropout_generator);
+    const at::Tensor out = detail::checkpointed(std::move(run), h, layer_ptr->adapter_parameters(),
+                                                ctx.dropout_generator);
+    if (!want_stats) {
+      h = out;
+      continue;
+    }
+    const std::int64_t n = h.numel(), e = config_.num_local_experts;
+    stats[i].prob_sum = out.narrow(0, n, e);
+    stats[i].counts = out.narrow(0, n + e, e).detach();
+    h = out.narrow(0, 0, n).view(h.sizes()).to(h.scalar_type());
   }
+  router_aux_loss_ = want_stats ? router_aux_loss(stats, input_ids.numel(),
+                                                  config_.num_local_experts)
+                                : at::Tensor();
   if (gpt2) {
     return at::layer_norm(h, {h.size(-1)}, norm_.to(h.scalar_type()),
                           norm_bias_.to(h.scalar_type()), config_.rms_norm_eps);
@@ -259,11 +314,29 @@ at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
     throw InvalidArgument(
         fmt::format("the loss needs sequences of at least 2 tokens (got {})", input_ids.size(1)));
   }
-  const at::Tensor all = logits(input_ids);
+  const at::Tensor all = logits_for_loss(input_ids);
   const std::int64_t seq = all.size(1);
   const at::Tensor predicted = all.narrow(1, 0, seq - 1).reshape({-1, config_.vocab_size});
   const at::Tensor targets = input_ids.narrow(1, 1, seq - 1).reshape({-1}).to(at::kLong);
-  return at::cross_entropy_loss(predicted, targets);
+  return with_router_loss(at::cross_entropy_loss(predicted, targets));
+}
+
+at::Tensor LlamaModel::logits_for_loss(const at::Tensor& input_ids) {
+  want_router_stats_ = config_.is_moe() && config_.output_router_logits;
+  try {
+    at::Tensor out = logits(input_ids);
+    want_router_stats_ = false;
+    return out;
+  } catch (...) {
+    want_router_stats_ = false;
+    throw;
+  }
+}
+
+at::Tensor LlamaModel::with_router_loss(const at::Tensor& loss) {
+  if (!router_aux_loss_.defined()) return loss;
+  const at::Tensor aux = std::exchange(router_aux_loss_, at::Tensor());
+  return loss + config_.router_aux_loss_coef * aux;
 }
 
 at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) {
@@ -276,12 +349,12 @@ at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor
                                       shape_string(labels.sizes().vec()),
                                       shape_string(input_ids.sizes().vec())));
   }
-  const at::Tensor all = logits(input_ids);
+  const at::Tensor all = logits_for_loss(input_ids);
   const std::int64_t seq = all.size(1);
   const at::Tensor predicted = all.narrow(1, 0, seq - 1).reshape({-1, config_.vocab_size});
   const at::Tensor targets = labels.narrow(1, 1, seq - 1).reshape({-1}).to(at::kLong);
-  return at::cross_entropy_loss(predicted, targets, /*weight=*/{}, at::Reduction::Mean,
-                                /*ignore_index=*/-100);
+  return with_router_loss(at::cross_entropy_loss(predicted, targets, /*weight=*/{},
+                                                at::Reduction::Mean, /*ignore_index=*/-100));
 }
 
 std::vector<std::pair<std::string, at::Tensor>> LlamaModel::named_adapters() const {

@@ -8,7 +8,9 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace lema::trainer::detail {
 
@@ -17,6 +19,8 @@ struct ForwardContext {
   c10::ScalarType dtype = c10::ScalarType::Float;
   bool training = false;
   at::Generator dropout_generator;  // shared handle; undefined: no dropout
+  /// Weight names about to be read (routed experts); may be empty.
+  std::function<void(const std::vector<std::string>&)> prefetch;
 };
 
 struct LoraLinear {

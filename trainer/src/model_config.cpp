@@ -56,6 +56,7 @@ struct Known {
 };
 constexpr Known kKnown[] = {{"llama", "LlamaForCausalLM"},
                             {"mistral", "MistralForCausalLM"},
+                            {"mixtral", "MixtralForCausalLM"},
                             {"qwen2", "Qwen2ForCausalLM"},
                             {"qwen3", "Qwen3ForCausalLM"},
                             {"gpt2", "GPT2LMHeadModel"}};
@@ -162,6 +163,25 @@ void read_qwen_window(const json& j, const fs::path& file, ModelConfig& c) {
   }
 }
 
+// MixtralConfig's defaults: no sliding window, 8 experts, 2 per token.
+void read_mixtral(const json& j, const fs::path& file, ModelConfig& c) {
+  if (const auto it = j.find("sliding_window"); it != j.end() && !it->is_null()) {
+    c.sliding_window = get_int(j, "sliding_window", file);
+  }
+  c.num_local_experts = get_int(j, "num_local_experts", file, 8);
+  c.num_experts_per_tok = get_int(j, "num_experts_per_tok", file, 2);
+  if (c.num_experts_per_tok > c.num_local_experts) {
+    fail(file, fmt::format("num_experts_per_tok {} exceeds num_local_experts {}",
+                           c.num_experts_per_tok, c.num_local_experts));
+  }
+  c.router_aux_loss_coef = get_double(j, "router_aux_loss_coef", file, 0.001);
+  c.output_router_logits = get_bool(j, "output_router_logits", file, false);
+  // Jitter multiplies the router's input by noise in training, which no run could reproduce.
+  if (get_double(j, "router_jitter_noise", file, 0.0) != 0.0) {
+    fail(file, "'router_jitter_noise' is not zero; lema trains without router noise, set it to 0");
+  }
+}
+
 void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
   c.hidden_size = get_int(j, "hidden_size", label);
   c.intermediate_size = get_int(j, "intermediate_size", label);
@@ -179,7 +199,8 @@ void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
                        default_128 ? 128 : c.hidden_size / c.num_attention_heads);
   c.vocab_size = get_int(j, "vocab_size", label);
   c.max_position_embeddings =
-      get_int(j, "max_position_embeddings", label, c.model_type == "mistral" ? 4096 * 32 : 2048);
+      get_int(j, "max_position_embeddings", label,
+              c.model_type == "mistral" || c.model_type == "mixtral" ? 4096 * 32 : 2048);
   c.rms_norm_eps = get_double(j, "rms_norm_eps", label, 1e-6);
   c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", label, false);
   read_rope(j, label, c);
@@ -191,6 +212,7 @@ void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
                              : std::optional<std::int64_t>(get_int(j, "sliding_window", label));
     }
   }
+  if (c.model_type == "mixtral") read_mixtral(j, label, c);
   if (c.model_type == "qwen2" || c.model_type == "qwen3") read_qwen_window(j, label, c);
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
     fail(label, fmt::format("num_attention_heads {} is not divisible by num_key_value_heads {}",
@@ -208,7 +230,8 @@ void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
   // Qwen2 has biases on q, k and v whatever the config says; attention_bias puts one on all
   // four attention projections (Llama, Mistral's config has none, Qwen3), mlp_bias on the MLP's.
   const bool attention_bias = get_bool(j, "attention_bias", label, false);
-  if (attention_bias && (c.model_type == "mistral" || c.model_type == "qwen2")) {
+  if (attention_bias &&
+      (c.model_type == "mistral" || c.model_type == "mixtral" || c.model_type == "qwen2")) {
     fail(label, fmt::format("'attention_bias' is true, which {} does not implement; set it to "
                             "false",
                             c.architecture.empty() ? c.model_type : c.architecture));
@@ -351,6 +374,17 @@ std::vector<ExpectedTensor> expected_tensors(const ModelConfig& c) {
       out.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
     }
     out.push_back({p + "post_attention_layernorm.weight", {h}});
+    if (c.is_moe()) {
+      // The per-expert names save_pretrained writes (transformers fuses them only in memory).
+      out.push_back({p + "block_sparse_moe.gate.weight", {c.num_local_experts, h}});
+      for (std::int64_t e = 0; e < c.num_local_experts; ++e) {
+        const std::string x = fmt::format("block_sparse_moe.experts.{}.", e);
+        linear(x + "w1", m, h, false);
+        linear(x + "w2", h, m, false);
+        linear(x + "w3", m, h, false);
+      }
+      continue;
+    }
     linear("mlp.gate_proj", m, h, c.mlp_bias);
     linear("mlp.up_proj", m, h, c.mlp_bias);
     linear("mlp.down_proj", h, m, c.mlp_bias);
@@ -370,6 +404,10 @@ const std::vector<std::string>& lora_target_candidates(const ModelConfig& config
   static const std::vector<std::string> llama = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"};
   static const std::vector<std::string> gpt2 = {"c_attn", "c_proj", "c_fc"};
+  // transformers holds Mixtral's experts as fused 3-D parameters, which peft's target_modules
+  // cannot name, so an adapter peft loads adapts the attention only.
+  static const std::vector<std::string> moe = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  if (config.is_moe()) return moe;
   return config.family == ModelFamily::kGpt2 ? gpt2 : llama;
 }
 

@@ -18,6 +18,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -43,6 +44,9 @@ struct LlamaModelOptions {
   /// Keep only each decoder layer's input in forward and recompute the layer in backward (see
   /// Note [Layer checkpointing]). Applies whenever gradients are recorded.
   bool activation_checkpointing = true;
+  /// Mixtral: called with the weight names of the experts a layer's router chose, right after it
+  /// ran and before any of them is read (the CLI passes them to VirtualCheckpoint::prefetch).
+  std::function<void(const std::vector<std::string>&)> expert_prefetch;
 };
 
 namespace detail {
@@ -70,6 +74,8 @@ class LlamaModel : public TrainableModel {
   /// it: logits(all) equals logits(first part, c) then logits(rest, c) (no gradients needed).
   at::Tensor logits(const at::Tensor& input_ids, KvCache* cache = nullptr);
   /// Mean next-token cross entropy (labels = input_ids, as transformers computes it); seq >= 2.
+  /// Mixtral with output_router_logits adds router_aux_loss_coef times the router's
+  /// load-balancing loss (Note [Router auxiliary loss]), as transformers does given labels.
   at::Tensor loss(const at::Tensor& input_ids) override;
   at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) override;
 
@@ -92,6 +98,8 @@ class LlamaModel : public TrainableModel {
 
  private:
   at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache);
+  at::Tensor logits_for_loss(const at::Tensor& input_ids);
+  at::Tensor with_router_loss(const at::Tensor& loss);
   std::vector<std::pair<std::string, at::Tensor>> named_adapters() const;
 
   ModelConfig config_;
@@ -101,6 +109,8 @@ class LlamaModel : public TrainableModel {
   at::Tensor position_embed_, norm_bias_;  // GPT-2's learned positions and final LayerNorm bias
   at::Tensor inv_freq_;  // float32 [head_dim / 2]
   std::vector<std::unique_ptr<detail::DecoderLayer>> layers_;
+  bool want_router_stats_ = false;  // set by the loss functions around their forward
+  at::Tensor router_aux_loss_;      // of the last forward that wanted it
 };
 
 }  // namespace lema::trainer

@@ -4,6 +4,8 @@
 //   - the Llama layout (Llama 1-3, Mistral, Qwen2/Qwen2.5, Qwen3): RMSNorm, rotary positions,
 //     separate q/k/v/o projections (with biases where the family has them: Qwen2's q/k/v,
 //     `attention_bias` and `mlp_bias`), Qwen3's per-head q/k RMSNorm, a SwiGLU MLP;
+//   - Mixtral: the Llama layout with the MLP replaced by a sparse mixture of experts (a router
+//     over num_local_experts SwiGLU experts, num_experts_per_tok chosen per token);
 //   - GPT-2: learned positions, LayerNorm with bias, a fused c_attn, Conv1D weights stored
 //     [in, out], a GELU MLP.
 #pragma once
@@ -34,7 +36,7 @@ enum class ModelFamily { kLlama, kGpt2 };
 std::string supported_architectures();
 
 struct ModelConfig {
-  std::string model_type;    // "llama", "mistral", "qwen2", "qwen3" or "gpt2"
+  std::string model_type;    // "llama", "mistral", "mixtral", "qwen2", "qwen3" or "gpt2"
   std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", ... (may be empty)
   ModelFamily family = ModelFamily::kLlama;
   std::int64_t hidden_size = 0;
@@ -59,7 +61,16 @@ struct ModelConfig {
   /// Mistral's sliding attention window. Sequences no longer than the window attend causally to
   /// every earlier token, which is all the model implements: longer ones are refused.
   std::optional<std::int64_t> sliding_window;
+  /// Mixtral: experts per layer (0: a dense MLP), experts chosen per token, and the router's
+  /// auxiliary load-balancing loss, added to the training loss times its coefficient when
+  /// output_router_logits is set (as transformers adds it when given labels).
+  std::int64_t num_local_experts = 0;
+  std::int64_t num_experts_per_tok = 0;
+  double router_aux_loss_coef = 0.001;
+  bool output_router_logits = false;
   std::filesystem::path source;  // the config.json read, for messages
+
+  bool is_moe() const { return num_local_experts > 0; }
 
   /// Reads `dir`/config.json (or `dir` itself when it names a file). Throws InvalidArgument, one
   /// line naming the file and the field, for an unsupported architecture (naming it, the
