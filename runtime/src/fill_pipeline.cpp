@@ -6,6 +6,8 @@
 #include <optional>
 #include <utility>
 
+#include "lema/base/deliberate_leak.hpp"
+
 namespace lema::runtime {
 namespace {
 
@@ -62,7 +64,7 @@ FillPipeline::~FillPipeline() {
   // Host memory a copy may still read is not given back (Note [Device errors without a
   // caller]): the buffers are leaked instead of freed.
   for (CopyInFlight& c : in_flight_) {
-    (void)c.staging.release();
+    leak_deliberately(c.staging);
   }
 }
 
@@ -256,7 +258,7 @@ void FillPipeline::retire_copies(std::size_t keep) noexcept {
     if (!complete) {
       // The copy may still read its host memory: leaked, never reused or freed. A slot of the
       // host cache stays pinned, so no other fill writes it.
-      (void)done.staging.release();
+      leak_deliberately(done.staging);
       std::lock_guard lock(mutex_);
       leaked_ = true;
       continue;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "detail/pool_size.hpp"
+#include "lema/base/deliberate_leak.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "pager_state.hpp"
@@ -194,9 +195,9 @@ Pager::~Pager() {
     spdlog::error("pager: pages the device may still read stay mapped; their pool of {} is "
                   "leaked, not freed",
                   format_size(s.table.chunk_count() * s.page_size));
-    (void)s.pool.release();
+    leak_deliberately(s.pool);
   }
-  if (!copies_done) (void)s.host_cache.release();
+  if (!copies_done) leak_deliberately(s.host_cache);
 }
 
 void Pager::release(Lease&& lease, Fence last_use) {
