@@ -4,6 +4,7 @@
 
 #include <string_view>
 
+#include "detail/jsonl_lines.hpp"
 #include "lema/base/error.hpp"
 
 namespace lema::trainer::detail {
@@ -11,25 +12,12 @@ namespace {
 
 using nlohmann::json;
 
-template <typename Line>
-void for_each_line(const std::string& bytes, const Line& visit) {
-  std::size_t begin = 0, line_no = 0;
-  while (begin < bytes.size()) {
-    auto end = bytes.find('\n', begin);
-    if (end == std::string::npos) end = bytes.size();
-    const std::string_view line(bytes.data() + begin, end - begin);
-    begin = end + 1;
-    ++line_no;
-    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
-    if (!visit(line, line_no)) return;
-  }
-}
 
 }  // namespace
 
 bool looks_prepared(const std::string& bytes) {
   bool prepared = false;
-  for_each_line(bytes, [&](std::string_view line, std::size_t) {
+  for_each_jsonl_line(bytes, [&](std::string_view line, std::size_t) {
     const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
     prepared = j.is_object() && j.contains("input_ids");
     return false;
@@ -41,7 +29,7 @@ TokenStream read_prepared(const std::filesystem::path& path, const std::string& 
                           const TokenSourceOptions& options) {
   TokenStream stream{path, {}, {}, ""};
   std::uint64_t tokens = 0, learned = 0;
-  for_each_line(bytes, [&](std::string_view line, std::size_t line_no) {
+  for_each_jsonl_line(bytes, [&](std::string_view line, std::size_t line_no) {
     const std::string where = path.string() + ":" + std::to_string(line_no);
     const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (!j.is_object()) {

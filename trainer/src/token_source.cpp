@@ -11,6 +11,7 @@
 #include <span>
 #include <string>
 
+#include "detail/jsonl_lines.hpp"
 #include "detail/npy_header.hpp"
 #include "prepared_examples.hpp"
 #include "lema/base/error.hpp"
@@ -174,15 +175,7 @@ TokenStream read_text(const std::filesystem::path& path, const std::string& byte
     append_document(tokenizer, bytes, stream.tokens);
     documents = 1;
   } else {
-    std::size_t line_no = 0;
-    std::size_t begin = 0;
-    while (begin < bytes.size()) {
-      auto end = bytes.find('\n', begin);
-      if (end == std::string::npos) end = bytes.size();
-      const std::string_view line(bytes.data() + begin, end - begin);
-      begin = end + 1;
-      ++line_no;
-      if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    detail::for_each_jsonl_line(bytes, [&](std::string_view line, std::size_t line_no) {
       const auto where = path.string() + ":" + std::to_string(line_no);
       nlohmann::json object;
       try {
@@ -199,7 +192,8 @@ TokenStream read_text(const std::filesystem::path& path, const std::string& byte
       }
       append_document(tokenizer, field->get_ref<const std::string&>(), stream.tokens);
       ++documents;
-    }
+      return true;
+    });
     if (documents == 0) {
       throw InvalidArgument(path.string() +
                             ": no JSONL lines with text; the file holds only "
