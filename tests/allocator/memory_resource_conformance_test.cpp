@@ -23,6 +23,10 @@
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/pinned_host_pool.hpp"
+#ifdef LEMA_TEST_DEVICE_VMM
+#include "fake_cuda_control.hpp"
+#include "lema/allocator/cuda/device_vmm_resource.hpp"
+#endif
 
 namespace lema::allocator {
 namespace {
@@ -107,6 +111,26 @@ std::vector<Case> cases() {
                               SlotPoolOptions{.slot_bytes = 4_KiB, .slots_per_chunk = 64},
                               fake_driver())),
                           kLimit)};
+       }},
+#endif
+#if defined(LEMA_FAKE_CUDA_DRIVER) && defined(LEMA_TEST_DEVICE_VMM)
+      // Device memory from the driver's virtual memory management, over the fake driver (whose
+      // device memory the host can touch). Each block takes a 2 MiB granule, so the fake gets
+      // room for the suite's 512 live blocks.
+      {"DeviceVmm",
+       [] {
+         static test::FakeCudaControl control(LEMA_FAKE_CUDA_DRIVER);
+         control.configure("memory", static_cast<long long>(4_GiB));
+         return Stack{.mr = std::make_unique<cuda::DeviceVmmResource>(
+                          cuda::DeviceVmmOptions{.driver_library = LEMA_FAKE_CUDA_DRIVER})};
+       }},
+      {"StatisticsOverDeviceVmm",
+       [] {
+         static test::FakeCudaControl control(LEMA_FAKE_CUDA_DRIVER);
+         control.configure("memory", static_cast<long long>(4_GiB));
+         return Stack{.mr = std::make_unique<StatisticsAdaptor>(
+                          std::make_unique<cuda::DeviceVmmResource>(cuda::DeviceVmmOptions{
+                              .driver_library = LEMA_FAKE_CUDA_DRIVER, .budget_bytes = 2_GiB}))};
        }},
 #endif
   };
