@@ -2,6 +2,7 @@
 # component `python`, installed only when asked for by name (scikit-build-core does; a plain
 # `cmake --install` of the C++ tree does not).
 #   <platlib>/lema/liblema_torch_ops.so, <platlib>/lema/lema_torch_ops.torch_version
+#   <platlib>/lema/liblema_cuda_alloc.so  (builds with the CUDA toolkit's headers; lema.cuda_alloc)
 #   <scripts>/lema, <scripts>/lema-trainer  (on PATH in the environment installed into)
 # The Python sources themselves (python/lema) are added to the wheel by scikit-build-core.
 
@@ -28,6 +29,10 @@ if(TARGET lema_torch_ops)
   # Installed into site-packages/lema/, beside torch/: libtorch is found there relative to the
   # library (and is loaded already anyway: `import torch` comes first).
   install(TARGETS lema_torch_ops LIBRARY DESTINATION lema COMPONENT python EXCLUDE_FROM_ALL)
+endif()
+if(TARGET lema_cuda_alloc)
+  # Links neither torch nor the CUDA runtime: one library serves every torch version.
+  install(TARGETS lema_cuda_alloc LIBRARY DESTINATION lema COMPONENT python EXCLUDE_FROM_ALL)
 endif()
 install(TARGETS lema RUNTIME DESTINATION ${SKBUILD_SCRIPTS_DIR} COMPONENT python EXCLUDE_FROM_ALL)
 if(TARGET lema_trainer_cli)

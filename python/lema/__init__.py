@@ -21,7 +21,7 @@ import re
 import torch
 
 __all__ = ["load_library", "open", "parse_size", "parse_budget", "Checkpoint", "causal_lm",
-           "from_pretrained", "stats", "TorchVersionError"]
+           "from_pretrained", "stats", "TorchVersionError", "cuda_allocator"]
 
 
 def from_pretrained(path, budget, **kwargs):
@@ -34,6 +34,12 @@ def stats(model):
     """The paging figures of a model from from_pretrained (or peft's wrapper of one)."""
     from .hf import stats as model_stats
     return model_stats(model)
+
+
+def cuda_allocator(path=None):
+    """torch's CUDAPluggableAllocator over LEMA's device allocator (lema.cuda_alloc)."""
+    from .cuda_alloc import cuda_allocator as make
+    return make(path)
 
 
 def __getattr__(name):

@@ -104,6 +104,9 @@ extern "C" {
 LEMA_EXPORT void* lema_alloc(ssize_t size, int device, cudaStream_t /*stream*/) {
   // Fresh physical memory has no pending work: usable at once on any stream.
   clear_error();
+  // Some PyTorch versions call with the device as c10::DeviceIndex (int8_t), which leaves the
+  // upper bits of the register unspecified: only the low byte is the device.
+  device = static_cast<signed char>(device);
   if (size < 0) {
     char line[160];
     std::snprintf(line, sizeof line, "size %zd on device %d is negative; nothing allocated", size,
@@ -125,6 +128,7 @@ LEMA_EXPORT void* lema_alloc(ssize_t size, int device, cudaStream_t /*stream*/) 
 LEMA_EXPORT void lema_free(void* ptr, ssize_t size, int device, cudaStream_t stream) {
   clear_error();
   if (ptr == nullptr) return;
+  device = static_cast<signed char>(device);  // as in lema_alloc
   char line[256];
   DeviceVmmResource* r = find(device);
   if (r == nullptr || size < 0) {
