@@ -3,15 +3,18 @@
 // this is the whole of its bookkeeping apart from the driver calls (and what its benchmark
 // measures).
 //
-// Offsets, not pointers: the range is [0, size). Allocations are first fit at the lowest
-// offset aligned to `alignment`; frees coalesce with their free neighbours, so a range that is
-// all free again is one piece.
+// Offsets, not pointers: the range is [0, size). Allocations take the smallest free piece that
+// holds them at an offset aligned to `alignment` (the lowest such piece among equals), found in
+// logarithmic time through an index by size; frees coalesce with their free neighbours, so a
+// range that is all free again is one piece.
 // Thread safety: none; the resource calls it under its lock.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
+#include <utility>
 
 namespace lema::allocator::cuda {
 
@@ -35,7 +38,11 @@ class AddressRanges {
  private:
   std::uint64_t size_;
   std::uint64_t free_bytes_;
-  std::map<std::uint64_t, std::uint64_t> free_;  // offset -> bytes, no two adjacent
+  void add(std::uint64_t offset, std::uint64_t bytes);
+  void remove(std::map<std::uint64_t, std::uint64_t>::iterator it);
+
+  std::map<std::uint64_t, std::uint64_t> free_;           // offset -> bytes, no two adjacent
+  std::set<std::pair<std::uint64_t, std::uint64_t>> by_size_;  // (bytes, offset) of free_
 };
 
 }  // namespace lema::allocator::cuda
