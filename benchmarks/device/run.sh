@@ -39,7 +39,7 @@
 # phase, so a run killed from outside still leaves a well-formed summary of what ran.
 set -uo pipefail
 
-PHASES=(environment deps configure build_core ctest_gpu bandwidth build_torch ctest_torch
+PHASES=(environment deps configure build_core ctest_gpu bandwidth cuda_alloc build_torch ctest_torch
         gen_model train_resident train_half train_half_cached train_resident_small
         train_half_small train_half_managed pager_passes train_unified train_table)
 
@@ -241,6 +241,7 @@ finish() {
   trap - EXIT TERM INT
   write_summary
   pack_logs
+  [[ -f "$runs/cuda_alloc.md" ]] && { echo; echo "==== cuda_alloc.md"; cat "$runs/cuda_alloc.md"; }
   for f in device_bench.md train_steps.md summary.md; do
     [[ -f "$out/$f" ]] && { echo; echo "==== $f"; cat "$out/$f"; }
   done
@@ -335,7 +336,8 @@ build_targets() {
   fi
 }
 build_core_body() {
-  build_targets runtime_cuda_gpu_test runtime_backend_test fake_cuda_driver device_bench lema
+  build_targets runtime_cuda_gpu_test runtime_backend_test fake_cuda_driver device_bench lema \
+    lema_cuda_alloc allocator_conformance_test
 }
 build_torch_body() { build_targets torch_cuda_weights_test lema_trainer_cli; }
 
@@ -392,6 +394,11 @@ train_body() {  # name, lema train arguments...
   return $rc
 }
 
+cuda_alloc_body() {  # PyTorch with liblema_cuda_alloc.so against its own allocator
+  "$python" "$here/cuda_alloc_bench.py" --library "$build/allocator/pluggable/liblema_cuda_alloc.so" \
+    --out "$runs/cuda_alloc.md"
+}
+
 table_body() {
   # A resumed call has the first call's bandwidth in the build folder, not yet in OUT_DIR.
   if compgen -G "$runs/bench_*/device_bench.json" > /dev/null; then
@@ -405,7 +412,7 @@ table_body() {
   echo "wrote train_steps.md and train_steps.json"
 }
 export -f environment_body deps_body configure_body build_targets build_core_body \
-  build_torch_body ctest_body bench_body gen_body train_body table_body
+  build_torch_body ctest_body bench_body gen_body train_body table_body cuda_alloc_body
 
 # ---- the run ----
 if [[ $rehearsal -eq 1 ]]; then
@@ -446,6 +453,11 @@ else
 fi
 phase ctest_gpu "$(need 20)" 300 build_core ctest_body -L 'gpu|conformance' -LE torch
 phase bandwidth "$(need 30)" 180 build_core bench_body h2d,vmm "${bench_h2d[@]}"
+if [[ $rehearsal -eq 1 ]]; then
+  skip cuda_alloc "no GPU"
+else
+  phase cuda_alloc "$(need 30)" 150 build_core cuda_alloc_body
+fi
 if [[ -n "$build_given" ]]; then
   record build_torch "skipped: build folder given" 0 "$build"
 else
