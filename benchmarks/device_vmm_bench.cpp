@@ -49,7 +49,8 @@ void DeviceVmmOverFake(benchmark::State& state) {
   std::unique_ptr<lema::allocator::cuda::DeviceVmmResource> mr;
   try {
     mr = std::make_unique<lema::allocator::cuda::DeviceVmmResource>(
-        lema::allocator::cuda::DeviceVmmOptions{.driver_library = "", .budget_bytes = 64 * kGranule});
+        lema::allocator::cuda::DeviceVmmOptions{.driver_library = "",
+                                                .budget_bytes = 64 * kGranule});
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
     return;

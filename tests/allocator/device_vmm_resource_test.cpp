@@ -22,8 +22,8 @@ using test::fake;
 using test::FakeMapping;
 
 constexpr std::uint64_t kGranule = 2_MiB;  // the fake's default granularity
-constexpr int kInvalidValue = 1;  // CUDA_ERROR_INVALID_VALUE
-constexpr int kOutOfMemory = 2;   // CUDA_ERROR_OUT_OF_MEMORY
+constexpr int kInvalidValue = 1;           // CUDA_ERROR_INVALID_VALUE
+constexpr int kOutOfMemory = 2;            // CUDA_ERROR_OUT_OF_MEMORY
 
 DeviceVmmOptions options(std::uint64_t budget) {
   return {.driver_library = test::fake_cuda_driver_path(), .budget_bytes = budget};
@@ -93,8 +93,7 @@ TEST_F(DeviceVmmTest, BlocksAreMappedReadWriteAtGranulesAndUnmappedOnFree) {
   void* a = mr.allocate(1);
   void* b = mr.allocate(kGranule + 1);
   EXPECT_EQ(fake().query_mapped(a), FakeMapping::read_write);
-  EXPECT_EQ(fake().query_mapped(static_cast<char*>(b) + 2 * kGranule - 1),
-            FakeMapping::read_write);
+  EXPECT_EQ(fake().query_mapped(static_cast<char*>(b) + 2 * kGranule - 1), FakeMapping::read_write);
   EXPECT_EQ(mr.usage().mapped_bytes, 3 * kGranule);
   EXPECT_EQ(device_used() - before, 3 * kGranule);
   mr.deallocate(a, 1);

@@ -42,8 +42,7 @@ const DriverApi& driver_for(const DeviceVmmOptions& options) {
 
 }  // namespace
 
-Vmm::Vmm(const DriverApi& api, const DeviceVmmOptions& options)
-    : context(api, options.device) {
+Vmm::Vmm(const DriverApi& api, const DeviceVmmOptions& options) : context(api, options.device) {
   context.enter();
   const CUmemAllocationProp prop = device_allocation(context.device());
   std::size_t g = 0;
@@ -58,9 +57,9 @@ Vmm::Vmm(const DriverApi& api, const DeviceVmmOptions& options)
   }
   budget = round_up(budget, granularity);
   reserve = options.reserve_bytes == 0 ? 4 * budget : round_up(options.reserve_bytes, granularity);
-  LEMA_EXPECTS(reserve >= budget,
-               "the virtual range of " + format_size(reserve) + " is smaller than the budget of " +
-                   format_size(budget) + "; reserve at least the budget (0: four times it)");
+  LEMA_EXPECTS(reserve >= budget, "the virtual range of " + format_size(reserve) +
+                                      " is smaller than the budget of " + format_size(budget) +
+                                      "; reserve at least the budget (0: four times it)");
   api.check(api.mem_address_reserve(&base, reserve, 0, 0, 0), "cuMemAddressReserve",
             format_size(reserve) + " of device addresses");
   ranges = AddressRanges(reserve);

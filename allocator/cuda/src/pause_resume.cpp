@@ -22,8 +22,9 @@ namespace lema::allocator::cuda {
 // the pause and a copy each way.
 void DeviceVmmResource::pause(std::string_view tag, bool keep_contents) {
   detail::Vmm& s = *state_;
-  LEMA_EXPECTS(!tag.empty(), "pause of the empty tag: only tagged allocations can be paused; "
-                             "set a tag (ScopedTag, lema_set_tag) before allocating them");
+  LEMA_EXPECTS(!tag.empty(),
+               "pause of the empty tag: only tagged allocations can be paused; "
+               "set a tag (ScopedTag, lema_set_tag) before allocating them");
   std::lock_guard lock(s.mu);
   auto t = s.tags.find(tag);
   LEMA_EXPECTS(t != s.tags.end(), "pause of tag '" + std::string(tag) +
@@ -51,7 +52,8 @@ void DeviceVmmResource::pause(std::string_view tag, bool keep_contents) {
                                   format_size(blocks[copied]->bytes) +
                                   " of host memory to keep its contents; pause without keeping "
                                   "them or free pinned memory");
-        a.check(r, "cuMemHostAlloc", format_size(blocks[copied]->bytes) + " to keep a paused block");
+        a.check(r, "cuMemHostAlloc",
+                format_size(blocks[copied]->bytes) + " to keep a paused block");
         blocks[copied]->backup = host;
         a.check(a.memcpy_dtoh(host, addrs[copied], blocks[copied]->bytes), "cuMemcpyDtoH",
                 format_size(blocks[copied]->bytes) + " of tag '" + std::string(tag) + "'");

@@ -60,7 +60,7 @@ struct Vmm {
   std::deque<PendingFree> pending;
   std::vector<CUevent> spare_events;  // recorded and completed, for the next pending free
   std::map<std::string, TagState, std::less<>> tags;
-  std::uint64_t mapped = 0;   // physical bytes held (live with a handle + pending)
+  std::uint64_t mapped = 0;  // physical bytes held (live with a handle + pending)
   std::uint64_t pending_bytes = 0;
 
   // Physical memory for `bytes` at `addr`, read-write for the device; the handle. Undoes what

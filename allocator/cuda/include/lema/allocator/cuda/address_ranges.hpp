@@ -41,7 +41,7 @@ class AddressRanges {
   void add(std::uint64_t offset, std::uint64_t bytes);
   void remove(std::map<std::uint64_t, std::uint64_t>::iterator it);
 
-  std::map<std::uint64_t, std::uint64_t> free_;           // offset -> bytes, no two adjacent
+  std::map<std::uint64_t, std::uint64_t> free_;                // offset -> bytes, no two adjacent
   std::set<std::pair<std::uint64_t, std::uint64_t>> by_size_;  // (bytes, offset) of free_
 };
 

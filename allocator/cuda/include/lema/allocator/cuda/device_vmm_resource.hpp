@@ -63,9 +63,9 @@ struct DeviceVmmUsage {
 
 /// How deallocate_on_stream / release went (for callers at a C boundary, which must not throw).
 enum class ReleaseStatus {
-  released,        // freed, or queued behind the stream's event
-  unknown_pointer, // not a live allocation of this resource (a double free?); nothing done
-  size_mismatch,   // live, but allocated with another size; freed anyway (by its address)
+  released,         // freed, or queued behind the stream's event
+  unknown_pointer,  // not a live allocation of this resource (a double free?); nothing done
+  size_mismatch,    // live, but allocated with another size; freed anyway (by its address)
 };
 
 class DeviceVmmResource final : public MemoryResource {
