@@ -181,6 +181,37 @@ TEST_F(DeviceVmmTest, FullBudgetWaitsForThePendingFreeInsteadOfFailing) {
   mr.deallocate(b, 4096);
 }
 
+TEST_F(DeviceVmmTest, FullRangeWaitsForThePendingFreeThatHoldsAddresses) {
+  TestStream stream;
+  DeviceVmmOptions o = options(3 * kGranule);
+  o.reserve_bytes = 3 * kGranule;
+  DeviceVmmResource mr(o);
+  void* w = nullptr;
+  {
+    ScopedTag tag("weights");
+    w = mr.allocate(kGranule);
+  }
+  mr.pause("weights");  // its granule of addresses stays taken
+  void* b = mr.allocate(2 * kGranule);
+  fake().hold(stream.get(), true);
+  ASSERT_EQ(fake().touch(stream.get(), b, 4096), 0);
+  mr.deallocate_on_stream(b, 2 * kGranule, stream.get());
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    fake().hold(stream.get(), false);
+  });
+  void* c = nullptr;
+  try {
+    c = mr.allocate(kGranule);  // the budget has room; the range only once b is released
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  release.join();
+  EXPECT_EQ(c, b);
+  mr.deallocate(c, kGranule);
+  mr.deallocate(w, kGranule);
+}
+
 TEST_F(DeviceVmmTest, PauseReleasesPhysicalMemoryAndResumeMapsTheSameAddresses) {
   DeviceVmmResource mr(options(16 * kGranule));
   std::vector<void*> weights;

@@ -191,6 +191,12 @@ void* DeviceVmmResource::do_allocate(std::size_t bytes, std::size_t alignment) {
   if (s.mapped + size > s.budget) throw OutOfMemory(size, s.mapped, s.budget);
   const std::uint64_t align = std::max<std::uint64_t>(alignment, s.granularity);
   auto offset = s.ranges.take(size, align);
+  if (!offset && !s.pending.empty()) {
+    // Pending frees hold addresses too: wait for them all (the range, not the budget, is full).
+    for (auto& p : s.pending) s.api().event_synchronize(p.event);
+    s.reclaim();
+    offset = s.ranges.take(size, align);
+  }
   if (!offset) {
     throw lema::OutOfMemory(
         "allocation of " + format_size(size) + " finds no room in the reserved virtual range of " +

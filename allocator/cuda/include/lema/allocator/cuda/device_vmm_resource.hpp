@@ -13,7 +13,8 @@
 //  - deallocate(p, bytes, alignment) releases at once: the caller says no work on p is queued.
 //    deallocate_on_stream(p, bytes, stream) records an event on `stream` and releases the block
 //    (physical memory and addresses) only once that event has completed (Note [Stream-ordered
-//    frees]).
+//    frees]). An allocation the budget or the range cannot otherwise hold waits for pending
+//    frees; so does the destructor.
 //  - Allocations carry the calling thread's current tag (ScopedTag). pause(tag) unmaps and
 //    releases the physical memory of every live allocation of the tag, keeping its addresses
 //    reserved; resume(tag) maps fresh physical memory at the same addresses. Contents are lost
