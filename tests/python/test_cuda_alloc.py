@@ -21,6 +21,13 @@ def test_the_library_is_found_and_exports_the_pluggable_entry_points():
         assert getattr(lib, name) is not None
 
 
+def test_the_package_offers_the_allocator():
+    import lema
+    assert lema.cuda_allocator.__module__ == "lema"
+    for name in ("cuda_allocator", "install", "mem_pool", "tag", "pause", "resume", "usage"):
+        assert callable(getattr(cuda_alloc, name))
+
+
 def test_a_missing_library_names_every_place_tried():
     with pytest.raises(FileNotFoundError, match=r"the path given: /nonexistent/x\.so"):
         cuda_alloc.library_path("/nonexistent/x.so")
