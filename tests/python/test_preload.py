@@ -156,3 +156,19 @@ def test_profile_summary_is_read_by_lema_prof(tmp_path):
     text = subprocess.run([LEMA, "prof", "report", str(prof)], capture_output=True, text=True,
                           timeout=60)
     assert text.returncode == 0 and "peak resident          24 MiB" in text.stdout, text.stdout
+
+
+def test_preload_library_names_the_built_hook():
+    python_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python")
+    code = "import lema; print(lema.preload_library())"
+    env = dict(os.environ, PYTHONPATH=python_dir)
+    env.pop("LEMA_PRELOAD_LIBRARY", None)
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert os.path.samefile(found.stdout.strip(), PRELOAD)
+    env["LEMA_PRELOAD_LIBRARY"] = "/nonexistent/liblema_preload.so"
+    # The override is tried first; the build tree's library is still found after it.
+    again = subprocess.run([sys.executable, "-c", "import lema; print(lema.preload_library())"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and os.path.samefile(again.stdout.strip(), PRELOAD)
