@@ -148,6 +148,18 @@ static void table_full(void) {
   CHECK(count("live") == 0 && count("free_errors") == 0);
 }
 
+/* LEMA_PRELOAD_THRESHOLD=0: every allocation is managed, but for a zero-byte one, which stays the
+ * runtime's (it may answer a null pointer, which the hook's table cannot hold). */
+static void zero_threshold(void) {
+  void* empty = NULL;
+  CHECK(cudaMalloc(&empty, 0) == 0);
+  CHECK(count("malloc") == 1 && count("managed") == 0);
+  void* tiny = alloc(16);
+  CHECK(fake_cudart_is_managed(tiny) && count("managed") == 1);
+  CHECK(cudaFree(tiny) == 0 && cudaFree(empty) == 0);
+  CHECK(count("live") == 0);
+}
+
 static atomic_int stop;
 static void* churn(void* arg) {
   (void)arg;
@@ -207,6 +219,7 @@ int main(int argc, char** argv) {
   else if (!strcmp(s, "double_free")) double_free();
   else if (!strcmp(s, "table_full")) table_full();
   else if (!strcmp(s, "fork")) fork_children();
+  else if (!strcmp(s, "zero_threshold")) zero_threshold();
   else if (!strcmp(s, "bench")) bench(argc > 2 ? atoi(argv[2]) : 1000);
   else {
     printf("unknown scenario '%s'\n", s);

@@ -50,6 +50,7 @@ if(NOT LEMA_SANITIZE)
   lema_preload_test(table_full 1 "the pointer table is full \\(12 allocations live\\)"
                     "LEMA_PRELOAD_TABLE=16" ${_prog} table_full)
   lema_preload_test(fork 0 "" "LEMA_BUDGET=64M" ${_prog} fork)
+  lema_preload_test(zero_threshold 0 "" "LEMA_PRELOAD_THRESHOLD=0" ${_prog} zero_threshold)
   lema_preload_test(plain_program 0 "" "LEMA_BUDGET=64M" $<TARGET_FILE:preload_plain>)
   lema_preload_test(no_runtime 1 "cudaMalloc: no CUDA runtime in this process" "LEMA_BUDGET=64M"
                     $<TARGET_FILE:preload_no_runtime>)
@@ -63,4 +64,12 @@ if(NOT LEMA_SANITIZE)
       ENVIRONMENT "LEMA_PRELOAD=$<TARGET_FILE:lema_preload>;LEMA_FAKE_CUDART=$<TARGET_FILE:fake_cudart>;LEMA_BIN=$<TARGET_FILE:lema>;PYTHONDONTWRITEBYTECODE=1"
       LABELS "python;preload" TIMEOUT 300)
   endif()
+endif()
+
+# The device benchmark's script cannot run here: its syntax and arguments are checked.
+if(LEMA_PYTHON)
+  add_test(NAME preload_device_script
+           COMMAND ${LEMA_PYTHON} ${PROJECT_SOURCE_DIR}/benchmarks/device/preload_oversubscribe.py --help)
+  set_tests_properties(preload_device_script PROPERTIES LABELS preload TIMEOUT 60
+                       PASS_REGULAR_EXPRESSION "--preload PRELOAD")
 endif()

@@ -158,6 +158,22 @@ def test_profile_summary_is_read_by_lema_prof(tmp_path):
     assert text.returncode == 0 and "peak resident          24 MiB" in text.stdout, text.stdout
 
 
+def test_a_forked_child_leaves_the_profile_to_its_parent(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run(f"""
+        import sys
+        rc, p = malloc(4 * MiB)
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a normal exit: the hook's destructor runs in the child too
+        os.waitpid(pid, 0)
+        assert not os.path.exists({str(prof)!r}), "the child wrote the parent's profile"
+        print("ok")
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    assert prof.exists()
+
+
 def test_preload_library_names_the_built_hook():
     python_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python")
     code = "import lema; print(lema.preload_library())"

@@ -13,6 +13,7 @@
 // through the wrong call. The program's own cudaMallocManaged calls of at least the threshold
 // count against the budget too (they take device memory like the hook's own).
 #include <pthread.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -36,6 +37,7 @@ std::atomic<std::uint64_t> g_budget{0};  // 0: none
 std::atomic<int> g_budget_checked{0};   // 0: not yet, 1: being checked, 2: done
 std::atomic<std::uint64_t> g_passed_through{0};
 std::uint64_t g_start_ns = 0;
+pid_t g_pid = 0;  // the process that loaded the hook: a forked child exiting writes no profile
 
 std::uintptr_t addr(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p);
@@ -79,7 +81,9 @@ void check_budget_once() {
 }
 
 bool routes(std::size_t size) {
-  if (!g_active.load(std::memory_order_acquire) || size < g_settings.threshold) return false;
+  // A zero-byte request stays the runtime's: the table cannot hold the null pointer it may get.
+  if (!g_active.load(std::memory_order_acquire) || size < g_settings.threshold || size == 0)
+    return false;
   check_budget_once();
   return g_active.load(std::memory_order_acquire);
 }
@@ -132,8 +136,9 @@ cuda_error managed_alloc(const char* call, void** ptr, std::size_t size, unsigne
   }
   void* p = nullptr;
   const cuda_error rc = managed(&p, size, flags);
-  if (rc != kCudaSuccess) {
+  if (rc != kCudaSuccess || p == nullptr) {
     g_table.cancel(size);
+    if (rc == kCudaSuccess) *ptr = p;
     debug_call(call, size, nullptr, "managed (failed)", rc);
     return rc;
   }
@@ -171,6 +176,7 @@ void after_fork_child() {
 
 __attribute__((constructor)) void load() {
   g_start_ns = monotonic_ns();
+  g_pid = ::getpid();
   g_settings = read_settings();
   if (g_settings.managed && !g_table.init(g_settings.table_entries)) {
     Line line;
@@ -205,7 +211,7 @@ __attribute__((destructor)) void unload() {
         .dec(c.refused).add(" over budget, ").dec(passed).add(" passed through");
     report(Level::info, line);
   }
-  if (g_settings.profile_path[0]) {
+  if (g_settings.profile_path[0] && ::getpid() == g_pid) {
     ProfileSummary s;
     s.path = g_settings.profile_path;
     s.managed = g_active.load(std::memory_order_relaxed);

@@ -7,7 +7,9 @@
 // failure. One spin lock guards the table and the counters; it is held for a few dozen
 // instructions and never across a call into the CUDA runtime. pthread_atfork handlers take it
 // before a fork and release it on both sides, so a child forked while another thread was
-// inside the table starts with a consistent table and a free lock.
+// inside the table starts with a consistent table and a free lock. (A signal handler that
+// allocated through the hook while its own thread held the lock would spin; the CUDA runtime is
+// no more async-signal-safe than that.)
 //
 // A short ring remembers the last frees, so that a second free of one of them can be reported
 // as a double free rather than as a pointer never seen.
