@@ -198,13 +198,18 @@ static void fork_children(void) {
   CHECK(cudaFree(kept) == 0);
 }
 
-/* The benchmark's loop: a training step's pattern of one large buffer and a few small ones,
- * each written once. argv[2] iterations. */
-static void bench(int iterations) {
+/* The benchmark's loop: a training step's pattern of one large buffer and a few small ones, each
+ * written once (touch) or not written at all (the calls' cost alone). */
+static void bench(int iterations, int touch) {
   for (int i = 0; i < iterations; ++i) {
-    void* large = alloc(4 * MiB);
+    void* large = NULL;
     void* small[4];
-    for (int k = 0; k < 4; ++k) small[k] = alloc(64 * KiB);
+    CHECK(cudaMalloc(&large, 4 * MiB) == 0);
+    if (touch) memset(large, 1, 4 * MiB);
+    for (int k = 0; k < 4; ++k) {
+      CHECK(cudaMalloc(&small[k], 64 * KiB) == 0);
+      if (touch) memset(small[k], 1, 64 * KiB);
+    }
     for (int k = 0; k < 4; ++k) cudaFree(small[k]);
     cudaFree(large);
   }
@@ -220,7 +225,8 @@ int main(int argc, char** argv) {
   else if (!strcmp(s, "table_full")) table_full();
   else if (!strcmp(s, "fork")) fork_children();
   else if (!strcmp(s, "zero_threshold")) zero_threshold();
-  else if (!strcmp(s, "bench")) bench(argc > 2 ? atoi(argv[2]) : 1000);
+  else if (!strcmp(s, "bench")) bench(argc > 2 ? atoi(argv[2]) : 1000, 1);
+  else if (!strcmp(s, "bench_calls")) bench(argc > 2 ? atoi(argv[2]) : 1000, 0);
   else {
     printf("unknown scenario '%s'\n", s);
     return 2;
