@@ -32,9 +32,9 @@ namespace {
 
 Settings g_settings;
 PointerTable g_table;
-std::atomic<bool> g_active{false};      // new large allocations go to managed memory
+std::atomic<bool> g_active{false};       // new large allocations go to managed memory
 std::atomic<std::uint64_t> g_budget{0};  // 0: none
-std::atomic<int> g_budget_checked{0};   // 0: not yet, 1: being checked, 2: done
+std::atomic<int> g_budget_checked{0};    // 0: not yet, 1: being checked, 2: done
 std::atomic<std::uint64_t> g_passed_through{0};
 std::uint64_t g_start_ns = 0;
 pid_t g_pid = 0;  // the process that loaded the hook: a forked child exiting writes no profile
@@ -47,7 +47,8 @@ cuda_error no_runtime(const char* call) {
   static std::atomic<bool> reported{false};
   if (!reported.exchange(true)) {
     Line line;
-    line.add(call).add(": no CUDA runtime in this process (dlsym(RTLD_NEXT) found no ")
+    line.add(call)
+        .add(": no CUDA runtime in this process (dlsym(RTLD_NEXT) found no ")
         .add(call)
         .add("); returning cudaErrorInitializationError (link or load libcudart)");
     report(Level::warn, line);
@@ -69,7 +70,10 @@ void check_budget_once() {
   if (budget && get_info && get_info(&free_bytes, &total) == kCudaSuccess && total > 0 &&
       budget > total) {
     Line line;
-    line.add("LEMA_BUDGET=").size(budget).add(" is more than the device's ").size(total)
+    line.add("LEMA_BUDGET=")
+        .size(budget)
+        .add(" is more than the device's ")
+        .size(total)
         .add(" (cudaMemGetInfo); the hook passes every call through (set LEMA_BUDGET to at most ")
         .size(total)
         .add(")");
@@ -94,8 +98,9 @@ void report_table_full() {
   Line line;
   line.add("the pointer table is full (")
       .dec(g_settings.table_entries / 4 * 3)
-      .add(" allocations live); further large allocations pass through to the CUDA runtime "
-           "(raise LEMA_PRELOAD_TABLE)");
+      .add(
+          " allocations live); further large allocations pass through to the CUDA runtime "
+          "(raise LEMA_PRELOAD_TABLE)");
   report(Level::warn, line);
 }
 
@@ -103,8 +108,15 @@ void debug_call(const char* call, std::size_t size, const void* ptr, const char*
                 cuda_error rc) {
   if (!reporting(Level::debug)) return;
   Line line;
-  line.add(call).add("(").size(size).add(") = ").dec(static_cast<std::uint64_t>(rc)).add(", ")
-      .hex(addr(ptr)).add(" ").add(where);
+  line.add(call)
+      .add("(")
+      .size(size)
+      .add(") = ")
+      .dec(static_cast<std::uint64_t>(rc))
+      .add(", ")
+      .hex(addr(ptr))
+      .add(" ")
+      .add(where);
   report(Level::debug, line);
 }
 
@@ -123,9 +135,14 @@ cuda_error managed_alloc(const char* call, void** ptr, std::size_t size, unsigne
     case PointerTable::Reserve::over_budget:
       if (reporting(Level::info)) {
         Line line;
-        line.add(call).add("(").size(size).add("): over the budget of ")
+        line.add(call)
+            .add("(")
+            .size(size)
+            .add("): over the budget of ")
             .size(g_budget.load(std::memory_order_relaxed))
-            .add(" (").size(g_table.in_use()).add(" in use); cudaErrorMemoryAllocation");
+            .add(" (")
+            .size(g_table.in_use())
+            .add(" in use); cudaErrorMemoryAllocation");
         report(Level::info, line);
       }
       return kCudaErrorMemoryAllocation;
@@ -180,8 +197,10 @@ __attribute__((constructor)) void load() {
   g_settings = read_settings();
   if (g_settings.managed && !g_table.init(g_settings.table_entries)) {
     Line line;
-    line.add("cannot map the pointer table (").dec(g_settings.table_entries)
-        .add(" entries: ").add(std::strerror(errno))
+    line.add("cannot map the pointer table (")
+        .dec(g_settings.table_entries)
+        .add(" entries: ")
+        .add(std::strerror(errno))
         .add("); the hook passes every call through (lower LEMA_PRELOAD_TABLE)");
     report(Level::warn, line);
     g_settings.managed = false;
@@ -191,8 +210,11 @@ __attribute__((constructor)) void load() {
   g_active.store(g_settings.managed, std::memory_order_release);
   if (reporting(Level::debug)) {
     Line line;
-    line.add("loaded: mode ").add(g_settings.managed ? "managed" : "passthrough")
-        .add(", threshold ").size(g_settings.threshold).add(", budget ");
+    line.add("loaded: mode ")
+        .add(g_settings.managed ? "managed" : "passthrough")
+        .add(", threshold ")
+        .size(g_settings.threshold)
+        .add(", budget ");
     if (g_settings.budget)
       line.size(g_settings.budget);
     else
@@ -206,9 +228,17 @@ __attribute__((destructor)) void unload() {
   const std::uint64_t passed = g_passed_through.load(std::memory_order_relaxed);
   if (reporting(Level::info)) {
     Line line;
-    line.add("exit: ").dec(c.managed_allocs).add(" allocations in managed memory (")
-        .size(c.managed_bytes).add(", peak in use ").size(c.peak).add("), ")
-        .dec(c.refused).add(" over budget, ").dec(passed).add(" passed through");
+    line.add("exit: ")
+        .dec(c.managed_allocs)
+        .add(" allocations in managed memory (")
+        .size(c.managed_bytes)
+        .add(", peak in use ")
+        .size(c.peak)
+        .add("), ")
+        .dec(c.refused)
+        .add(" over budget, ")
+        .dec(passed)
+        .add(" passed through");
     report(Level::info, line);
   }
   if (g_settings.profile_path[0] && ::getpid() == g_pid) {
@@ -223,8 +253,11 @@ __attribute__((destructor)) void unload() {
     s.counters = c;
     if (!write_profile_summary(s)) {
       Line line;
-      line.add("LEMA_PRELOAD_PROFILE='").add(g_settings.profile_path)
-          .add("' cannot be written (").add(std::strerror(errno)).add(")");
+      line.add("LEMA_PRELOAD_PROFILE='")
+          .add(g_settings.profile_path)
+          .add("' cannot be written (")
+          .add(std::strerror(errno))
+          .add(")");
       report(Level::warn, line);
     }
   }

@@ -89,8 +89,8 @@ bool write_profile_summary(const ProfileSummary& s) noexcept {
   policy.add("), ").dec(s.counters.refused).add(" over budget, ").dec(s.passed_through);
   policy.add(" passed through");
   body.str(policy.data(), policy.length());
-  body.str("");  // io path
-  body.str("");  // unified-memory counters
+  body.str("");                // io path
+  body.str("");                // unified-memory counters
   body.put<std::uint64_t>(0);  // page size
   body.put<std::uint64_t>(s.budget);
   body.put<std::uint64_t>(0);  // pool pages

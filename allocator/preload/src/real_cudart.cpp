@@ -17,10 +17,10 @@ Fn resolve(std::atomic<void*>& cache, const char* name) noexcept {
   return reinterpret_cast<Fn>(f);
 }
 
-#define LEMA_PRELOAD_REAL(fn, Type, name)        \
-  Type fn() noexcept {                           \
-    static std::atomic<void*> cache{nullptr};    \
-    return resolve<Type>(cache, name);           \
+#define LEMA_PRELOAD_REAL(fn, Type, name)     \
+  Type fn() noexcept {                        \
+    static std::atomic<void*> cache{nullptr}; \
+    return resolve<Type>(cache, name);        \
   }
 
 }  // namespace
@@ -53,7 +53,8 @@ bool prefer_device(void* ptr, std::size_t bytes) noexcept {
   int device = 0;
   if (!get_device || get_device(&device) != kCudaSuccess) return false;
   const CudaMemLocation where{kCudaMemLocationTypeDevice, device};
-  if (auto v2 = advise_v2_fn()) return v2(ptr, bytes, kCudaMemAdviseSetPreferredLocation, where) == 0;
+  if (auto v2 = advise_v2_fn())
+    return v2(ptr, bytes, kCudaMemAdviseSetPreferredLocation, where) == 0;
   void* advise = advise_raw_fn();
   auto version_fn = runtime_version_fn();
   int version = 0;
@@ -62,7 +63,7 @@ bool prefer_device(void* ptr, std::size_t bytes) noexcept {
     return reinterpret_cast<AdviseLocationFn>(advise)(
                ptr, bytes, kCudaMemAdviseSetPreferredLocation, where) == kCudaSuccess;
   return reinterpret_cast<AdviseDeviceFn>(advise)(ptr, bytes, kCudaMemAdviseSetPreferredLocation,
-                                                 device) == kCudaSuccess;
+                                                  device) == kCudaSuccess;
 }
 
 }  // namespace lema::preload::real

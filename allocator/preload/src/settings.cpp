@@ -25,8 +25,12 @@ bool equals(const char* a, const char* b) {
 
 void bad_setting(const char* name, const char* value, const char* accepted) {
   Line line;
-  line.add(name).add("='").add(value).add("' is not ").add(accepted).add(
-      "; the hook passes every call through to the CUDA runtime (fix or unset ")
+  line.add(name)
+      .add("='")
+      .add(value)
+      .add("' is not ")
+      .add(accepted)
+      .add("; the hook passes every call through to the CUDA runtime (fix or unset ")
       .add(name)
       .add(")");
   report(Level::warn, line);
@@ -69,9 +73,9 @@ bool parse_size(const char* text, std::uint64_t* out) noexcept {
   static constexpr struct {
     const char* name;
     int shift;
-  } units[] = {{"", 0},    {"b", 0},    {"k", 10},   {"kb", 10},  {"kib", 10}, {"m", 20},
-               {"mb", 20}, {"mib", 20}, {"g", 30},   {"gb", 30},  {"gib", 30}, {"t", 40},
-               {"tb", 40}, {"tib", 40}};
+  } units[] = {{"", 0},     {"b", 0},   {"k", 10},   {"kb", 10}, {"kib", 10},
+               {"m", 20},   {"mb", 20}, {"mib", 20}, {"g", 30},  {"gb", 30},
+               {"gib", 30}, {"t", 40},  {"tb", 40},  {"tib", 40}};
   for (const auto& u : units)
     if (std::strcmp(unit, u.name) == 0) shift = u.shift;
   if (shift < 0) return false;
@@ -111,8 +115,11 @@ Settings read_settings() noexcept {
       set_report_fd(fd);
     } else {
       Line line;
-      line.add("LEMA_PRELOAD_LOG_FILE='").add(v).add("' cannot be opened for appending (")
-          .add(std::strerror(errno)).add("); reporting to stderr");
+      line.add("LEMA_PRELOAD_LOG_FILE='")
+          .add(v)
+          .add("' cannot be opened for appending (")
+          .add(std::strerror(errno))
+          .add("); reporting to stderr");
       report(Level::warn, line);
     }
   }

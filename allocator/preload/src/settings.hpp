@@ -17,12 +17,12 @@ inline constexpr std::uint64_t kMinTableEntries = 16;
 inline constexpr std::uint64_t kMaxTableEntries = std::uint64_t{1} << 24;
 
 struct Settings {
-  bool managed = true;  // LEMA_PRELOAD_MODE=managed|passthrough
-  std::uint64_t threshold = kDefaultThreshold;  // LEMA_PRELOAD_THRESHOLD
-  std::uint64_t budget = 0;                      // LEMA_BUDGET; 0: none
-  bool advise = true;                            // LEMA_PRELOAD_ADVISE
+  bool managed = true;                                 // LEMA_PRELOAD_MODE=managed|passthrough
+  std::uint64_t threshold = kDefaultThreshold;         // LEMA_PRELOAD_THRESHOLD
+  std::uint64_t budget = 0;                            // LEMA_BUDGET; 0: none
+  bool advise = true;                                  // LEMA_PRELOAD_ADVISE
   std::uint64_t table_entries = kDefaultTableEntries;  // LEMA_PRELOAD_TABLE, a power of two
-  char profile_path[1024] = {};                  // LEMA_PRELOAD_PROFILE; empty: off
+  char profile_path[1024] = {};                        // LEMA_PRELOAD_PROFILE; empty: off
 };
 
 /// Reads the environment; sets the report level and file first, so that what follows is
