@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(not PRELOAD or not FAKE,
 
 PRELUDE = textwrap.dedent("""
     import ctypes, os
-    fake = ctypes.CDLL(os.environ["LEMA_FAKE_CUDART"], mode=ctypes.RTLD_GLOBAL)
+    local = os.environ.get("FAKE_CUDART_LOCAL") == "1"
+    fake = ctypes.CDLL(os.environ["LEMA_FAKE_CUDART"],
+                       mode=ctypes.RTLD_LOCAL if local else ctypes.RTLD_GLOBAL)
     fake.fake_cudart_count.restype = ctypes.c_longlong
     fake.fake_cudart_is_managed.argtypes = [ctypes.c_void_p]
     rt = ctypes.CDLL(None)  # the global scope: the preloaded hook's cuda* first
@@ -39,8 +41,8 @@ PRELUDE = textwrap.dedent("""
 
 
 def run(body, preload=True, **env):
-    full = dict(os.environ, LEMA_FAKE_CUDART=FAKE, FAKE_CUDART_TOTAL=str(1 << 30),
-                **{k: str(v) for k, v in env.items()})
+    full = dict(os.environ, LEMA_FAKE_CUDART=FAKE, FAKE_CUDART_TOTAL=str(1 << 30))
+    full.update({k: str(v) for k, v in env.items()})
     full.pop("LD_PRELOAD", None)
     if preload:
         full["LD_PRELOAD"] = PRELOAD
@@ -172,6 +174,22 @@ def test_a_forked_child_leaves_the_profile_to_its_parent(tmp_path):
     """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
     assert prof.exists()
+
+
+def test_a_runtime_in_a_local_scope_is_found(tmp_path):
+    # A runtime dlopen'ed with RTLD_LOCAL (as Python loads extension modules and their
+    # libraries): dlsym(RTLD_NEXT) from the hook cannot see it; the hook finds it by its name.
+    local = tmp_path / "libcudart.so.13"
+    local.write_bytes(open(FAKE, "rb").read())
+    proc = run("""
+        rc, large = malloc(4 * MiB)
+        assert rc == 0 and fake.fake_cudart_is_managed(large), rc
+        assert info() == (60 * MiB, 64 * MiB)
+        assert rt.cudaFree(large) == 0 and count("live") == 0
+        print("ok")
+    """, LEMA_BUDGET="64M", LEMA_FAKE_CUDART=local, FAKE_CUDART_LOCAL=1)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    assert hook_lines(proc) == []
 
 
 def test_preload_library_names_the_built_hook():

@@ -1,18 +1,66 @@
 #include "real_cudart.hpp"
 
 #include <dlfcn.h>
+#include <link.h>
 
 #include <atomic>
+#include <cstdint>
+#include <cstring>
 
 namespace lema::preload::real {
 namespace {
 
+// Note [Runtime found locally]: dlsym(RTLD_NEXT) searches the process's global scope after the
+// hook. A library that links libcudart and was itself dlopen'ed with RTLD_LOCAL (a Python
+// extension module, say) calls the hook, which is global, while its runtime is in its local scope
+// only: RTLD_NEXT finds nothing. Then the hook looks for a loaded object named libcudart.so* and
+// takes its symbols through a handle of it (RTLD_NOLOAD: nothing new is ever loaded).
+struct Found {
+  char path[1024];
+  bool found;
+};
+
+int find_cudart(dl_phdr_info* info, std::size_t, void* data) {
+  auto* out = static_cast<Found*>(data);
+  const char* name = info->dlpi_name;
+  if (!name || !*name) return 0;
+  const char* base = std::strrchr(name, '/');
+  base = base ? base + 1 : name;
+  if (std::strncmp(base, "libcudart.so", 12) != 0 || std::strlen(name) >= sizeof out->path)
+    return 0;
+  std::strcpy(out->path, name);
+  out->found = true;
+  return 1;
+}
+
+void* local_runtime() noexcept {
+  static std::atomic<void*> handle{nullptr};
+  void* h = handle.load(std::memory_order_acquire);
+  if (h) return h;
+  Found found{};
+  dl_iterate_phdr(find_cudart, &found);  // dlopen is not allowed inside the callback
+  if (!found.found) return nullptr;
+  h = ::dlopen(found.path, RTLD_LAZY | RTLD_NOLOAD);
+  if (h) handle.store(h, std::memory_order_release);
+  return h;
+}
+
+// A function the runtime found does not have (cudaMemAdvise_v2 in CUDA 13): remembered, so the
+// search is not repeated on every call.
+void* const kMissing = reinterpret_cast<void*>(std::uintptr_t{1});
+
 template <typename Fn>
 Fn resolve(std::atomic<void*>& cache, const char* name) noexcept {
   void* f = cache.load(std::memory_order_acquire);
+  if (f == kMissing) return nullptr;
   if (!f) {
     f = ::dlsym(RTLD_NEXT, name);
-    if (f) cache.store(f, std::memory_order_release);
+    void* local = f ? nullptr : local_runtime();
+    if (!f && local) f = ::dlsym(local, name);
+    if (f)
+      cache.store(f, std::memory_order_release);
+    else if (local || ::dlsym(RTLD_NEXT, "cudaMalloc"))
+      cache.store(kMissing, std::memory_order_release);  // a runtime without it
   }
   return reinterpret_cast<Fn>(f);
 }

@@ -1,5 +1,6 @@
 // The real CUDA runtime behind the hook, found with dlsym(RTLD_NEXT): the next definition after
-// this library in the process's lookup order (libcudart, or a stand-in exporting the same names).
+// this library in the process's lookup order (libcudart, or a stand-in exporting the same names),
+// else in a libcudart.so* loaded into a local scope (Note [Runtime found locally]).
 //
 // Each function is resolved on first use and cached in an atomic pointer: concurrent first calls
 // resolve it twice and store the same value, so no lock or once-flag is needed, and a runtime
