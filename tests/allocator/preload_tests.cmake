@@ -7,6 +7,13 @@ target_link_libraries(fake_cudart PRIVATE Threads::Threads)
 set_target_properties(fake_cudart PROPERTIES CXX_VISIBILITY_PRESET hidden)
 lema_target_warnings(fake_cudart)
 
+# The hook's setting parser, compiled in again here (the library exports only cuda* names).
+lema_add_test(preload_settings_test
+  SOURCES allocator/preload_settings_test.cpp ${PROJECT_SOURCE_DIR}/allocator/preload/src/settings.cpp
+          ${PROJECT_SOURCE_DIR}/allocator/preload/src/report.cpp
+  LIBS lema::base)
+target_include_directories(preload_settings_test PRIVATE ${PROJECT_SOURCE_DIR}/allocator/preload/src)
+
 add_executable(preload_program allocator/preload_program.c)
 target_link_libraries(preload_program PRIVATE fake_cudart Threads::Threads)
 lema_target_warnings(preload_program)
