@@ -172,6 +172,37 @@ static void* churn(void* arg) {
   return NULL;
 }
 
+/* Eight threads allocate and free through the hook at once: every large allocation is managed,
+ * none is lost or counted twice (the budget's view is whole again at the end). */
+#define THREADS 8
+#define PER_THREAD 20000
+static void* allocate_many(void* arg) {
+  (void)arg;
+  for (int i = 0; i < PER_THREAD; ++i) {
+    void* a = NULL;
+    void* b = NULL;
+    if (cudaMalloc(&a, 2 * MiB) != 0 || !fake_cudart_is_managed(a)) return (void*)1;
+    if (cudaMalloc(&b, 4 * KiB) != 0 || fake_cudart_is_managed(b)) return (void*)1;
+    if (cudaFree(a) != 0 || cudaFree(b) != 0) return (void*)1;
+  }
+  return NULL;
+}
+
+static void threads(void) {
+  pthread_t t[THREADS];
+  for (int i = 0; i < THREADS; ++i) CHECK(pthread_create(&t[i], NULL, allocate_many, NULL) == 0);
+  for (int i = 0; i < THREADS; ++i) {
+    void* failed = NULL;
+    pthread_join(t[i], &failed);
+    CHECK(failed == NULL);
+  }
+  size_t free_bytes = 0, total = 0;
+  info(&free_bytes, &total);
+  CHECK(free_bytes == 64 * MiB && total == 64 * MiB);
+  CHECK(count("managed") == THREADS * PER_THREAD && count("live") == 0);
+  CHECK(count("free_errors") == 0);
+}
+
 /* Forks while another thread allocates and frees through the hook: every child allocates,
  * reads the budget and frees, and exits 0; none hangs on a lock the other thread held. */
 static void fork_children(void) {
@@ -224,6 +255,7 @@ int main(int argc, char** argv) {
   else if (!strcmp(s, "double_free")) double_free();
   else if (!strcmp(s, "table_full")) table_full();
   else if (!strcmp(s, "fork")) fork_children();
+  else if (!strcmp(s, "threads")) threads();
   else if (!strcmp(s, "zero_threshold")) zero_threshold();
   else if (!strcmp(s, "bench")) bench(argc > 2 ? atoi(argv[2]) : 1000, 1);
   else if (!strcmp(s, "bench_calls")) bench(argc > 2 ? atoi(argv[2]) : 1000, 0);

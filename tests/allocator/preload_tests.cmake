@@ -57,6 +57,7 @@ if(NOT LEMA_SANITIZE)
   lema_preload_test(table_full 1 "the pointer table is full \\(12 allocations live\\)"
                     "LEMA_PRELOAD_TABLE=16" ${_prog} table_full)
   lema_preload_test(fork 0 "" "LEMA_BUDGET=64M" ${_prog} fork)
+  lema_preload_test(threads 0 "" "LEMA_BUDGET=64M" ${_prog} threads)
   lema_preload_test(zero_threshold 0 "" "LEMA_PRELOAD_THRESHOLD=0" ${_prog} zero_threshold)
   lema_preload_test(plain_program 0 "" "LEMA_BUDGET=64M" $<TARGET_FILE:preload_plain>)
   lema_preload_test(no_runtime 1 "cudaMalloc: no CUDA runtime in this process" "LEMA_BUDGET=64M"
