@@ -41,7 +41,8 @@ set -uo pipefail
 
 PHASES=(environment deps configure build_core ctest_gpu bandwidth cuda_alloc build_torch ctest_torch
         gen_model train_resident train_half train_half_cached train_resident_small
-        train_half_small train_half_managed pager_passes train_unified train_table)
+        train_half_small train_half_managed pager_passes preload_oversubscribe train_unified
+        train_table)
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -337,7 +338,7 @@ build_targets() {
 }
 build_core_body() {
   build_targets runtime_cuda_gpu_test runtime_backend_test fake_cuda_driver device_bench lema \
-    lema_cuda_alloc allocator_conformance_test
+    lema_cuda_alloc allocator_conformance_test lema_preload
 }
 build_torch_body() { build_targets torch_cuda_weights_test lema_trainer_cli; }
 
@@ -411,8 +412,13 @@ table_body() {
   fi
   echo "wrote train_steps.md and train_steps.json"
 }
+preload_body() {  # the LD_PRELOAD hook against plain unified memory, oversubscribed
+  "$python" "$here/preload_oversubscribe.py" --out "$runs" --timeout 100 \
+    --preload "$build/allocator/preload/liblema_preload.so"
+}
 export -f environment_body deps_body configure_body build_targets build_core_body \
-  build_torch_body ctest_body bench_body gen_body train_body table_body cuda_alloc_body
+  build_torch_body ctest_body bench_body gen_body train_body table_body cuda_alloc_body \
+  preload_body
 
 # ---- the run ----
 if [[ $rehearsal -eq 1 ]]; then
@@ -516,6 +522,11 @@ gpu_run train_half_small 120 "${small[@]}" --budget "$half" --host-cache "${mode
 gpu_run train_half_managed 150 "${big[@]}" --gpu-memory managed --budget "$half" \
   --device-memory-cap "$cap"
 phase pager_passes "$(need 40)" 180 build_core bench_body pager "${bench_pager[@]}"
+if [[ $rehearsal -eq 1 ]]; then
+  skip preload_oversubscribe "no GPU"
+else
+  phase preload_oversubscribe "$(need 60)" 240 build_core preload_body
+fi
 # Plain unified memory oversubscribed to the same cap: the driver pages, often slowly; last, and
 # cut off early, so it cannot take the time of anything above.
 gpu_run train_unified 60 "${big[@]}" --gpu-memory unified --budget unlimited \

@@ -20,8 +20,8 @@ import re
 
 import torch
 
-__all__ = ["load_library", "open", "parse_size", "parse_budget", "Checkpoint", "causal_lm",
-           "from_pretrained", "stats", "TorchVersionError", "cuda_allocator"]
+__all__ = ["load_library", "preload_library", "open", "parse_size", "parse_budget", "Checkpoint",
+           "causal_lm", "from_pretrained", "stats", "TorchVersionError", "cuda_allocator"]
 
 
 def from_pretrained(path, budget, **kwargs):
@@ -125,6 +125,35 @@ def load_library(path=None):
     raise FileNotFoundError(
         f"{_LIBRARY} not found (tried {tried}); build the lema_torch_ops target, or pass its "
         "path to lema.load_library() or set LEMA_TORCH_OPS")
+
+
+_PRELOAD = "liblema_preload.so"
+
+
+def preload_library():
+    """The path of liblema_preload.so, the LD_PRELOAD hook that puts a CUDA program's large
+    allocations in managed memory under $LEMA_BUDGET (docs/USER_GUIDE.md, "LD_PRELOAD hook"):
+
+        LD_PRELOAD=$(python -c 'import lema; print(lema.preload_library())') python train.py
+
+    The first that exists of $LEMA_PRELOAD_LIBRARY, this package's directory (an installed
+    wheel) and the build tree configured last from this source tree. Raises FileNotFoundError
+    listing every place tried."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    places = []
+    if os.environ.get("LEMA_PRELOAD_LIBRARY"):
+        places.append(("$LEMA_PRELOAD_LIBRARY", os.environ["LEMA_PRELOAD_LIBRARY"]))
+    places.append(("beside the package", os.path.join(here, _PRELOAD)))
+    record = os.path.join(here, "_preload_build_tree")  # allocator/preload/CMakeLists.txt
+    if os.path.exists(record):
+        with builtins.open(record) as f:
+            places.append(("the build configured last (" + record + ")", f.read().strip()))
+    for _, candidate in places:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    tried = "; ".join(f"{where}: {candidate}" for where, candidate in places)
+    raise FileNotFoundError(f"{_PRELOAD} not found (tried {tried}); build the lema_preload "
+                            "target, or set LEMA_PRELOAD_LIBRARY")
 
 
 def parse_size(size) -> int:

@@ -21,7 +21,7 @@ RUN = SOURCE / "benchmarks" / "device" / "run.sh"
 MAX_FILES = 8  # what the device machine returns from $OUT
 MAX_DEPTH = 2  # folders down
 GPU_ONLY = {"train_half_cached", "train_resident_small", "train_half_small", "train_half_managed",
-            "train_unified", "cuda_alloc"}
+            "train_unified", "cuda_alloc", "preload_oversubscribe"}
 STATUS_PREFIXES = ("ok", "failed", "timed out", "skipped: ")
 
 

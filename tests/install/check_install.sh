@@ -56,3 +56,16 @@ clean "$prefix/bin/lema" generate --model "$scratch/model" --adapter "$scratch/a
   --prompt-ids 1,40,41 --max-new-tokens 2 --greedy --json >"$scratch/generate.log" 2>&1 \
   || { cat "$scratch/generate.log"; exit 1; }
 echo "installed lema train, merge and generate ran in a clean environment"
+
+# The LD_PRELOAD hook: installed beside the libraries, needing nothing but libc, and harmless in
+# a program that never calls CUDA.
+hook=("$prefix"/lib*/liblema_preload.so)
+[[ -e ${hook[0]} ]] || { echo "liblema_preload.so was not installed" >&2; exit 1; }
+for lib in $(readelf -d "${hook[0]}" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
+  [[ $lib == libc.so.6 || $lib == libdl.so.2 ]] \
+    || { echo "liblema_preload.so needs $lib: it must need only libc (and libdl)" >&2; exit 1; }
+done
+[[ -z $(clean env LD_PRELOAD="${hook[0]}" /bin/echo 2>&1 >/dev/null) ]] \
+  || { echo "liblema_preload.so wrote to stderr in a program without CUDA" >&2; exit 1; }
+echo "installed liblema_preload.so needs only libc"
+

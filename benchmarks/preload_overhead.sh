@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The LD_PRELOAD hook's cost on a program that is not under budget pressure: the run time of
+# tests' preload_program (one 4 MiB and four 64 KiB allocations written and freed per iteration,
+# against the fake CUDA runtime) with the hook against without it, alternating, median of RUNS.
+# SCENARIO bench_calls leaves the memory unwritten: the calls' cost alone.
+#   benchmarks/preload_overhead.sh BUILD_DIR [ITERATIONS] [RUNS] [SCENARIO]
+set -euo pipefail
+build=${1:?usage: preload_overhead.sh BUILD_DIR [ITERATIONS] [RUNS]}
+iterations=${2:-20000}
+runs=${3:-9}
+scenario=${4:-bench}
+program=$build/tests/preload_program
+hook=$build/allocator/preload/liblema_preload.so
+[[ -x $program && -f $hook ]] || { echo "build preload_program and lema_preload in $build" >&2; exit 1; }
+
+seconds() {  # command... → wall seconds
+  local t0 t1
+  t0=$(date +%s%N)
+  "$@" > /dev/null
+  t1=$(date +%s%N)
+  echo "scale=6; ($t1 - $t0) / 1000000000" | bc
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
+
+plain=() hooked=()
+for ((i = 0; i < runs; ++i)); do
+  plain+=("$(seconds env "$program" "$scenario" "$iterations")")
+  hooked+=("$(seconds env LD_PRELOAD="$hook" LEMA_BUDGET=64G "$program" "$scenario" "$iterations")")
+done
+p=$(printf '%s\n' "${plain[@]}" | median)
+h=$(printf '%s\n' "${hooked[@]}" | median)
+echo "$scenario: iterations $iterations, runs $runs (median)"
+echo "without the hook: $p s"
+echo "with the hook:    $h s ($(echo "scale=2; 100 * ($h - $p) / $p" | bc) %)"
