@@ -514,6 +514,8 @@ std::uint64_t SharedHostCache::bytes() const noexcept {
 const std::string& SharedHostCache::name() const noexcept { return impl_->name; }
 std::byte* SharedHostCache::data() const noexcept { return impl_->pages; }
 
+void SharedHostCache::hold_lock_for_test() { impl_->lock(); }
+
 std::uint32_t SharedHostCache::users() const {
   Impl::Guard g(*impl_);
   return impl_->live_users();

@@ -64,8 +64,11 @@ class SharedHostCache {
   const std::string& name() const noexcept;    // the segment's shm name ("/lema-shc-...")
   /// Processes registered now (live or not yet purged), for tests.
   std::uint32_t users() const;
-  /// The pages' memory (slots × page size), to register with a device backend.
+  /// The pages' memory (slots × page size).
   std::byte* data() const noexcept;
+  /// For tests: takes the segment's lock and keeps it, as a process that dies in the middle of
+  /// an update would.
+  void hold_lock_for_test();
 
  private:
   struct Impl;

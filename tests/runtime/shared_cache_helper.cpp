@@ -2,7 +2,9 @@
 //   read:  prints "open NAME", waits for a line on stdin, reads every tensor, compares it with
 //          the file, prints "done BYTES_READ SHARED_HITS OK", waits for stdin's end, exits;
 //   stall: prints "open NAME", claims page 0 of the shared cache as its filler, prints
-//          "filling" and sleeps until killed.
+//          "filling" and sleeps until killed;
+//   die-locked: prints "open NAME", reads every tensor, takes the segment's lock, prints
+//          "locked" and sleeps until killed.
 // Usage: shared_cache_helper MODE CHECKPOINT CACHE_BYTES PAGE_SIZE BUDGET
 #include <unistd.h>
 
@@ -33,6 +35,15 @@ int main(int argc, char** argv) {
     auto m = runtime::MappedCheckpoint::open(argv[2], o);
     const runtime::SharedCacheKey key = runtime::shared_cache_key(m->layout());
     std::cout << "open " << runtime::shared_cache_name(key) << std::endl;
+    if (mode == "die-locked") {  // reads everything, then dies holding the segment's lock
+      for (const io::TensorInfo& t : m->checkpoint().tensors())
+        m->read_tensor(t.name, [](const std::byte*, std::uint64_t) {});
+      runtime::SharedHostCache cache(key, m->layout().page_size(), m->layout().page_count(),
+                                     o.shared_host_cache_bytes);
+      cache.hold_lock_for_test();
+      std::cout << "locked" << std::endl;
+      for (;;) ::pause();
+    }
     if (mode == "stall") {
       runtime::SharedHostCache cache(key, m->layout().page_size(), m->layout().page_count(),
                                      o.shared_host_cache_bytes);

@@ -216,6 +216,30 @@ TEST(SharedHostCache, SegmentOfAKilledRunIsRecovered) {
   EXPECT_FALSE(segment_exists(name)) << "the dead users were purged, the last live one removed it";
 }
 
+// A process killed holding the segment's lock: the next locker repairs the metadata and keeps
+// the pages that were ready.
+TEST(SharedHostCache, LockOfADeadProcessIsRecovered) {
+  TempDir dir("shc-locked");
+  const auto ckpt = write_model(dir.path(), shape());
+  Helper keeper("read", ckpt);  // keeps the segment (and its pages) alive across the kill
+  const std::string name = segment_of(keeper.line());
+  {
+    Helper locked("die-locked", ckpt);
+    EXPECT_EQ(segment_of(locked.line()), name);
+    ASSERT_EQ(locked.line(), "locked");
+    locked.kill9();
+    EXPECT_EQ(locked.wait(), 128 + SIGKILL);
+  }
+  keeper.say("go");
+  const Done d = parse_done(keeper.line());
+  EXPECT_EQ(d.ok, 1);
+  EXPECT_EQ(d.bytes_read, 0u) << "the dead process's pages survived the repair";
+  EXPECT_GT(d.shared_hits, 0u);
+  keeper.close_stdin();
+  EXPECT_EQ(keeper.wait(), 0);
+  EXPECT_FALSE(segment_exists(name));
+}
+
 // A segment under the checkpoint's name whose header is not one (another version's, damaged)
 // is rebuilt, never read from.
 TEST(SharedHostCache, DamagedSegmentIsRebuilt) {
