@@ -33,7 +33,7 @@
 // ~~~~~~~~~~~~~~~~~~~~~~~
 // SHA-1 over, per file: device, inode, size, mtime and ctime in ns, and the safetensors header
 // bytes; then the page size and page count (the layout is a function of the header and the page
-// size). Hashing the tensor bytes would cost the read the cache exists to save. Any write to a
+// size), and the pid namespace (liveness is judged by pid, which means nothing across one). Hashing the tensor bytes would cost the read the cache exists to save. Any write to a
 // file changes its mtime and ctime (and ctime cannot be set back by a user), a replaced file has
 // a new inode, so a changed checkpoint gets a new segment and never another file's bytes.
 // SHA-1's 160 bits make an accidental collision out of reach; the segment stores the full key
@@ -173,6 +173,10 @@ SharedCacheKey shared_cache_key(const Layout& layout) {
   }
   add_u64(layout.page_size());
   add_u64(layout.page_count());
+  // Fillers are told alive or dead by pid: processes of another pid namespace (another
+  // container sharing /dev/shm) get a segment of their own.
+  struct stat ns {};
+  if (::stat("/proc/self/ns/pid", &ns) == 0) add_u64(ns.st_ino);
   boost::uuids::detail::sha1::digest_type d;
   sha.get_digest(d);
   SharedCacheKey key{};
