@@ -21,6 +21,7 @@
 #include "lema/runtime/mapped_checkpoint.hpp"
 #include "runtime_fixture.hpp"
 #include "shared_host_cache.hpp"
+#include "test_backends.hpp"
 
 extern char** environ;
 
@@ -336,6 +337,38 @@ TEST(SharedHostCache, TwoOpensInOneProcessShare) {
   EXPECT_TRUE(segment_exists(name)) << "b still uses it";
   b.reset();
   EXPECT_FALSE(segment_exists(name));
+}
+
+// Pools without a host window (a GPU's) fill through staging or the private host cache tier;
+// the shared tier sits below both.
+TEST(SharedHostCache, StagedPoolsShare) {
+  TempDir dir("shc-staged");
+  const auto ckpt = write_model(dir.path(), shape());
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudget;
+  o.page_size = kPage;
+  o.shared_host_cache_bytes = kCache;
+  o.read_only = true;
+  o.backend = std::make_shared<StagedBackend>();
+  auto a = MappedCheckpoint::open(ckpt, o);
+  o.backend = std::make_shared<StagedBackend>();
+  o.host_cache_bytes = kBudget;  // a private tier smaller than the model, above the shared one
+  auto b = MappedCheckpoint::open(ckpt, o);
+  for (auto* m : {a.get(), b.get(), a.get(), b.get()})
+    for (const io::TensorInfo& t : m->checkpoint().tensors()) {
+      std::vector<std::byte> got;
+      m->read_tensor(t.name, [&](const std::byte* p, std::uint64_t n) {
+        got.insert(got.end(), p, p + n);
+      });
+      EXPECT_EQ(got, file_bytes(m->checkpoint(), t)) << t.name;
+    }
+  std::uint64_t file_pages_bytes = 0;
+  for (runtime::PageId p = 0; p < a->layout().page_count(); ++p)
+    file_pages_bytes += a->layout().page_fill_bytes(p);
+  const auto sa = a->stats(), sb = b->stats();
+  EXPECT_EQ(sa.bytes_read + sb.bytes_read, file_pages_bytes) << "each page read once";
+  EXPECT_EQ(sb.bytes_read, 0u);
+  EXPECT_GT(sb.shared_cache_hits, 0u);
 }
 
 // A cache too small for one page, a size that is not one, fault mode: one line naming it.
