@@ -370,7 +370,23 @@ struct SharedHostCache::Impl {
       return false;
     }
     adopt(p, size);
-    Guard g(*this);
+    const int rc = ::pthread_mutex_lock(&h->mutex);
+    if (rc == ENOTRECOVERABLE) {  // its repair was cut short: nothing in it can be trusted
+      spdlog::warn("shared host cache: {} lost its lock's state; rebuilding it", name);
+      unmap();
+      ::shm_unlink(name.c_str());
+      return false;
+    }
+    if (rc == EOWNERDEAD) {
+      repair();
+      ::pthread_mutex_consistent(&h->mutex);
+    } else if (rc != 0) {
+      throw SystemError("shared host cache " + name + ": cannot lock it", rc);
+    }
+    struct Unlock {
+      Impl& i;
+      ~Unlock() { i.unlock(); }
+    } unlock_at_exit{*this};
     if (h->retired != 0) {
       unmap_after_unlock_ = true;
       return false;
