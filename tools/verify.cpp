@@ -40,6 +40,7 @@ struct VerifyArgs {
   std::string policy = "lru";
   unsigned passes = 1;
   bool huge_pages = false;
+  std::string shared_host_cache;
   bool json = false;
 };
 
@@ -117,6 +118,8 @@ int run_verify(const VerifyArgs& a) {
   options.budget_bytes = parse_size(a.budget, "--budget");
   options.setting_names = {.budget = "--budget", .page_size = "--page-size"};
   if (!a.page_size.empty()) options.page_size = parse_size(a.page_size, "--page-size");
+  if (!a.shared_host_cache.empty())
+    options.shared_host_cache_bytes = parse_size(a.shared_host_cache, "--shared-host-cache");
   const auto policy = runtime::parse_policy(a.policy);
   LEMA_EXPECTS(policy.has_value(), "--policy must be lru or trace (got '" + a.policy + "')");
   options.policy = *policy;
@@ -156,6 +159,8 @@ int run_verify(const VerifyArgs& a) {
     out["stats"] = {{"faults", s.faults},
                     {"hits", s.hits},
                     {"bytes_read", s.bytes_read},
+                    {"shared_cache_hits", s.shared_cache_hits},
+                    {"shared_host_cache_bytes", s.shared_host_cache_bytes},
                     {"evictions", s.evictions},
                     {"prefetches_issued", s.prefetches_issued},
                     {"prefetches_used", s.prefetches_used},
@@ -177,13 +182,14 @@ int run_verify(const VerifyArgs& a) {
     std::printf(
         "\n%zu tensors, %u pass(es), mode %s, policy %s, io %s\n"
         "faults %llu  hits %llu  evictions %llu  prefetches %llu (used %llu, wasted %llu)\n"
-        "read %s  stall %.3f s  peak resident %s of budget %s (page %s)\n",
+        "read %s (shared cache hits %llu)  stall %.3f s  peak resident %s of budget %s (page "
+        "%s)\n",
         names.size(), a.passes, std::string(runtime::residency_mode_name(mapped->mode())).c_str(),
         a.policy.c_str(), s.io_path.c_str(), (unsigned long long)s.faults,
         (unsigned long long)s.hits, (unsigned long long)s.evictions,
         (unsigned long long)s.prefetches_issued, (unsigned long long)s.prefetches_used,
         (unsigned long long)s.prefetches_wasted, format_size(s.bytes_read).c_str(),
-        static_cast<double>(s.stall_ns) * 1e-9, format_size(s.peak_resident_bytes).c_str(),
+        (unsigned long long)s.shared_cache_hits, static_cast<double>(s.stall_ns) * 1e-9, format_size(s.peak_resident_bytes).c_str(),
         format_size(s.budget_bytes).c_str(), format_size(s.page_size).c_str());
   }
   return 0;
@@ -203,6 +209,9 @@ void register_verify(CLI::App& app) {
   cmd->add_option("--mode", args->mode, "guard | fault (userfaultfd)")->default_str("guard");
   cmd->add_option("--policy", args->policy, "lru | trace")->default_str("lru");
   cmd->add_option("--passes", args->passes, "passes over all tensors")->default_str("1");
+  cmd->add_option("--shared-host-cache", args->shared_host_cache,
+                  "pages read kept in this much shared memory for every local process that "
+                  "verifies the same checkpoint with it (one read per machine)");
   cmd->add_flag("--huge-pages", args->huge_pages,
                 "take the page pool from the system's huge pages (vm.nr_hugepages)");
   cmd->add_flag("--json", args->json, "print JSON");

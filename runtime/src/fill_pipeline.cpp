@@ -42,6 +42,10 @@ struct FillPipeline::Fill {
   std::optional<std::size_t> slot;         // a host cache slot it reads into or copies from
   bool cached = false;                     // the slot already held the page: no read
   bool spilled = false;                    // read from the spill store, not the files
+  bool shared_hit = false;                 // copied from the shared host cache: no read
+  bool shared_wait = false;                // another process reads it: wait_shared() later
+  std::optional<std::uint32_t> shared_slot;  // our claim in the shared cache: publish the read
+  std::byte* dest = nullptr;               // where the page's bytes go
   bool read_done = false;                  // every byte of the page was read
   io::ReadTicket ticket;                   // the reads still running
 };
@@ -54,6 +58,7 @@ FillPipeline::FillPipeline(const Parts& parts)
       reader_(parts.reader),
       cache_(parts.cache),
       spill_(parts.spill),
+      shared_(parts.shared),
       counters_(parts.counters),
       device_errors_(parts.device_errors),
       access_(parts.access),
@@ -74,7 +79,16 @@ void FillPipeline::fill_and_map(std::span<FillClaim> claims, FillOrigin origin) 
     fills[i].claim = &claims[i];
     start_read(fills[i], origin);
   }
-  for (Fill& f : fills) finish_read(f);
+  // Note [Shared fills without deadlock]: a page another process is reading is waited for only
+  // after every page this batch reads itself was published, so two processes whose batches
+  // claimed pages of each other's never wait on each other.
+  for (Fill& f : fills)
+    if (!f.shared_wait) finish_read(f);
+  for (Fill& f : fills)
+    if (f.shared_wait) {
+      wait_shared(f, origin);
+      finish_read(f);
+    }
   map_batch(fills);
   give_back_host_memory(fills);
   if (copies_to_device_) retire_copies(kCopiesInFlight);
@@ -104,23 +118,67 @@ void FillPipeline::start_read(Fill& f, FillOrigin origin) {
       f.staging = take_staging();
       dest = f.staging->bytes().data();
     }
-    zero_gaps(layout_.extents(c.page), dest, page_size_);
-    std::vector<io::ReadRequest> requests = requests_for(layout_, c.page, dest);
-    // A demand fault's caller waits anyway: what the page cache holds is copied on its own
-    // thread, without the two hand-offs to the reader's threads and back.
-    if (origin == FillOrigin::demand) requests = reader_.read_cached(std::move(requests));
-    if (!requests.empty()) f.ticket = reader_.submit(std::move(requests));
+    f.dest = dest;
+    if (shared_ != nullptr) {
+      std::uint32_t slot = 0;
+      switch (shared_->try_begin(c.page, dest, &slot)) {
+        case SharedHostCache::Outcome::copied: f.shared_hit = true; return;
+        case SharedHostCache::Outcome::busy: f.shared_wait = true; return;
+        case SharedHostCache::Outcome::fill: f.shared_slot = slot; break;
+        case SharedHostCache::Outcome::bypass: break;
+      }
+    }
+    submit_read(f, origin);
   } catch (...) {
     c.error = std::current_exception();
   }
 }
 
+void FillPipeline::submit_read(Fill& f, FillOrigin origin) {
+  const PageId page = f.claim->page;
+  zero_gaps(layout_.extents(page), f.dest, page_size_);
+  std::vector<io::ReadRequest> requests = requests_for(layout_, page, f.dest);
+  // A demand fault's caller waits anyway: what the page cache holds is copied on its own
+  // thread, without the two hand-offs to the reader's threads and back.
+  if (origin == FillOrigin::demand) requests = reader_.read_cached(std::move(requests));
+  if (!requests.empty()) f.ticket = reader_.submit(std::move(requests));
+}
+
+// The page was being read by another process at start_read: its bytes, or the read is ours.
+void FillPipeline::wait_shared(Fill& f, FillOrigin origin) {
+  FillClaim& c = *f.claim;
+  try {
+    std::uint32_t slot = 0;
+    switch (shared_->wait_and_copy(c.page, f.dest, &slot)) {
+      case SharedHostCache::Outcome::copied: f.shared_hit = true; return;
+      case SharedHostCache::Outcome::fill: f.shared_slot = slot; break;
+      case SharedHostCache::Outcome::busy:
+      case SharedHostCache::Outcome::bypass: break;
+    }
+    submit_read(f, origin);
+  } catch (...) {
+    c.error = std::current_exception();
+  }
+}
+
+void FillPipeline::abandon_shared(Fill& f) noexcept {
+  if (f.shared_slot) shared_->abandon(*f.shared_slot);
+  f.shared_slot.reset();
+}
+
 void FillPipeline::finish_read(Fill& f) {
   FillClaim& c = *f.claim;
-  if (c.error) return;
+  if (c.error) {
+    abandon_shared(f);
+    return;
+  }
   try {
     if (f.ticket.valid()) f.ticket.wait();
     f.read_done = !f.cached;
+    if (f.shared_slot) {  // other processes may be waiting for these bytes
+      shared_->publish(*f.shared_slot, f.dest);
+      f.shared_slot.reset();
+    }
     const std::byte* source = f.staging ? f.staging->bytes().data()
                               : f.slot  ? cache_->data(*f.slot)
                                         : nullptr;
@@ -140,8 +198,10 @@ void FillPipeline::finish_read(Fill& f) {
     // A copy owned by this thread: the original is shared with the reader's thread, which may
     // free it after this function returns.
     c.error = std::make_exception_ptr(io::ReadError(e));
+    abandon_shared(f);
   } catch (...) {
     c.error = std::current_exception();
+    abandon_shared(f);
   }
 }
 
@@ -170,6 +230,8 @@ void FillPipeline::map_batch(std::span<Fill> fills) {
     for (const Fill* f : mapped) {
       if (f->cached)
         counters_.add(counters_.host_cache_hits);
+      else if (f->shared_hit)
+        counters_.add(counters_.shared_cache_hits);
       else if (f->spilled)
         counters_.add(counters_.spill_fills);
       else
@@ -197,6 +259,7 @@ void FillPipeline::map_batch(std::span<Fill> fills) {
 // Slots and buffers whose copy was never issued (a read or copy error).
 void FillPipeline::give_back_host_memory(std::span<Fill> fills) {
   for (Fill& f : fills) {
+    abandon_shared(f);
     if (f.slot) {
       if (f.cached) {
         cache_->unpin(*f.slot);

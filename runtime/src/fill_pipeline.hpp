@@ -20,6 +20,7 @@
 
 #include "device_errors.hpp"
 #include "host_page_cache.hpp"
+#include "shared_host_cache.hpp"
 #include "lema/io/reader.hpp"
 #include "lema/runtime/address_space.hpp"
 #include "lema/runtime/backend.hpp"
@@ -50,6 +51,7 @@ class FillPipeline {
     io::Reader& reader;
     HostPageCache* cache = nullptr;
     SpillStore* spill = nullptr;
+    SharedHostCache* shared = nullptr;  // the shared host cache tier (below the others)
     PagerCounters& counters;
     DeviceErrors& device_errors;
     Access access = Access::read;
@@ -88,6 +90,9 @@ class FillPipeline {
   };
 
   void start_read(Fill& f, FillOrigin origin);
+  void submit_read(Fill& f, FillOrigin origin);
+  void wait_shared(Fill& f, FillOrigin origin);
+  void abandon_shared(Fill& f) noexcept;
   void finish_read(Fill& f);
   void map_batch(std::span<Fill> fills);
   void give_back_host_memory(std::span<Fill> fills);
@@ -101,6 +106,7 @@ class FillPipeline {
   io::Reader& reader_;
   HostPageCache* cache_;
   SpillStore* spill_;
+  SharedHostCache* shared_;
   PagerCounters& counters_;
   DeviceErrors& device_errors_;
   const Access access_;

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
@@ -94,6 +95,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
                                                                            : Access::read,
                             .reader = options.reader,
                             .host_cache_bytes = options.host_cache_bytes,
+                            .shared_host_cache_bytes = options.shared_host_cache_bytes,
                             .setting_names = options.setting_names}),
         fallback_reason_(std::move(fallback_reason)),
         writable_(writable_weights(options, *backend_)) {
@@ -222,6 +224,12 @@ std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::
     throw InvalidArgument(
         "huge pages serve guard mode only (fault mode fills pages through userfaultfd into "
         "ordinary memory); drop the huge-pages setting or use guard mode");
+  if (options.shared_host_cache_bytes == 0)
+    if (const char* env = std::getenv("LEMA_SHARED_HOST_CACHE"); env != nullptr && *env != 0)
+      options.shared_host_cache_bytes = parse_size(env, "LEMA_SHARED_HOST_CACHE");
+  LEMA_EXPECTS(options.shared_host_cache_bytes == 0 || options.mode == ResidencyMode::guard,
+               "the shared host cache serves guard mode only; use guard mode or drop "
+               "--shared-host-cache / LEMA_SHARED_HOST_CACHE");
   io::Checkpoint checkpoint = io::Checkpoint::open(path);
   std::string fallback;
   if (options.mode == ResidencyMode::fault) {

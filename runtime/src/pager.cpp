@@ -90,12 +90,17 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
         *s->backend, page_size, static_cast<std::size_t>(std::min<std::uint64_t>(
                                     slots, space.page_count())));
   }
+  if (s->options.shared_host_cache_bytes != 0)
+    s->shared_cache = std::make_unique<SharedHostCache>(shared_cache_key(*s->layout), page_size,
+                                                        space.page_count(),
+                                                        s->options.shared_host_cache_bytes);
   s->fills = std::make_unique<FillPipeline>(FillPipeline::Parts{.space = space,
                                                                  .backend = *s->backend,
                                                                  .pool = *s->pool,
                                                                  .reader = *s->reader,
                                                                  .cache = s->host_cache.get(),
                                                                  .spill = s->spill.get(),
+                                                                 .shared = s->shared_cache.get(),
                                                                  .counters = s->counters,
                                                                  .device_errors = s->device_errors,
                                                                  .access = s->options.access});
@@ -330,6 +335,7 @@ PagerStats Pager::stats() const {
                                             state_->io_path);
   if (state_->host_cache)
     st.host_cache_bytes = state_->host_cache->slot_count() * state_->page_size;
+  if (state_->shared_cache) st.shared_host_cache_bytes = state_->shared_cache->bytes();
   st.uvm_counters = state_->uvm_status;
   if (state_->spill) {
     st.spilled_bytes = state_->spill->bytes_written();

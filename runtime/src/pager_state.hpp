@@ -20,7 +20,10 @@
 // 2. FillPipeline's lock (free staging buffers, copies in flight): held only around its own
 //    lists and Backend::fence_complete; never together with the table's lock, either way round.
 // 3. Leaves, taken under either or alone, taking nothing themselves: HostPageCache's,
-//    SpillStore's and DeviceErrors' locks.
+//    SpillStore's and DeviceErrors' locks, and the shared host cache's segment lock (a robust
+//    process-shared mutex, taken by fills only, with no lock of the pager held: a fill waiting
+//    for another process's read of a page polls with the lock released, Note [Shared host
+//    cache]).
 // The CUPTI consumer (pager_uvm.cpp) runs under the collector's registry lock and takes none of
 // these: counters and events only, both lock-free.
 #pragma once
@@ -43,6 +46,7 @@
 #include "lema/runtime/pager.hpp"
 #include "lema/runtime/profile.hpp"
 #include "page_table.hpp"
+#include "shared_host_cache.hpp"
 #include "spill_store.hpp"
 #include "uvm_counters.hpp"
 
@@ -63,6 +67,7 @@ struct Pager::State {
   // written pages (Access::read_write, Note [Dirty pages]).
   std::unique_ptr<PhysicalPool> pool;
   std::unique_ptr<HostPageCache> host_cache;
+  std::unique_ptr<SharedHostCache> shared_cache;  // shared_host_cache_bytes
   std::unique_ptr<SpillStore> spill;
 
   PagerCounters counters;

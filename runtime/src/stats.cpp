@@ -23,6 +23,7 @@ PagerStats PagerCounters::snapshot(std::uint64_t page_size, std::uint64_t budget
   s.evictions = get(evictions);
   s.stall_ns = get(stall_ns);
   s.host_cache_hits = get(host_cache_hits);
+  s.shared_cache_hits = get(shared_cache_hits);
   s.fallback_faults = get(fallback_faults);
   s.gpu_faults = get(gpu_faults);
   s.cpu_faults = get(cpu_faults);

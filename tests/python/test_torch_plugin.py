@@ -43,6 +43,24 @@ def test_every_tensor_equals_the_reference_under_a_small_budget(model):
         assert stats["bytes_read"] >= total
 
 
+def test_shared_host_cache_from_the_environment(model, monkeypatch):
+    """LEMA_SHARED_HOST_CACHE reaches the runtime from Python (lema.open, and so
+    lema.from_pretrained): a second open of the checkpoint copies the pages the first read from
+    shared memory instead of reading the file."""
+    lema.load_library(os.environ["LEMA_TORCH_OPS"])
+    monkeypatch.setenv("LEMA_SHARED_HOST_CACHE", "64MiB")
+    reference = load_file(model)
+    with lema.open(model, budget="64MiB", mode="guard") as first:
+        for name, t in first.named_tensors().items():
+            assert torch.equal(t, reference[name]), name
+        assert first.stats()["shared_host_cache_bytes"] > 0
+        with lema.open(model, budget="64MiB", mode="guard") as second:
+            for name, t in second.named_tensors().items():
+                assert torch.equal(t, reference[name]), name
+            stats = second.stats()
+            assert stats["bytes_read"] == 0 and stats["shared_cache_hits"] > 0, stats
+
+
 def test_a_matmul_with_a_weight_equals_the_reference(model):
     lema.load_library(os.environ["LEMA_TORCH_OPS"])
     reference = load_file(model)

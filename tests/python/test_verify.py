@@ -144,3 +144,33 @@ def test_file_modified_between_passes_is_blamed_on_the_file(model, tmp_path):
     assert str(shard) in errors[0], errors[0]
     assert f"tensor '{name}' changed on disk between passes" in errors[0], errors[0]
     assert "the pager returned different bytes" not in errors[0], errors[0]
+
+
+# ------------------------------------------------------------------- the shared host cache
+
+@pytest.mark.parametrize("route", ["flag", "env"])
+def test_shared_host_cache_serves_evicted_pages_and_goes_with_the_process(model, route):
+    """Under a one-page budget every pass reads every page again; with the shared host cache
+    (--shared-host-cache, or LEMA_SHARED_HOST_CACHE as the Python route sets it) later passes
+    copy them from shared memory: the files are read once and the bytes still equal the
+    reference (the segment's removal is asserted by runtime_shared_cache_test)."""
+    def run(extra, env):
+        out = subprocess.run([LEMA, "verify", str(model), "--budget", "2MiB", "--passes", "3",
+                              "--json", *extra], check=True, capture_output=True, text=True,
+                             env={**os.environ, **env})
+        return json.loads(out.stdout)
+
+    plain = run([], {})
+    shared = run(["--shared-host-cache", "64MiB"], {}) if route == "flag" else \
+        run([], {"LEMA_SHARED_HOST_CACHE": "64MiB"})
+    assert {t["name"]: t["crc32"] for t in shared["tensors"]} == reference_crcs(model)
+    assert shared["stats"]["shared_cache_hits"] > 0
+    assert shared["stats"]["bytes_read"] * 3 == plain["stats"]["bytes_read"]
+
+
+def test_shared_host_cache_too_small_is_one_line_error(model):
+    out = subprocess.run([LEMA, "verify", str(model), "--budget", "4MiB"], capture_output=True,
+                         text=True, env={**os.environ, "LEMA_SHARED_HOST_CACHE": "1MiB"})
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LEMA_SHARED_HOST_CACHE" in lines[0], out.stderr

@@ -32,6 +32,10 @@ void add_paging_options(CLI::App& cmd, PagingArgs& args) {
   cmd.add_flag("--huge-pages", args.huge_pages,
                "Take the budget's memory from the system's huge pages (vm.nr_hugepages); guard "
                "mode");
+  cmd.add_option("--shared-host-cache", args.shared_host_cache,
+                 "Keep pages read from disk in this much shared memory (/dev/shm) for every "
+                 "process on this machine that opens the same checkpoint with it, so local ranks "
+                 "read each page once (e.g. 8GiB); guard mode. Also LEMA_SHARED_HOST_CACHE");
 }
 
 void add_device_options(CLI::App& cmd, PagingArgs& args) {
@@ -128,6 +132,8 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
                  "cache does that already: drop it, or add --device cuda");
     options.host_cache_bytes = parse_size(paging.host_cache, "--host-cache");
   }
+  if (!paging.shared_host_cache.empty())
+    options.shared_host_cache_bytes = parse_size(paging.shared_host_cache, "--shared-host-cache");
   options.gpu_memory = *runtime::parse_gpu_memory(paging.gpu_memory);
   if (options.gpu_memory != runtime::GpuMemory::vmm) {
     LEMA_EXPECTS(options.device.is_cuda(),

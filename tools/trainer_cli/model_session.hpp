@@ -28,11 +28,15 @@ struct PagingArgs {
   bool huge_pages = false;
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N": where the weights are paged in
   std::string host_cache;      // a size: the host cache tier of a GPU's pages; empty: none
+  // A size: pages read from disk kept in shared memory for every local process that opens the
+  // checkpoint (one read per machine); empty: none (unless LEMA_SHARED_HOST_CACHE gives one).
+  std::string shared_host_cache;
   std::string gpu_memory = "vmm";  // how a GPU's weights are kept (runtime::GpuMemory)
   std::string device_memory_cap;   // a size: hold the rest of the GPU's free memory; empty: none
 };
 
-/// Adds --budget, --page-size, --policy, --mode, --no-prefetch, --huge-pages to `cmd`.
+/// Adds --budget, --page-size, --policy, --mode, --no-prefetch, --huge-pages and
+/// --shared-host-cache to `cmd`.
 void add_paging_options(CLI::App& cmd, PagingArgs& args);
 /// Adds --device, --gpu-memory, --host-cache and --device-memory-cap (for commands whose whole
 /// computation can run on a GPU).

@@ -128,6 +128,8 @@ std::string stats_op(std::int64_t handle) {
                         {"page_size", s.page_size},
                         {"io_path", s.io_path},
                         {"host_cache_hits", s.host_cache_hits},
+                        {"shared_cache_hits", s.shared_cache_hits},
+                        {"shared_host_cache_bytes", s.shared_host_cache_bytes},
                         {"gpu_faults", s.gpu_faults},
                         {"migrated_to_device_bytes", s.migrated_to_device_bytes},
                         {"migrated_to_host_bytes", s.migrated_to_host_bytes},

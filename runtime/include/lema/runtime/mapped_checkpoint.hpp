@@ -75,6 +75,9 @@ struct MappedCheckpointOptions {
   bool fault_fallback = true;
   /// The host cache tier of a GPU pool (PagerOptions::host_cache_bytes); 0: none.
   std::uint64_t host_cache_bytes = 0;
+  /// The shared host cache tier (PagerOptions::shared_host_cache_bytes); 0: none, unless the
+  /// LEMA_SHARED_HOST_CACHE environment variable gives a size. Guard mode only.
+  std::uint64_t shared_host_cache_bytes = 0;
   /// Weights may be written by default: a written page is kept for the life of the checkpoint
   /// object (in a spill store when evicted; never in the checkpoint's files). read_only maps
   /// them so that a write faults instead (the torch plugin refuses writing ops before they run).

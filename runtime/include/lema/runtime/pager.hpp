@@ -99,6 +99,10 @@ struct PagerOptions {
   // page only copies host to device. 0: off. Rejected for host-visible pools, whose pages the
   // kernel's page cache keeps already.
   std::uint64_t host_cache_bytes = 0;
+  // The shared host cache tier (Note [Shared host cache]): pages read from the files kept in one
+  // shared memory segment of this size per checkpoint, for every local process that opens it
+  // with this option, so each page is read from disk once per machine. 0: off.
+  std::uint64_t shared_host_cache_bytes = 0;
   std::size_t event_capacity = 1u << 16;
   SettingNames setting_names;
 };

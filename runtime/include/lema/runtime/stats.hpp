@@ -41,6 +41,10 @@ struct PagerStats {
   // fault fallback; each is a fault or a hit as well.
   std::uint64_t fallback_faults = 0;
   std::uint64_t host_cache_bytes = 0;  // the host cache tier's size (0: none)
+  // Fills copied from the shared host cache tier (another local process, or this one, read the
+  // page), not read from the files; and that tier's size (0: none).
+  std::uint64_t shared_cache_hits = 0;
+  std::uint64_t shared_host_cache_bytes = 0;
   std::uint64_t budget_bytes = 0;  // as given; the pool holds floor(budget / page size) pages
   std::uint64_t page_size = 0;
   std::string io_path;  // Reader::path_name()
@@ -73,6 +77,7 @@ class PagerCounters {
   std::atomic<std::uint64_t> resident_pages{0};
   std::atomic<std::uint64_t> peak_resident_pages{0};
   std::atomic<std::uint64_t> host_cache_hits{0};
+  std::atomic<std::uint64_t> shared_cache_hits{0};
   std::atomic<std::uint64_t> fallback_faults{0};
   std::atomic<std::uint64_t> gpu_faults{0};
   std::atomic<std::uint64_t> cpu_faults{0};
