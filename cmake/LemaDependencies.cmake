@@ -38,6 +38,20 @@ if(SENTENCEPIECE_INCLUDE_DIR AND SENTENCEPIECE_LIBRARY)
 endif()
 lema_found("SentencePiece" "${LEMA_HAVE_SENTENCEPIECE}")
 
+# PCRE2 (the Split regexes) and utf8proc (normalization forms, character classes) for the
+# tokenizer.json reader; required, through pkg-config. An INTERFACE target so the installed
+# package names the libraries the static trainer library needs.
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(LEMA_PCRE2 REQUIRED libpcre2-8)
+pkg_check_modules(LEMA_UTF8PROC REQUIRED libutf8proc)
+add_library(lema_tokenizer_json_dep INTERFACE)
+target_include_directories(lema_tokenizer_json_dep INTERFACE
+  ${LEMA_PCRE2_INCLUDE_DIRS} ${LEMA_UTF8PROC_INCLUDE_DIRS})
+target_link_libraries(lema_tokenizer_json_dep INTERFACE
+  ${LEMA_PCRE2_LINK_LIBRARIES} ${LEMA_UTF8PROC_LINK_LIBRARIES})
+lema_found("PCRE2" "${LEMA_PCRE2_VERSION}")
+lema_found("utf8proc" "${LEMA_UTF8PROC_VERSION}")
+
 # CUDA toolkit headers (the backends dlopen the driver; nothing links libcuda).
 set(LEMA_HAVE_CUDA OFF)
 if(NOT LEMA_WITH_CUDA STREQUAL "OFF")

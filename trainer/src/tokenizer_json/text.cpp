@@ -1,0 +1,158 @@
+#include "tokenizer_json/text.hpp"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+#include <utf8proc.h>
+
+#include <cstdlib>
+
+namespace lema::trainer::tokenizer_json {
+
+std::size_t char_len(std::string_view s, std::size_t i) {
+  utf8proc_int32_t c = 0;
+  const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + i),
+                                  static_cast<utf8proc_ssize_t>(s.size() - i), &c);
+  return n > 0 ? static_cast<std::size_t>(n) : 1;
+}
+
+char32_t code_point(std::string_view s, std::size_t i) {
+  utf8proc_int32_t c = 0;
+  const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + i),
+                                  static_cast<utf8proc_ssize_t>(s.size() - i), &c);
+  return n > 0 ? static_cast<char32_t>(c) : U'\uFFFD';
+}
+
+std::string to_utf8(char32_t c) {
+  utf8proc_uint8_t buf[4];
+  const auto n = utf8proc_encode_char(static_cast<utf8proc_int32_t>(c), buf);
+  return std::string(reinterpret_cast<const char*>(buf), static_cast<std::size_t>(n));
+}
+
+std::string valid_utf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) {
+    utf8proc_int32_t c = 0;
+    const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + i),
+                                    static_cast<utf8proc_ssize_t>(s.size() - i), &c);
+    if (n > 0) {
+      out.append(s.substr(i, static_cast<std::size_t>(n)));
+      i += static_cast<std::size_t>(n);
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+
+bool is_whitespace(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
+         c == 0x205F || c == 0x3000;
+}
+
+namespace {
+utf8proc_category_t category(char32_t c) {
+  return utf8proc_category(static_cast<utf8proc_int32_t>(c));
+}
+}  // namespace
+
+bool is_numeric(char32_t c) {
+  const auto k = category(c);
+  return k == UTF8PROC_CATEGORY_ND || k == UTF8PROC_CATEGORY_NL || k == UTF8PROC_CATEGORY_NO;
+}
+
+bool is_alphanumeric(char32_t c) {
+  const auto k = category(c);
+  return is_numeric(c) || (k >= UTF8PROC_CATEGORY_LU && k <= UTF8PROC_CATEGORY_LO);
+}
+
+bool is_punctuation(char32_t c) {
+  if (c < 0x80) return std::ispunct(static_cast<int>(c)) != 0;
+  const auto k = category(c);
+  return k >= UTF8PROC_CATEGORY_PC && k <= UTF8PROC_CATEGORY_PO;
+}
+
+std::string normalize_form(std::string_view s, NormalForm form) {
+  const std::string copy(s);  // utf8proc wants a terminated string
+  const auto* in = reinterpret_cast<const utf8proc_uint8_t*>(copy.c_str());
+  utf8proc_uint8_t* out = nullptr;
+  switch (form) {
+    case NormalForm::NFC: out = utf8proc_NFC(in); break;
+    case NormalForm::NFD: out = utf8proc_NFD(in); break;
+    case NormalForm::NFKC: out = utf8proc_NFKC(in); break;
+    case NormalForm::NFKD: out = utf8proc_NFKD(in); break;
+  }
+  if (out == nullptr) return copy;  // only malformed input, which encode() never passes
+  std::string result(reinterpret_cast<const char*>(out));
+  std::free(out);
+  return result;
+}
+
+std::string lowercase(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); i += char_len(s, i)) {
+    out += to_utf8(static_cast<char32_t>(
+        utf8proc_tolower(static_cast<utf8proc_int32_t>(code_point(s, i)))));
+  }
+  return out;
+}
+
+Regex::Regex(const std::string& pattern) {
+  int err = 0;
+  PCRE2_SIZE offset = 0;
+  pcre2_code* code =
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                    PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &offset, nullptr);
+  if (code == nullptr) {
+    PCRE2_UCHAR message[256];
+    pcre2_get_error_message(err, message, sizeof message);
+    throw Unsupported("regex " + pattern + " does not compile (" +
+                      reinterpret_cast<const char*>(message) + " at offset " +
+                      std::to_string(offset) + ")");
+  }
+  pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // optional: matching works without it
+  code_ = std::shared_ptr<void>(code, [](void* p) { pcre2_code_free(static_cast<pcre2_code*>(p)); });
+}
+
+std::vector<std::pair<std::size_t, std::size_t>> Regex::find_all(std::string_view s) const {
+  auto* code = static_cast<pcre2_code*>(code_.get());
+  std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> data(
+      pcre2_match_data_create_from_pattern(code, nullptr), &pcre2_match_data_free);
+  std::vector<std::pair<std::size_t, std::size_t>> out;
+  std::size_t at = 0;
+  while (at <= s.size()) {
+    // PCRE2_MATCH_INVALID_UTF: no whole-subject check per call (matching stays linear), and
+    // decoded bytes that are not UTF-8 are safe to search.
+    const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at, 0,
+                               data.get(), nullptr);
+    if (rc < 0) break;  // PCRE2_ERROR_NOMATCH, or a resource limit on pathological input
+    const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(data.get());
+    out.emplace_back(ov[0], ov[1]);
+    if (ov[1] > ov[0]) {
+      at = ov[1];
+    } else {
+      if (ov[1] >= s.size()) break;
+      at = ov[1] + char_len(s, ov[1]);
+    }
+  }
+  return out;
+}
+
+std::string escape_regex(std::string_view s) {
+  // \Q...\E quotes everything but a literal "\E", which is spelled out.
+  std::string out = "\\Q";
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s.substr(i, 2) == "\\E") {
+      out += "\\E\\\\E\\Q";
+      ++i;
+    } else {
+      out += s[i];
+    }
+  }
+  return out + "\\E";
+}
+
+}  // namespace lema::trainer::tokenizer_json
