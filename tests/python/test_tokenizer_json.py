@@ -47,7 +47,7 @@ TEXTS = [
     "\n",
     "a",
 ] + [f"before{s}after {s} spaced {s}" for s in SPECIALS] + ["".join(SPECIALS), "x<|eot_id|>\ny",
-                                                    "<s>first</s> second<s>  third"]
+                                                    "<s>first</s> second<s>  third <unk>"]
 
 
 def dump(tmp_path, tokenizer_json):
@@ -77,8 +77,8 @@ def check_parity(tmp_path, tok, path=None):
     return got
 
 
-def byte_level_bpe(split_regex, add_prefix_space=False):
-    tok = Tokenizer(models.BPE())
+def byte_level_bpe(split_regex, add_prefix_space=False, ignore_merges=False):
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     if split_regex:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(pattern=__import__("tokenizers").Regex(split_regex),
@@ -95,7 +95,7 @@ def byte_level_bpe(split_regex, add_prefix_space=False):
 
 
 def test_llama3_style_byte_level_bpe(tmp_path):
-    tok = byte_level_bpe(LLAMA3_PATTERN)
+    tok = byte_level_bpe(LLAMA3_PATTERN, ignore_merges=True)
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
         processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
@@ -202,6 +202,28 @@ def test_transformers_gpt2_tokenizer_json(tmp_path):
         assert ids == hf.encode(text, add_special_tokens=False), f"ids differ for {text!r}"
 
 
+@pytest.mark.parametrize("family", ["Qwen2Tokenizer", "LlamaTokenizer"])
+def test_transformers_built_tokenizer_json(family, tmp_path):
+    """The tokenizer.json transformers writes for Qwen2 (NFC, Qwen's Split regex, byte-level) and
+    Llama (Metaspace "first" without split, byte fallback), from a vocab and merges trained here."""
+    transformers = pytest.importorskip("transformers")
+    if family == "Qwen2Tokenizer":
+        source = byte_level_bpe(None)
+    else:
+        source = metaspace_bpe(lambda tok: setattr(tok, "pre_tokenizer", pre_tokenizers.Metaspace()))
+    spec = json.loads(source.to_str())
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in spec["model"]["merges"]]
+    hf = getattr(transformers, family)(vocab=spec["model"]["vocab"], merges=merges)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    got = dump(tmp_path, tmp_path / "saved" / "tokenizer.json")
+    for text, ids, decoded in zip(TEXTS, got["ids"], got["decoded"]):
+        assert ids == hf.encode(text, add_special_tokens=False), f"ids differ for {text!r}"
+        assert decoded == hf.decode(ids, skip_special_tokens=True), f"decode differs for {text!r}"
+    plain, full = hf.encode("Hello", add_special_tokens=False), hf.encode("Hello")
+    assert got["bos"] == (full[0] if full[1:1 + len(plain)] == plain else None)
+
+
 # ---- lema train and lema generate on models whose tokenizer is a tokenizer.json -------------
 
 DOCUMENT = ("The quick brown fox, 東京 and 😀, jumps over 12345 lazy dogs.\n"
@@ -234,8 +256,9 @@ def llama3_model(out):
 
 
 def mistral_model(out):
-    def setup(tok):
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    def setup(tok):  # as Mistral v0.3's tokenizer.json
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                     split=False)
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     return save_model(metaspace_bpe(setup), out, "mistral", bos_token="<s>", eos_token="</s>",

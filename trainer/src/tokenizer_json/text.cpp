@@ -6,6 +6,8 @@
 
 #include <cstdlib>
 
+#include "lema/base/error.hpp"
+
 namespace lema::trainer::tokenizer_json {
 
 std::size_t char_len(std::string_view s, std::size_t i) {
@@ -128,7 +130,15 @@ std::vector<std::pair<std::size_t, std::size_t>> Regex::find_all(std::string_vie
     // decoded bytes that are not UTF-8 are safe to search.
     const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at, 0,
                                data.get(), nullptr);
-    if (rc < 0) break;  // PCRE2_ERROR_NOMATCH, or a resource limit on pathological input
+    if (rc == PCRE2_ERROR_NOMATCH) break;
+    if (rc < 0) {  // a resource limit: stopping here would silently give other pieces
+      PCRE2_UCHAR message[256];
+      pcre2_get_error_message(rc, message, sizeof message);
+      throw InvalidArgument("tokenizer regex matching failed on a text of " +
+                            std::to_string(s.size()) + " bytes (" +
+                            reinterpret_cast<const char*>(message) +
+                            "); split the text into smaller documents");
+    }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(data.get());
     out.emplace_back(ov[0], ov[1]);
     if (ov[1] > ov[0]) {
