@@ -183,6 +183,30 @@ def test_digits_punctuation_and_lowercase(tmp_path):
         assert ids == tok.encode(text, add_special_tokens=False).ids, f"ids differ for {text!r}"
 
 
+@pytest.mark.parametrize("behavior", ["removed", "isolated", "merged_with_previous",
+                                      "merged_with_next", "contiguous"])
+@pytest.mark.parametrize("invert", [False, True])
+def test_split_behaviours_and_normalizers(behavior, invert, tmp_path):
+    from tokenizers import Regex
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.NFD(), normalizers.Replace(Regex(r"\d{2}"), "<dd>"), normalizers.NFKD()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s+|[.,;:!?]"), behavior=behavior, invert=invert),
+        pre_tokenizers.Whitespace()])
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False,
+                                  end_of_word_suffix="</w>")
+    tok.train_from_iterator(TRAIN, trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    tok = Tokenizer.from_file(str(path))
+    got = dump(tmp_path, path)
+    for text, ids, decoded in zip(TEXTS, got["ids"], got["decoded"]):
+        assert ids == tok.encode(text, add_special_tokens=False).ids, f"ids differ for {text!r}"
+        assert decoded == tok.decode(ids), f"decode differs for {text!r}"
+
+
 def test_transformers_gpt2_tokenizer_json(tmp_path):
     transformers = pytest.importorskip("transformers")
     source = byte_level_bpe(None)

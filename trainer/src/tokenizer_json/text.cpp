@@ -102,7 +102,50 @@ std::string lowercase(std::string_view s) {
   return out;
 }
 
-Regex::Regex(const std::string& pattern) {
+namespace {
+
+// Note [Oniguruma word class]: tokenizers compiles patterns with Oniguruma, whose \w is
+// Alphabetic, Mark, Decimal_Number and Connector_Punctuation; PCRE2's \w under UCP is only
+// letters, numbers and underscore, so a letter followed by a combining mark (any NFD text)
+// would split differently. \w and \W are spelled out as Oniguruma means them; \d (Nd) and
+// \s (White_Space) already agree.
+constexpr const char* kWordClass = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}";
+
+std::string oniguruma_to_pcre2(const std::string& pattern) {
+  std::string out;
+  int class_depth = 0;
+  for (std::size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == '\\' && i + 1 < pattern.size()) {
+      const char e = pattern[++i];
+      if (e == 'Q') {  // quoted up to \E: copied as it is
+        const std::size_t end = pattern.find("\\E", i + 1);
+        const std::size_t stop = end == std::string::npos ? pattern.size() : end + 2;
+        out.append(pattern, i - 1, stop - (i - 1));
+        i = stop - 1;
+        continue;
+      }
+      if (e == 'w') {
+        out += class_depth > 0 ? std::string(kWordClass) : "[" + std::string(kWordClass) + "]";
+      } else if (e == 'W' && class_depth == 0) {
+        out += "[^" + std::string(kWordClass) + "]";
+      } else {
+        out += c;
+        out += e;
+      }
+      continue;
+    }
+    if (c == '[') ++class_depth;
+    if (c == ']' && class_depth > 0) --class_depth;
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+Regex::Regex(const std::string& given) {
+  const std::string pattern = oniguruma_to_pcre2(given);
   int err = 0;
   PCRE2_SIZE offset = 0;
   pcre2_code* code =
@@ -111,7 +154,7 @@ Regex::Regex(const std::string& pattern) {
   if (code == nullptr) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(err, message, sizeof message);
-    throw Unsupported("regex " + pattern + " does not compile (" +
+    throw Unsupported("regex " + given + " does not compile (" +
                       reinterpret_cast<const char*>(message) + " at offset " +
                       std::to_string(offset) + ")");
   }
