@@ -50,6 +50,21 @@ TEXTS = [
                                                     "<s>first</s> second<s>  third <unk>"]
 
 
+
+def random_texts(count, seed=0):
+    """Mixtures of the pieces where tokenizers differ most: spaces, marks, scripts, specials."""
+    import random
+    rng = random.Random(seed)
+    pieces = [" ", "  ", "\t", "\n", "\r\n", "a", "The", "fox", "'s", "'LL", "12", "3456", "_",
+              "é", "e\u0301", "\u0308", "東京", "한", "😀", "👍🏽", "\u200d", "\u00a0", "\u3000",
+              "ƛ", "Ω", "ﬁ", "①", "½", "x²", ".", "!?", "—", "(", "{}", "<s>", "</s>", "<unk>",
+              "▁", "Ġ", "<0x41>", "[UNK]", "##"] + SPECIALS
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(count)]
+
+
+TEXTS += random_texts(400)
+
+
 def dump(tmp_path, tokenizer_json):
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(TEXTS), encoding="utf-8")

@@ -105,11 +105,11 @@ std::string lowercase(std::string_view s) {
 namespace {
 
 // Note [Oniguruma word class]: tokenizers compiles patterns with Oniguruma, whose \w is
-// Alphabetic, Mark, Decimal_Number and Connector_Punctuation; PCRE2's \w under UCP is only
-// letters, numbers and underscore, so a letter followed by a combining mark (any NFD text)
-// would split differently. \w and \W are spelled out as Oniguruma means them; \d (Nd) and
-// \s (White_Space) already agree.
-constexpr const char* kWordClass = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}";
+// Alphabetic, Mark, Decimal_Number, Connector_Punctuation and Join_Control; PCRE2's \w under
+// UCP is only letters, numbers and underscore, so a letter followed by a combining mark (any
+// NFD text) would split differently. \w and \W are spelled out as Oniguruma means them; \d (Nd)
+// and \s (White_Space) already agree.
+constexpr const char* kWordClass = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}";
 
 std::string oniguruma_to_pcre2(const std::string& pattern) {
   std::string out;
