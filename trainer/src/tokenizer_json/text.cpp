@@ -96,8 +96,14 @@ std::string lowercase(std::string_view s) {
   std::string out;
   out.reserve(s.size());
   for (std::size_t i = 0; i < s.size(); i += char_len(s, i)) {
-    out += to_utf8(static_cast<char32_t>(
-        utf8proc_tolower(static_cast<utf8proc_int32_t>(code_point(s, i)))));
+    const char32_t c = code_point(s, i);
+    // Rust's char::to_lowercase, which tokenizers uses, maps by character without context; the
+    // one character whose full mapping differs from the simple one utf8proc gives is İ.
+    if (c == U'\u0130') {
+      out += "i\xCC\x87";
+      continue;
+    }
+    out += to_utf8(static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(c))));
   }
   return out;
 }
