@@ -42,8 +42,12 @@ lema_found("SentencePiece" "${LEMA_HAVE_SENTENCEPIECE}")
 # tokenizer.json reader; required, through pkg-config. An INTERFACE target so the installed
 # package names the libraries the static trainer library needs.
 find_package(PkgConfig REQUIRED)
-pkg_check_modules(LEMA_PCRE2 REQUIRED libpcre2-8)
-pkg_check_modules(LEMA_UTF8PROC REQUIRED libutf8proc)
+pkg_check_modules(LEMA_PCRE2 QUIET libpcre2-8)
+pkg_check_modules(LEMA_UTF8PROC QUIET libutf8proc)
+if(NOT LEMA_PCRE2_FOUND OR NOT LEMA_UTF8PROC_FOUND)
+  message(FATAL_ERROR "PCRE2 or utf8proc not found through pkg-config (the tokenizer.json reader "
+                      "needs both): apt-get install libpcre2-dev libutf8proc-dev, or run scripts/setup.sh")
+endif()
 add_library(lema_tokenizer_json_dep INTERFACE)
 target_include_directories(lema_tokenizer_json_dep INTERFACE
   ${LEMA_PCRE2_INCLUDE_DIRS} ${LEMA_UTF8PROC_INCLUDE_DIRS})
