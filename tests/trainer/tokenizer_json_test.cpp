@@ -127,6 +127,9 @@ TEST_F(TokenizerJsonTest, RefusesUnknownComponents) {
   j["post_processor"] = {{"type", "Mystery"}};
   EXPECT_THAT(refusal(j.dump()), HasSubstr("post_processor type \"Mystery\""));
   j = tiny_byte_level();
+  j["model"]["vocab"]["huge"] = 4000000000u;
+  EXPECT_THAT(refusal(j.dump()), HasSubstr("vocab id 4000000000"));
+  j = tiny_byte_level();
   j["model"]["vocab"] = "not an object";
   EXPECT_THAT(refusal(j.dump()), AllOf(HasSubstr("tokenizer.json"), HasSubstr("malformed")));
 }

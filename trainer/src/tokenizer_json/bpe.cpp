@@ -14,6 +14,7 @@ Bpe::Bpe(const nlohmann::json& model) {
   }
   for (const auto& [token, id] : model.at("vocab").items()) {
     const auto i = id.get<std::uint32_t>();
+    if (i >= kMaxId) throw Unsupported("vocab id " + std::to_string(i) + " of \"" + token + "\"");
     vocab_[token] = i;
     if (i >= id_to_token_.size()) id_to_token_.resize(std::size_t{i} + 1);
     id_to_token_[i] = token;

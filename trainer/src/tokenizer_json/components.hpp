@@ -40,6 +40,10 @@ const std::string& byte_char(unsigned char b);
 /// The byte a ByteLevel character stands for, or -1.
 int char_byte(char32_t c);
 
+/// Ids at or above this are refused: no vocabulary is near it, and the id → token table would be
+/// sized by it.
+inline constexpr std::uint32_t kMaxId = 1u << 26;
+
 /// The BPE model: vocabulary, ranked merges, unknown and byte-fallback handling.
 class Bpe {
  public:

@@ -146,6 +146,7 @@ class JsonTokenizer final : public Tokenizer {
       AddedToken t;
       t.content = a.at("content").get<std::string>();
       t.id = a.at("id").get<std::uint32_t>();
+      if (t.id >= tj::kMaxId) throw tj::Unsupported("added token id " + std::to_string(t.id));
       t.single_word = a.value("single_word", false);
       t.lstrip = a.value("lstrip", false);
       t.rstrip = a.value("rstrip", false);
