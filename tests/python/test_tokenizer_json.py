@@ -57,6 +57,7 @@ def random_texts(count, seed=0):
     rng = random.Random(seed)
     pieces = [" ", "  ", "\t", "\n", "\r\n", "a", "The", "fox", "'s", "'LL", "12", "3456", "_",
               "é", "e\u0301", "\u0308", "東京", "한", "😀", "👍🏽", "\u200d", "\u00a0", "\u3000",
+              "\u0085", "\u2028", "\u000b", "\u180e",
               "ƛ", "Ω", "ΑΣ", "İ", "ﬁ", "①", "½", "x²", ".", "!?", "—", "(", "{}", "<s>", "</s>", "<unk>",
               "▁", "Ġ", "<0x41>", "[UNK]", "##"] + SPECIALS
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(count)]

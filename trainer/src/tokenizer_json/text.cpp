@@ -110,12 +110,15 @@ std::string lowercase(std::string_view s) {
 
 namespace {
 
-// Note [Oniguruma word class]: tokenizers compiles patterns with Oniguruma, whose \w is
-// Alphabetic, Mark, Decimal_Number, Connector_Punctuation and Join_Control; PCRE2's \w under
-// UCP is only letters, numbers and underscore, so a letter followed by a combining mark (any
-// NFD text) would split differently. \w and \W are spelled out as Oniguruma means them; \d (Nd)
-// and \s (White_Space) already agree.
+// Note [Oniguruma classes]: tokenizers compiles patterns with Oniguruma, whose \w is
+// Alphabetic, Mark, Decimal_Number, Connector_Punctuation and Join_Control, and whose \s is the
+// White_Space property. PCRE2's \w under UCP is only letters, numbers and underscore (a letter
+// followed by a combining mark, as in any NFD text, would split differently), and its \s also
+// takes U+180E. \w, \W, \s and \S are spelled out as Oniguruma means them; \d (Nd) agrees.
 constexpr const char* kWordClass = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}";
+constexpr const char* kSpaceClass =
+    "\\t\\n\\x0b\\f\\r\\x20\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}"
+    "\\x{202f}\\x{205f}\\x{3000}";
 
 std::string oniguruma_to_pcre2(const std::string& pattern) {
   std::string out;
@@ -131,10 +134,13 @@ std::string oniguruma_to_pcre2(const std::string& pattern) {
         i = stop - 1;
         continue;
       }
-      if (e == 'w') {
-        out += class_depth > 0 ? std::string(kWordClass) : "[" + std::string(kWordClass) + "]";
-      } else if (e == 'W' && class_depth == 0) {
-        out += "[^" + std::string(kWordClass) + "]";
+      const char* spelled = e == 'w' || e == 'W' ? kWordClass
+                            : e == 's' || e == 'S' ? kSpaceClass
+                                                   : nullptr;
+      if (spelled != nullptr && (e == 'w' || e == 's')) {
+        out += class_depth > 0 ? std::string(spelled) : "[" + std::string(spelled) + "]";
+      } else if (spelled != nullptr && class_depth == 0) {  // \W, \S
+        out += "[^" + std::string(spelled) + "]";
       } else {
         out += c;
         out += e;
