@@ -208,7 +208,7 @@ def test_split_behaviours_and_normalizers(behavior, invert, tmp_path):
     tok.normalizer = normalizers.Sequence([
         normalizers.NFD(), normalizers.Replace(Regex(r"\d{2}"), "<dd>"), normalizers.NFKD()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\s+|[.,;:!?]|^.|.$"), behavior=behavior, invert=invert),
+        pre_tokenizers.Split(Regex(r"\s+|[.,;:!?]|^.|.$|\h\h"), behavior=behavior, invert=invert),
         pre_tokenizers.Whitespace()])
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"], show_progress=False,

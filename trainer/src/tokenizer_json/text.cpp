@@ -114,7 +114,8 @@ namespace {
 // Alphabetic, Mark, Decimal_Number, Connector_Punctuation and Join_Control, and whose \s is the
 // White_Space property. PCRE2's \w under UCP is only letters, numbers and underscore (a letter
 // followed by a combining mark, as in any NFD text, would split differently), and its \s also
-// takes U+180E. \w, \W, \s and \S are spelled out as Oniguruma means them; \d (Nd) agrees.
+// takes U+180E; Oniguruma's \h is a hex digit, PCRE2's a horizontal space. \w, \s and \h (and
+// their negations outside classes) are spelled out as Oniguruma means them; \d (Nd) agrees.
 constexpr const char* kWordClass = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}";
 constexpr const char* kSpaceClass =
     "\\t\\n\\x0b\\f\\r\\x20\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}"
@@ -136,10 +137,11 @@ std::string oniguruma_to_pcre2(const std::string& pattern) {
       }
       const char* spelled = e == 'w' || e == 'W' ? kWordClass
                             : e == 's' || e == 'S' ? kSpaceClass
+                            : e == 'h' || e == 'H' ? "0-9a-fA-F"
                                                    : nullptr;
-      if (spelled != nullptr && (e == 'w' || e == 's')) {
+      if (spelled != nullptr && (e == 'w' || e == 's' || e == 'h')) {
         out += class_depth > 0 ? std::string(spelled) : "[" + std::string(spelled) + "]";
-      } else if (spelled != nullptr && class_depth == 0) {  // \W, \S
+      } else if (spelled != nullptr && class_depth == 0) {  // \W, \S, \H
         out += "[^" + std::string(spelled) + "]";
       } else {
         out += c;
