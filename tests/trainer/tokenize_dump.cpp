@@ -1,6 +1,7 @@
 // Encodes texts with a tokenizer.json through the trainer's reader and prints, as JSON, the ids,
 // the decoded text and BOS/EOS, for tests/python/test_tokenizer_json.py to compare with the
-// tokenizers package. Usage: trainer_tokenize_dump TOKENIZER_JSON TEXTS_JSON
+// tokenizers package; with IDS_JSON (lists of ids) also the text of each list.
+// Usage: trainer_tokenize_dump TOKENIZER_JSON TEXTS_JSON [IDS_JSON]
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -9,8 +10,8 @@
 #include "lema/trainer/tokenizer.hpp"
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::cerr << "usage: trainer_tokenize_dump TOKENIZER_JSON TEXTS_JSON\n";
+  if (argc != 3 && argc != 4) {
+    std::cerr << "usage: trainer_tokenize_dump TOKENIZER_JSON TEXTS_JSON [IDS_JSON]\n";
     return 2;
   }
   try {
@@ -24,6 +25,13 @@ int main(int argc, char** argv) {
       const auto ids = tokenizer->encode(t.get<std::string>());
       out["ids"].push_back(ids);
       out["decoded"].push_back(tokenizer->decode(ids));
+    }
+    out["decoded_ids"] = nlohmann::json::array();
+    if (argc == 4) {
+      std::ifstream ids_in(argv[3]);
+      for (const auto& ids : nlohmann::json::parse(ids_in)) {
+        out["decoded_ids"].push_back(tokenizer->decode(ids.get<std::vector<std::uint32_t>>()));
+      }
     }
     out["bos"] = tokenizer->bos_id() ? nlohmann::json(*tokenizer->bos_id()) : nlohmann::json();
     out["eos"] = tokenizer->eos_id() ? nlohmann::json(*tokenizer->eos_id()) : nlohmann::json();

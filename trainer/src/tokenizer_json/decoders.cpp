@@ -1,5 +1,6 @@
-// tokenizer.json decoders. Bytes that do not form UTF-8 are kept as they are (tokenizers shows
-// U+FFFD instead), so text decoded token by token can complete a character later.
+// tokenizer.json decoders. Bytes that do not form UTF-8 become U+FFFD as in tokenizers, except a
+// character cut short by the last token, whose bytes are kept so that the next token can
+// complete it.
 #include "tokenizer_json/components.hpp"
 
 namespace lema::trainer::tokenizer_json {
@@ -50,7 +51,7 @@ Decoder make_decoder(const nlohmann::json& j) {
         }
         out += all ? bytes : t;  // a token outside the alphabet stands for its own bytes
       }
-      return std::vector<std::string>{out};
+      return std::vector<std::string>{lossy_utf8(out, true)};
     };
   }
   if (type == "Metaspace") {
@@ -82,6 +83,16 @@ Decoder make_decoder(const nlohmann::json& j) {
     return [](std::vector<std::string> tokens) {
       std::vector<std::string> out;
       std::string bytes;
+      // A run of byte tokens that is not UTF-8 shows one U+FFFD per token, as in tokenizers.
+      const auto flush = [&](bool last) {
+        if (bytes.empty()) return;
+        if (is_utf8(bytes) || (last && lossy_utf8(bytes, true) == bytes)) {
+          out.push_back(bytes);
+        } else {
+          for (std::size_t k = 0; k < bytes.size(); ++k) out.push_back("\xEF\xBF\xBD");
+        }
+        bytes.clear();
+      };
       for (auto& t : tokens) {
         const bool is_byte = t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
                              std::isxdigit(static_cast<unsigned char>(t[3])) &&
@@ -90,11 +101,10 @@ Decoder make_decoder(const nlohmann::json& j) {
           bytes += static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16));
           continue;
         }
-        if (!bytes.empty()) out.push_back(std::move(bytes));
-        bytes.clear();
+        flush(false);
         out.push_back(std::move(t));
       }
-      if (!bytes.empty()) out.push_back(std::move(bytes));
+      flush(true);
       return out;
     };
   }

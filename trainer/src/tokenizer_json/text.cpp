@@ -4,6 +4,7 @@
 #include <pcre2.h>
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "lema/base/error.hpp"
@@ -46,6 +47,68 @@ std::string valid_utf8(std::string_view s) {
     }
   }
   return out;
+}
+
+namespace {
+
+/// Bytes of the well-formed prefix of the UTF-8 sequence at s[i] (Unicode's table 3-7), and
+/// whether that prefix is a whole character.
+std::pair<std::size_t, bool> utf8_prefix(std::string_view s, std::size_t i) {
+  const auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char lead = b(i);
+  if (lead < 0x80) return {1, true};
+  std::size_t need = 0;
+  unsigned char lo = 0x80;
+  unsigned char hi = 0xBF;
+  if (lead >= 0xC2 && lead <= 0xDF) {
+    need = 1;
+  } else if (lead >= 0xE0 && lead <= 0xEF) {
+    need = 2;
+    if (lead == 0xE0) lo = 0xA0;
+    if (lead == 0xED) hi = 0x9F;
+  } else if (lead >= 0xF0 && lead <= 0xF4) {
+    need = 3;
+    if (lead == 0xF0) lo = 0x90;
+    if (lead == 0xF4) hi = 0x8F;
+  } else {
+    return {0, false};  // never a lead byte
+  }
+  std::size_t n = 1;
+  for (; n <= need && i + n < s.size(); ++n) {
+    const unsigned char c = b(i + n);
+    const unsigned char first_lo = n == 1 ? lo : 0x80;
+    const unsigned char first_hi = n == 1 ? hi : 0xBF;
+    if (c < first_lo || c > first_hi) break;
+  }
+  return {n, n == need + 1};
+}
+
+}  // namespace
+
+std::string lossy_utf8(std::string_view s, bool keep_cut_tail) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) {
+    const auto [n, whole] = utf8_prefix(s, i);
+    if (whole) {
+      out.append(s.substr(i, n));
+    } else if (keep_cut_tail && n > 0 && i + n == s.size()) {
+      out.append(s.substr(i, n));  // cut by the end, not ill-formed
+    } else {
+      out += "\xEF\xBF\xBD";
+    }
+    i += std::max<std::size_t>(n, 1);
+  }
+  return out;
+}
+
+bool is_utf8(std::string_view s) {
+  for (std::size_t i = 0; i < s.size();) {
+    const auto [n, whole] = utf8_prefix(s, i);
+    if (!whole) return false;
+    i += n;
+  }
+  return true;
 }
 
 bool is_whitespace(char32_t c) {

@@ -27,6 +27,13 @@ std::string to_utf8(char32_t c);
 /// `s` with every malformed UTF-8 sequence replaced by U+FFFD, as Python's errors="replace".
 std::string valid_utf8(std::string_view s);
 
+/// Rust's String::from_utf8_lossy: each maximal ill-formed subsequence becomes one U+FFFD. With
+/// `keep_cut_tail`, a character cut short by the end of `s` keeps its bytes instead, so that text
+/// decoded so far can be completed by the next token.
+std::string lossy_utf8(std::string_view s, bool keep_cut_tail);
+/// Whether `s` is well-formed UTF-8.
+bool is_utf8(std::string_view s);
+
 /// Rust's char::is_whitespace (the White_Space property).
 bool is_whitespace(char32_t c);
 /// Rust's char::is_alphanumeric, approximated by the L and N general categories.
