@@ -84,6 +84,20 @@ TEST_F(TokenizerJsonTest, OpenTokenizerPrefersTokenizerJson) {
   EXPECT_EQ(tokenizer->encode("hi"), (std::vector<std::uint32_t>{4}));
 }
 
+TEST_F(TokenizerJsonTest, OpenTokenizerDefersARefusalToTheText) {
+  auto j = tiny_byte_level();
+  j["model"]["type"] = "WordPiece";
+  write(j);
+  const auto tokenizer = open_tokenizer(dir_.path(), 6);  // token ids still work
+  try {
+    tokenizer->encode("hi");
+    ADD_FAILURE() << "text was encoded";
+  } catch (const InvalidArgument& e) {
+    EXPECT_THAT(e.what(), AllOf(HasSubstr("tokenizer.json"), HasSubstr("model type \"WordPiece\""),
+                                HasSubstr("token ids")));
+  }
+}
+
 TEST_F(TokenizerJsonTest, RefusesTruncatedJson) {
   const std::string text = tiny_byte_level().dump();
   EXPECT_THAT(refusal(text.substr(0, text.size() / 2)),

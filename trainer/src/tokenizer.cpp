@@ -72,7 +72,13 @@ std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir
                                           std::int64_t model_vocab, bool byte_level_ids) {
   std::error_code ec;
   if (std::filesystem::is_regular_file(model_dir / "tokenizer.json", ec)) {
-    return load_tokenizer_json(model_dir / "tokenizer.json");
+    // A tokenizer.json the reader refuses refuses text when text comes, not here: token ids
+    // (.bin/.npy data, --prompt-ids) still train and generate with such a model.
+    try {
+      return load_tokenizer_json(model_dir / "tokenizer.json");
+    } catch (const InvalidArgument& e) {
+      return std::make_unique<NoTextTokenizer>(e.what());
+    }
   }
   const auto model_file = model_dir / "tokenizer.model";
   if (std::filesystem::is_regular_file(model_file, ec)) {

@@ -70,7 +70,8 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model
 std::unique_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& file);
 
 /// The tokenizer for a checkpoint directory: `model_dir/tokenizer.json` when present (the file
-/// transformers' fast tokenizers use, so it wins over a tokenizer.model beside it); else
+/// transformers' fast tokenizers use, so it wins over a tokenizer.model beside it; one the reader
+/// refuses gives a tokenizer whose encode throws that refusal, so ids still work); else
 /// `model_dir/tokenizer.model` through SentencePiece when present and supported; else, when the directory holds no tokenizer file at all and
 /// `byte_level_ids` (a Llama-layout vocabulary, as `lema gen` writes), ByteTokenizer(model_vocab)
 /// (logged as a warning when a tokenizer.model exists but this build cannot read it). Otherwise
