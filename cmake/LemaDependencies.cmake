@@ -38,6 +38,24 @@ if(SENTENCEPIECE_INCLUDE_DIR AND SENTENCEPIECE_LIBRARY)
 endif()
 lema_found("SentencePiece" "${LEMA_HAVE_SENTENCEPIECE}")
 
+# PCRE2 (the Split regexes) and utf8proc (normalization forms, character classes) for the
+# tokenizer.json reader; required, through pkg-config. An INTERFACE target so the installed
+# package names the libraries the static trainer library needs.
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(LEMA_PCRE2 QUIET libpcre2-8)
+pkg_check_modules(LEMA_UTF8PROC QUIET libutf8proc)
+if(NOT LEMA_PCRE2_FOUND OR NOT LEMA_UTF8PROC_FOUND)
+  message(FATAL_ERROR "PCRE2 or utf8proc not found through pkg-config (the tokenizer.json reader "
+                      "needs both): apt-get install libpcre2-dev libutf8proc-dev, or run scripts/setup.sh")
+endif()
+add_library(lema_tokenizer_json_dep INTERFACE)
+target_include_directories(lema_tokenizer_json_dep INTERFACE
+  ${LEMA_PCRE2_INCLUDE_DIRS} ${LEMA_UTF8PROC_INCLUDE_DIRS})
+target_link_libraries(lema_tokenizer_json_dep INTERFACE
+  ${LEMA_PCRE2_LINK_LIBRARIES} ${LEMA_UTF8PROC_LINK_LIBRARIES})
+lema_found("PCRE2" "${LEMA_PCRE2_VERSION}")
+lema_found("utf8proc" "${LEMA_UTF8PROC_VERSION}")
+
 # CUDA toolkit headers (the backends dlopen the driver; nothing links libcuda).
 set(LEMA_HAVE_CUDA OFF)
 if(NOT LEMA_WITH_CUDA STREQUAL "OFF")

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
   build-essential cmake ninja-build pkg-config git python3 python3-venv
   liburing-dev libboost-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
-  zlib1g-dev libsentencepiece-dev libgtest-dev libgmock-dev libbenchmark-dev
+  zlib1g-dev libsentencepiece-dev libpcre2-dev libutf8proc-dev libgtest-dev libgmock-dev libbenchmark-dev
   fio clang libclang-rt-14-dev
 )
 VENV=${LEMA_VENV:-$PWD/.venv}

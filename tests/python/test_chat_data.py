@@ -8,8 +8,7 @@ ChatML template that refuses unknown roles; a small Qwen2 model is saved beside 
   transformers' loss on the same padded batch with the same labels, and --eval-data's loss
   after the last step equals transformers + peft's with the trained adapter;
 - bad lines are refused with the data file's line number, nothing written; a prepared example
-  longer than --seq-len is refused naming its line; text data for a model whose tokenizer lema
-  cannot read is refused instead of being tokenized byte by byte.
+  longer than --seq-len is refused naming its line.
 """
 import json
 import os
@@ -168,18 +167,6 @@ def test_bad_lines_are_named_with_their_line_number(model, tmp_path, bad, needle
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{data}:2:" in lines[0] and needle in lines[0], lines
     assert not out.exists()
-
-
-def test_text_is_refused_where_lema_cannot_tokenize_it(model, tmp_path):
-    text = tmp_path / "corpus.txt"
-    text.write_text("plain text that must not be read byte by byte\n" * 20)
-    proc = run_lema("train", "--model", model, "--data", text, "--out", tmp_path / "out",
-                    "--steps", 1, "--seq-len", 8, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert "tokenizer.json" in lines[0] and "python -m lema.data" in lines[0], lines[0]
-    proc = run_lema("generate", "--model", model, "--prompt", "hello", check=False)
-    assert proc.returncode == 1 and "tokenizer.json" in proc.stderr, proc.stderr
 
 
 def test_eval_losses_continue_across_a_resume(model, tmp_path):

@@ -70,8 +70,17 @@ class NoTextTokenizer final : public Tokenizer {
 
 std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir,
                                           std::int64_t model_vocab, bool byte_level_ids) {
-  const auto model_file = model_dir / "tokenizer.model";
   std::error_code ec;
+  if (std::filesystem::is_regular_file(model_dir / "tokenizer.json", ec)) {
+    // A tokenizer.json the reader refuses refuses text when text comes, not here: token ids
+    // (.bin/.npy data, --prompt-ids) still train and generate with such a model.
+    try {
+      return load_tokenizer_json(model_dir / "tokenizer.json");
+    } catch (const InvalidArgument& e) {
+      return std::make_unique<NoTextTokenizer>(e.what());
+    }
+  }
+  const auto model_file = model_dir / "tokenizer.model";
   if (std::filesystem::is_regular_file(model_file, ec)) {
     if (have_sentencepiece()) return load_sentencepiece(model_file);
     spdlog::warn("{}: this build has no SentencePiece; tokenizing text byte by byte instead",
@@ -82,13 +91,13 @@ std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir
       "give token ids (.bin/.npy, or --prompt-ids), or prepare chat and instruction data with "
       "the model's own tokenizer: python -m lema.data --model DIR --data FILE --out "
       "prepared.jsonl";
-  for (const char* name : {"tokenizer.json", "vocab.json"}) {
-    if (std::filesystem::is_regular_file(model_dir / name, ec)) {
-      return std::make_unique<NoTextTokenizer>(
-          (model_dir / name).string() +
-          ": lema reads only SentencePiece tokenizer.model files, and tokenizing this model's "
-          "text byte by byte would give ids its vocabulary does not mean; " + what_to_do);
-    }
+  if (std::filesystem::is_regular_file(model_dir / "vocab.json", ec)) {
+    return std::make_unique<NoTextTokenizer>(
+        (model_dir / "vocab.json").string() +
+        ": lema reads tokenizer.json and SentencePiece tokenizer.model files, not vocab.json "
+        "alone (save the tokenizer with a recent transformers to get a tokenizer.json), and "
+        "tokenizing this model's text byte by byte would give ids its vocabulary does not "
+        "mean; " + what_to_do);
   }
   if (!byte_level_ids) {
     return std::make_unique<NoTextTokenizer>(

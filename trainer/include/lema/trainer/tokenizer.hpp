@@ -1,6 +1,8 @@
 // Text → token ids for the trainer's text data (JSONL and plain text).
 //
-// With a SentencePiece `tokenizer.model` beside the checkpoint (and LEMA built with
+// With a Hugging Face `tokenizer.json` (BPE: byte-level as GPT-2, Llama 3 and Qwen, or
+// SentencePiece-style with byte fallback as Llama 2 and Mistral) the text is encoded as the
+// `tokenizers` package encodes it. With a SentencePiece `tokenizer.model` beside the checkpoint (and LEMA built with
 // SentencePiece) the text is encoded the way the model was trained. Without one, a byte-level
 // fallback maps each UTF-8 byte b to id b + byte_offset. The default offset 3 is where Llama's
 // SentencePiece vocabulary keeps its byte tokens <0x00>..<0xFF> (after <unk>=0, <s>=1, </s>=2),
@@ -61,13 +63,21 @@ bool have_sentencepiece() noexcept;
 /// loaded or when the build has no SentencePiece.
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file);
 
-/// The tokenizer for a checkpoint directory: `model_dir/tokenizer.model` through SentencePiece
-/// when present and supported; else, when the directory holds no tokenizer file at all and
+/// Reads a Hugging Face tokenizer.json. Throws InvalidArgument, one line naming the file and the
+/// component, for malformed JSON and for anything the reader does not implement (model types
+/// other than BPE, unknown normalizers, pre-tokenizers, post-processors or decoders, a regex
+/// PCRE2 cannot compile, merges of tokens the vocab lacks).
+std::unique_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& file);
+
+/// The tokenizer for a checkpoint directory: `model_dir/tokenizer.json` when present (the file
+/// transformers' fast tokenizers use, so it wins over a tokenizer.model beside it; one the reader
+/// refuses gives a tokenizer whose encode throws that refusal, so ids still work); else
+/// `model_dir/tokenizer.model` through SentencePiece when present and supported; else, when the directory holds no tokenizer file at all and
 /// `byte_level_ids` (a Llama-layout vocabulary, as `lema gen` writes), ByteTokenizer(model_vocab)
 /// (logged as a warning when a tokenizer.model exists but this build cannot read it). Otherwise
 /// a tokenizer that refuses text (encode throws InvalidArgument, one line naming the file or the
 /// model and pointing at `python -m lema.data` and token ids) and decodes nothing: a
-/// tokenizer.json model's text is never silently tokenized byte by byte.
+/// vocab.json-only model's text is never silently tokenized byte by byte.
 std::unique_ptr<Tokenizer> open_tokenizer(const std::filesystem::path& model_dir,
                                           std::int64_t model_vocab, bool byte_level_ids = true);
 
