@@ -253,3 +253,23 @@ def test_generate_chat_continues_apply_chat_template_like_transformers(model, tm
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
         assert str(python) in lines[0] and needle in lines[0] and "LEMA_PYTHON" in lines[0]
+
+
+def test_a_template_that_fails_to_render_is_named_with_the_line(model, tmp_path, capsys):
+    """A template error that is not a refusal of the messages (here an undefined filter, raised
+    by Jinja2 when it compiles or renders) names the first chat line and writes nothing."""
+    sys.path.insert(0, str(PYTHON_DIR))
+    try:
+        from lema.data import main
+    finally:
+        sys.path.remove(str(PYTHON_DIR))
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    (broken / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}")
+    data = write_lines(tmp_path / "data.jsonl", INSTRUCTIONS[:1] + [{"messages": CHATS[0]}])
+    out = tmp_path / "prepared.jsonl"
+    assert main(["--model", str(broken), "--data", str(data), "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{data}:2:" in lines[0] and "no_such_filter" in lines[0], lines
+    assert not out.exists()
