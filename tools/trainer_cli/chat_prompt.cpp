@@ -80,8 +80,8 @@ ChatPrompt render_chat_prompt(const fs::path& model_dir, const std::string& prom
   ::posix_spawn_file_actions_adddup2(&actions, err_fd, STDERR_FILENO);
   ::posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   const std::string model = model_dir.string();
-  std::vector<std::string> args = {python, "-m", "lema.data", "render-chat", "--model", model,
-                                   "--prompt", prompt};
+  std::vector<std::string> args = {python,    "-m",  "lema.data", "render-chat",
+                                   "--model", model, "--prompt",  prompt};
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -115,7 +115,8 @@ ChatPrompt render_chat_prompt(const fs::path& model_dir, const std::string& prom
   if (spawned != 0) throw fail(fmt::format("it cannot be run ({})", std::strerror(spawned)));
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     std::string why = last_line(err);
-    if (why.empty()) why = fmt::format("exit status {}", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    if (why.empty())
+      why = fmt::format("exit status {}", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
     // The script's own refusals (no chat_template, a template error) are already one line that
     // says what to do; only a broken environment needs the installation hint.
     if (why.rfind("error: ", 0) == 0) throw InvalidArgument("--chat: " + why.substr(7));

@@ -11,8 +11,8 @@
 namespace lema::tools {
 
 struct ChatPrompt {
-  std::vector<std::int64_t> ids;  // apply_chat_template(..., add_generation_prompt=True)'s
-  std::string text;               // the rendering
+  std::vector<std::int64_t> ids;    // apply_chat_template(..., add_generation_prompt=True)'s
+  std::string text;                 // the rendering
   std::optional<std::int64_t> eos;  // the tokenizer's end-of-sequence id, if it has one
 };
 

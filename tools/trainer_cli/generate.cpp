@@ -23,13 +23,13 @@
 #include <string>
 #include <vector>
 
+#include "chat_prompt.hpp"
 #include "commands.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/trainer/adapter.hpp"
 #include "lema/trainer/kv_cache.hpp"
 #include "lema/trainer/llama_model.hpp"
-#include "chat_prompt.hpp"
 #include "lema/trainer/tokenizer.hpp"
 #include "model_session.hpp"
 
@@ -95,8 +95,9 @@ void run(const GenerateArgs& args) {
     throw InvalidArgument("give exactly one of --prompt TEXT and --prompt-ids 1,2,3");
   }
   if (args.chat && !args.prompt) {
-    throw InvalidArgument("--chat takes the user message as --prompt TEXT (ids are already "
-                          "past the chat template)");
+    throw InvalidArgument(
+        "--chat takes the user message as --prompt TEXT (ids are already "
+        "past the chat template)");
   }
   if (args.max_new_tokens < 1) {
     throw InvalidArgument(

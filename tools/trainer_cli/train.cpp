@@ -268,8 +268,9 @@ void run(TrainArgs args) {
                static_cast<long>(config.vocab_size), session.describe().c_str(),
                trainer.data().source().c_str(),
                static_cast<unsigned long long>(trainer.data().num_sequences()),
-               trainer.data().packed() ? "packed " : "", static_cast<long>(args.train.seq_len), static_cast<long>(args.lora.rank),
-               args.lora.alpha, args.lora.target_modules.size(), args.dtype.c_str());
+               trainer.data().packed() ? "packed " : "", static_cast<long>(args.train.seq_len),
+               static_cast<long>(args.lora.rank), args.lora.alpha, args.lora.target_modules.size(),
+               args.dtype.c_str());
   if (resumed) {
     std::fprintf(stderr, "resumed from %s at step %ld\n", resumed->c_str(),
                  static_cast<long>(trainer.step_count()));

@@ -63,7 +63,8 @@ at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, Lay
   const std::int64_t groups = heads / k.size(1);
   const at::Tensor attn = at::scaled_dot_product_attention(
       q, repeat_kv(k, groups), repeat_kv(v, groups), mask, /*dropout_p=*/0.0,
-      /*is_causal=*/past == 0 && seq > 1 && !given_mask.defined(), /*scale=*/std::pow(static_cast<double>(d), -0.5));
+      /*is_causal=*/past == 0 && seq > 1 && !given_mask.defined(),
+      /*scale=*/std::pow(static_cast<double>(d), -0.5));
   return attn.transpose(1, 2).reshape({batch, seq, heads * d});
 }
 

@@ -245,8 +245,9 @@ void check_layout(const SequenceLayout& layout, const at::Tensor& input_ids) {
   }
   if (layout.position_ids.defined() && layout.position_ids.numel() > 0 &&
       (layout.position_ids.select(1, 0) != 0).any().item<bool>()) {
-    throw InvalidArgument("packed position ids must start every row at 0 (an example's first "
-                          "token)");
+    throw InvalidArgument(
+        "packed position ids must start every row at 0 (an example's first "
+        "token)");
   }
 }
 
@@ -299,9 +300,12 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
   }
   h = h.to(options_.compute_dtype);
   detail::ForwardContext ctx{
-      options_.compute_dtype, training_,
+      options_.compute_dtype,
+      training_,
       training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator(),
-      options_.expert_prefetch, at::Tensor(), at::Tensor()};
+      options_.expert_prefetch,
+      at::Tensor(),
+      at::Tensor()};
   if (packed) ctx.attention_mask = packed_attention_mask(layout.position_ids);
   const bool want_stats = want_router_stats_ && config_.is_moe() && cache == nullptr;
   if (want_stats && layout.attention_mask.defined()) {
@@ -350,8 +354,8 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
     h = out.narrow(0, 0, n).view(h.sizes()).to(h.scalar_type());
   }
   const std::int64_t rows = ctx.token_mask.defined()
-                               ? layout.attention_mask.sum().item<std::int64_t>()
-                               : input_ids.numel();
+                                ? layout.attention_mask.sum().item<std::int64_t>()
+                                : input_ids.numel();
   router_aux_loss_ = want_stats && rows > 0
                          ? router_aux_loss(stats, rows, config_.num_local_experts)
                          : at::Tensor();
@@ -384,8 +388,7 @@ at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
   return with_router_loss(at::cross_entropy_loss(predicted, targets));
 }
 
-at::Tensor LlamaModel::logits_for_loss(const at::Tensor& input_ids,
-                                       const SequenceLayout& layout) {
+at::Tensor LlamaModel::logits_for_loss(const at::Tensor& input_ids, const SequenceLayout& layout) {
   want_router_stats_ = config_.is_moe() && config_.output_router_logits;
   try {
     at::Tensor out = logits(input_ids, nullptr, layout);

@@ -87,14 +87,16 @@ void pack_rows(const TokenStream& stream, std::size_t len, Rows& out) {
       out.ids.insert(out.ids.end(), e->ids.begin(), e->ids.end());
       out.labels.insert(out.labels.end(), e->labels.begin(), e->labels.end());
       out.labels[out.labels.size() - e->labels.size()] = kIgnoreLabel;
-      for (std::size_t i = 0; i < e->ids.size(); ++i) out.positions.push_back(static_cast<std::uint32_t>(i));
+      for (std::size_t i = 0; i < e->ids.size(); ++i)
+        out.positions.push_back(static_cast<std::uint32_t>(i));
     }
     const std::size_t used = out.ids.size() - start;
     out.mask.resize(out.mask.size() + used, 1);
     out.ids.resize(start + len, 0);
     out.labels.resize(start + len, kIgnoreLabel);
     out.mask.resize(start + len, 0);
-    for (std::size_t i = 0; used + i < len; ++i) out.positions.push_back(static_cast<std::uint32_t>(i));
+    for (std::size_t i = 0; used + i < len; ++i)
+      out.positions.push_back(static_cast<std::uint32_t>(i));
   }
 }
 

@@ -44,7 +44,7 @@ struct TokenBatch {
   std::vector<std::int64_t> ids;
   std::vector<std::int64_t> labels;  // prepared examples only; empty: every next id is learned
   std::vector<std::int64_t> attention_mask;  // prepared examples only: 1 example, 0 padding
-  std::vector<std::int64_t> positions;  // packed examples only: each example's from 0
+  std::vector<std::int64_t> positions;       // packed examples only: each example's from 0
   std::int64_t rows = 0;
   std::int64_t cols = 0;
 };
