@@ -17,6 +17,13 @@ gives the ids transformers gives by construction, and the trainer stays a reader
 
 A bad line (no "messages", a role or message the template refuses, a template error, an empty
 completion, no assistant turn) is refused with the data file's line number; nothing is written.
+
+    python -m lema.data render-chat --model DIR --prompt TEXT
+
+prints one JSON line {"input_ids": [...], "text": ..., "eos_token_id": ...}: the prompt as a
+user message through apply_chat_template(..., add_generation_prompt=True). `lema generate
+--chat` runs it, so its prompt ids are transformers' by construction (the template is Python
+Jinja2 with transformers' helpers, which no C++ library reproduces).
 """
 import argparse
 import json
@@ -128,7 +135,48 @@ def prepare(model_dir, data, out):
     return len(rows), sum(len(r["input_ids"]) for r in rows), learned
 
 
+def render_chat(model_dir, prompt, system=None):
+    """The ids (and text) of `prompt` as a user turn followed by the generation prompt."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise DataError(f"{model_dir}: cannot load the model's tokenizer ({e})") from None
+    if tokenizer.chat_template is None:
+        raise DataError(f"{model_dir}: the tokenizer has no chat_template; --chat needs one "
+                        "(give the prompt as plain text without --chat)")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                            return_dict=True)["input_ids"]
+    except Exception as e:  # jinja2's TemplateError, raise_exception() in the template
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{model_dir}: the chat template refused the prompt: {message}") from None
+    return {"input_ids": list(ids), "text": text, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _render_chat_main(argv):
+    parser = argparse.ArgumentParser(prog="python -m lema.data render-chat",
+                                     description="A prompt through the model's chat template")
+    parser.add_argument("--model", required=True, help="model directory (its tokenizer files)")
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--system", help="a system message before it")
+    args = parser.parse_args(argv)
+    try:
+        out = render_chat(args.model, args.prompt, args.system)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["render-chat"]:
+        return _render_chat_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m lema.data", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory (its tokenizer files)")
     parser.add_argument("--data", required=True, help="chat or instruction JSONL")

@@ -12,6 +12,7 @@ ChatML template that refuses unknown roles; a small Qwen2 model is saved beside 
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,75 @@ def test_eval_losses_continue_across_a_resume(model, tmp_path):
     resumed = train(tmp_path / "split", 4, "--resume")
     assert [e["step"] for e in full] == [1, 2, 3, 4]
     assert resumed == full
+
+
+def test_generate_chat_continues_apply_chat_template_like_transformers(model, tmp_path,
+                                                                        monkeypatch):
+    """`lema generate --chat`: the prompt as a user turn through the chat template with the
+    generation prompt (rendered by transformers in the python LEMA_PYTHON names), then greedy
+    tokens equal to transformers' generate on apply_chat_template's ids."""
+    monkeypatch.setenv("LEMA_PYTHON", sys.executable)
+    monkeypatch.setenv("PYTHONPATH", str(PYTHON_DIR))
+    question = "What colour is the sky?"
+    proc = run_lema("generate", "--model", model, "--chat", "--prompt", question, "--greedy",
+                    "--max-new-tokens", 8, "--ignore-eos", "--json")
+    got = json.loads(proc.stdout)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "user", "content": question}]
+    want_prompt = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                          return_dict=True)["input_ids"]
+    assert tok.decode(want_prompt).endswith("<|im_start|>assistant\n")
+    assert got["prompt_ids"] == list(want_prompt)
+    reference = transformers.Qwen2ForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([want_prompt]), max_new_tokens=8, do_sample=False,
+                                 min_new_tokens=8)
+    assert got["output_ids"] == out[0, len(want_prompt):].tolist()
+
+    # No chat template, a python that cannot render, --chat with ids: one line each.
+    proc = run_lema("generate", "--model", model, "--chat", "--prompt-ids", "1,2", check=False)
+    assert proc.returncode == 1 and "--chat" in proc.stderr, proc.stderr
+    plain = tmp_path / "plain"
+    shutil.copytree(model, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = run_lema("generate", "--model", plain, "--chat", "--prompt", question, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "--chat" in lines[0] and "no chat_template" in lines[0], lines[0]
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'transformers'\" "
+                      ">&2\nexit 1\n")
+    broken.chmod(0o755)
+    for python, needle in ((broken, "No module named 'transformers'"),
+                           (tmp_path / "absent", "cannot be run")):
+        monkeypatch.setenv("LEMA_PYTHON", str(python))
+        proc = run_lema("generate", "--model", model, "--chat", "--prompt", question,
+                        check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert str(python) in lines[0] and needle in lines[0] and "LEMA_PYTHON" in lines[0]
+
+
+def test_a_template_that_fails_to_render_is_named_with_the_line(model, tmp_path, capsys):
+    """A template error that is not a refusal of the messages (here an undefined filter, raised
+    by Jinja2 when it compiles or renders) names the first chat line and writes nothing."""
+    sys.path.insert(0, str(PYTHON_DIR))
+    try:
+        from lema.data import main
+    finally:
+        sys.path.remove(str(PYTHON_DIR))
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    (broken / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}")
+    data = write_lines(tmp_path / "data.jsonl", INSTRUCTIONS[:1] + [{"messages": CHATS[0]}])
+    out = tmp_path / "prepared.jsonl"
+    assert main(["--model", str(broken), "--data", str(data), "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{data}:2:" in lines[0] and "no_such_filter" in lines[0], lines
+    assert not out.exists()

@@ -325,3 +325,66 @@ def test_mixtral_router_loss_trains_the_same_with_layer_checkpointing(tmp_path):
         runs[name] = [(r["loss"], r["grad_norm"])
                       for r in map(json.loads, log.read_text().splitlines())]
     assert runs["recomputed"] == runs["kept"]
+
+
+def padded_mixtral_batch():
+    """Two rows, the second right-padded with id 0: labels -100 and attention mask 0 there."""
+    ids = torch.tensor(IDS)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    ids[1, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a prompt, not learned
+    return ids, labels, mask
+
+
+def test_mixtral_router_loss_leaves_padding_out_and_lora_grads_match_peft(tmp_path):
+    """On a padded batch, the loss (cross entropy plus the router's load-balancing term) equals
+    transformers' given the attention mask, from `lema train` on prepared examples and from the
+    model directly; the gradients of every LoRA matrix equal peft's."""
+    model = mixtral().eval()
+    randomize(model)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    ids, labels, mask = padded_mixtral_batch()
+    base = reference(model_dir)
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        unmasked = base(input_ids=ids, labels=labels).loss.item()
+    assert abs(unmasked - want) > 3 * RTOL * abs(want)  # the padding would change the router term
+
+    # `lema train`'s first step, on the two rows as prepared examples (its adapter starts as 0).
+    data = tmp_path / "prepared.jsonl"
+    data.write_text("".join(
+        json.dumps({"input_ids": i[m == 1].tolist(), "labels": l[m == 1].tolist()}) + "\n"
+        for i, l, m in zip(ids, labels, mask)))
+    log = tmp_path / "log.jsonl"
+    run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / "out", "--steps",
+             1, "--seq-len", ids.shape[1], "--batch", 2, "--budget", "unlimited", "--log-json",
+             log, "--threads", 1)
+    ours = json.loads(log.read_text().splitlines()[0])["loss"]
+    assert abs(ours - want) <= RTOL * abs(want), (ours, want)
+
+    # The model with a random adapter: loss and gradients against peft's.
+    tool = os.environ.get("LEMA_LOGITS_DUMP")
+    if not tool:
+        pytest.fail("LEMA_LOGITS_DUMP must name trainer_logits_dump (ctest sets it)")
+    text = lambda t: ";".join(",".join(map(str, row)) for row in t.tolist())  # noqa: E731
+    adapter_dir, out = tmp_path / "adapter", tmp_path / "grads.safetensors"
+    proc = subprocess.run([tool, str(model_dir), text(ids), str(out), "--random-adapter", "7",
+                           "--rank", "4", "--alpha", "8", "--targets", TARGETS["mixtral"],
+                           "--save-adapter", str(adapter_dir), "--labels", text(labels),
+                           "--mask", text(mask)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = load_file(out)
+    adapted = peft.PeftModel.from_pretrained(reference(model_dir), adapter_dir, is_trainable=True)
+    adapted.eval()
+    loss = adapted(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    assert abs(got["loss"].item() - loss.item()) <= RTOL * abs(loss.item())
+    grads = {n.replace(".default", ""): p.grad for n, p in adapted.named_parameters()
+             if p.requires_grad}
+    assert sorted(grads) == sorted(k[len("grad:"):] for k in got if k.startswith("grad:"))
+    for name, want_grad in grads.items():
+        assert want_grad.abs().max().item() > 0, name
+        assert_close(got["grad:" + name], want_grad, f"gradient of {name}")

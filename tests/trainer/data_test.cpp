@@ -111,6 +111,40 @@ TEST_F(TokenFiles, PreparedExamplesArePaddedOneASequenceWithTheirLabels) {
   }
 }
 
+TEST_F(TokenFiles, PackedExamplesShareRowsBestFitWithTheirOwnPositions) {
+  // Lengths 5, 4, 3, 2 into rows of 8: 5 opens row 0 (room 3), 4 opens row 1 (room 4), 3 fits
+  // both and goes where the room is least (row 0, now full), 2 into row 1 (room 2 left).
+  const auto path = file("p.jsonl",
+                         "{\"input_ids\": [1, 2, 3, 4, 5], \"labels\": [1, 2, 3, 4, 5]}\n"
+                         "{\"input_ids\": [6, 7, 8, 9], \"labels\": [-100, 7, 8, 9]}\n"
+                         "{\"input_ids\": [10, 11, 12], \"labels\": [10, 11, 12]}\n"
+                         "{\"input_ids\": [13, 14], \"labels\": [13, 14]}\n");
+  TokenBatches batches(load_tokens(path, vocab(16)), /*seq_len=*/8, /*batch=*/2, /*seed=*/1,
+                       /*pack=*/true);
+  EXPECT_TRUE(batches.packed());
+  EXPECT_EQ(batches.num_sequences(), 2u);
+  const TokenBatch b = batches.next();
+  ASSERT_EQ(b.positions.size(), 16u);
+  const auto row = [&](const std::vector<std::int64_t>& v, std::size_t r) {
+    return std::vector<std::int64_t>(v.begin() + static_cast<std::ptrdiff_t>(8 * r),
+                                     v.begin() + static_cast<std::ptrdiff_t>(8 * r + 8));
+  };
+  const std::size_t r0 = b.ids[0] == 1 ? 0 : 1, r1 = 1 - r0;
+  using V = std::vector<std::int64_t>;
+  EXPECT_EQ(row(b.ids, r0), (V{1, 2, 3, 4, 5, 10, 11, 12}));
+  // Every example's first label is dropped: it would be predicted across the boundary.
+  EXPECT_EQ(row(b.labels, r0), (V{-100, 2, 3, 4, 5, -100, 11, 12}));
+  EXPECT_EQ(row(b.positions, r0), (V{0, 1, 2, 3, 4, 0, 1, 2}));
+  EXPECT_EQ(row(b.attention_mask, r0), (V{1, 1, 1, 1, 1, 1, 1, 1}));
+  EXPECT_EQ(row(b.ids, r1), (V{6, 7, 8, 9, 13, 14, 0, 0}));
+  EXPECT_EQ(row(b.labels, r1), (V{-100, 7, 8, 9, -100, 14, -100, -100}));
+  EXPECT_EQ(row(b.positions, r1), (V{0, 1, 2, 3, 0, 1, 0, 1}));
+  EXPECT_EQ(row(b.attention_mask, r1), (V{1, 1, 1, 1, 1, 1, 0, 0}));
+  // Packed and padded data differ, so a resume cannot mix them.
+  EXPECT_NE(batches.fingerprint(),
+            TokenBatches(load_tokens(path, vocab(16)), 8, 2, 1).fingerprint());
+}
+
 TEST_F(TokenFiles, BadPreparedExamplesNameTheLine) {
   const std::string good = "{\"input_ids\": [1, 2], \"labels\": [-100, 2]}\n";
   const std::pair<std::string, std::string> cases[] = {

@@ -4,9 +4,13 @@
 //
 //   trainer_logits_dump MODEL_DIR IDS OUT [--adapter DIR] [--random-adapter SEED [--rank R]
 //                       [--alpha A] [--targets q_proj,v_proj] --save-adapter DIR]
+//                       [--labels IDS [--mask IDS] [--position-ids IDS]]
 //
 // IDS: comma-separated token ids, rows separated by ';' (a batch). --random-adapter gives every
 // adapter matrix (B too) random values from SEED and --save-adapter writes them in the PEFT layout.
+// --labels makes "loss" masked_loss with those labels (and the attention mask and position ids as
+// its SequenceLayout), computed with gradients: each adapter matrix's gradient is written as
+// "grad:<PEFT key>".
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
@@ -76,6 +80,8 @@ int run(int argc, char** argv) {
   std::optional<std::uint64_t> random_seed;
   lema::trainer::LlamaModelOptions options;
   bool targets_given = false;
+  at::Tensor labels;
+  lema::trainer::SequenceLayout layout;
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--adapter")
@@ -88,6 +94,12 @@ int run(int argc, char** argv) {
       options.lora.rank = std::stoll(value);
     else if (flag == "--alpha")
       options.lora.alpha = std::stod(value);
+    else if (flag == "--labels")
+      labels = parse_ids(value);
+    else if (flag == "--mask")
+      layout.attention_mask = parse_ids(value);
+    else if (flag == "--position-ids")
+      layout.position_ids = parse_ids(value);
     else if (flag == "--targets")
       options.lora.target_modules = split(value, ','), targets_given = true;
     else
@@ -117,10 +129,18 @@ int run(int argc, char** argv) {
                                 model_dir);
   }
 
-  c10::NoGradGuard no_grad;
   std::vector<lema::io::TensorToWrite> tensors;
-  tensors.push_back(f32_tensor("logits", model.logits(ids)));
-  if (ids.size(1) >= 2) tensors.push_back(f32_tensor("loss", model.loss(ids)));
+  if (labels.defined()) {
+    const at::Tensor loss = model.masked_loss(ids, labels, layout);
+    loss.backward();
+    tensors.push_back(f32_tensor("loss", loss));
+    for (const auto& [name, p] : model.named_trainable()) {
+      tensors.push_back(f32_tensor("grad:" + name, p.grad()));
+    }
+  }
+  c10::NoGradGuard no_grad;
+  tensors.push_back(f32_tensor("logits", model.logits(ids, nullptr, layout)));
+  if (ids.size(1) >= 2 && !labels.defined()) tensors.push_back(f32_tensor("loss", model.loss(ids)));
   lema::io::write_safetensors(out, std::move(tensors));
   return 0;
 }

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "chat_prompt.hpp"
 #include "commands.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
@@ -40,6 +41,7 @@ struct GenerateArgs {
   std::string adapter;
   std::optional<std::string> prompt;
   std::optional<std::string> prompt_ids;
+  bool chat = false;
   std::int64_t max_new_tokens = 32;
   bool greedy = false;
   double top_p = 0.9;
@@ -92,6 +94,11 @@ void run(const GenerateArgs& args) {
   if (args.prompt.has_value() == args.prompt_ids.has_value()) {
     throw InvalidArgument("give exactly one of --prompt TEXT and --prompt-ids 1,2,3");
   }
+  if (args.chat && !args.prompt) {
+    throw InvalidArgument(
+        "--chat takes the user message as --prompt TEXT (ids are already "
+        "past the chat template)");
+  }
   if (args.max_new_tokens < 1) {
     throw InvalidArgument(
         fmt::format("--max-new-tokens must be at least 1 (got {})", args.max_new_tokens));
@@ -130,7 +137,19 @@ void run(const GenerateArgs& args) {
   model.set_training(false);
 
   std::vector<std::int64_t> prompt;
-  if (args.prompt_ids) {
+  std::optional<ChatPrompt> chat;
+  if (args.chat) {
+    chat = render_chat_prompt(session.dir(), *args.prompt);
+    prompt = chat->ids;
+    for (const std::int64_t id : prompt) {
+      if (id < 0 || id >= config.vocab_size) {
+        throw InvalidArgument(fmt::format(
+            "--chat: the chat template gave id {}, outside the model's vocabulary of {} ids; "
+            "the tokenizer and the model disagree",
+            id, config.vocab_size));
+      }
+    }
+  } else if (args.prompt_ids) {
     prompt = parse_ids(*args.prompt_ids, config.vocab_size);
   } else {
     if (auto bos = tokenizer->bos_id()) prompt.push_back(*bos);
@@ -153,7 +172,9 @@ void run(const GenerateArgs& args) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(args.seed);
   std::vector<std::int64_t> sequence = prompt;
   std::vector<std::int64_t> output;
-  const std::optional<std::uint32_t> eos = tokenizer->eos_id();
+  std::optional<std::int64_t> eos;
+  if (const auto id = tokenizer->eos_id()) eos = *id;
+  if (!eos && chat) eos = chat->eos;
   const auto as_ids = [](const std::vector<std::int64_t>& ids) {
     return at::tensor(ids, at::kLong).view({1, static_cast<std::int64_t>(ids.size())});
   };
@@ -184,8 +205,10 @@ void run(const GenerateArgs& args) {
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::vector<std::uint32_t> prompt_u32(prompt.begin(), prompt.end());
-    std::printf("%s%s\n", args.prompt ? args.prompt->c_str() : tokenizer->decode(prompt_u32).c_str(),
-                text.c_str());
+    const std::string shown = chat          ? chat->text
+                              : args.prompt ? *args.prompt
+                                            : tokenizer->decode(prompt_u32);
+    std::printf("%s%s\n", shown.c_str(), text.c_str());
     std::fflush(stdout);  // the text first, then the paging summary
     const auto s = session.weights().stats();
     std::fprintf(stderr,
@@ -218,6 +241,9 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--seed", args->seed, "Sampling seed")
       ->check(CLI::NonNegativeNumber)  // an unsigned option would take -1 as 2^64 - 1
       ->capture_default_str();
+  cmd->add_flag("--chat", args->chat,
+                "Give --prompt as a user message through the model's chat template (rendered "
+                "by transformers: LEMA_PYTHON, else the python beside lema, else python3)");
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep going past the end-of-sequence token");
   cmd->add_flag("--json", args->json,
                 "Print {\"prompt_ids\":[...],\"output_ids\":[...],\"text\":...}");

@@ -49,6 +49,7 @@ struct TrainArgs {
   std::string data_format = "auto";
   std::string eval_data;
   std::int64_t eval_every = 0;
+  bool pack = false;
   std::string out = "lema-out";
   bool resume = false;
   std::string log_json;
@@ -203,7 +204,13 @@ void run(TrainArgs args) {
                                        config.model_type == "llama" || config.model_type == "mistral");
     source.tokenizer = tokenizer.get();
     data.emplace(trainer::load_tokens(args.data, source), args.train.seq_len, args.train.batch,
-                 args.train.seed);
+                 args.train.seed, args.pack);
+  }
+  if (args.pack && !data->has_labels()) {
+    throw InvalidArgument(fmt::format(
+        "--pack packs prepared examples (python -m lema.data); {} is a token stream, which is "
+        "always cut into full rows; leave out --pack",
+        args.data.empty() ? "the synthetic data" : args.data));
   }
 
   trainer::LlamaModelOptions model_options;
@@ -230,7 +237,7 @@ void run(TrainArgs args) {
     }
     source.tokenizer = tokenizer.get();
     eval.emplace(trainer::load_tokens(args.eval_data, source), args.train.seq_len, 1,
-                 args.train.seed);
+                 args.train.seed, args.pack);
   } else if (args.eval_every != 0) {
     throw InvalidArgument("--eval-every needs --eval-data FILE (the validation data)");
   }
@@ -254,15 +261,16 @@ void run(TrainArgs args) {
 
   std::fprintf(stderr,
                "model %s: %s, %ld layers, hidden %ld, vocab %ld; %s\n"
-               "data: %s, %llu sequences of %ld tokens; LoRA rank %ld alpha %g on %zu modules, "
+               "data: %s, %llu %ssequences of %ld tokens; LoRA rank %ld alpha %g on %zu modules, "
                "%s compute\n",
                args.model.c_str(), config.model_type.c_str(),
                static_cast<long>(config.num_hidden_layers), static_cast<long>(config.hidden_size),
                static_cast<long>(config.vocab_size), session.describe().c_str(),
                trainer.data().source().c_str(),
                static_cast<unsigned long long>(trainer.data().num_sequences()),
-               static_cast<long>(args.train.seq_len), static_cast<long>(args.lora.rank),
-               args.lora.alpha, args.lora.target_modules.size(), args.dtype.c_str());
+               trainer.data().packed() ? "packed " : "", static_cast<long>(args.train.seq_len),
+               static_cast<long>(args.lora.rank), args.lora.alpha, args.lora.target_modules.size(),
+               args.dtype.c_str());
   if (resumed) {
     std::fprintf(stderr, "resumed from %s at step %ld\n", resumed->c_str(),
                  static_cast<long>(trainer.step_count()));
@@ -394,6 +402,9 @@ void register_train(CLI::App& app) {
   cmd->add_option("--eval-every", args->eval_every,
                   "Evaluate every K steps (0: only after the last step)")
       ->capture_default_str();
+  cmd->add_flag("--pack", args->pack,
+                "Prepared examples: pack several into each --seq-len row, attention kept within "
+                "each (default: one padded example per row)");
   cmd->add_option("--out", args->out, "Checkpoints and the final adapter")->capture_default_str();
   cmd->add_flag("--resume", args->resume, "Continue from the newest checkpoint in --out");
   cmd->add_option("--log-json", args->log_json, "Write one JSON object per step to this file");

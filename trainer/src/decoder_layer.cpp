@@ -36,7 +36,8 @@ at::Tensor repeat_kv(const at::Tensor& x, std::int64_t groups) {
 
 }  // namespace
 
-at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, LayerCache* cache) {
+at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, LayerCache* cache,
+                            const at::Tensor& given_mask) {
   const auto batch = q.size(0), heads = q.size(1), seq = q.size(2), d = q.size(3);
   std::int64_t past = 0;
   if (cache != nullptr) {
@@ -58,10 +59,12 @@ at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, Lay
         at::arange(past + seq, at::TensorOptions().dtype(at::kLong).device(q.device()));
     mask = cols.unsqueeze(0) <= (rows.unsqueeze(1) + past);
   }
+  if (given_mask.defined()) mask = given_mask;
   const std::int64_t groups = heads / k.size(1);
   const at::Tensor attn = at::scaled_dot_product_attention(
       q, repeat_kv(k, groups), repeat_kv(v, groups), mask, /*dropout_p=*/0.0,
-      /*is_causal=*/past == 0 && seq > 1, /*scale=*/std::pow(static_cast<double>(d), -0.5));
+      /*is_causal=*/past == 0 && seq > 1 && !given_mask.defined(),
+      /*scale=*/std::pow(static_cast<double>(d), -0.5));
   return attn.transpose(1, 2).reshape({batch, seq, heads * d});
 }
 
@@ -82,9 +85,14 @@ at::Tensor DecoderLayer::experts_forward(const at::Tensor& x, const ForwardConte
   // Which experts any row chose, read once on the host: the loop below must know before it
   // touches an expert's weights.
   const at::Tensor counts = at::bincount(top_index.reshape({-1}), {}, n_experts).to(at::kCPU);
-  if (router_stats != nullptr) {
+  if (router_stats != nullptr && !ctx.token_mask.defined()) {
     router_stats->prob_sum = probs.sum(0);
     router_stats->counts = counts.to(at::kFloat).to(probs.device());
+  } else if (router_stats != nullptr) {  // padding left out (Note [Router auxiliary loss])
+    router_stats->prob_sum = (probs * ctx.token_mask.unsqueeze(-1)).sum(0);
+    router_stats->counts =
+        at::bincount(top_index.reshape({-1}), ctx.token_mask.repeat_interleave(top_k), n_experts)
+            .to(at::kFloat);
   }
   const auto* count = counts.data_ptr<std::int64_t>();
   if (ctx.prefetch) {
@@ -129,7 +137,8 @@ at::Tensor DecoderLayer::llama_forward(const at::Tensor& x, const RopeTables& ro
   const at::Tensor q = apply_rope(split(q_proj.forward(h, ctx), heads, q_norm), rope);
   const at::Tensor k = apply_rope(split(k_proj.forward(h, ctx), kv_heads, k_norm), rope);
   const at::Tensor v = split(v_proj.forward(h, ctx), kv_heads, at::Tensor());
-  const at::Tensor after_attn = x + o_proj.forward(causal_attention(q, k, v, cache), ctx);
+  const at::Tensor after_attn =
+      x + o_proj.forward(causal_attention(q, k, v, cache, ctx.attention_mask), ctx);
 
   const at::Tensor m = rms_norm(after_attn, norm2, norm_eps);
   if (router.defined()) return after_attn + experts_forward(m, ctx, router_stats);

@@ -80,7 +80,9 @@ struct DecoderLayer {
 
 /// Causal attention of q [batch, heads, seq, d] over the cached keys and values followed by
 /// k, v [batch, kv_heads, seq, d] (which are appended to the cache); scale 1/sqrt(d). Returns
-/// [batch, seq, heads * d].
-at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, LayerCache* cache);
+/// [batch, seq, heads * d]. `mask` (ForwardContext::attention_mask; no cache) replaces the
+/// causal mask.
+at::Tensor causal_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, LayerCache* cache,
+                            const at::Tensor& mask = {});
 
 }  // namespace lema::trainer::detail

@@ -18,7 +18,7 @@ at::Tensor DecoderLayer::gpt2_forward(const at::Tensor& x, const ForwardContext&
     return t.view({batch, seq, heads, head_dim}).transpose(1, 2);
   };
   const at::Tensor attn = causal_attention(heads_of(qkv[0]), heads_of(qkv[1]), heads_of(qkv[2]),
-                                           cache);
+                                           cache, ctx.attention_mask);
   const at::Tensor after_attn = x + attn_proj.forward(attn, ctx);
 
   const at::Tensor m = at::layer_norm(after_attn, {hidden}, norm2.to(x.scalar_type()),

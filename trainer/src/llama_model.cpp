@@ -196,10 +196,12 @@ LlamaModel& LlamaModel::operator=(LlamaModel&&) noexcept = default;
 namespace {
 
 // Note [Router auxiliary loss]
-// transformers' load_balancing_loss_func over every layer's router logits (no attention mask):
-// with f_e = (top-k choices of e, summed over layers) / rows and P_e = (softmax probability of e,
-// summed over layers) / rows, where rows = batch * seq * layers, the loss is
-// experts * sum_e f_e P_e. Gradients flow through P only (the choices are discrete).
+// transformers' load_balancing_loss_func over every layer's router logits: with f_e = (top-k
+// choices of e, summed over layers) / rows and P_e = (softmax probability of e, summed over
+// layers) / rows, where rows = tokens * layers, the loss is experts * sum_e f_e P_e. Gradients
+// flow through P only (the choices are discrete). Given an attention mask, transformers counts
+// only the tokens it marks (padding chooses experts too, but is left out of f, P and rows); so
+// do we with SequenceLayout::attention_mask: `rows` is then the number of marked tokens.
 at::Tensor router_aux_loss(const std::vector<detail::RouterStats>& stats, std::int64_t rows,
                            std::int64_t experts) {
   at::Tensor counts = stats.front().counts, probs = stats.front().prob_sum;
@@ -213,7 +215,46 @@ at::Tensor router_aux_loss(const std::vector<detail::RouterStats>& stats, std::i
 
 }  // namespace
 
-at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache) {
+namespace {
+
+// Note [Packed attention]
+// A packed row holds several examples, each with positions from 0 (SequenceLayout). As
+// transformers does for packed position_ids, an example starts where a position is 0: the
+// segment of a token is the number of zeros up to it, and a query attends a key of its own
+// segment at or before it. The rotary tables (or GPT-2's learned positions) take each token's
+// own position, so every example is computed as it would be alone, up to the arithmetic of the
+// longer row.
+at::Tensor packed_attention_mask(const at::Tensor& position_ids) {
+  const at::Tensor segment = (position_ids == 0).cumsum(1);
+  const std::int64_t seq = position_ids.size(1);
+  const at::Tensor same = segment.unsqueeze(2) == segment.unsqueeze(1);
+  const at::Tensor causal =
+      at::ones({seq, seq}, at::TensorOptions().dtype(at::kBool).device(position_ids.device()))
+          .tril();
+  return (same & causal).unsqueeze(1);
+}
+
+void check_layout(const SequenceLayout& layout, const at::Tensor& input_ids) {
+  for (const auto& [t, name] : {std::pair{&layout.attention_mask, "attention mask"},
+                                {&layout.position_ids, "position ids"}}) {
+    if (t->defined() && t->sizes() != input_ids.sizes()) {
+      throw InvalidArgument(fmt::format("{} of shape {} for input ids of shape {}", name,
+                                        shape_string(t->sizes().vec()),
+                                        shape_string(input_ids.sizes().vec())));
+    }
+  }
+  if (layout.position_ids.defined() && layout.position_ids.numel() > 0 &&
+      (layout.position_ids.select(1, 0) != 0).any().item<bool>()) {
+    throw InvalidArgument(
+        "packed position ids must start every row at 0 (an example's first "
+        "token)");
+  }
+}
+
+}  // namespace
+
+at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache,
+                                     const SequenceLayout& layout) {
   if (input_ids.dim() != 2 || !at::isIntegralType(input_ids.scalar_type(), /*includeBool=*/false)) {
     throw InvalidArgument(
         fmt::format("input ids must be a [batch, seq] integer tensor (got {} "
@@ -246,15 +287,34 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
         config_.max_position_embeddings));
   }
 
+  check_layout(layout, input_ids);
+  const bool packed = layout.position_ids.defined();
+  if (packed && cache != nullptr) {
+    throw InvalidArgument("packed examples are for training; a key/value cache takes one");
+  }
   at::Tensor h = at::embedding(embed_tokens_, input_ids.to(at::kLong));
-  if (gpt2) h = h + position_embed_.narrow(0, first, seq).to(h.scalar_type());
+  if (gpt2 && packed) {
+    h = h + at::embedding(position_embed_, layout.position_ids.to(at::kLong)).to(h.scalar_type());
+  } else if (gpt2) {
+    h = h + position_embed_.narrow(0, first, seq).to(h.scalar_type());
+  }
   h = h.to(options_.compute_dtype);
-  const detail::ForwardContext ctx{
-      options_.compute_dtype, training_,
+  detail::ForwardContext ctx{
+      options_.compute_dtype,
+      training_,
       training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator(),
-      options_.expert_prefetch};
+      options_.expert_prefetch,
+      at::Tensor(),
+      at::Tensor()};
+  if (packed) ctx.attention_mask = packed_attention_mask(layout.position_ids);
+  const bool want_stats = want_router_stats_ && config_.is_moe() && cache == nullptr;
+  if (want_stats && layout.attention_mask.defined()) {
+    ctx.token_mask = layout.attention_mask.reshape({-1}).to(at::kFloat);
+  }
   const detail::RopeTables rope =
-      gpt2 ? detail::RopeTables{} : detail::rope_tables(inv_freq_, seq, ctx.dtype, first);
+      gpt2     ? detail::RopeTables{}
+      : packed ? detail::rope_tables_at(inv_freq_, layout.position_ids, ctx.dtype)
+               : detail::rope_tables(inv_freq_, seq, ctx.dtype, first);
   if (cache != nullptr) {
     if (at::GradMode::is_enabled()) {
       throw InvalidArgument("a key/value cache serves generation only; run it without gradients");
@@ -264,7 +324,6 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
   }
   const bool recompute =
       options_.activation_checkpointing && at::GradMode::is_enabled() && cache == nullptr;
-  const bool want_stats = want_router_stats_ && config_.is_moe() && cache == nullptr;
   std::vector<detail::RouterStats> stats(want_stats ? layers_.size() : 0);
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const auto& layer_ptr = layers_[i];
@@ -294,9 +353,12 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
     stats[i].counts = out.narrow(0, n + e, e).detach();
     h = out.narrow(0, 0, n).view(h.sizes()).to(h.scalar_type());
   }
-  router_aux_loss_ = want_stats ? router_aux_loss(stats, input_ids.numel(),
-                                                  config_.num_local_experts)
-                                : at::Tensor();
+  const std::int64_t rows = ctx.token_mask.defined()
+                                ? layout.attention_mask.sum().item<std::int64_t>()
+                                : input_ids.numel();
+  router_aux_loss_ = want_stats && rows > 0
+                         ? router_aux_loss(stats, rows, config_.num_local_experts)
+                         : at::Tensor();
   if (gpt2) {
     return at::layer_norm(h, {h.size(-1)}, norm_.to(h.scalar_type()),
                           norm_bias_.to(h.scalar_type()), config_.rms_norm_eps);
@@ -305,7 +367,12 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
 }
 
 at::Tensor LlamaModel::logits(const at::Tensor& input_ids, KvCache* cache) {
-  const at::Tensor h = hidden_states(input_ids, cache);
+  return logits(input_ids, cache, {});
+}
+
+at::Tensor LlamaModel::logits(const at::Tensor& input_ids, KvCache* cache,
+                              const SequenceLayout& layout) {
+  const at::Tensor h = hidden_states(input_ids, cache, layout);
   return at::linear(h, lm_head_.to(options_.compute_dtype)).to(at::kFloat);
 }
 
@@ -321,10 +388,10 @@ at::Tensor LlamaModel::loss(const at::Tensor& input_ids) {
   return with_router_loss(at::cross_entropy_loss(predicted, targets));
 }
 
-at::Tensor LlamaModel::logits_for_loss(const at::Tensor& input_ids) {
+at::Tensor LlamaModel::logits_for_loss(const at::Tensor& input_ids, const SequenceLayout& layout) {
   want_router_stats_ = config_.is_moe() && config_.output_router_logits;
   try {
-    at::Tensor out = logits(input_ids);
+    at::Tensor out = logits(input_ids, nullptr, layout);
     want_router_stats_ = false;
     return out;
   } catch (...) {
@@ -339,7 +406,8 @@ at::Tensor LlamaModel::with_router_loss(const at::Tensor& loss) {
   return loss + config_.router_aux_loss_coef * aux;
 }
 
-at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) {
+at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor& labels,
+                                   const SequenceLayout& layout) {
   if (input_ids.dim() == 2 && input_ids.size(1) < 2) {
     throw InvalidArgument(
         fmt::format("the loss needs sequences of at least 2 tokens (got {})", input_ids.size(1)));
@@ -349,7 +417,7 @@ at::Tensor LlamaModel::masked_loss(const at::Tensor& input_ids, const at::Tensor
                                       shape_string(labels.sizes().vec()),
                                       shape_string(input_ids.sizes().vec())));
   }
-  const at::Tensor all = logits_for_loss(input_ids);
+  const at::Tensor all = logits_for_loss(input_ids, layout);
   const std::int64_t seq = all.size(1);
   const at::Tensor predicted = all.narrow(1, 0, seq - 1).reshape({-1, config_.vocab_size});
   const at::Tensor targets = labels.narrow(1, 1, seq - 1).reshape({-1}).to(at::kLong);

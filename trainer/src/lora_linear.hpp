@@ -21,6 +21,12 @@ struct ForwardContext {
   at::Generator dropout_generator;  // shared handle; undefined: no dropout
   /// Weight names about to be read (routed experts); may be empty.
   std::function<void(const std::vector<std::string>&)> prefetch;
+  /// Packed rows: bool [batch, 1, seq, seq], true where a query may attend a key (same example,
+  /// not later). Undefined: plain causal attention.
+  at::Tensor attention_mask;
+  /// float32 [batch * seq]: 1 on an example's tokens, 0 on padding, for the router's statistics.
+  /// Undefined: every token counts.
+  at::Tensor token_mask;
 };
 
 struct LoraLinear {

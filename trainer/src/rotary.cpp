@@ -41,6 +41,13 @@ RopeTables rope_tables(const at::Tensor& inv_freq, std::int64_t seq, c10::Scalar
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
+RopeTables rope_tables_at(const at::Tensor& inv_freq, const at::Tensor& position_ids,
+                          c10::ScalarType dtype) {
+  const at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq;
+  const at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
 at::Tensor apply_rope(const at::Tensor& x, const RopeTables& tables) {
   const std::int64_t half = x.size(-1) / 2;
   const at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);

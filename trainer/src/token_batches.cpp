@@ -1,6 +1,7 @@
 #include "lema/trainer/token_batches.hpp"
 
 #include <algorithm>
+#include <map>
 #include <random>
 #include <utility>
 
@@ -9,6 +10,14 @@
 namespace lema::trainer {
 
 namespace {
+
+// A prepared data set laid out in rows of seq_len.
+struct Rows {
+  std::vector<std::uint32_t> ids;
+  std::vector<std::int32_t> labels;
+  std::vector<std::uint32_t> positions;  // packed only
+  std::vector<std::uint8_t> mask;        // 1: an example's token, 0: padding
+};
 
 std::uint64_t splitmix64(std::uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
@@ -37,27 +46,78 @@ std::uint64_t fnv1a(const std::vector<std::uint32_t>& ids) {
   return h;
 }
 
-// Prepared examples padded to seq_len each (the ids; labels into `labels`), or the stream's ids.
-std::vector<std::uint32_t> take_ids(TokenStream& stream, std::int64_t seq_len,
-                                    std::vector<std::int32_t>& labels) {
-  if (stream.examples.empty()) return std::move(stream.tokens);
-  const auto len = static_cast<std::size_t>(std::max<std::int64_t>(seq_len, 0));
-  std::vector<std::uint32_t> ids;
-  ids.reserve(stream.examples.size() * len);
-  labels.reserve(stream.examples.size() * len);
-  for (const PreparedExample& e : stream.examples) {
-    if (e.ids.size() > len) {
-      throw InvalidArgument(stream.path.string() + ":" + std::to_string(e.line) + ": the example " +
-                            "has " + std::to_string(e.ids.size()) + " tokens, more than --seq-len " +
-                            std::to_string(seq_len) +
-                            "; raise --seq-len or shorten the example (nothing is truncated)");
-    }
-    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
-    ids.resize(ids.size() + len - e.ids.size(), 0);
-    labels.insert(labels.end(), e.labels.begin(), e.labels.end());
-    labels.resize(labels.size() + len - e.labels.size(), kIgnoreLabel);
+void check_fits(const TokenStream& stream, const PreparedExample& e, std::size_t len) {
+  if (e.ids.size() > len) {
+    throw InvalidArgument(stream.path.string() + ":" + std::to_string(e.line) + ": the example " +
+                          "has " + std::to_string(e.ids.size()) + " tokens, more than --seq-len " +
+                          std::to_string(len) +
+                          "; raise --seq-len or shorten the example (nothing is truncated)");
   }
-  return ids;
+}
+
+// Note [Packing]
+// Rows are filled best-fit in file order: each example goes into the open row with the least
+// room that still holds it, else starts a new row; rows keep the order in which they were
+// started and each row its examples in file order. Deterministic, and close to full rows without
+// sorting the data. Within a row every example has its own positions 0, 1, ... (the rotary or
+// learned positions it would have alone), and the model attends only within an example
+// (LlamaModel reads the restarts of the positions as the boundaries). An example's first label
+// is set to -100: it would be predicted from the end of the example before it. The rest of a
+// row is padding (id 0, label -100, attention mask 0) with positions of its own from 0, so it is
+// one more segment that no example sees.
+void pack_rows(const TokenStream& stream, std::size_t len, Rows& out) {
+  std::vector<std::vector<const PreparedExample*>> rows;
+  std::multimap<std::size_t, std::size_t> room;  // free tokens -> row, for rows with room
+  for (const PreparedExample& e : stream.examples) {
+    check_fits(stream, e, len);
+    const auto it = room.lower_bound(e.ids.size());
+    std::size_t row = rows.size(), free = len;
+    if (it != room.end()) {
+      row = it->second, free = it->first;
+      room.erase(it);
+    } else {
+      rows.emplace_back();
+    }
+    rows[row].push_back(&e);
+    if (free - e.ids.size() >= 2) room.emplace(free - e.ids.size(), row);
+  }
+  for (const auto& row : rows) {
+    const std::size_t start = out.ids.size();
+    for (const PreparedExample* e : row) {
+      out.ids.insert(out.ids.end(), e->ids.begin(), e->ids.end());
+      out.labels.insert(out.labels.end(), e->labels.begin(), e->labels.end());
+      out.labels[out.labels.size() - e->labels.size()] = kIgnoreLabel;
+      for (std::size_t i = 0; i < e->ids.size(); ++i)
+        out.positions.push_back(static_cast<std::uint32_t>(i));
+    }
+    const std::size_t used = out.ids.size() - start;
+    out.mask.resize(out.mask.size() + used, 1);
+    out.ids.resize(start + len, 0);
+    out.labels.resize(start + len, kIgnoreLabel);
+    out.mask.resize(start + len, 0);
+    for (std::size_t i = 0; used + i < len; ++i)
+      out.positions.push_back(static_cast<std::uint32_t>(i));
+  }
+}
+
+// Prepared examples padded to seq_len each, or packed (Note [Packing]).
+void take_examples(const TokenStream& stream, std::int64_t seq_len, bool pack, Rows& out) {
+  const auto len = static_cast<std::size_t>(std::max<std::int64_t>(seq_len, 0));
+  if (pack) {
+    pack_rows(stream, len, out);
+    return;
+  }
+  out.ids.reserve(stream.examples.size() * len);
+  out.labels.reserve(stream.examples.size() * len);
+  for (const PreparedExample& e : stream.examples) {
+    check_fits(stream, e, len);
+    out.ids.insert(out.ids.end(), e.ids.begin(), e.ids.end());
+    out.ids.resize(out.ids.size() + len - e.ids.size(), 0);
+    out.labels.insert(out.labels.end(), e.labels.begin(), e.labels.end());
+    out.labels.resize(out.labels.size() + len - e.labels.size(), kIgnoreLabel);
+    out.mask.resize(out.mask.size() + e.ids.size(), 1);
+    out.mask.resize(out.mask.size() + len - e.ids.size(), 0);
+  }
 }
 
 }  // namespace
@@ -74,10 +134,19 @@ std::vector<std::uint64_t> shuffled_order(std::uint64_t n, std::uint64_t seed,
 }
 
 TokenBatches::TokenBatches(TokenStream stream, std::int64_t seq_len, std::int64_t batch,
-                           std::uint64_t seed)
+                           std::uint64_t seed, bool pack)
     : source_(stream.path.string()), seq_len_(seq_len), batch_(batch), seed_(seed) {
   check_shape();
-  tokens_ = take_ids(stream, seq_len, labels_);
+  if (stream.examples.empty()) {
+    tokens_ = std::move(stream.tokens);
+  } else {
+    Rows rows;
+    take_examples(stream, seq_len, pack, rows);
+    tokens_ = std::move(rows.ids);
+    labels_ = std::move(rows.labels);
+    positions_ = std::move(rows.positions);
+    mask_ = std::move(rows.mask);
+  }
   init();
 }
 
@@ -117,6 +186,7 @@ void TokenBatches::init() {
     const std::vector<std::uint32_t> as_ids(labels_.begin(), labels_.end());
     fingerprint_ ^= splitmix64(fnv1a(as_ids));
   }
+  if (!positions_.empty()) fingerprint_ ^= splitmix64(splitmix64(fnv1a(positions_)));
   enter_epoch(0);
 }
 
@@ -138,6 +208,14 @@ TokenBatch TokenBatches::next() {
     if (!labels_.empty()) {
       out.labels.insert(out.labels.end(), labels_.begin() + static_cast<std::ptrdiff_t>(first),
                         labels_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
+      out.attention_mask.insert(out.attention_mask.end(),
+                                mask_.begin() + static_cast<std::ptrdiff_t>(first),
+                                mask_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
+    }
+    if (!positions_.empty()) {
+      out.positions.insert(out.positions.end(),
+                           positions_.begin() + static_cast<std::ptrdiff_t>(first),
+                           positions_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
     }
   }
   return out;

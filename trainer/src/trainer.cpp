@@ -82,9 +82,26 @@ double total_grad_norm(const std::vector<at::Tensor>& params) {
   return at::stack(norms).norm(2).item<double>();
 }
 
+// A [rows, cols] int64 copy of `v` on `device`; undefined when `v` is empty.
+at::Tensor batch_tensor(std::vector<std::int64_t>& v, const TokenBatch& batch, at::Device device) {
+  if (v.empty()) return {};
+  return at::from_blob(v.data(), {batch.rows, batch.cols}, at::kLong)
+      .to(at::TensorOptions().device(device), /*non_blocking=*/false, /*copy=*/true);
+}
+
+// The loss of one batch: of every next id, or of the labelled ones of prepared examples.
+at::Tensor batch_loss(TrainableModel& model, TokenBatch& batch, at::Device device) {
+  const at::Tensor ids = batch_tensor(batch.ids, batch, device);
+  if (batch.labels.empty()) return model.loss(ids);
+  return model.masked_loss(ids, batch_tensor(batch.labels, batch, device),
+                           {batch_tensor(batch.attention_mask, batch, device),
+                            batch_tensor(batch.positions, batch, device)});
+}
+
 }  // namespace
 
-at::Tensor TrainableModel::masked_loss(const at::Tensor&, const at::Tensor&) {
+at::Tensor TrainableModel::masked_loss(const at::Tensor&, const at::Tensor&,
+                                       const SequenceLayout&) {
   throw InvalidArgument("this model takes no labels; give it plain token data");
 }
 
@@ -140,15 +157,7 @@ StepResult Trainer::step() {
   double loss_sum = 0;
   for (std::int64_t micro = 0; micro < options_.grad_accum; ++micro) {
     TokenBatch batch = data_.next();
-    const at::Tensor ids =
-        at::from_blob(batch.ids.data(), {batch.rows, batch.cols}, at::kLong)
-            .to(at::TensorOptions().device(device), /*non_blocking=*/false, /*copy=*/true);
-    const at::Tensor loss =
-        batch.labels.empty()
-            ? model_.loss(ids)
-            : model_.masked_loss(
-                  ids, at::from_blob(batch.labels.data(), {batch.rows, batch.cols}, at::kLong)
-                           .to(at::TensorOptions().device(device), false, /*copy=*/true));
+    const at::Tensor loss = batch_loss(model_, batch, device);
     LEMA_EXPECTS(loss.numel() == 1, "the model's loss must be a scalar");
     (loss / static_cast<double>(options_.grad_accum)).backward();
     loss_sum += loss.item<double>();
@@ -208,21 +217,12 @@ double Trainer::evaluate() {
   double sum = 0, count = 0;
   for (std::uint64_t i = 0; i < data.num_sequences(); ++i) {
     TokenBatch batch = data.next();
-    const auto to_device = [&](std::vector<std::int64_t>& v) {
-      return at::from_blob(v.data(), {batch.rows, batch.cols}, at::kLong)
-          .to(at::TensorOptions().device(device), false, /*copy=*/true);
-    };
-    const at::Tensor ids = to_device(batch.ids);
-    double n = static_cast<double>(batch.cols - 1);
-    at::Tensor loss;
-    if (batch.labels.empty()) {
-      loss = model_.loss(ids);
-    } else {
-      n = static_cast<double>(
-          std::count_if(batch.labels.begin() + 1, batch.labels.end(),
-                        [](std::int64_t l) { return l != kIgnoreLabel; }));
-      loss = model_.masked_loss(ids, to_device(batch.labels));
-    }
+    const double n =
+        batch.labels.empty()
+            ? static_cast<double>(batch.cols - 1)
+            : static_cast<double>(std::count_if(batch.labels.begin() + 1, batch.labels.end(),
+                                                [](std::int64_t l) { return l != kIgnoreLabel; }));
+    const at::Tensor loss = batch_loss(model_, batch, device);
     sum += loss.item<double>() * n;
     count += n;
   }

@@ -73,11 +73,17 @@ class LlamaModel : public TrainableModel {
   /// With `cache`, the ids continue the cached positions, and their keys and values are added to
   /// it: logits(all) equals logits(first part, c) then logits(rest, c) (no gradients needed).
   at::Tensor logits(const at::Tensor& input_ids, KvCache* cache = nullptr);
+  /// The same for ids laid out as `layout` says (packed rows attend within each example;
+  /// Note [Packed attention]); a cache takes no packed rows.
+  at::Tensor logits(const at::Tensor& input_ids, KvCache* cache, const SequenceLayout& layout);
   /// Mean next-token cross entropy (labels = input_ids, as transformers computes it); seq >= 2.
   /// Mixtral with output_router_logits adds router_aux_loss_coef times the router's
   /// load-balancing loss (Note [Router auxiliary loss]), as transformers does given labels.
   at::Tensor loss(const at::Tensor& input_ids) override;
-  at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels) override;
+  /// With `layout`: packed rows (position_ids) attend within each example; Mixtral's router
+  /// loss leaves out the tokens the attention mask marks as padding.
+  at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels,
+                         const SequenceLayout& layout = {}) override;
 
   /// Every adapter matrix, PEFT-named, layer by layer, modules in the order q k v o gate up
   /// down, A before B. The tensors are the parameters themselves.
@@ -97,8 +103,9 @@ class LlamaModel : public TrainableModel {
   void load_adapter_tensors(const std::map<std::string, at::Tensor>& tensors);
 
  private:
-  at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache);
-  at::Tensor logits_for_loss(const at::Tensor& input_ids);
+  at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache,
+                           const SequenceLayout& layout);
+  at::Tensor logits_for_loss(const at::Tensor& input_ids, const SequenceLayout& layout = {});
   at::Tensor with_router_loss(const at::Tensor& loss);
   std::vector<std::pair<std::string, at::Tensor>> named_adapters() const;
 

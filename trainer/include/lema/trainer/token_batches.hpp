@@ -7,11 +7,15 @@
 // `batch` sequences of that order and runs on into the next epoch's order when one ends, so any
 // number of sequences ≥ 1 serves any batch size.
 //
-// Prepared examples (token_source.hpp) are not packed: each is one sequence, padded on the right
-// to seq_len with id 0 and label -100. Causal attention never looks right, so the padding changes
-// no logit of the example's own positions: the loss is what transformers computes on the padded
-// batch with the same labels (and an attention mask). An example longer than seq_len is refused,
-// naming its line.
+// Prepared examples (token_source.hpp) are by default not packed: each is one sequence, padded on
+// the right to seq_len with id 0 and label -100. Causal attention never looks right, so the
+// padding changes no logit of the example's own positions: the loss is what transformers computes
+// on the padded batch with the same labels (and an attention mask). With `pack`, several examples
+// share a row (Note [Packing] in token_batches.cpp), each with positions restarting at 0, and the
+// model attends only within each: the loss is transformers' on the packed batch given those
+// position ids and the block-diagonal causal 4-D attention mask. Either way an example longer
+// than seq_len is refused, naming its line, and the batch carries the attention mask (1 on an
+// example's tokens, 0 on padding) that Mixtral's router loss needs.
 //
 // The shuffle is the same on every machine and standard library: std::mt19937_64 (whose output
 // the standard fixes) drives a Fisher-Yates shuffle with its own unbiased bounded draw, not
@@ -39,6 +43,8 @@ struct DataPosition {
 struct TokenBatch {
   std::vector<std::int64_t> ids;
   std::vector<std::int64_t> labels;  // prepared examples only; empty: every next id is learned
+  std::vector<std::int64_t> attention_mask;  // prepared examples only: 1 example, 0 padding
+  std::vector<std::int64_t> positions;       // packed examples only: each example's from 0
   std::int64_t rows = 0;
   std::int64_t cols = 0;
 };
@@ -52,7 +58,9 @@ class TokenBatches {
   /// when seq_len < 2 or batch < 1.
   TokenBatches(std::vector<std::uint32_t> tokens, std::string source, std::int64_t seq_len,
                std::int64_t batch, std::uint64_t seed);
-  TokenBatches(TokenStream stream, std::int64_t seq_len, std::int64_t batch, std::uint64_t seed);
+  /// `pack` applies to prepared examples (plain token streams are always cut in full rows).
+  TokenBatches(TokenStream stream, std::int64_t seq_len, std::int64_t batch, std::uint64_t seed,
+               bool pack = false);
 
   /// The next `batch` sequences.
   TokenBatch next();
@@ -69,6 +77,7 @@ class TokenBatches {
   std::uint64_t seed() const noexcept { return seed_; }
   const std::string& source() const noexcept { return source_; }
   bool has_labels() const noexcept { return !labels_.empty(); }
+  bool packed() const noexcept { return !positions_.empty(); }
   /// FNV-1a 64 over the ids (and labels): tells a resumed run whether its data is the data it started with.
   std::uint64_t fingerprint() const noexcept { return fingerprint_; }
 
@@ -79,6 +88,8 @@ class TokenBatches {
 
   std::vector<std::uint32_t> tokens_;
   std::vector<std::int32_t> labels_;  // beside tokens_, for prepared examples; else empty
+  std::vector<std::uint8_t> mask_;    // beside labels_: 1 an example's token, 0 padding
+  std::vector<std::uint32_t> positions_;  // beside tokens_ when packed; else empty
   std::string source_;
   std::int64_t seq_len_ = 0;
   std::int64_t batch_ = 0;

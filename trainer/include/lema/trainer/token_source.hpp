@@ -4,7 +4,8 @@
 //   .jsonl  one JSON object per line with a string field "text"; each is one document. Or
 //           prepared examples: {"input_ids": [...], "labels": [...]} per line, labels -100 where
 //           no loss is taken (transformers' convention; what `python -m lema.data` writes from
-//           chat and instruction data); each line is one example, padded, never packed
+//           chat and instruction data); each line is one example, padded or packed
+//           (token_batches.hpp)
 //   other   plain text; the whole file is one document
 // Text is tokenized by a Tokenizer (tokenizer.hpp); each document becomes BOS + ids + EOS
 // (whichever of the two the tokenizer has), documents concatenated in file order.

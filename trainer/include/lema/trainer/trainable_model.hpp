@@ -12,6 +12,17 @@
 
 namespace lema::trainer {
 
+/// How the ids of a batch of prepared examples are laid out ([batch, seq] int64 each; undefined
+/// when not given).
+struct SequenceLayout {
+  /// 1 on an example's tokens, 0 on padding (transformers' 2-D attention mask). Padding is on
+  /// the right, so attention needs no mask for it; Mixtral's router loss leaves it out.
+  at::Tensor attention_mask;
+  /// Packed rows: each example's positions, restarting at 0 where an example starts; attention
+  /// stays within each example (a block-diagonal causal mask).
+  at::Tensor position_ids;
+};
+
 class TrainableModel {
  public:
   virtual ~TrainableModel() = default;
@@ -23,8 +34,10 @@ class TrainableModel {
 
   /// The same with `labels` ([batch, seq] int64): position t predicts labels[t + 1], and labels
   /// of -100 take no loss; the mean is over the labels that count (transformers' loss with
-  /// labels). Models that cannot take labels refuse them.
-  virtual at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels);
+  /// labels). `layout` says where the examples are (SequenceLayout). Models that cannot take
+  /// labels refuse them.
+  virtual at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels,
+                                 const SequenceLayout& layout = {});
 
   /// The adapter parameters (requires_grad), keyed by their PEFT names
   /// ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", ...), in a fixed order.
