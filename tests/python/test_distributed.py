@@ -1,5 +1,6 @@
 """`lema train` over several ranks (c10d: TCPStore + Gloo on the loopback interface):
 
+- torchrun --no-python starts the ranks as --nproc does;
 - 2 ranks × --batch 2 take the steps of 1 rank × --batch 4, with --grad-accum too: the same
   per-step losses and adapters up to float rounding;
 - a resumed 2-rank run ends with the adapter of an uninterrupted one, bit for bit;
@@ -13,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +73,9 @@ def test_two_ranks_take_the_steps_of_one_with_twice_the_batch(model, corpus, tmp
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+    # The gradients are the global batch's mean, not the ranks' sum (AdamW alone would hide it).
+    np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one],
+                               rtol=1e-4)
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     for name in a:
@@ -79,6 +84,22 @@ def test_two_ranks_take_the_steps_of_one_with_twice_the_batch(model, corpus, tmp
     assert any(np.abs(t).max() > 0 for n, t in a.items() if "lora_B" in n)
     # Rank 0 alone wrote into --out: checkpoints, the adapter, one log line per step.
     assert (tmp_path / "two" / "latest").read_text().strip() == "checkpoint-4"
+
+
+def test_torchrun_starts_the_ranks_as_nproc_does(model, corpus, tmp_path):
+    args = ["--steps", "2", "--batch", "2"]
+    ours = train(model, corpus, tmp_path / "ours", *args, "--nproc", "2")
+    log = tmp_path / "torchrun.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), lema_bin(), "train", "--model", str(model), "--data",
+         str(corpus), "--out", str(tmp_path / "torchrun"), "--log-json", str(log), *COMMON,
+         *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    theirs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["loss"] for r in theirs] == [r["loss"] for r in ours]
+    assert ((tmp_path / "ours" / "adapter_model.safetensors").read_bytes() ==
+            (tmp_path / "torchrun" / "adapter_model.safetensors").read_bytes())
 
 
 def test_a_resumed_two_rank_run_ends_as_an_uninterrupted_one(model, corpus, tmp_path):
