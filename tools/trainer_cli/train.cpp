@@ -208,6 +208,10 @@ void run(TrainArgs args) {
     std::fflush(stderr);
     std::exit(launch_local_ranks(args.nproc, dist_timeout));
   }
+  // Each local rank takes a GPU of its own: --device cuda means cuda:LOCAL_RANK.
+  if (dist && dist->local_world_size > 1 && args.paging.device == "cuda") {
+    args.paging.device = fmt::format("cuda:{}", dist->local_rank);
+  }
   std::unique_ptr<trainer::ProcessGroup> group;
   if (dist && dist->world_size > 1) group = trainer::ProcessGroup::join(*dist, dist_timeout);
   const bool rank0 = !group || group->rank() == 0;
