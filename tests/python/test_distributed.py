@@ -86,6 +86,16 @@ def test_two_ranks_take_the_steps_of_one_with_twice_the_batch(model, corpus, tmp
     assert (tmp_path / "two" / "latest").read_text().strip() == "checkpoint-4"
 
 
+def test_synthetic_tokens_are_those_of_the_global_batch(model, tmp_path):
+    def losses(out, *extra):
+        log = tmp_path / f"{out}.jsonl"
+        lema("train", "--model", model, "--out", tmp_path / out, "--log-json", log, "--steps",
+             "2", *COMMON, *extra)
+        return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    np.testing.assert_allclose(losses("two", "--batch", "2", "--nproc", "2"),
+                               losses("one", "--batch", "4"), rtol=1e-5)
+
+
 def test_torchrun_starts_the_ranks_as_nproc_does(model, corpus, tmp_path):
     args = ["--steps", "2", "--batch", "2"]
     ours = train(model, corpus, tmp_path / "ours", *args, "--nproc", "2")

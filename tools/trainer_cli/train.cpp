@@ -172,17 +172,26 @@ c10::ScalarType parse_compute_dtype(const std::string& name) {
 
 /// Without --data: a fixed pseudo-random token stream from the seed, long enough that the run
 /// never repeats a sequence; for trying the trainer and measuring it, not for learning.
-trainer::TokenBatches synthetic_data(const trainer::TrainOptions& o, std::int64_t vocab) {
-  // validate() has made sure the product does not overflow.
+/// With several ranks every rank makes the stream of the global batch (ranks × batch), so that
+/// N ranks × batch B train on what one process with batch N·B does.
+trainer::TokenBatches synthetic_data(const trainer::TrainOptions& o, std::int64_t vocab,
+                                     int world_size) {
+  // validate() has made sure the product does not overflow; past the token limit it is refused
+  // below anyway, so capping it there keeps the multiplication by world_size (≤ 2^16) in range.
   const std::uint64_t sequences =
-      static_cast<std::uint64_t>(o.steps * o.grad_accum * o.batch) + 1;
-  if (sequences * static_cast<std::uint64_t>(o.seq_len) > kMaxSyntheticTokens) {
+      std::min<std::uint64_t>(static_cast<std::uint64_t>(o.steps * o.grad_accum * o.batch),
+                              kMaxSyntheticTokens) *
+          static_cast<std::uint64_t>(world_size) +
+      1;
+  std::uint64_t total = 0;
+  if (__builtin_mul_overflow(sequences, static_cast<std::uint64_t>(o.seq_len), &total) ||
+      total > kMaxSyntheticTokens) {
     throw InvalidArgument(fmt::format(
         "--steps {} × --grad-accum {} × --batch {} × --seq-len {} is more synthetic tokens than "
         "the {} this command generates; give --data, or fewer steps",
         o.steps, o.grad_accum, o.batch, o.seq_len, kMaxSyntheticTokens));
   }
-  std::vector<std::uint32_t> tokens(sequences * static_cast<std::uint64_t>(o.seq_len));
+  std::vector<std::uint32_t> tokens(total);
   std::mt19937_64 rng(o.seed ^ 0x5eed'da7aULL);
   for (auto& t : tokens) t = static_cast<std::uint32_t>(rng() % static_cast<std::uint64_t>(vocab));
   return trainer::TokenBatches(std::move(tokens), "synthetic tokens", o.seq_len, o.batch, o.seed);
@@ -257,7 +266,7 @@ void run(TrainArgs args) {
   std::unique_ptr<trainer::Tokenizer> tokenizer;
   std::optional<trainer::TokenBatches> data;
   if (args.data.empty()) {
-    data.emplace(synthetic_data(args.train, config.vocab_size));
+    data.emplace(synthetic_data(args.train, config.vocab_size, group ? group->world_size() : 1));
   } else {
     trainer::TokenSourceOptions source;
     source.vocab_size = config.vocab_size;
