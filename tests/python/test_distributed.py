@@ -96,6 +96,17 @@ def test_synthetic_tokens_are_those_of_the_global_batch(model, tmp_path):
                                losses("one", "--batch", "4"), rtol=1e-5)
 
 
+def test_each_rank_saves_its_own_profile(model, corpus, tmp_path):
+    env = dict(os.environ, LEMA_PROFILE=str(tmp_path / "run.lprof"))
+    proc = subprocess.run(
+        [lema_bin(), "train", "--model", str(model), "--data", str(corpus), "--out",
+         str(tmp_path / "out"), "--steps", "2", "--batch", "2", "--nproc", "2", *COMMON],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.lprof")) == ["run.rank0.lprof",
+                                                                "run.rank1.lprof"]
+
+
 def test_torchrun_starts_the_ranks_as_nproc_does(model, corpus, tmp_path):
     args = ["--steps", "2", "--batch", "2"]
     ours = train(model, corpus, tmp_path / "ours", *args, "--nproc", "2")

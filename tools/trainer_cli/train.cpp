@@ -217,6 +217,18 @@ void run(TrainArgs args) {
     std::fflush(stderr);
     std::exit(launch_local_ranks(args.nproc, dist_timeout));
   }
+  // Each rank saves its own profile: LEMA_PROFILE=p.lprof becomes p.rank<R>.lprof (the
+  // runtime reads it when the first pager opens, below).
+  if (dist && dist->world_size > 1) {
+    if (const char* profile = std::getenv("LEMA_PROFILE"); profile != nullptr && *profile != 0) {
+      const fs::path path(profile);
+      const std::string ranked =
+          (path.parent_path() / (path.stem().string() + ".rank" + std::to_string(dist->rank) +
+                                 path.extension().string()))
+              .string();
+      ::setenv("LEMA_PROFILE", ranked.c_str(), 1);
+    }
+  }
   // Each local rank takes a GPU of its own: --device cuda means cuda:LOCAL_RANK.
   if (dist && dist->local_world_size > 1 && args.paging.device == "cuda") {
     args.paging.device = fmt::format("cuda:{}", dist->local_rank);
