@@ -6,6 +6,7 @@
 - a resumed 2-rank run ends with the adapter of an uninterrupted one, bit for bit;
 - ranks started with different settings are refused, naming the setting and the ranks;
 - a port in use is one line naming it;
+- each rank saves its own profile, and `lema prof report` of several shows a line per rank;
 - a rank killed with SIGKILL stops the others within --dist-timeout with an error naming it,
   the launcher names it too, and the last checkpoint resumes.
 """
@@ -105,6 +106,15 @@ def test_each_rank_saves_its_own_profile(model, corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.glob("*.lprof")) == ["run.rank0.lprof",
                                                                 "run.rank1.lprof"]
+    files = [tmp_path / "run.rank0.lprof", tmp_path / "run.rank1.lprof"]
+    lines = lema("prof", "report", *files).stdout.splitlines()
+    assert lines[0].split()[:4] == ["profile", "pid", "wall", "s"]
+    rows = {line.split()[0]: line.split() for line in lines[1:4]}
+    assert list(rows) == [str(f) for f in files] + ["total"]
+    assert int(rows["total"][1]) == int(rows[str(files[0])][3]) + int(rows[str(files[1])][3])
+    assert lines[4].startswith("most stalled: ")
+    per_rank = json.loads(lema("prof", "report", "--json", *files).stdout)
+    assert [r["file"] for r in per_rank] == [str(f) for f in files]
 
 
 def test_torchrun_starts_the_ranks_as_nproc_does(model, corpus, tmp_path):
