@@ -7,8 +7,9 @@
 - ranks started with different settings are refused, naming the setting and the ranks;
 - a port in use is one line naming it;
 - each rank saves its own profile, and `lema prof report` of several shows a line per rank;
-- a rank killed with SIGKILL stops the others within --dist-timeout with an error naming it,
-  the launcher names it too, and the last checkpoint resumes.
+- a rank killed with SIGKILL stops the others at once with an error naming it, the launcher
+  names it too, and the last checkpoint resumes;
+- a rank that hangs (SIGSTOP) is named after --dist-timeout, and the launcher kills it.
 """
 import json
 import os
@@ -198,9 +199,8 @@ def rank_pid(launcher, rank):
     raise AssertionError(f"no rank {rank} among the launcher's children {children}")
 
 
-def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(model, corpus,
-                                                                        tmp_path):
-    out = tmp_path / "out"
+def start_and_hit_rank1(model, corpus, out, sig):
+    """Starts 2 ranks, sends `sig` to rank 1 once a checkpoint exists; the launcher's stderr."""
     launcher = subprocess.Popen(
         [lema_bin(), "train", "--model", str(model), "--data", str(corpus), "--out", str(out),
          "--steps", "100000", "--batch", "2", "--save-every", "2", "--nproc", "2", *COMMON],
@@ -211,18 +211,42 @@ def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(model, c
             assert launcher.poll() is None, launcher.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        os.kill(rank_pid(launcher.pid, 1), signal.SIGKILL)
+        rank1 = rank_pid(launcher.pid, 1)
+        os.kill(rank1, sig)
         # Within --dist-timeout 5 (and the launcher's grace); the test asserts the outcome only.
         err = launcher.communicate(timeout=50)[1]
     finally:
         if launcher.poll() is None:
             launcher.kill()
+            launcher.wait()
+            try:  # a stopped rank ignores the SIGTERM its launcher's death sends
+                os.kill(rank1, signal.SIGKILL)
+            except (NameError, ProcessLookupError):
+                pass
     assert launcher.returncode == 1
-    lines = err.strip().splitlines()
+    return err.strip().splitlines()
+
+
+def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(model, corpus,
+                                                                        tmp_path):
+    out = tmp_path / "out"
+    lines = start_and_hit_rank1(model, corpus, out, signal.SIGKILL)
+    err = "\n".join(lines)
     assert lines[-1] == "error: rank 1 of 2 (lema train --nproc 2) was killed by signal 9 (Killed)"
     assert any(line.startswith("error: rank 1 stopped during ") and "rank 0 stops too" in line
                for line in lines), err
     step = int((out / "latest").read_text().strip().split("-")[1])
+    assert step >= 2
     log = train(model, corpus, out, "--batch", "2", "--nproc", "2", "--resume",
                 "--steps", str(step + 2), "--schedule-steps", "100000")
     assert [r["step"] for r in log] == [step + 1, step + 2]
+
+
+def test_a_hung_rank_is_named_after_the_timeout(model, corpus, tmp_path):
+    # A stopped rank neither answers nor closes its connections: rank 0's all-reduce times out
+    # after --dist-timeout, the roll call finds rank 1 missing, and the launcher kills it.
+    lines = start_and_hit_rank1(model, corpus, tmp_path / "out", signal.SIGSTOP)
+    assert any(line.startswith("error: rank 1 stopped during ") and "Timed out" in line
+               for line in lines), lines
+    assert lines[-1] == ("error: rank 0 of 2 (lema train --nproc 2) exited with status 1; the "
+                         "ranks still running were killed")
