@@ -62,8 +62,10 @@ std::optional<DistributedEnv> distributed_env_from_environment();
 class ProcessGroup {
  public:
   /// Joins the group: rank 0 serves the TCPStore on MASTER_PORT, every rank connects to it and
-  /// to each other through Gloo. Collectives that take longer than `timeout` fail. Throws Error
-  /// with one line naming the port in use, or the address that could not be reached.
+  /// to each other through Gloo. Collectives that take longer than `timeout` fail; meeting at
+  /// the start and the store's requests wait at least two minutes (ranks load their models at
+  /// different speeds). Throws Error with one line naming the port in use, or the address that
+  /// could not be reached.
   static std::unique_ptr<ProcessGroup> join(const DistributedEnv& env,
                                             std::chrono::milliseconds timeout);
   ~ProcessGroup();
