@@ -47,7 +47,7 @@ struct TopArgs {
 };
 
 struct ReportArgs {
-  std::string file;
+  std::vector<std::string> files;
   std::string chrome;
   std::string svg;
   bool json = false;
@@ -249,8 +249,61 @@ int run_top(const TopArgs& a) {
 
 // ---- report ----
 
+// Several profiles, one per rank of a data-parallel run (p.rank0.lprof, p.rank1.lprof, ...):
+// one line each, then the totals. Each rank pages its own copy of the weights, so the faults and
+// bytes read add up, and the rank that stalls most is the one the others wait for.
+void run_report_ranks(const ReportArgs& a) {
+  if (!a.chrome.empty() || !a.svg.empty()) {
+    throw InvalidArgument("--chrome and --svg draw one profile; give one FILE with them");
+  }
+  std::vector<ProfileSummary> summaries;
+  for (const auto& file : a.files) summaries.push_back(summarize(runtime::load_recording(file), a.top));
+  if (a.json) {
+    nlohmann::json all = nlohmann::json::array();
+    for (std::size_t i = 0; i < summaries.size(); ++i) {
+      nlohmann::json j = summary_json(summaries[i]);
+      j["file"] = a.files[i];
+      all.push_back(std::move(j));
+    }
+    std::cout << all.dump(2) << "\n";
+    return;
+  }
+  std::cout << fmt::format("{:<32} {:>8} {:>8} {:>8} {:>8} {:>7} {:>12} {:>9} {:>7}\n", "profile",
+                           "pid", "wall s", "faults", "hits", "hit %", "read", "stall s",
+                           "stall %");
+  runtime::PagerStats total;
+  double worst_stall = -1;
+  std::size_t worst = 0;
+  for (std::size_t i = 0; i < summaries.size(); ++i) {
+    const ProfileSummary& s = summaries[i];
+    const auto& c = s.counters;
+    std::cout << fmt::format("{:<32} {:>8} {:>8.3f} {:>8} {:>8} {:>7.1f} {:>12} {:>9.3f} {:>7.1f}\n",
+                             a.files[i], s.pid, s.wall_s, c.faults, c.hits, 100.0 * s.hit_rate,
+                             format_size(c.bytes_read), static_cast<double>(c.stall_ns) * 1e-9,
+                             100.0 * s.stall_share);
+    total.faults += c.faults;
+    total.hits += c.hits;
+    total.bytes_read += c.bytes_read;
+    total.stall_ns += c.stall_ns;
+    if (static_cast<double>(c.stall_ns) > worst_stall) {
+      worst_stall = static_cast<double>(c.stall_ns);
+      worst = i;
+    }
+  }
+  const double accesses = static_cast<double>(total.faults + total.hits);
+  std::cout << fmt::format("{:<32} {:>8} {:>8} {:>8} {:>8} {:>7.1f} {:>12} {:>9.3f}\n", "total", "",
+                           "", total.faults, total.hits,
+                           accesses > 0 ? 100.0 * static_cast<double>(total.hits) / accesses : 0.0,
+                           format_size(total.bytes_read),
+                           static_cast<double>(total.stall_ns) * 1e-9);
+  std::cout << fmt::format("most stalled: {} ({:.3f} s); the other ranks wait for it at each "
+                           "all-reduce\n",
+                           a.files[worst], worst_stall * 1e-9);
+}
+
 void run_report(const ReportArgs& a) {
-  const runtime::Recording rec = runtime::load_recording(a.file);
+  if (a.files.size() > 1) return run_report_ranks(a);
+  const runtime::Recording rec = runtime::load_recording(a.files.front());
   const ProfileSummary s = summarize(rec, a.top);
   if (a.json)
     std::cout << summary_json(s).dump(2) << "\n";
@@ -298,7 +351,10 @@ void register_prof(CLI::App& app) {
 
   auto rep = std::make_shared<ReportArgs>();
   CLI::App* report = prof->add_subcommand("report", "Summarize a recorded profile");
-  report->add_option("FILE", rep->file, "A file written by lema prof record")->required();
+  report->add_option("FILE", rep->files,
+                     "A file written by lema prof record; several (one per rank: "
+                     "LEMA_PROFILE=p.lprof gives p.rank<R>.lprof) print a line per rank")
+      ->required();
   report->add_option("--chrome", rep->chrome, "Also write a Chrome trace (Perfetto) here");
   report->add_option("--svg", rep->svg, "Also write an SVG timeline here");
   report->add_flag("--json", rep->json, "Print the summary as JSON");

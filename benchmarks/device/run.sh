@@ -28,6 +28,8 @@
 #                     the table: the second call on the same warm machine. The build, the model,
 #                     the runs' step logs and the bandwidth figures of the first call are reused
 #   --list-phases     print the phase names and exit
+#   --nproc N         every `lema train` run trains with N local ranks (lema train --nproc N,
+#                     Gloo; rank r on GPU r): for a machine with N GPUs. Default 1
 # Environment: LEMA_PYTHON (default: `command -v python3`, made absolute), LEMA_DEVICE_JOBS,
 # LEMA_DEVICE_BUILD_CMD (a command taking BUILD_DIR TARGET... in place of ninja).
 #
@@ -46,7 +48,7 @@ PHASES=(environment deps configure build_core ctest_gpu bandwidth cuda_alloc bui
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-rehearsal=0 build_given="" debs_dir="" budget=540 only="" out_arg="" resume=0
+rehearsal=0 build_given="" debs_dir="" budget=540 only="" out_arg="" resume=0 nproc=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu-rehearsal) rehearsal=1 ;;
@@ -55,14 +57,15 @@ while [[ $# -gt 0 ]]; do
     --budget) budget="${2:?--budget needs seconds}"; shift ;;
     --phases) only=",${2:?--phases needs a list},"; shift ;;
     --resume) resume=1 ;;
+    --nproc) nproc="${2:?--nproc needs a count of ranks}"; shift ;;
     --list-phases) printf '%s\n' "${PHASES[@]}"; exit 0 ;;
     -*) echo "run.sh: unknown option $1 (see the comment at the top of $0)" >&2; exit 2 ;;
     *) [[ -z "$out_arg" ]] || { echo "run.sh: one OUT_DIR only" >&2; exit 2; }; out_arg="$1" ;;
   esac
   shift
 done
-if [[ -z "$out_arg" || ! "$budget" =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 [--cpu-rehearsal] [--budget SECONDS] [--build-dir DIR] [--debs DIR] [--phases A,B | --resume] OUT_DIR" >&2
+if [[ -z "$out_arg" || ! "$budget" =~ ^[0-9]+$ || ! "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [--cpu-rehearsal] [--budget SECONDS] [--build-dir DIR] [--debs DIR] [--phases A,B | --resume] [--nproc N] OUT_DIR" >&2
   exit 2
 fi
 if [[ -n "$only" ]]; then
@@ -119,7 +122,7 @@ else
   rm -rf "$runs"
 fi
 mkdir -p "$runs"
-export out work build repo here python jobs rehearsal model runs debs_dir build_given
+export out work build repo here python jobs rehearsal model runs debs_dir build_given nproc
 export LEMA_DEVICE_BUILD_CMD="${LEMA_DEVICE_BUILD_CMD:-}"
 log() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
@@ -388,7 +391,7 @@ train_body() {  # name, lema train arguments...
   shift
   rm -f "$runs/train_$name.jsonl"
   "$build/tools/lema" train --model "$model" --out "$adapter" \
-    --log-json "$runs/train_$name.jsonl" "$@"
+    --log-json "$runs/train_$name.jsonl" --nproc "$nproc" "$@"
   local rc=$?
   rm -rf "$adapter"
   [[ $rc -eq 0 ]] && grep -h "^done:" "$work/train_$name.log" | tail -1

@@ -8,6 +8,7 @@
 
 #include "../cli_logging.hpp"
 #include "commands.hpp"
+#include "launch.hpp"
 
 namespace {
 
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   lema::tools::register_merge(app);
   lema::tools::register_generate(app);
   lema::tools::configure_cli_logging();
+  lema::tools::remember_command_line(argc, argv);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -29,12 +29,14 @@
 #include "commands.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
+#include "lema/trainer/distributed.hpp"
 #include "lema/trainer/llama_model.hpp"
 #include "lema/trainer/token_batches.hpp"
 #include "lema/trainer/token_source.hpp"
 #include "lema/trainer/tokenizer.hpp"
 #include "lema/trainer/train_state.hpp"
 #include "lema/trainer/trainer.hpp"
+#include "launch.hpp"
 #include "model_session.hpp"
 #include "progress_line.hpp"
 
@@ -60,7 +62,38 @@ struct TrainArgs {
   trainer::LoraSettings lora;
   bool targets_given = false;  // --target-modules on the command line
   PagingArgs paging;
+  int nproc = 1;
+  double dist_timeout_s = 60;
+  double bucket_mb = 25;
 };
+
+// The settings every rank must share, compared across the ranks before the first collective
+// (ProcessGroup::check_same). Paths are left out: each machine may keep the model elsewhere.
+std::vector<std::pair<std::string, std::string>> shared_settings(
+    const TrainArgs& args, const std::string& fingerprint, std::uint64_t model_bytes,
+    const trainer::TokenBatches& data) {
+  const trainer::TrainOptions& t = args.train;
+  std::string targets;
+  for (const auto& m : args.lora.target_modules) targets += (targets.empty() ? "" : ",") + m;
+  return {
+      {"the model (fingerprint of config.json and tensor shapes)", fingerprint},
+      {"the model's size in bytes", std::to_string(model_bytes)},
+      {"--lora-rank", std::to_string(args.lora.rank)},
+      {"--lora-alpha", fmt::format("{}", args.lora.alpha)},
+      {"--lora-dropout", fmt::format("{}", args.lora.dropout)},
+      {"--target-modules", targets},
+      {"--seed", std::to_string(t.seed)},
+      {"--seq-len", std::to_string(t.seq_len)},
+      {"--batch", std::to_string(t.batch)},
+      {"--grad-accum", std::to_string(t.grad_accum)},
+      {"--steps", std::to_string(t.steps)},
+      {"--lr", fmt::format("{}", t.lr)},
+      {"--dtype", args.dtype},
+      {"--data (sequences, fingerprint)",
+       fmt::format("{} {:016x}", data.num_sequences(), data.fingerprint())},
+      {"--resume", args.resume ? "on" : "off"},
+  };
+}
 
 std::uint64_t peak_rss_bytes() {
   rusage u{};
@@ -140,23 +173,70 @@ c10::ScalarType parse_compute_dtype(const std::string& name) {
 
 /// Without --data: a fixed pseudo-random token stream from the seed, long enough that the run
 /// never repeats a sequence; for trying the trainer and measuring it, not for learning.
-trainer::TokenBatches synthetic_data(const trainer::TrainOptions& o, std::int64_t vocab) {
-  // validate() has made sure the product does not overflow.
+/// With several ranks every rank makes the stream of the global batch (ranks × batch), so that
+/// N ranks × batch B train on what one process with batch N·B does.
+trainer::TokenBatches synthetic_data(const trainer::TrainOptions& o, std::int64_t vocab,
+                                     int world_size) {
+  // validate() has made sure the product does not overflow; past the token limit it is refused
+  // below anyway, so capping it there keeps the multiplication by world_size (≤ 2^16) in range.
   const std::uint64_t sequences =
-      static_cast<std::uint64_t>(o.steps * o.grad_accum * o.batch) + 1;
-  if (sequences * static_cast<std::uint64_t>(o.seq_len) > kMaxSyntheticTokens) {
+      std::min<std::uint64_t>(static_cast<std::uint64_t>(o.steps * o.grad_accum * o.batch),
+                              kMaxSyntheticTokens) *
+          static_cast<std::uint64_t>(world_size) +
+      1;
+  std::uint64_t total = 0;
+  if (__builtin_mul_overflow(sequences, static_cast<std::uint64_t>(o.seq_len), &total) ||
+      total > kMaxSyntheticTokens) {
     throw InvalidArgument(fmt::format(
         "--steps {} × --grad-accum {} × --batch {} × --seq-len {} is more synthetic tokens than "
         "the {} this command generates; give --data, or fewer steps",
         o.steps, o.grad_accum, o.batch, o.seq_len, kMaxSyntheticTokens));
   }
-  std::vector<std::uint32_t> tokens(sequences * static_cast<std::uint64_t>(o.seq_len));
+  std::vector<std::uint32_t> tokens(total);
   std::mt19937_64 rng(o.seed ^ 0x5eed'da7aULL);
   for (auto& t : tokens) t = static_cast<std::uint32_t>(rng() % static_cast<std::uint64_t>(vocab));
   return trainer::TokenBatches(std::move(tokens), "synthetic tokens", o.seq_len, o.batch, o.seed);
 }
 
 void run(TrainArgs args) {
+  if (args.nproc < 1) {
+    throw InvalidArgument(fmt::format("--nproc {} is out of range: it must be at least 1",
+                                      args.nproc));
+  }
+  if (!(args.dist_timeout_s > 0 && args.dist_timeout_s <= 86400)) {
+    throw InvalidArgument(fmt::format(
+        "--dist-timeout {} is out of range: give seconds in (0, 86400]", args.dist_timeout_s));
+  }
+  if (!(args.bucket_mb > 0 && args.bucket_mb <= 4096)) {
+    throw InvalidArgument(
+        fmt::format("--bucket-mb {} is out of range: give MiB in (0, 4096]", args.bucket_mb));
+  }
+  const auto dist_timeout = std::chrono::milliseconds(
+      static_cast<std::int64_t>(args.dist_timeout_s * 1000.0));
+  const std::optional<trainer::DistributedEnv> dist = trainer::distributed_env_from_environment();
+  if (!dist && args.nproc > 1) {
+    std::fflush(stderr);
+    std::exit(launch_local_ranks(args.nproc, dist_timeout));
+  }
+  // Each rank saves its own profile: LEMA_PROFILE=p.lprof becomes p.rank<R>.lprof (the
+  // runtime reads it when the first pager opens, below).
+  if (dist && dist->world_size > 1) {
+    if (const char* profile = std::getenv("LEMA_PROFILE"); profile != nullptr && *profile != 0) {
+      const fs::path path(profile);
+      const std::string ranked =
+          (path.parent_path() / (path.stem().string() + ".rank" + std::to_string(dist->rank) +
+                                 path.extension().string()))
+              .string();
+      ::setenv("LEMA_PROFILE", ranked.c_str(), 1);
+    }
+  }
+  // Each local rank takes a GPU of its own: --device cuda means cuda:LOCAL_RANK.
+  if (dist && dist->local_world_size > 1 && args.paging.device == "cuda") {
+    args.paging.device = fmt::format("cuda:{}", dist->local_rank);
+  }
+  std::unique_ptr<trainer::ProcessGroup> group;
+  if (dist && dist->world_size > 1) group = trainer::ProcessGroup::join(*dist, dist_timeout);
+  const bool rank0 = !group || group->rank() == 0;
   args.train.out_dir = args.out;
   if (args.train.schedule_steps == 0) args.train.schedule_steps = args.train.steps;
   trainer::validate(args.train);
@@ -187,15 +267,19 @@ void run(TrainArgs args) {
   check_micro_batch(args.train, config.vocab_size);
   // Before the data loads (which may take a while): a second run on the same --out is refused
   // at once, and nothing touches --out before every setting has been checked.
-  trainer::OutputDirLock lock = trainer::OutputDirLock::acquire(args.train.out_dir);
-  for (const auto& path : lock.removed()) {
-    std::fprintf(stderr, "removed %s, left by an interrupted save\n", path.c_str());
+  // Only rank 0 writes into --out (the other ranks read checkpoints from it on --resume).
+  std::optional<trainer::OutputDirLock> lock;
+  if (rank0) {
+    lock = trainer::OutputDirLock::acquire(args.train.out_dir);
+    for (const auto& path : lock->removed()) {
+      std::fprintf(stderr, "removed %s, left by an interrupted save\n", path.c_str());
+    }
   }
 
   std::unique_ptr<trainer::Tokenizer> tokenizer;
   std::optional<trainer::TokenBatches> data;
   if (args.data.empty()) {
-    data.emplace(synthetic_data(args.train, config.vocab_size));
+    data.emplace(synthetic_data(args.train, config.vocab_size, group ? group->world_size() : 1));
   } else {
     trainer::TokenSourceOptions source;
     source.vocab_size = config.vocab_size;
@@ -245,13 +329,23 @@ void run(TrainArgs args) {
   trainer::RunIdentity identity{trainer::model_fingerprint(session.dir()),
                                 fs::absolute(session.dir()).lexically_normal().string(),
                                 args.lora};
-  trainer::Trainer trainer(model, std::move(*data), args.train, identity, std::move(lock));
+  if (group) {
+    group->check_same(
+        shared_settings(args, identity.model_fingerprint, session.model_bytes(), *data));
+  }
+  trainer::Trainer trainer(model, std::move(*data), args.train, identity, std::move(lock),
+                           group.get(),
+                           static_cast<std::int64_t>(args.bucket_mb * 1024.0 * 1024.0));
   if (eval) trainer.set_eval_data(std::move(*eval), args.eval_every);
   std::optional<fs::path> resumed;
   if (args.resume) resumed = trainer.resume();
+  if (group) {
+    group->check_same({{"the checkpoint resumed from (its step)",
+                        resumed ? std::to_string(trainer.step_count()) : "none"}});
+  }
 
   std::ofstream log;
-  if (!args.log_json.empty()) {
+  if (!args.log_json.empty() && rank0) {
     log.open(args.log_json, resumed ? std::ios::app : std::ios::trunc);
     if (!log) {
       throw InvalidArgument(fmt::format("--log-json {}: cannot open it for writing ({})",
@@ -259,7 +353,12 @@ void run(TrainArgs args) {
     }
   }
 
-  std::fprintf(stderr,
+  if (group && rank0) {
+    std::fprintf(stderr, "%d ranks (Gloo, rendezvous at %s:%d): global batch %ld\n",
+                 group->world_size(), group->env().master_addr.c_str(), group->env().master_port,
+                 static_cast<long>(trainer.global_batch()));
+  }
+  if (rank0) std::fprintf(stderr,
                "model %s: %s, %ld layers, hidden %ld, vocab %ld; %s\n"
                "data: %s, %llu %ssequences of %ld tokens; LoRA rank %ld alpha %g on %zu modules, "
                "%s compute\n",
@@ -271,12 +370,12 @@ void run(TrainArgs args) {
                trainer.data().packed() ? "packed " : "", static_cast<long>(args.train.seq_len),
                static_cast<long>(args.lora.rank), args.lora.alpha, args.lora.target_modules.size(),
                args.dtype.c_str());
-  if (resumed) {
+  if (resumed && rank0) {
     std::fprintf(stderr, "resumed from %s at step %ld\n", resumed->c_str(),
                  static_cast<long>(trainer.step_count()));
   }
 
-  ProgressLine progress(args.train.steps, ::isatty(STDERR_FILENO) != 0);
+  ProgressLine progress(args.train.steps, rank0 && ::isatty(STDERR_FILENO) != 0);
   const auto start = std::chrono::steady_clock::now();
   std::int64_t tokens = 0;
   double first_loss = 0, last_loss = 0;
@@ -287,8 +386,8 @@ void run(TrainArgs args) {
     tokens += r.tokens;
     if (r.step == first_step) first_loss = r.loss;
     last_loss = r.loss;
-    progress.update(r, s);
-    if (r.eval_loss) {
+    if (rank0) progress.update(r, s);
+    if (r.eval_loss && rank0) {
       progress.finish();
       std::fprintf(stderr, "step %ld: eval loss %.4f\n", static_cast<long>(r.step), *r.eval_loss);
     }
@@ -326,6 +425,7 @@ void run(TrainArgs args) {
     before = s;
   });
   progress.finish();
+  if (!rank0) return;  // rank 0 speaks for the group
 
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -413,6 +513,17 @@ void register_train(CLI::App& app) {
   cmd->add_flag("--no-activation-checkpointing", args->no_activation_checkpointing,
                 "Keep every layer's activations instead of recomputing them in backward");
   cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
+  cmd->add_option("--nproc", args->nproc,
+                  "Start this many local ranks (data parallel, as torchrun --standalone); under "
+                  "torchrun the ranks come from its environment instead")
+      ->capture_default_str();
+  cmd->add_option("--dist-timeout", args->dist_timeout_s,
+                  "Seconds a collective or the ranks' meeting may take before the run stops "
+                  "with an error naming the rank lost")
+      ->capture_default_str();
+  cmd->add_option("--bucket-mb", args->bucket_mb,
+                  "MiB of gradients per all-reduce (several ranks)")
+      ->capture_default_str();
   add_paging_options(*cmd, args->paging);
   add_device_options(*cmd, args->paging);
   cmd->callback([args, targets] {

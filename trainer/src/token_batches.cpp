@@ -200,9 +200,10 @@ TokenBatch TokenBatches::next() {
   out.rows = batch_;
   out.cols = seq_len_;
   out.ids.reserve(static_cast<std::size_t>(batch_ * seq_len_));
-  for (std::int64_t r = 0; r < batch_; ++r) {
+  for (std::int64_t r = 0; r < batch_ * shard_world_; ++r) {
     if (position_.index == num_sequences_) enter_epoch(position_.epoch + 1);
     const std::uint64_t first = order_[position_.index++] * static_cast<std::uint64_t>(seq_len_);
+    if (r % shard_world_ != shard_rank_) continue;  // another rank's (set_shard)
     out.ids.insert(out.ids.end(), tokens_.begin() + static_cast<std::ptrdiff_t>(first),
                    tokens_.begin() + static_cast<std::ptrdiff_t>(first + seq_len_));
     if (!labels_.empty()) {
@@ -219,6 +220,15 @@ TokenBatch TokenBatches::next() {
     }
   }
   return out;
+}
+
+void TokenBatches::set_shard(int rank, int world_size) {
+  if (world_size < 1 || rank < 0 || rank >= world_size) {
+    throw InvalidArgument("rank " + std::to_string(rank) + " of " + std::to_string(world_size) +
+                          " ranks is not a rank of the world");
+  }
+  shard_rank_ = rank;
+  shard_world_ = world_size;
 }
 
 void TokenBatches::restore(DataPosition position) {

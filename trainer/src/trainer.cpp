@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "lema/base/error.hpp"
+#include "lema/trainer/distributed.hpp"
 #include "lema/trainer/train_state.hpp"
 
 namespace lema::trainer {
@@ -106,11 +107,13 @@ at::Tensor TrainableModel::masked_loss(const at::Tensor&, const at::Tensor&,
 }
 
 Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
-                 RunIdentity identity, std::optional<OutputDirLock> lock)
+                 RunIdentity identity, std::optional<OutputDirLock> lock, ProcessGroup* group,
+                 std::int64_t bucket_bytes)
     : model_(model),
       data_(std::move(data)),
       options_(std::move(options)),
-      identity_(std::move(identity)) {
+      identity_(std::move(identity)),
+      group_(group) {
   validate(options_);
   if (data_.batch() != options_.batch || data_.seq_len() != options_.seq_len ||
       data_.seed() != options_.seed) {
@@ -129,7 +132,10 @@ Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
     LEMA_EXPECTS(p.requires_grad(), "trainable parameter '" + name + "' does not require grad");
     tensors.push_back(p);
   }
-  if (lock) {
+  if (group_) data_.set_shard(group_->rank(), group_->world_size());
+  if (!writes_output()) {
+    LEMA_EXPECTS(!lock, "only rank 0 locks the output directory");
+  } else if (lock) {
     LEMA_EXPECTS(lock->dir() == options_.out_dir,
                  "the lock given to the trainer is " + lock->dir().string() + "'s, not --out " +
                      options_.out_dir.string() + "'s");
@@ -143,9 +149,22 @@ Trainer::Trainer(TrainableModel& model, TokenBatches data, TrainOptions options,
                            .eps(options_.eps)
                            .weight_decay(options_.weight_decay);
   optimizer_ = std::make_unique<Optimizer>(Optimizer{torch::optim::AdamW(tensors, adamw_options)});
+  if (group_) {
+    {
+      at::NoGradGuard no_grad;
+      group_->broadcast_from_rank0(tensors);
+    }
+    buckets_ = std::make_unique<GradientBuckets>(*group_, tensors, bucket_bytes);
+  }
 }
 
 Trainer::~Trainer() = default;
+
+bool Trainer::writes_output() const noexcept { return group_ == nullptr || group_->rank() == 0; }
+
+std::int64_t Trainer::global_batch() const noexcept {
+  return options_.batch * (group_ ? group_->world_size() : 1);
+}
 
 StepResult Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
@@ -156,6 +175,9 @@ StepResult Trainer::step() {
   const at::Device device = params_.front().second.device();
   double loss_sum = 0;
   for (std::int64_t micro = 0; micro < options_.grad_accum; ++micro) {
+    // Gradients are averaged over the ranks once per step, as the last micro-step's backward
+    // completes them (Note [Overlapping the all-reduce]).
+    if (buckets_ && micro + 1 == options_.grad_accum) buckets_->arm();
     TokenBatch batch = data_.next();
     const at::Tensor loss = batch_loss(model_, batch, device);
     LEMA_EXPECTS(loss.numel() == 1, "the model's loss must be a scalar");
@@ -163,6 +185,13 @@ StepResult Trainer::step() {
     loss_sum += loss.item<double>();
   }
 
+  if (buckets_) {
+    buckets_->finish();
+    // The step's loss is the mean over the global batch (Note [Gradient averaging]).
+    std::vector<at::Tensor> sum{at::full({1}, loss_sum, at::kDouble)};
+    group_->average(sum);
+    loss_sum = sum[0].item<double>();
+  }
   std::vector<at::Tensor> tensors;
   for (const auto& [name, p] : params_) tensors.push_back(p);
   const double grad_norm = options_.max_grad_norm > 0
@@ -184,7 +213,7 @@ StepResult Trainer::step() {
   StepResult result;
   result.step = step_;
   result.loss = loss;
-  result.tokens = options_.grad_accum * options_.batch * options_.seq_len;
+  result.tokens = options_.grad_accum * global_batch() * options_.seq_len;
   result.step_time_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.lr = lr;
@@ -247,12 +276,13 @@ namespace {
 
 TrainState identity_state(const TrainOptions& options, const RunIdentity& identity,
                           const TokenBatches& data) {
+  // The global batch: what decides the data position and the gradient of a step.
   TrainState s;
   s.model_fingerprint = identity.model_fingerprint;
   s.base_model_name_or_path = identity.base_model_name_or_path;
   s.lora = identity.lora;
   s.seq_len = options.seq_len;
-  s.batch = options.batch;
+  s.batch = options.batch * data.shard_world_size();
   s.grad_accum = options.grad_accum;
   s.seed = options.seed;
   s.data_fingerprint = fmt::format("{:016x}", data.fingerprint());
@@ -265,6 +295,10 @@ TrainState identity_state(const TrainOptions& options, const RunIdentity& identi
 }  // namespace
 
 std::filesystem::path Trainer::save_checkpoint() {
+  if (!writes_output()) {
+    last_saved_step_ = step_;
+    return options_.out_dir / checkpoint_name(step_);
+  }
   TrainState state = identity_state(options_, identity_, data_);
   state.step = step_;
   state.data = data_.position();
@@ -298,6 +332,7 @@ std::filesystem::path Trainer::save_checkpoint() {
 
 void Trainer::save_final() {
   if (last_saved_step_ != step_) save_checkpoint();
+  if (!writes_output()) return;
   std::vector<std::pair<std::string, at::Tensor>> adapters;
   for (const auto& [name, p] : params_) adapters.emplace_back(name, p.detach());
   save_adapter(options_.out_dir, adapters, identity_.lora, identity_.base_model_name_or_path);
@@ -336,7 +371,7 @@ void Trainer::check_consistent(const TrainState& saved, const std::filesystem::p
   // check_resumable has matched batch, grad_accum and the data, so the sequences served are
   // known exactly; overflow cannot happen for a step ≤ --steps (validate).
   const auto served = static_cast<std::uint64_t>(saved.step) *
-                      static_cast<std::uint64_t>(options_.grad_accum * options_.batch);
+                      static_cast<std::uint64_t>(options_.grad_accum * global_batch());
   const DataPosition expected = position_after(served, data_.num_sequences());
   if (saved.data != expected) {
     throw_bad_state_field(
@@ -344,7 +379,7 @@ void Trainer::check_consistent(const TrainState& saved, const std::filesystem::p
         fmt::format("epoch {} index {}", saved.data.epoch, saved.data.index),
         fmt::format("{} steps of {} sequences each over data of {} sequences end at epoch {} "
                     "index {}",
-                    saved.step, options_.grad_accum * options_.batch, data_.num_sequences(),
+                    saved.step, options_.grad_accum * global_batch(), data_.num_sequences(),
                     expected.epoch, expected.index));
   }
 }

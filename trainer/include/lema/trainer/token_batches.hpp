@@ -65,6 +65,13 @@ class TokenBatches {
   /// The next `batch` sequences.
   TokenBatch next();
 
+  /// Data parallelism: next() walks `world_size` × batch sequences of the shared order and
+  /// serves this rank's share, every world_size-th of them from the rank-th, so W ranks together
+  /// see what one loader of batch W × batch sees, in the same steps. position() stays the
+  /// shared position, the same on every rank. Throws InvalidArgument on a rank outside the world.
+  void set_shard(int rank, int world_size);
+  int shard_world_size() const noexcept { return shard_world_; }
+
   DataPosition position() const noexcept { return position_; }
   /// Continues from `position` (from position() of a loader over the same data and settings).
   /// Throws InvalidArgument when the index is beyond this data's sequence count.
@@ -97,6 +104,8 @@ class TokenBatches {
   std::uint64_t num_sequences_ = 0;
   std::uint64_t fingerprint_ = 0;
   DataPosition position_;
+  int shard_rank_ = 0;
+  int shard_world_ = 1;
   std::vector<std::uint64_t> order_;  // the current epoch's
 };
 

@@ -29,6 +29,11 @@
 
 namespace lema::trainer {
 
+class ProcessGroup;     // distributed.hpp
+class GradientBuckets;  // distributed.hpp
+/// The default size of a bucket of gradients averaged in one all-reduce.
+inline constexpr std::int64_t kDefaultBucketBytes = std::int64_t{25} << 20;
+
 /// Who the adapters belong to: written into adapter_config.json and checked on resume.
 struct RunIdentity {
   std::string model_fingerprint;        // model_fingerprint(model_dir) (train_state.hpp)
@@ -53,8 +58,16 @@ class Trainer {
   /// already holds it: a caller may lock before its slower preparations), and seeds torch's
   /// generators. Throws InvalidArgument naming the setting, or the run holding the directory.
   /// `model` must outlive the Trainer.
+  ///
+  /// With `group` (data parallelism, distributed.hpp) every rank trains on its share of `data`
+  /// (TokenBatches::set_shard), starts from rank 0's adapters, averages the gradients over the
+  /// ranks in buckets of `bucket_bytes` and takes the same steps; only rank 0 takes the lock and
+  /// writes into out_dir. trainer_state.json records the global batch (ranks × batch), so a
+  /// checkpoint resumes under any number of ranks that gives the same global batch.
+  /// `group` must outlive the Trainer.
   Trainer(TrainableModel& model, TokenBatches data, TrainOptions options, RunIdentity identity,
-          std::optional<OutputDirLock> lock = std::nullopt);
+          std::optional<OutputDirLock> lock = std::nullopt, ProcessGroup* group = nullptr,
+          std::int64_t bucket_bytes = kDefaultBucketBytes);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -98,6 +111,10 @@ class Trainer {
   void resume_from(const std::filesystem::path& checkpoint_dir);
 
   const TrainOptions& options() const noexcept { return options_; }
+  /// Whether this process writes checkpoints and adapters: rank 0, or the only process.
+  bool writes_output() const noexcept;
+  /// Ranks × batch: the sequences of one micro-step over all ranks.
+  std::int64_t global_batch() const noexcept;
   const TokenBatches& data() const noexcept { return data_; }
   TrainableModel& model() noexcept { return model_; }
 
@@ -120,6 +137,8 @@ class Trainer {
   std::optional<TokenBatches> eval_data_;
   std::int64_t eval_every_ = 0;
   std::vector<std::pair<std::int64_t, double>> eval_losses_;  // (step, loss)
+  ProcessGroup* group_ = nullptr;
+  std::unique_ptr<GradientBuckets> buckets_;
 };
 
 }  // namespace lema::trainer
