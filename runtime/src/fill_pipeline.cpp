@@ -1,5 +1,5 @@
-// Filling chunks from the checkpoint files (or the spill store, or the host cache tier) and
-// mapping them.
+// Filling chunks from the checkpoint files, the spill store or zeros (Note [Page source]), or
+// from the host cache tier, and mapping them.
 #include "fill_pipeline.hpp"
 
 #include <cstring>
@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "lema/base/deliberate_leak.hpp"
+#include "page_source.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -87,13 +88,16 @@ void FillPipeline::start_read(Fill& f, FillOrigin origin) {
   FillClaim& c = *f.claim;
   try {
     std::byte* dest = pool_.window(c.chunk);
-    // Note [Dirty pages]: a page once written and evicted comes back from the spill store.
-    if (spill_ != nullptr && dest != nullptr && spill_->holds(c.page)) {
+    // Note [Page source]. Only host-visible pools take written pages (Note [Dirty pages]), so the
+    // spill store is asked only where there is a window to read it into.
+    const PageSource source = page_source(layout_, dest != nullptr ? spill_ : nullptr, c.page);
+    if (source == PageSource::spill) {
       spill_->read(c.page, dest);
       f.spilled = true;
       return;
     }
-    if (dest == nullptr && cache_ != nullptr) {
+    // A zero page is not worth a host cache slot: it costs a memset to make again.
+    if (dest == nullptr && cache_ != nullptr && source == PageSource::checkpoint) {
       f.slot = cache_->pin_cached(c.page);
       f.cached = f.slot.has_value();
       if (f.cached) return;
@@ -103,6 +107,10 @@ void FillPipeline::start_read(Fill& f, FillOrigin origin) {
     if (dest == nullptr) {
       f.staging = take_staging();
       dest = f.staging->bytes().data();
+    }
+    if (source == PageSource::zero) {
+      std::memset(dest, 0, page_size_);
+      return;
     }
     zero_gaps(layout_.extents(c.page), dest, page_size_);
     std::vector<io::ReadRequest> requests = requests_for(layout_, c.page, dest);
