@@ -1,0 +1,44 @@
+// First-fit placement of blocks inside one virtual range: offsets only, no memory touched.
+//
+// Free blocks are kept by offset and coalesced with their neighbours when a block comes back,
+// so a range freed whole is one block again and reused from its start. Sizes are rounded up to
+// kGranule so that every block starts on a granule (torch asks for 64-byte alignment).
+//
+// Thread safety: every member may be called from any thread (one mutex).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+
+namespace lema::allocator {
+
+class RangeAllocator {
+ public:
+  static constexpr std::uint64_t kGranule = 256;
+
+  /// Blocks inside [base, base + bytes); `base` aligned to kGranule.
+  RangeAllocator(std::uintptr_t base, std::uint64_t bytes);
+
+  /// The address of a free block of at least `bytes` aligned to `alignment` (a power of two),
+  /// or nullopt when none is large enough.
+  std::optional<std::uintptr_t> allocate(std::uint64_t bytes, std::uint64_t alignment);
+  /// Returns a block from allocate(); false when `addr` is not the start of a live block.
+  bool deallocate(std::uintptr_t addr);
+
+  std::uint64_t bytes_in_use() const;
+  /// The largest free block (for error messages).
+  std::uint64_t largest_free() const;
+
+ private:
+  std::uintptr_t base_;
+  mutable std::mutex mutex_;
+  std::map<std::uint64_t, std::uint64_t> free_;            // offset -> bytes
+  std::unordered_map<std::uint64_t, std::uint64_t> live_;  // offset -> bytes
+  std::uint64_t in_use_ = 0;
+};
+
+}  // namespace lema::allocator
