@@ -7,7 +7,7 @@ set(LEMA_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/lema)
 
 # Exported names drop the lema_ prefix: lema_torch → lema::torch.
 set(_lema_exported lema_base lema_io lema_runtime lema_allocator)
-foreach(dep lema_cuda lema_uring_dep lema_sentencepiece_dep)
+foreach(dep lema_allocator_vmm lema_cuda lema_uring_dep lema_sentencepiece_dep)
   if(TARGET ${dep})
     list(APPEND _lema_exported ${dep})  # targets our static libraries link through
   endif()

@@ -72,6 +72,7 @@ class VmmResource final : public MemoryResource {
 
   /// The memory the pages live in (its stats(): resident bytes, spills, the budget).
   runtime::MappedCheckpoint& memory() noexcept { return *memory_; }
+  const runtime::MappedCheckpoint& memory() const noexcept { return *memory_; }
   runtime::PagerStats stats() const { return memory_->stats(); }
   /// Virtual bytes this resource hands out, and how many of them are allocated now.
   std::uint64_t capacity() const noexcept;
