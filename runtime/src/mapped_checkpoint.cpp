@@ -238,9 +238,11 @@ void check_options(const MappedCheckpointOptions& options) {
     LEMA_EXPECTS(!options.cuda_device && !options.backend,
                  "anonymous memory is paged in host memory by the host backend; drop the CUDA "
                  "device (or backend of your own) or the anonymous bytes");
-    LEMA_EXPECTS(!options.read_only,
-                 "anonymous memory must be writable, but the checkpoint is opened read-only; "
-                 "open it writable or drop the anonymous bytes");
+    // Fault mode lets writes into anonymous pages through while refusing them on read-only
+    // weights; guard mode maps every page of a pager with one protection.
+    LEMA_EXPECTS(!options.read_only || options.mode == ResidencyMode::fault,
+                 "anonymous memory must be writable, but the checkpoint is opened read-only in "
+                 "guard mode; open it writable, or in fault mode, or drop the anonymous bytes");
   }
   if (options.huge_pages && options.mode == ResidencyMode::fault)
     throw InvalidArgument(
@@ -254,6 +256,10 @@ std::unique_ptr<MappedCheckpoint> open_checked(io::Checkpoint checkpoint,
   if (options.mode == ResidencyMode::fault) {
     fallback = detail::fault_mode_unavailable_reason();
     if (fallback.empty()) return detail::open_fault_mode(std::move(checkpoint), options);
+    LEMA_EXPECTS(options.anonymous_bytes == 0 || !options.read_only,
+                 "fault mode is not available (" + fallback +
+                     "), and guard mode cannot write anonymous memory beside read-only weights; "
+                     "open the weights writable, or drop the anonymous bytes");
     spdlog::warn("fault mode is not available ({}); using guard mode", fallback);
   }
   return std::make_unique<GuardedCheckpoint>(std::move(checkpoint), options, std::move(fallback));

@@ -166,6 +166,8 @@ class FaultCheckpoint final : public MappedCheckpoint {
  private:
   std::string refused_write_message(PageId page) const {
     const std::uint64_t lo = page * layout_.page_size(), hi = lo + layout_.page_size();
+    // Anonymous memory after read-only weights is written like any memory (Note [One budget]).
+    if (lo >= layout_.anonymous_offset()) return {};
     std::string names;
     for (const TensorPlacement& t : layout_.tensors()) {
       if (t.offset >= hi || t.offset + t.nbytes <= lo) continue;

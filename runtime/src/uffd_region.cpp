@@ -217,7 +217,7 @@ struct UffdRegion::State {
       LEMA_SYS_TRY(::mprotect(page_address(page), options.page_size, PROT_READ | PROT_WRITE));
       poisoned[page] = 0;
     }
-    const bool written = wp && for_write && !options.refuse_write;
+    const bool written = wp && for_write && !refuses_write(page);
     copy_in(page, written);
     dirty[page] = written ? 1 : 0;
     resident[page] = 1;
@@ -235,12 +235,19 @@ struct UffdRegion::State {
     }
     ++stats.write_faults;
     if (options.refuse_write) {
-      record_error(options.refuse_write(page));
-      poison(page);
-      return;
+      std::string refused = options.refuse_write(page);
+      if (!refused.empty()) {
+        record_error(std::move(refused));
+        poison(page);
+        return;
+      }
     }
     dirty[page] = 1;
     set_write_protect(page, false);  // which wakes the writer
+  }
+
+  bool refuses_write(PageId page) const {
+    return options.refuse_write && !options.refuse_write(page).empty();
   }
 
   void set_write_protect(PageId page, bool on) {

@@ -81,6 +81,29 @@ TEST_P(AnonymousPages, ZeroOnFirstTouchKeptAcrossEvictionUnderOneBudget) {
   EXPECT_LE(s.peak_resident_bytes, kBudgetPages * 2_MiB);
 }
 
+// Fault mode: read-only weights refuse writes, the anonymous pages after them take them.
+TEST(AnonymousPagesFault, WritableBesideReadOnlyWeights) {
+  TempDir dir("anonymous-read-only");
+  const auto path = write_model(dir.path(), model());
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudgetPages * 2_MiB;
+  o.mode = ResidencyMode::fault;
+  o.prefetch = false;
+  o.read_only = true;
+  o.anonymous_bytes = kAnonymous;
+  auto ckpt = MappedCheckpoint::open(path, o);
+  if (ckpt->mode() != ResidencyMode::fault) GTEST_SKIP() << ckpt->fallback_reason();
+  EXPECT_FALSE(ckpt->writable());
+  const runtime::TensorAddress anon = ckpt->anonymous();
+  for (std::uint64_t i = 0; i < anon.nbytes; ++i) anon.data[i] = pattern(i);
+  for (const io::TensorInfo& t : ckpt->checkpoint().tensors())
+    ckpt->read_tensor(t.name, [](const std::byte*, std::uint64_t) {});
+  std::uint64_t wrong = 0;
+  for (std::uint64_t i = 0; i < anon.nbytes; ++i) wrong += anon.data[i] != pattern(i);
+  EXPECT_EQ(wrong, 0u);
+  EXPECT_GE(ckpt->stats().spilled_pages, kAnonymous / 2_MiB - kBudgetPages);
+}
+
 TEST_P(AnonymousPages, WithoutACheckpoint) {
   auto mem = MappedCheckpoint::open_anonymous(options());
   if (!unguarded(*mem)) GTEST_SKIP() << "userfaultfd unavailable";
@@ -102,7 +125,9 @@ TEST_P(AnonymousPages, WithoutACheckpoint) {
 TEST_P(AnonymousPages, RefusedWhereWritesCannotBeKept) {
   MappedCheckpointOptions o = options();
   o.read_only = true;
-  EXPECT_THROW(MappedCheckpoint::open_anonymous(o), InvalidArgument);
+  if (GetParam() == ResidencyMode::guard) {
+    EXPECT_THROW(MappedCheckpoint::open_anonymous(o), InvalidArgument);
+  }
   o = options();
   o.anonymous_bytes = 0;
   EXPECT_THROW(MappedCheckpoint::open_anonymous(o), InvalidArgument);

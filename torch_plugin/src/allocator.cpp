@@ -12,6 +12,7 @@
 
 #include "lema/base/deliberate_leak.hpp"
 #include "lema/base/error.hpp"
+#include "lema/torch/virtual_checkpoint.hpp"
 
 namespace lema::torch {
 namespace {
@@ -112,6 +113,13 @@ runtime::PagerStats AllocatorScope::stats() const { return installed_->resource-
 
 AllocatorScope use_allocator(const allocator::VmmOptions& options) {
   return use_allocator(std::make_shared<allocator::VmmResource>(options));
+}
+
+AllocatorScope use_allocator(const VirtualCheckpoint& weights) {
+  // The resource holds a copy of the checkpoint (its shared state) for as long as it lives.
+  auto* resource = new allocator::VmmResource(weights.mapped());
+  return use_allocator(std::shared_ptr<allocator::VmmResource>(
+      resource, [keep = weights](allocator::VmmResource* r) { delete r; }));
 }
 
 AllocatorScope use_allocator(std::shared_ptr<allocator::VmmResource> resource) {

@@ -47,7 +47,8 @@ class UffdRegion {
   /// Keeps the bytes of a written page (page_size of them, at its address) before it is evicted.
   using Save = std::function<void(PageId page, const std::byte* bytes)>;
   /// Refuses the first write to a page: returns the error to record (the writer then gets
-  /// SIGSEGV at the page, as for a failed fill).
+  /// SIGSEGV at the page, as for a failed fill), or an empty string to let the write through
+  /// (a page written like any other: anonymous memory after read-only weights).
   using RefuseWrite = std::function<std::string(PageId page)>;
 
   struct Options {

@@ -22,6 +22,8 @@
 
 namespace lema::torch {
 
+class VirtualCheckpoint;
+
 class AllocatorScope {
  public:
   AllocatorScope(AllocatorScope&& other) noexcept;
@@ -41,6 +43,11 @@ class AllocatorScope {
 
  private:
   friend AllocatorScope use_allocator(std::shared_ptr<allocator::VmmResource> resource);
+/// The same over the anonymous memory after a checkpoint's weights (opened with
+/// Options::anonymous_bytes), under the weights' budget (Note [One budget]): what `lema train
+/// --budget-covers all` installs. The tensors keep the checkpoint open. Throws InvalidArgument
+/// when it has no anonymous memory.
+AllocatorScope use_allocator(const VirtualCheckpoint& weights);
   explicit AllocatorScope(std::unique_ptr<Installed> installed) noexcept;
   std::unique_ptr<Installed> installed_;
 };
@@ -51,5 +58,10 @@ AllocatorScope use_allocator(const allocator::VmmOptions& options);
 /// The same over a resource of the caller's (one sharing a checkpoint's budget: Note [One
 /// budget]). The resource lives as long as the scope or any tensor allocated from it.
 AllocatorScope use_allocator(std::shared_ptr<allocator::VmmResource> resource);
+/// The same over the anonymous memory after a checkpoint's weights (opened with
+/// Options::anonymous_bytes), under the weights' budget (Note [One budget]): what `lema train
+/// --budget-covers all` installs. The tensors keep the checkpoint open. Throws InvalidArgument
+/// when it has no anonymous memory.
+AllocatorScope use_allocator(const VirtualCheckpoint& weights);
 
 }  // namespace lema::torch
