@@ -1,13 +1,30 @@
 #include "range_allocator.hpp"
 
 #include <algorithm>
+#include <iterator>
 #include <limits>
 
 namespace lema::allocator {
 
 RangeAllocator::RangeAllocator(std::uintptr_t base, std::uint64_t bytes) : base_(base) {
   const std::uint64_t usable = bytes - bytes % kGranule;
-  if (usable != 0) free_.emplace(0, usable);
+  if (usable != 0) insert_free(0, usable);
+}
+
+void RangeAllocator::insert_free(std::uint64_t offset, std::uint64_t bytes) {
+  free_.emplace(offset, bytes);
+  by_size_.emplace(bytes, offset);
+}
+
+void RangeAllocator::erase_free(std::map<std::uint64_t, std::uint64_t>::iterator it) {
+  auto [first, last] = by_size_.equal_range(it->second);
+  for (auto s = first; s != last; ++s) {
+    if (s->second == it->first) {
+      by_size_.erase(s);
+      break;
+    }
+  }
+  free_.erase(it);
 }
 
 std::optional<std::uintptr_t> RangeAllocator::allocate(std::uint64_t bytes,
@@ -16,16 +33,18 @@ std::optional<std::uintptr_t> RangeAllocator::allocate(std::uint64_t bytes,
   const std::uint64_t size = (bytes + kGranule - 1) / kGranule * kGranule;
   const std::uint64_t align = std::max(alignment, kGranule);
   std::lock_guard lock(mutex_);
-  for (auto it = free_.begin(); it != free_.end(); ++it) {
-    const std::uint64_t off = it->first, len = it->second;
+  // The smallest block that holds the request; with an alignment above the granule, the
+  // smallest that holds it after its padding.
+  for (auto by = by_size_.lower_bound(size); by != by_size_.end(); ++by) {
+    const std::uint64_t off = by->second, len = by->first;
     // Aligned as an address, not as an offset: the base is only granule-aligned.
     const std::uint64_t addr = base_ + off;
     const std::uint64_t pad = (align - addr % align) % align;
     if (pad > len || len - pad < size) continue;
     const std::uint64_t start = off + pad;
-    free_.erase(it);
-    if (pad != 0) free_.emplace(off, pad);
-    if (len - pad > size) free_.emplace(start + size, len - pad - size);
+    erase_free(free_.find(off));
+    if (pad != 0) insert_free(off, pad);
+    if (len - pad > size) insert_free(start + size, len - pad - size);
     live_.emplace(start, size);
     in_use_ += size;
     return base_ + start;
@@ -45,16 +64,19 @@ bool RangeAllocator::deallocate(std::uintptr_t addr) {
   auto next = free_.lower_bound(off);
   if (next != free_.end() && next->first == off + len) {
     len += next->second;
-    next = free_.erase(next);
+    auto after = std::next(next);
+    erase_free(next);
+    next = after;
   }
   if (next != free_.begin()) {
     auto prev = std::prev(next);
     if (prev->first + prev->second == off) {
-      prev->second += len;
-      return true;
+      off = prev->first;
+      len += prev->second;
+      erase_free(prev);
     }
   }
-  free_.emplace(off, len);
+  insert_free(off, len);
   return true;
 }
 
@@ -65,9 +87,7 @@ std::uint64_t RangeAllocator::bytes_in_use() const {
 
 std::uint64_t RangeAllocator::largest_free() const {
   std::lock_guard lock(mutex_);
-  std::uint64_t best = 0;
-  for (const auto& [off, len] : free_) best = std::max(best, len);
-  return best;
+  return by_size_.empty() ? 0 : std::prev(by_size_.end())->first;
 }
 
 }  // namespace lema::allocator

@@ -1,8 +1,9 @@
 // First-fit placement of blocks inside one virtual range: offsets only, no memory touched.
 //
-// Free blocks are kept by offset and coalesced with their neighbours when a block comes back,
-// so a range freed whole is one block again and reused from its start. Sizes are rounded up to
-// kGranule so that every block starts on a granule (torch asks for 64-byte alignment).
+// Best fit: free blocks are indexed by size (the smallest that fits is taken, in O(log n)) and
+// by offset (to coalesce a returned block with its neighbours, so a range freed whole is one
+// block again). Sizes are rounded up to kGranule so that every block starts on a granule (torch
+// asks for 64-byte alignment, which then never needs padding).
 //
 // Thread safety: every member may be called from any thread (one mutex).
 #pragma once
@@ -36,7 +37,11 @@ class RangeAllocator {
  private:
   std::uintptr_t base_;
   mutable std::mutex mutex_;
+  void insert_free(std::uint64_t offset, std::uint64_t bytes);
+  void erase_free(std::map<std::uint64_t, std::uint64_t>::iterator it);
+
   std::map<std::uint64_t, std::uint64_t> free_;            // offset -> bytes
+  std::multimap<std::uint64_t, std::uint64_t> by_size_;    // bytes -> offset, the same blocks
   std::unordered_map<std::uint64_t, std::uint64_t> live_;  // offset -> bytes
   std::uint64_t in_use_ = 0;
 };

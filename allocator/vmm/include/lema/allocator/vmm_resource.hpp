@@ -5,7 +5,7 @@
 // evicts a cold page, keeping its bytes in the spill store (a private temporary file, or a
 // memfd), and reads it back on the next touch (Note [Page source] in the runtime). Plain loads
 // and stores from any code work: in fault mode a userfaultfd handler serves them, in guard mode
-// the guard fault fallback does. Allocations are placed first-fit in the range, 256-byte
+// the guard fault fallback does. Allocations are placed best-fit in the range, 256-byte
 // granules, freed ranges coalesced and reused.
 //
 // Note [One budget]
