@@ -56,7 +56,7 @@ if(TARGET lema_torch_ops)
   install(TARGETS lema_torch_ops LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 endif()
 
-foreach(component base io runtime allocator torch_plugin trainer)
+foreach(component base io runtime allocator allocator/vmm torch_plugin trainer)
   if(EXISTS ${PROJECT_SOURCE_DIR}/${component}/include)
     install(DIRECTORY ${PROJECT_SOURCE_DIR}/${component}/include/
             DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
