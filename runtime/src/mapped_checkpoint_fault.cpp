@@ -107,6 +107,22 @@ class FaultCheckpoint final : public MappedCheckpoint {
   const std::string& fallback_reason() const noexcept override { return no_reason_; }
   bool writable() const noexcept override { return !read_only_; }
   Pager* pager() noexcept override { return nullptr; }
+  void discard_anonymous(const std::byte* ptr, std::uint64_t bytes) override {
+    const std::uint64_t page = layout_.page_size();
+    const auto begin = static_cast<std::uint64_t>(ptr - region_.data());
+    LEMA_EXPECTS(ptr >= region_.data() && begin >= layout_.anonymous_offset() &&
+                     bytes <= layout_.virtual_bytes() - begin,
+                 "discard of bytes outside the anonymous memory");
+    // Whole pages only: a page shared with live bytes keeps them.
+    for (std::uint64_t p = (begin + page - 1) / page; (p + 1) * page <= begin + bytes; ++p) {
+      const auto id = static_cast<PageId>(p);
+      if (region_.discard(id)) {
+        std::lock_guard lock(policy_mutex_);
+        policy_->on_evicted(id);
+      }
+      spill_->forget(id);
+    }
+  }
   TensorAddress anonymous() const noexcept override {
     if (layout_.anonymous_bytes() == 0) return {};
     return {region_.data() + layout_.anonymous_offset(), layout_.anonymous_bytes()};

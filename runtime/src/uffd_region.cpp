@@ -402,6 +402,19 @@ void UffdRegion::evict(PageId page) {
   if (state_->resident[page] != 0) state_->zap(page);
 }
 
+bool UffdRegion::discard(PageId page) {
+  LEMA_EXPECTS(page < page_count(), "discard of page " + std::to_string(page) + " outside the " +
+                                        std::to_string(page_count()) + "-page region");
+  std::lock_guard lock(state_->mutex);
+  if (state_->resident[page] == 0) return false;
+  LEMA_SYS_TRY(::madvise(state_->page_address(page), state_->options.page_size, MADV_DONTNEED));
+  state_->dirty[page] = 0;
+  state_->resident[page] = 0;
+  std::erase(state_->fill_order, page);
+  --state_->stats.resident_pages;
+  return true;
+}
+
 bool UffdRegion::prefetch(PageId page) {
   LEMA_EXPECTS(page < page_count(), "prefetch of page " + std::to_string(page) + " outside the " +
                                         std::to_string(page_count()) + "-page region");

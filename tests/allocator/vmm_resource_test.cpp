@@ -96,6 +96,26 @@ TEST_P(Vmm, FreedRangesAreReused) {
   }
 }
 
+// Note [Freed pages]: in fault mode freed pages are dropped unsaved: no memory, no spill file.
+TEST_P(Vmm, FreedPagesGiveBackTheirMemoryAndSpillSpace) {
+  if (GetParam() != ResidencyMode::fault) GTEST_SKIP() << "guard mode keeps freed pages";
+  constexpr std::uint64_t kBytes = 3 * kBudget;
+  auto* keep = static_cast<std::uint8_t*>(mr_->allocate(1000));  // shares a page with `p`
+  auto* p = static_cast<std::uint8_t*>(mr_->allocate(kBytes));
+  std::memset(keep, 0x5a, 1000);
+  std::memset(p, 0x33, kBytes);
+  ASSERT_GT(mr_->stats().spilled_pages, 0u);
+  mr_->deallocate(p, kBytes);
+  const runtime::PagerStats s = mr_->stats();
+  // At most the page `keep` shares stays, resident or spilled.
+  EXPECT_LE(s.resident_bytes, 2_MiB);
+  EXPECT_LE(s.spilled_pages, 1u);
+  std::uint64_t wrong = 0;
+  for (int i = 0; i < 1000; ++i) wrong += keep[i] != 0x5a;
+  EXPECT_EQ(wrong, 0u) << "a live block lost bytes on a page it shares with a freed one";
+  mr_->deallocate(keep, 1000);
+}
+
 TEST_P(Vmm, BadRequestsGetTheirNamedErrors) {
   EXPECT_THROW(mr_->allocate(64, 0), InvalidArgument);
   EXPECT_THROW(mr_->allocate(64, 48), InvalidArgument);

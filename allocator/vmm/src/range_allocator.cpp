@@ -52,12 +52,14 @@ std::optional<std::uintptr_t> RangeAllocator::allocate(std::uint64_t bytes,
   return std::nullopt;
 }
 
-bool RangeAllocator::deallocate(std::uintptr_t addr) {
+bool RangeAllocator::deallocate(std::uintptr_t addr,
+                                const std::function<void(const Freed&)>& on_free) {
   std::lock_guard lock(mutex_);
   if (addr < base_) return false;
   auto live = live_.find(addr - base_);
   if (live == live_.end()) return false;
   std::uint64_t off = live->first, len = live->second;
+  const Freed block{base_ + off, len, 0, 0};
   live_.erase(live);
   in_use_ -= len;
   // Coalesce with the free block after, then the one before.
@@ -77,6 +79,7 @@ bool RangeAllocator::deallocate(std::uintptr_t addr) {
     }
   }
   insert_free(off, len);
+  if (on_free) on_free(Freed{block.block, block.block_bytes, base_ + off, len});
   return true;
 }
 

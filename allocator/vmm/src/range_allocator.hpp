@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -27,8 +28,16 @@ class RangeAllocator {
   /// The address of a free block of at least `bytes` aligned to `alignment` (a power of two),
   /// or nullopt when none is large enough.
   std::optional<std::uintptr_t> allocate(std::uint64_t bytes, std::uint64_t alignment);
+  /// What deallocate() freed: the block, and the free block it is now part of (coalesced).
+  struct Freed {
+    std::uintptr_t block = 0;
+    std::uint64_t block_bytes = 0;
+    std::uintptr_t free = 0;
+    std::uint64_t free_bytes = 0;
+  };
   /// Returns a block from allocate(); false when `addr` is not the start of a live block.
-  bool deallocate(std::uintptr_t addr);
+  /// `on_free` runs under the lock, before any other call can take the bytes again.
+  bool deallocate(std::uintptr_t addr, const std::function<void(const Freed&)>& on_free = {});
 
   std::uint64_t bytes_in_use() const;
   /// The largest free block (for error messages).

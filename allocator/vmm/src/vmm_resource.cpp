@@ -73,10 +73,25 @@ void* VmmResource::do_allocate(std::size_t bytes, std::size_t alignment) {
                     "of the checkpoint it shares)");
 }
 
+// Note [Freed pages]: a page wholly inside free memory is dropped at once, unsaved (fault mode:
+// MappedCheckpoint::discard_anonymous), so freed tensors cost neither budget nor spill writes;
+// its next use reads zeros. Only pages the freed block touches are considered (clipped to the
+// coalesced free block, so a page shared with a live block keeps its bytes), and it runs under
+// the allocator's lock, before another allocation can take the bytes.
 void VmmResource::do_deallocate(void* p, std::size_t /*bytes*/, std::size_t /*alignment*/) noexcept {
-  // The pages keep their bytes (and are spilled if evicted later): a reused block is not
-  // promised zeros, and a page the block shares with a live one must keep that one's bytes.
-  if (!ranges_->deallocate(reinterpret_cast<std::uintptr_t>(p)))
+  const std::uint64_t page = memory_->layout().page_size();
+  const auto discard = [&](const RangeAllocator::Freed& f) {
+    const std::uintptr_t lo = std::max(f.free, f.block / page * page);
+    const std::uintptr_t hi =
+        std::min(f.free + f.free_bytes, (f.block + f.block_bytes + page - 1) / page * page);
+    if (hi <= lo) return;
+    try {
+      memory_->discard_anonymous(reinterpret_cast<const std::byte*>(lo), hi - lo);
+    } catch (const std::exception& e) {
+      spdlog::warn("VmmResource: freed pages were kept ({})", e.what());
+    }
+  };
+  if (!ranges_->deallocate(reinterpret_cast<std::uintptr_t>(p), discard))
     spdlog::error("VmmResource: deallocate of {} that it did not allocate (or freed twice); "
                   "ignored",
                   p);

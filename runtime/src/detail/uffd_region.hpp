@@ -101,6 +101,9 @@ class UffdRegion {
 
   /// Drops `page` (MADV_DONTNEED) so that its next touch faults again. No-op when not resident.
   void evict(PageId page);
+  /// Drops `page` without saving it, whatever was written (its bytes are no longer wanted).
+  /// Returns whether it was resident.
+  bool discard(PageId page);
   /// Fills `page` now on the calling thread (evicting first when the budget is full) so that its
   /// first touch does not fault. Returns false when it was already resident. A fill error is
   /// thrown here and leaves the page absent (not poisoned); a page an earlier fault poisoned is

@@ -151,6 +151,14 @@ class MappedCheckpoint {
   /// The anonymous memory after the weights (MappedCheckpointOptions::anonymous_bytes), page
   /// aligned; {nullptr, 0} when none was asked for.
   virtual TensorAddress anonymous() const noexcept = 0;
+  /// Freed anonymous memory: the whole pages of [ptr, ptr + bytes) (inside anonymous()) are no
+  /// longer wanted; fault mode drops them without saving them, and they read as zeros on their
+  /// next touch. Guard mode keeps them (they are saved if evicted). The caller guarantees that
+  /// no thread uses those bytes any more.
+  virtual void discard_anonymous(const std::byte* ptr, std::uint64_t bytes) {
+    (void)ptr;
+    (void)bytes;
+  }
   /// The pager (guard mode only; nullptr in fault mode).
   virtual Pager* pager() noexcept = 0;
   /// A training step ended.
