@@ -7,7 +7,8 @@ set(LEMA_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/lema)
 
 # Exported names drop the lema_ prefix: lema_torch → lema::torch.
 set(_lema_exported lema_base lema_io lema_runtime lema_allocator)
-foreach(dep lema_cuda lema_uring_dep lema_sentencepiece_dep lema_tokenizer_json_dep)
+foreach(dep lema_allocator_vmm lema_cuda lema_uring_dep lema_sentencepiece_dep
+    lema_tokenizer_json_dep)
   if(TARGET ${dep})
     list(APPEND _lema_exported ${dep})  # targets our static libraries link through
   endif()
@@ -56,7 +57,7 @@ if(TARGET lema_torch_ops)
   install(TARGETS lema_torch_ops LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 endif()
 
-foreach(component base io runtime allocator torch_plugin trainer)
+foreach(component base io runtime allocator allocator/vmm torch_plugin trainer)
   if(EXISTS ${PROJECT_SOURCE_DIR}/${component}/include)
     install(DIRECTORY ${PROJECT_SOURCE_DIR}/${component}/include/
             DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})

@@ -21,7 +21,8 @@ import re
 import torch
 
 __all__ = ["load_library", "preload_library", "open", "parse_size", "parse_budget", "Checkpoint",
-           "causal_lm", "from_pretrained", "stats", "TorchVersionError", "cuda_allocator"]
+           "causal_lm", "use_allocator", "AllocatorScope", "from_pretrained", "stats",
+           "TorchVersionError", "cuda_allocator"]
 
 
 def from_pretrained(path, budget, **kwargs):
@@ -238,6 +239,49 @@ def open(path, budget="64MiB", policy="lru", mode="guard", page_size=0, device="
                                  parse_size(page_size), str(device), gpu_memory,
                                  parse_size(host_cache), bool(read_only))
     return Checkpoint(handle)
+
+
+class AllocatorScope:
+    """torch's CPU allocator over memory paged under a budget (lema.use_allocator). Ends with
+    restore() or at the end of a `with` block; tensors allocated meanwhile keep their memory."""
+
+    def __init__(self, handle: int):
+        self._handle = handle
+
+    def stats(self) -> dict:
+        """Budget, resident and peak resident bytes, bytes allocated, pages spilled, ..."""
+        if self._handle is None:
+            raise RuntimeError("lema: this allocator was restored already")
+        return json.loads(torch.ops.lema.allocator_stats(self._handle))
+
+    def restore(self) -> None:
+        """Puts back the CPU allocator that was installed before; idempotent."""
+        if self._handle is not None:
+            torch.ops.lema.restore_allocator(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+def use_allocator(budget, capacity=0, mode="fault", page_size=0) -> AllocatorScope:
+    """Makes every CPU tensor allocated from now on live in memory paged under `budget` (a size:
+    an int of bytes, or "64MiB", "1.5GiB"), so tensors together may exceed it: cold pages go to
+    a spill file and come back on their next use. Works for numpy views and any code reading
+    the tensors. `capacity`: the virtual bytes to hand out (0: 64 times the budget). `mode`:
+    "fault" (userfaultfd) or "guard". Returns an AllocatorScope; use it in a `with` block or
+    call restore() to put torch's own allocator back.
+    """
+    load_library()
+    if isinstance(budget, str) and budget.strip().lower() == "unlimited":
+        raise ValueError("use_allocator(budget='unlimited') pages nothing; give a size such as "
+                         "'1GiB', or do not install the allocator")
+    handle = torch.ops.lema.use_allocator(parse_budget(budget), parse_size(capacity), str(mode),
+                                          parse_size(page_size))
+    return AllocatorScope(handle)
 
 
 def causal_lm(path, budget="64MiB", model_class=None, **open_kwargs):

@@ -1,5 +1,5 @@
-// Filling chunks from the checkpoint files (or the spill store, or the host cache tier) and
-// mapping them.
+// Filling chunks from the checkpoint files, the spill store or zeros (Note [Page source]), or
+// from the host cache tier, and mapping them.
 #include "fill_pipeline.hpp"
 
 #include <cstring>
@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "lema/base/deliberate_leak.hpp"
+#include "page_source.hpp"
 
 namespace lema::runtime {
 namespace {
@@ -101,13 +102,16 @@ void FillPipeline::start_read(Fill& f, FillOrigin origin) {
   FillClaim& c = *f.claim;
   try {
     std::byte* dest = pool_.window(c.chunk);
-    // Note [Dirty pages]: a page once written and evicted comes back from the spill store.
-    if (spill_ != nullptr && dest != nullptr && spill_->holds(c.page)) {
+    // Note [Page source]. Only host-visible pools take written pages (Note [Dirty pages]), so the
+    // spill store is asked only where there is a window to read it into.
+    const PageSource source = page_source(layout_, dest != nullptr ? spill_ : nullptr, c.page);
+    if (source == PageSource::spill) {
       spill_->read(c.page, dest);
       f.spilled = true;
       return;
     }
-    if (dest == nullptr && cache_ != nullptr) {
+    // A zero page is not worth a host cache slot: it costs a memset to make again.
+    if (dest == nullptr && cache_ != nullptr && source == PageSource::checkpoint) {
       f.slot = cache_->pin_cached(c.page);
       f.cached = f.slot.has_value();
       if (f.cached) return;
@@ -119,6 +123,10 @@ void FillPipeline::start_read(Fill& f, FillOrigin origin) {
       dest = f.staging->bytes().data();
     }
     f.dest = dest;
+    if (source == PageSource::zero) {
+      std::memset(dest, 0, page_size_);
+      return;
+    }
     if (shared_ != nullptr) {
       std::uint32_t slot = 0;
       switch (shared_->try_begin(c.page, dest, &slot)) {

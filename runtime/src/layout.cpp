@@ -184,6 +184,16 @@ Layout Layout::plan(std::span<const io::TensorInfo> tensors,
   return out;
 }
 
+void Layout::append_anonymous(std::uint64_t bytes) {
+  const std::uint64_t pages = bytes / page_size_ + (bytes % page_size_ != 0 ? 1 : 0);
+  LEMA_EXPECTS(pages < std::numeric_limits<PageId>::max() - page_count(),
+               "layout: " + format_size(bytes) + " of anonymous memory in pages of " +
+                   format_size(page_size_) + " exceed the page id range; ask for less");
+  // No extents: each new page ends where it starts (Note [Page source]: a zero page).
+  page_first_extent_.insert(page_first_extent_.end(), pages, extents_.size());
+  anonymous_bytes_ += pages * page_size_;
+}
+
 const TensorPlacement* Layout::find(std::string_view name) const {
   auto it = by_name_.find(std::string(name));
   return it == by_name_.end() ? nullptr : &tensors_[it->second];

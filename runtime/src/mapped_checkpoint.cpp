@@ -84,9 +84,7 @@ class GuardedCheckpoint final : public MappedCheckpoint {
                     std::string fallback_reason)
       : checkpoint_(std::move(checkpoint)),
         backend_(make_backend(options)),
-        space_(*backend_, Layout::plan(checkpoint_, resolve_page_size(options.page_size,
-                                                                      backend_->granularity(),
-                                                                      options.setting_names.page_size))),
+        space_(*backend_, detail::plan_layout(checkpoint_, options, backend_->granularity())),
         pager_(space_, detail::open_reader(options, space_.layout()),
                PagerOptions{.budget_bytes = pager_budget(options, space_.layout()),
                             .policy = options.policy,
@@ -99,7 +97,8 @@ class GuardedCheckpoint final : public MappedCheckpoint {
                             .setting_names = options.setting_names}),
         fallback_reason_(std::move(fallback_reason)),
         writable_(writable_weights(options, *backend_)) {
-    arm_fault_fallback(options, checkpoint_.source().string());
+    arm_fault_fallback(options, checkpoint_.source().empty() ? std::string("anonymous memory")
+                                                             : checkpoint_.source().string());
   }
 
   ~GuardedCheckpoint() override {
@@ -118,6 +117,11 @@ class GuardedCheckpoint final : public MappedCheckpoint {
   bool writable() const noexcept override { return writable_; }
   TensorAddress tensor(std::string_view name) const override { return space_.tensor(name); }
   Pager* pager() noexcept override { return &pager_; }
+  TensorAddress anonymous() const noexcept override {
+    const Layout& l = space_.layout();
+    if (l.anonymous_bytes() == 0) return {};
+    return {space_.base() + l.anonymous_offset(), l.anonymous_bytes()};
+  }
   void mark_step() override { pager_.mark_step(); }
   PagerStats stats() const override { return pager_.stats(); }
 
@@ -181,6 +185,14 @@ class GuardedCheckpoint final : public MappedCheckpoint {
 
 }  // namespace
 
+Layout detail::plan_layout(const io::Checkpoint& checkpoint,
+                           const MappedCheckpointOptions& options, std::uint64_t granularity) {
+  Layout layout = Layout::plan(
+      checkpoint, resolve_page_size(options.page_size, granularity, options.setting_names.page_size));
+  if (options.anonymous_bytes != 0) layout.append_anonymous(options.anonymous_bytes);
+  return layout;
+}
+
 std::unique_ptr<io::Reader> detail::open_reader(const MappedCheckpointOptions& options,
                                                 const Layout& layout) {
   if (!options.open_reader) return io::Reader::open(layout.files(), options.reader);
@@ -204,8 +216,10 @@ TensorAddress MappedCheckpoint::checked_range(std::string_view name, std::uint64
   return t;
 }
 
-std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::path& path,
-                                                         MappedCheckpointOptions options) {
+namespace {
+
+// The settings' checks, before anything is opened.
+void check_options(const MappedCheckpointOptions& options) {
   if (options.cuda_device) {
     LEMA_EXPECTS(options.mode == ResidencyMode::guard,
                  "weights on a GPU are paged in guard mode only (fault mode serves host memory "
@@ -220,24 +234,65 @@ std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::
   LEMA_EXPECTS(!options.backend || options.mode == ResidencyMode::guard,
                "a backend of your own serves guard mode only (fault mode fills host memory "
                "through userfaultfd itself); use guard mode or drop the backend");
+  if (options.anonymous_bytes != 0) {
+    // Note [One budget] in allocator/vmm: anonymous pages are written by whoever allocated
+    // them, so they need pages whose writes are kept (host memory, not read-only).
+    LEMA_EXPECTS(!options.cuda_device && !options.backend,
+                 "anonymous memory is paged in host memory by the host backend; drop the CUDA "
+                 "device (or backend of your own) or the anonymous bytes");
+    // Fault mode lets writes into anonymous pages through while refusing them on read-only
+    // weights; guard mode maps every page of a pager with one protection.
+    LEMA_EXPECTS(!options.read_only || options.mode == ResidencyMode::fault,
+                 "anonymous memory must be writable, but the checkpoint is opened read-only in "
+                 "guard mode; open it writable, or in fault mode, or drop the anonymous bytes");
+  }
   if (options.huge_pages && options.mode == ResidencyMode::fault)
     throw InvalidArgument(
         "huge pages serve guard mode only (fault mode fills pages through userfaultfd into "
         "ordinary memory); drop the huge-pages setting or use guard mode");
-  if (options.shared_host_cache_bytes == 0)
-    if (const char* env = std::getenv("LEMA_SHARED_HOST_CACHE"); env != nullptr && *env != 0)
-      options.shared_host_cache_bytes = parse_size(env, "LEMA_SHARED_HOST_CACHE");
   LEMA_EXPECTS(options.shared_host_cache_bytes == 0 || options.mode == ResidencyMode::guard,
                "the shared host cache serves guard mode only; use guard mode or drop "
                "--shared-host-cache / LEMA_SHARED_HOST_CACHE");
-  io::Checkpoint checkpoint = io::Checkpoint::open(path);
+}
+
+// LEMA_SHARED_HOST_CACHE reaches programs that cannot pass the option (the Python route).
+void read_environment(MappedCheckpointOptions& options) {
+  if (options.shared_host_cache_bytes == 0)
+    if (const char* env = std::getenv("LEMA_SHARED_HOST_CACHE"); env != nullptr && *env != 0)
+      options.shared_host_cache_bytes = parse_size(env, "LEMA_SHARED_HOST_CACHE");
+}
+
+std::unique_ptr<MappedCheckpoint> open_checked(io::Checkpoint checkpoint,
+                                               const MappedCheckpointOptions& options) {
   std::string fallback;
   if (options.mode == ResidencyMode::fault) {
     fallback = detail::fault_mode_unavailable_reason();
     if (fallback.empty()) return detail::open_fault_mode(std::move(checkpoint), options);
+    LEMA_EXPECTS(options.anonymous_bytes == 0 || !options.read_only,
+                 "fault mode is not available (" + fallback +
+                     "), and guard mode cannot write anonymous memory beside read-only weights; "
+                     "open the weights writable, or drop the anonymous bytes");
     spdlog::warn("fault mode is not available ({}); using guard mode", fallback);
   }
   return std::make_unique<GuardedCheckpoint>(std::move(checkpoint), options, std::move(fallback));
+}
+
+}  // namespace
+
+std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open(const std::filesystem::path& path,
+                                                         MappedCheckpointOptions options) {
+  read_environment(options);
+  check_options(options);
+  return open_checked(io::Checkpoint::open(path), options);
+}
+
+std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open_anonymous(
+    MappedCheckpointOptions options) {
+  LEMA_EXPECTS(options.anonymous_bytes != 0,
+               "anonymous memory of 0 bytes: give MappedCheckpointOptions::anonymous_bytes");
+  // No files: an empty table, whose layout is the anonymous pages alone.
+  check_options(options);
+  return open_checked(io::Checkpoint{}, options);
 }
 
 }  // namespace lema::runtime

@@ -36,6 +36,7 @@
 #include "lema/runtime/layout.hpp"
 #include "lema/runtime/profile.hpp"
 #include "mapped_checkpoint_fault.hpp"
+#include "page_source.hpp"
 #include "spill_store.hpp"
 
 namespace lema::runtime::detail {
@@ -51,9 +52,7 @@ class FaultCheckpoint final : public MappedCheckpoint {
  public:
   FaultCheckpoint(io::Checkpoint checkpoint, const MappedCheckpointOptions& options)
       : checkpoint_(std::move(checkpoint)),
-        layout_(Layout::plan(
-            checkpoint_, resolve_page_size(options.page_size, make_host_backend()->granularity(),
-                                       options.setting_names.page_size))),
+        layout_(plan_layout(checkpoint_, options, make_host_backend()->granularity())),
         reader_(open_reader(options, layout_)),
         policy_(make_policy(options.policy, layout_.page_count())),
         budget_pages_(pool_pages(options.budget_bytes, layout_.page_size(), layout_.page_count(),
@@ -108,6 +107,26 @@ class FaultCheckpoint final : public MappedCheckpoint {
   const std::string& fallback_reason() const noexcept override { return no_reason_; }
   bool writable() const noexcept override { return !read_only_; }
   Pager* pager() noexcept override { return nullptr; }
+  void discard_anonymous(const std::byte* ptr, std::uint64_t bytes) override {
+    const std::uint64_t page = layout_.page_size();
+    const auto begin = static_cast<std::uint64_t>(ptr - region_.data());
+    LEMA_EXPECTS(ptr >= region_.data() && begin >= layout_.anonymous_offset() &&
+                     bytes <= layout_.virtual_bytes() - begin,
+                 "discard of bytes outside the anonymous memory");
+    // Whole pages only: a page shared with live bytes keeps them.
+    for (std::uint64_t p = (begin + page - 1) / page; (p + 1) * page <= begin + bytes; ++p) {
+      const auto id = static_cast<PageId>(p);
+      if (region_.discard(id)) {
+        std::lock_guard lock(policy_mutex_);
+        policy_->on_evicted(id);
+      }
+      spill_->forget(id);
+    }
+  }
+  TensorAddress anonymous() const noexcept override {
+    if (layout_.anonymous_bytes() == 0) return {};
+    return {region_.data() + layout_.anonymous_offset(), layout_.anonymous_bytes()};
+  }
 
   TensorAddress tensor(std::string_view name) const override {
     const TensorPlacement* t = layout_.find(name);
@@ -163,6 +182,8 @@ class FaultCheckpoint final : public MappedCheckpoint {
  private:
   std::string refused_write_message(PageId page) const {
     const std::uint64_t lo = page * layout_.page_size(), hi = lo + layout_.page_size();
+    // Anonymous memory after read-only weights is written like any memory (Note [One budget]).
+    if (lo >= layout_.anonymous_offset()) return {};
     std::string names;
     for (const TensorPlacement& t : layout_.tensors()) {
       if (t.offset >= hi || t.offset + t.nbytes <= lo) continue;
@@ -192,8 +213,13 @@ class FaultCheckpoint final : public MappedCheckpoint {
       policy_->on_access(page);
       policy_->on_resident(page);
     }
-    if (spill_->holds(page)) {  // written before: its bytes are in the store
-      spill_->read(page, staging);
+    // Note [Page source]: a written page comes back from the store, an anonymous one as zeros.
+    const PageSource source = page_source(layout_, spill_.get(), page);
+    if (source != PageSource::checkpoint) {
+      if (source == PageSource::spill)
+        spill_->read(page, staging);
+      else
+        std::memset(staging, 0, layout_.page_size());
       const std::uint64_t took = now_ns() - start;
       stall_ns_.fetch_add(took, std::memory_order_relaxed);
       if (profile_) profile_->publish(Event{start, EventKind::fault, page, 1, 0, took});

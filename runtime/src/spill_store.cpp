@@ -85,6 +85,18 @@ void SpillStore::read(PageId page, std::byte* dest) const {
   ++reads_;
 }
 
+void SpillStore::forget(PageId page) {
+  {
+    std::lock_guard lock(mutex_);
+    if (page >= spilled_.size() || !spilled_[page]) return;
+    spilled_[page] = false;
+    --spilled_pages_;
+  }
+  // Only space: a failure leaves bytes nobody reads again.
+  (void)::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(page * page_size_), static_cast<off_t>(page_size_));
+}
+
 bool SpillStore::holds(PageId page) const {
   std::lock_guard lock(mutex_);
   return page < spilled_.size() && spilled_[page];

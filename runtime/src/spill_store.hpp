@@ -38,6 +38,10 @@ class SpillStore {
   /// Reads the spilled page into `dest` (page_size bytes). The page must be spilled.
   void read(PageId page, std::byte* dest) const;
   bool holds(PageId page) const;
+  /// The page's bytes are no longer wanted (freed anonymous memory): it is no longer spilled,
+  /// so its next fill is a zero page, and its file space is given back where the file system
+  /// can punch holes.
+  void forget(PageId page);
 
   std::uint64_t spilled_pages() const;
   std::uint64_t bytes_written() const;

@@ -217,7 +217,7 @@ struct UffdRegion::State {
       LEMA_SYS_TRY(::mprotect(page_address(page), options.page_size, PROT_READ | PROT_WRITE));
       poisoned[page] = 0;
     }
-    const bool written = wp && for_write && !options.refuse_write;
+    const bool written = wp && for_write && !refuses_write(page);
     copy_in(page, written);
     dirty[page] = written ? 1 : 0;
     resident[page] = 1;
@@ -235,12 +235,19 @@ struct UffdRegion::State {
     }
     ++stats.write_faults;
     if (options.refuse_write) {
-      record_error(options.refuse_write(page));
-      poison(page);
-      return;
+      std::string refused = options.refuse_write(page);
+      if (!refused.empty()) {
+        record_error(std::move(refused));
+        poison(page);
+        return;
+      }
     }
     dirty[page] = 1;
     set_write_protect(page, false);  // which wakes the writer
+  }
+
+  bool refuses_write(PageId page) const {
+    return options.refuse_write && !options.refuse_write(page).empty();
   }
 
   void set_write_protect(PageId page, bool on) {
@@ -393,6 +400,19 @@ void UffdRegion::evict(PageId page) {
                                         std::to_string(page_count()) + "-page region");
   std::lock_guard lock(state_->mutex);
   if (state_->resident[page] != 0) state_->zap(page);
+}
+
+bool UffdRegion::discard(PageId page) {
+  LEMA_EXPECTS(page < page_count(), "discard of page " + std::to_string(page) + " outside the " +
+                                        std::to_string(page_count()) + "-page region");
+  std::lock_guard lock(state_->mutex);
+  if (state_->resident[page] == 0) return false;
+  LEMA_SYS_TRY(::madvise(state_->page_address(page), state_->options.page_size, MADV_DONTNEED));
+  state_->dirty[page] = 0;
+  state_->resident[page] = 0;
+  std::erase(state_->fill_order, page);
+  --state_->stats.resident_pages;
+  return true;
 }
 
 bool UffdRegion::prefetch(PageId page) {

@@ -20,6 +20,7 @@
 #include "lema/allocator/logging_adaptor.hpp"
 #include "lema/allocator/slot_pool.hpp"
 #include "lema/allocator/statistics_adaptor.hpp"
+#include "lema/allocator/vmm_resource.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 #include "lema/runtime/pinned_host_pool.hpp"
@@ -49,6 +50,13 @@ std::unique_ptr<MemoryResource> host() {
 
 constexpr std::uint64_t kLimit = 1_GiB;  // room for every test below
 
+VmmOptions vmm_options() {
+  VmmOptions o;
+  o.budget_bytes = 8_MiB;
+  o.capacity_bytes = 2 * kLimit;
+  return o;
+}
+
 #ifdef LEMA_FAKE_CUDA_DRIVER
 runtime::CudaBackendOptions fake_driver() {
   runtime::CudaBackendOptions o;
@@ -62,6 +70,8 @@ std::vector<Case> cases() {
       {"Host", [] { return Stack{.mr = host()}; }},
       {"Statistics", [] { return Stack{.mr = std::make_unique<StatisticsAdaptor>(host())}; }},
       {"Limit", [] { return Stack{.mr = std::make_unique<LimitAdaptor>(host(), kLimit)}; }},
+      // Pages under a budget smaller than what the tests allocate at once (Note [One budget]).
+      {"Vmm", [] { return Stack{.mr = std::make_unique<VmmResource>(vmm_options())}; }},
       {"Logging",
        [] {
          Stack s;

@@ -77,6 +77,31 @@ def test_budget_does_not_change_a_single_bit(model, corpus, tmp_path):
     assert all(r["tokens"] == 64 for r in paged)
 
 
+def test_one_budget_over_weights_and_activations_does_not_change_a_single_bit(model, corpus,
+                                                                               tmp_path):
+    # --budget-covers all: the activations, LoRA weights and optimizer state of a 64-token x 4
+    # batch (hundreds of MiB allocated per step) share the 8 MiB budget with the weights.
+    shape = ["--seq-len", 64, "--batch", 4, "--steps", 2]
+    def run(out, budget, *extra):
+        log = Path(out).with_suffix(".jsonl")
+        lema("train", "--model", model, "--data", corpus, "--out", out, "--lr", "3e-3",
+             "--seed", 5, "--budget", budget, "--log-json", log, "--threads", 2, *shape, *extra)
+        return [json.loads(line) for line in log.read_text().splitlines()]
+    plain = run(tmp_path / "plain", "unlimited")
+    shared = run(tmp_path / "shared", "8MiB", "--mode", "fault", "--budget-covers", "all")
+    assert [r["loss"] for r in shared] == [r["loss"] for r in plain]
+    assert adapter_bytes(tmp_path / "shared") == adapter_bytes(tmp_path / "plain")
+    assert all(0 < r["peak_resident_bytes"] <= 8 << 20 for r in shared)
+    # The weights are read-only: what was spilled is the run's other tensors, beyond the budget.
+    assert shared[-1]["spilled_bytes"] > 8 << 20
+
+
+def test_budget_covers_all_needs_fault_mode(model, corpus, tmp_path):
+    expect_error(base_args(model, corpus, tmp_path / "out") + ["--budget-covers", "all"],
+                 "--budget-covers all", "--mode fault")
+    assert not (tmp_path / "out").exists()
+
+
 def free_huge_pages():
     try:
         size_kb = next(int(line.split()[1]) for line in open("/proc/meminfo")

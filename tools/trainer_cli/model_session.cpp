@@ -126,6 +126,23 @@ ModelSession ModelSession::open(const std::filesystem::path& dir, const PagingAr
   options.read_only = true;
   options.device = parse_device(paging.device);
   s.device_ = options.device.str();
+  if (paging.budget_covers == "all") {
+    // Note [One budget] (allocator/vmm): the other tensors live in anonymous memory after the
+    // weights, paged by the same userfaultfd region. Fault mode, since in guard mode a page
+    // written by one of torch's threads could be evicted by another thread's fault mid-write.
+    LEMA_EXPECTS(options.mode == runtime::ResidencyMode::fault,
+                 "--budget-covers all pages every tensor through userfaultfd, which needs "
+                 "--mode fault; add --mode fault");
+    LEMA_EXPECTS(!options.device.is_cuda(),
+                 "--budget-covers all pages CPU tensors; with --device cuda drop it");
+    // Virtual bytes only: cheap to reserve, taken as pages are touched.
+    options.anonymous_bytes = std::max<std::uint64_t>(64 * s.budget_bytes_, std::uint64_t{64} << 30);
+    if (s.unlimited_) s.budget_bytes_ = options.budget_bytes = s.budget_bytes_ + options.anonymous_bytes;
+    s.covers_all_ = true;
+  } else {
+    LEMA_EXPECTS(paging.budget_covers == "weights",
+                 "--budget-covers " + paging.budget_covers + ": give weights or all");
+  }
   if (!paging.host_cache.empty()) {
     LEMA_EXPECTS(options.device.is_cuda(),
                  "--host-cache keeps a GPU's pages in host memory; on the CPU the kernel's page "

@@ -33,6 +33,9 @@ struct PagingArgs {
   std::string shared_host_cache;
   std::string gpu_memory = "vmm";  // how a GPU's weights are kept (runtime::GpuMemory)
   std::string device_memory_cap;   // a size: hold the rest of the GPU's free memory; empty: none
+  // "weights", or "all": the trainer's other CPU allocations (activations, LoRA, optimizer
+  // state) are paged under the same budget, in anonymous memory after the weights.
+  std::string budget_covers = "weights";
 };
 
 /// Adds --budget, --page-size, --policy, --mode, --no-prefetch, --huge-pages and
@@ -56,6 +59,8 @@ class ModelSession {
   std::uint64_t model_bytes() const noexcept { return model_bytes_; }
   std::uint64_t budget_bytes() const noexcept { return budget_bytes_; }
   bool unlimited() const noexcept { return unlimited_; }
+  /// --budget-covers all: the weights were opened with anonymous memory for the other tensors.
+  bool budget_covers_all() const noexcept { return covers_all_; }
   /// "12.0 MiB budget (a quarter of 48.1 MiB), guard mode, trace policy, 2 MiB pages".
   std::string describe() const;
 
@@ -68,6 +73,7 @@ class ModelSession {
   std::uint64_t model_bytes_ = 0;
   std::uint64_t budget_bytes_ = 0;
   bool unlimited_ = false;
+  bool covers_all_ = false;
   std::string device_ = "cpu";
   std::string gpu_memory_ = "vmm";
 };

@@ -36,6 +36,7 @@
 #include "lema/trainer/tokenizer.hpp"
 #include "lema/trainer/train_state.hpp"
 #include "lema/trainer/trainer.hpp"
+#include "lema/torch/allocator.hpp"
 #include "launch.hpp"
 #include "model_session.hpp"
 #include "progress_line.hpp"
@@ -246,6 +247,10 @@ void run(TrainArgs args) {
   if (args.threads > 0) at::set_num_threads(args.threads);
 
   ModelSession session = ModelSession::open(args.model, args.paging);
+  // --budget-covers all: every CPU tensor from here on (the model's LoRA weights, activations,
+  // gradients, optimizer state) shares the weights' budget (Note [One budget]).
+  std::optional<torch::AllocatorScope> covers_all;
+  if (session.budget_covers_all()) covers_all.emplace(torch::use_allocator(session.weights()));
   const trainer::ModelConfig& config = session.config();
   // By default every projection the model has, under the names peft gives them.
   if (!args.targets_given) args.lora.target_modules = trainer::lora_target_candidates(config);
@@ -418,6 +423,7 @@ void run(TrainArgs args) {
       j["stall_s"] = static_cast<double>(s.stall_ns - before.stall_ns) * 1e-9;
       j["resident_bytes"] = s.resident_bytes;
       j["peak_resident_bytes"] = s.peak_resident_bytes;
+      j["spilled_bytes"] = s.spilled_bytes;
       j["budget_bytes"] = s.budget_bytes;
       j["peak_rss_bytes"] = peak_rss_bytes();
       log << j.dump() << '\n' << std::flush;
@@ -525,6 +531,11 @@ void register_train(CLI::App& app) {
                   "MiB of gradients per all-reduce (several ranks)")
       ->capture_default_str();
   add_paging_options(*cmd, args->paging);
+  cmd->add_option("--budget-covers", args->paging.budget_covers,
+                  "weights: the budget pages the model's weights; all: also every other CPU "
+                  "tensor of the run (activations, LoRA, optimizer state); needs --mode fault")
+      ->check(CLI::IsMember({"weights", "all"}))
+      ->capture_default_str();
   add_device_options(*cmd, args->paging);
   cmd->callback([args, targets] {
     args->targets_given = targets->count() > 0;

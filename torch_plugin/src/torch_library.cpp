@@ -16,6 +16,7 @@
 #include "lema/io/checkpoint.hpp"
 #include "lema/runtime/layout.hpp"
 #include "lema/runtime/policy.hpp"
+#include "lema/torch/allocator.hpp"
 #include "lema/torch/virtual_checkpoint.hpp"
 
 namespace lema::torch {
@@ -157,6 +158,74 @@ void close_op(std::int64_t handle) {
   table.by_handle.erase(handle);
 }
 
+// CPU allocators installed from Python (lema.use_allocator), by handle. A scope stays
+// installed until restore_allocator, whatever Python's garbage collector does.
+struct InstalledAllocators {
+  std::mutex mutex;
+  std::int64_t next = 1;
+  std::map<std::int64_t, AllocatorScope> by_handle;
+};
+
+InstalledAllocators& installed_allocators() {
+  static InstalledAllocators* const table = new InstalledAllocators;  // outlives static destruction
+  return *table;
+}
+
+std::int64_t use_allocator_op(std::int64_t budget, std::int64_t capacity, std::string mode,
+                              std::int64_t page_size) {
+  return translated([&] {
+    allocator::VmmOptions options;
+    TORCH_CHECK(budget > 0, "lema: use_allocator(budget=", budget,
+                "): give the memory the tensors' pages may take, e.g. budget='1GiB'");
+    TORCH_CHECK(capacity >= 0, "lema: use_allocator(capacity=", capacity,
+                "): give the virtual bytes to hand out, or 0 for 64 times the budget");
+    options.budget_bytes = static_cast<std::uint64_t>(budget);
+    options.capacity_bytes = static_cast<std::uint64_t>(capacity);
+    const auto parsed = runtime::parse_residency_mode(mode);
+    TORCH_CHECK(parsed, "lema: use_allocator(mode='", mode, "'): use 'fault' or 'guard'");
+    options.mode = *parsed;
+    if (page_size != 0) options.page_size = static_cast<std::uint64_t>(page_size);
+    options.setting_names = {.budget = "budget=", .page_size = "page_size="};
+    InstalledAllocators& table = installed_allocators();
+    std::lock_guard lock(table.mutex);
+    const std::int64_t handle = table.next++;
+    table.by_handle.emplace(handle, use_allocator(options));
+    return handle;
+  });
+}
+
+void restore_allocator_op(std::int64_t handle) {
+  InstalledAllocators& table = installed_allocators();
+  std::lock_guard lock(table.mutex);
+  table.by_handle.erase(handle);  // the scope restores the previous allocator
+}
+
+std::string allocator_stats_op(std::int64_t handle) {
+  return translated([&] {
+    InstalledAllocators& table = installed_allocators();
+    std::lock_guard lock(table.mutex);
+    const auto it = table.by_handle.find(handle);
+    TORCH_CHECK(it != table.by_handle.end(), "lema: no allocator has handle ", handle,
+                " (restored already?)");
+    const allocator::VmmResource& mr = it->second.resource();
+    const runtime::PagerStats s = mr.stats();
+    nlohmann::json j = {{"mode", std::string(runtime::residency_mode_name(mr.memory().mode()))},
+                        {"capacity_bytes", mr.capacity()},
+                        {"bytes_in_use", mr.bytes_in_use()},
+                        {"faults", s.faults},
+                        {"evictions", s.evictions},
+                        {"resident_bytes", s.resident_bytes},
+                        {"peak_resident_bytes", s.peak_resident_bytes},
+                        {"budget_bytes", s.budget_bytes},
+                        {"page_size", s.page_size},
+                        {"dirty_evictions", s.dirty_evictions},
+                        {"spilled_bytes", s.spilled_bytes},
+                        {"spilled_pages", s.spilled_pages},
+                        {"spill_fills", s.spill_fills}};
+    return j.dump();
+  });
+}
+
 }  // namespace
 }  // namespace lema::torch
 
@@ -172,4 +241,8 @@ TORCH_LIBRARY(lema, m) {
   m.def("prefetch(int handle, str[] names) -> ()", &prefetch_op);
   m.def("mark_step(int handle) -> ()", &mark_step_op);
   m.def("close(int handle) -> ()", &close_op);
+  m.def("use_allocator(int budget, int capacity=0, str mode='fault', int page_size=0) -> int",
+        &use_allocator_op);
+  m.def("restore_allocator(int handle) -> ()", &restore_allocator_op);
+  m.def("allocator_stats(int handle) -> str", &allocator_stats_op);
 }

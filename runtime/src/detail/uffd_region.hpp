@@ -47,7 +47,8 @@ class UffdRegion {
   /// Keeps the bytes of a written page (page_size of them, at its address) before it is evicted.
   using Save = std::function<void(PageId page, const std::byte* bytes)>;
   /// Refuses the first write to a page: returns the error to record (the writer then gets
-  /// SIGSEGV at the page, as for a failed fill).
+  /// SIGSEGV at the page, as for a failed fill), or an empty string to let the write through
+  /// (a page written like any other: anonymous memory after read-only weights).
   using RefuseWrite = std::function<std::string(PageId page)>;
 
   struct Options {
@@ -100,6 +101,9 @@ class UffdRegion {
 
   /// Drops `page` (MADV_DONTNEED) so that its next touch faults again. No-op when not resident.
   void evict(PageId page);
+  /// Drops `page` without saving it, whatever was written (its bytes are no longer wanted).
+  /// Returns whether it was resident.
+  bool discard(PageId page);
   /// Fills `page` now on the calling thread (evicting first when the budget is full) so that its
   /// first touch does not fault. Returns false when it was already resident. A fill error is
   /// thrown here and leaves the page absent (not poisoned); a page an earlier fault poisoned is

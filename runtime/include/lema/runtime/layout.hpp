@@ -89,9 +89,20 @@ class Layout {
   /// Sum of the extents' lengths of `page` (the bytes a fill reads).
   std::uint64_t page_fill_bytes(PageId page) const;
 
+  /// Appends `bytes` (rounded up to whole pages) of anonymous memory after the tensors: pages no
+  /// file fills, zero on their first touch (Note [Page source] in the runtime), for memory
+  /// handed out by allocate/deallocate under the same pager and budget as the weights (Note
+  /// [One budget] in allocator/vmm). Throws InvalidArgument when the page count overflows.
+  void append_anonymous(std::uint64_t bytes);
+  /// Where the anonymous pages begin (a page boundary; virtual_bytes() when there are none) and
+  /// how many bytes they span.
+  std::uint64_t anonymous_offset() const noexcept { return virtual_bytes() - anonymous_bytes_; }
+  std::uint64_t anonymous_bytes() const noexcept { return anonymous_bytes_; }
+
  private:
   std::uint64_t page_size_ = 0;
   std::uint64_t tensor_bytes_ = 0;
+  std::uint64_t anonymous_bytes_ = 0;
   std::vector<TensorPlacement> tensors_;
   std::unordered_map<std::string, std::size_t> by_name_;
   std::vector<std::filesystem::path> files_;

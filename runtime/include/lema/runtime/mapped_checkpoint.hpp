@@ -97,6 +97,11 @@ struct MappedCheckpointOptions {
   /// writable only where it tracks_writes, readable by read_tensor() where host_accessible.
   /// Guard mode only.
   std::shared_ptr<Backend> backend;
+  /// Anonymous memory after the weights, paged by the same pager (fault mode: the same
+  /// userfaultfd region) under the same budget: zero on first touch, written pages kept in the
+  /// spill store when evicted (Note [One budget] in allocator/vmm). Host memory only; needs
+  /// writable pages (not read_only). anonymous() gives the range; a VmmResource hands it out.
+  std::uint64_t anonymous_bytes = 0;
   /// Opens the Reader of the caller's own over the checkpoint's files (given in Layout::files()
   /// order, which extents index), instead of io::Reader::open(files, reader).
   std::function<std::unique_ptr<io::Reader>(const std::vector<std::filesystem::path>& files)>
@@ -111,6 +116,10 @@ class MappedCheckpoint {
   /// CudaUnavailable where a CUDA device was asked for and cannot be used.
   static std::unique_ptr<MappedCheckpoint> open(const std::filesystem::path& path,
                                                 MappedCheckpointOptions options);
+  /// Anonymous memory only, no checkpoint file: options.anonymous_bytes of it, paged under
+  /// options.budget_bytes as open() pages weights (same modes, same fallback from fault to
+  /// guard). What a VmmResource of its own opens. Throws what open() throws for its settings.
+  static std::unique_ptr<MappedCheckpoint> open_anonymous(MappedCheckpointOptions options);
   virtual ~MappedCheckpoint() = default;
 
   virtual const io::Checkpoint& checkpoint() const noexcept = 0;
@@ -142,6 +151,17 @@ class MappedCheckpoint {
   virtual void read_tensor_range(
       std::string_view name, std::uint64_t offset, std::uint64_t bytes,
       const std::function<void(const std::byte*, std::uint64_t)>& visit) = 0;
+  /// The anonymous memory after the weights (MappedCheckpointOptions::anonymous_bytes), page
+  /// aligned; {nullptr, 0} when none was asked for.
+  virtual TensorAddress anonymous() const noexcept = 0;
+  /// Freed anonymous memory: the whole pages of [ptr, ptr + bytes) (inside anonymous()) are no
+  /// longer wanted; fault mode drops them without saving them, and they read as zeros on their
+  /// next touch. Guard mode keeps them (they are saved if evicted). The caller guarantees that
+  /// no thread uses those bytes any more.
+  virtual void discard_anonymous(const std::byte* ptr, std::uint64_t bytes) {
+    (void)ptr;
+    (void)bytes;
+  }
   /// The pager (guard mode only; nullptr in fault mode).
   virtual Pager* pager() noexcept = 0;
   /// A training step ended.
