@@ -507,6 +507,24 @@ def test_runs_killed_at_random_moments_leave_only_complete_checkpoints(model, co
         assert resumed.returncode == 0, resumed.stderr  # nothing here should refuse
         assert_only_complete_checkpoints(out, allow_temporaries=False)
         assert (out / "latest").read_text().strip() == f"checkpoint-{step + 1}"
+
+
+def test_resume_points_latest_at_the_checkpoint_it_continues_from(model, corpus, tmp_path):
+    # A run killed between renaming checkpoint-2 into place and updating `latest` leaves the
+    # pointer behind; the resumed run has nothing left to train but must repair it.
+    out = tmp_path / "out"
+    lema(*base_args(model, corpus, out), "--save-every", 1, "--threads", 1)
+    for stale in (None, "checkpoint-1\n"):
+        if stale is None:
+            (out / "latest").unlink()
+        else:
+            (out / "latest").write_text(stale)
+        resumed = lema(*base_args(model, corpus, out), "--save-every", 1, "--resume",
+                       "--threads", 1)
+        assert "resumed from" in resumed.stderr, resumed.stderr
+        assert (out / "latest").read_text().strip() == "checkpoint-2"
+
+
 def test_budget_error_is_one_line_with_the_pages_and_the_smallest_budget(model, corpus, tmp_path):
     for args in (base_args(model, corpus, tmp_path / "out")[:-2] + ["--budget", "2MiB"],
                  ["generate", "--model", model, "--prompt-ids", "1,40,41", "--max-new-tokens", 1,

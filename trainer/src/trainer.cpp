@@ -11,11 +11,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <cmath>
 #include <map>
 #include <mutex>
 
 #include "lema/base/error.hpp"
+#include "lema/io/safetensors_writer.hpp"
 #include "lema/trainer/distributed.hpp"
 #include "lema/trainer/train_state.hpp"
 
@@ -386,7 +388,18 @@ void Trainer::check_consistent(const TrainState& saved, const std::filesystem::p
 
 std::optional<std::filesystem::path> Trainer::resume() {
   auto latest = find_latest_checkpoint(options_.out_dir);
-  if (latest) resume_from(*latest);
+  if (!latest) return latest;
+  resume_from(*latest);
+  // A run killed between a checkpoint's rename and the pointer's update leaves `latest` naming
+  // the one before (or nothing): point it at what this run continues from, so readers of the
+  // pointer see the same checkpoint even when this run has no step left to save.
+  if (writes_output()) {
+    std::ifstream in(options_.out_dir / kLatestFile);
+    std::string named;
+    if (!in || !std::getline(in, named) || named != latest->filename().string())
+      io::write_file_atomically(options_.out_dir / kLatestFile,
+                                latest->filename().string() + "\n");
+  }
   return latest;
 }
 
