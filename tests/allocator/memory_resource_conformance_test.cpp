@@ -50,7 +50,7 @@ std::unique_ptr<MemoryResource> host() {
 
 constexpr std::uint64_t kLimit = 1_GiB;  // room for every test below
 
-VmmOptions vmm_options() {
+[[maybe_unused]] VmmOptions vmm_options() {  // unused under TSan
   VmmOptions o;
   o.budget_bytes = 8_MiB;
   o.capacity_bytes = 2 * kLimit;
@@ -71,7 +71,9 @@ std::vector<Case> cases() {
       {"Statistics", [] { return Stack{.mr = std::make_unique<StatisticsAdaptor>(host())}; }},
       {"Limit", [] { return Stack{.mr = std::make_unique<LimitAdaptor>(host(), kLimit)}; }},
       // Pages under a budget smaller than what the tests allocate at once (Note [One budget]).
+#if !defined(__SANITIZE_THREAD__)  // too slow under TSan: see runtime_anonymous_pages_test
       {"Vmm", [] { return Stack{.mr = std::make_unique<VmmResource>(vmm_options())}; }},
+#endif
       {"Logging",
        [] {
          Stack s;

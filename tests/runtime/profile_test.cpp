@@ -794,7 +794,10 @@ TEST(ProfileReport, NumbersEqualThePagersCounters) {
     runtime::PagerOptions opt;
     opt.budget_bytes = 6 * 64_KiB;
     opt.policy = runtime::PolicyKind::trace;
-    opt.event_capacity = 1u << 12;
+    // Room for every event of the run: the poller may be descheduled for long under a
+    // sanitizer on a loaded machine, and the test is about the report's numbers, not about
+    // losing events (SlowReaderLosesTheOldestAndCountsThem covers that).
+    opt.event_capacity = 1u << 16;
     runtime::Pager pager(m.space, opt);
     std::thread poller([&] {
       while (!done.load()) {
