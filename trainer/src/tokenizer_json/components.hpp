@@ -78,4 +78,8 @@ class Bpe {
 /// The "type" of a component object, or Unsupported naming `what` when there is none.
 std::string type_of(const nlohmann::json& j, const char* what);
 
+/// The regular expression of a {"String": s} (matched literally) or {"Regex": r} pattern, as
+/// Replace and Split give it; Unsupported naming `what` for any other shape.
+Regex pattern_regex(const nlohmann::json& pattern, const char* what);
+
 }  // namespace lema::trainer::tokenizer_json

@@ -5,22 +5,6 @@
 
 namespace lema::trainer::tokenizer_json {
 
-namespace {
-
-std::string replace_all(const Regex& re, const std::string& s, const std::string& content) {
-  std::string out;
-  std::size_t prev = 0;
-  for (const auto& [start, end] : re.find_all(s)) {
-    out.append(s, prev, start - prev);
-    out += content;
-    prev = end;
-  }
-  out.append(s, prev);
-  return out;
-}
-
-}  // namespace
-
 Decoder make_decoder(const nlohmann::json& j) {
   if (j.is_null()) {
     return [](std::vector<std::string> tokens) {
@@ -137,16 +121,7 @@ Decoder make_decoder(const nlohmann::json& j) {
     };
   }
   if (type == "Replace") {
-    const auto& pattern = j.at("pattern");
-    std::string regex;
-    if (pattern.contains("String")) {
-      regex = escape_regex(pattern["String"].get<std::string>());
-    } else if (pattern.contains("Regex")) {
-      regex = pattern["Regex"].get<std::string>();
-    } else {
-      throw Unsupported("Replace pattern " + pattern.dump());
-    }
-    const Regex re(regex);
+    const Regex re = pattern_regex(j.at("pattern"), "Replace");
     const std::string content = j.at("content").get<std::string>();
     return [re, content](std::vector<std::string> tokens) {
       for (auto& t : tokens) t = replace_all(re, t, content);

@@ -10,32 +10,19 @@ std::string type_of(const nlohmann::json& j, const char* what) {
   return j["type"].get<std::string>();
 }
 
+Regex pattern_regex(const nlohmann::json& pattern, const char* what) {
+  if (pattern.contains("String")) return Regex(escape_regex(pattern["String"].get<std::string>()));
+  if (pattern.contains("Regex")) return Regex(pattern["Regex"].get<std::string>());
+  throw Unsupported(std::string(what) + " pattern " + pattern.dump());
+}
+
 namespace {
 
 /// Replaces every match of a {"String": s} or {"Regex": r} pattern by `content`.
 std::function<std::string(const std::string&)> make_replace(const nlohmann::json& j) {
-  const auto& pattern = j.at("pattern");
+  const Regex re = pattern_regex(j.at("pattern"), "Replace");
   const std::string content = j.at("content").get<std::string>();
-  std::string regex;
-  if (pattern.contains("String")) {
-    regex = escape_regex(pattern["String"].get<std::string>());
-  } else if (pattern.contains("Regex")) {
-    regex = pattern["Regex"].get<std::string>();
-  } else {
-    throw Unsupported("Replace pattern " + pattern.dump());
-  }
-  Regex re(regex);
-  return [re, content](const std::string& s) {
-    std::string out;
-    std::size_t prev = 0;
-    for (const auto& [start, end] : re.find_all(s)) {
-      out.append(s, prev, start - prev);
-      out += content;
-      prev = end;
-    }
-    out.append(s, prev);
-    return out;
-  };
+  return [re, content](const std::string& s) { return replace_all(re, s, content); };
 }
 
 }  // namespace

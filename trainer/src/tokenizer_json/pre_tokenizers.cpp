@@ -169,16 +169,7 @@ PreTokenizer make_pre_tokenizer(const nlohmann::json& j) {
     };
   }
   if (type == "Split") {
-    const auto& pattern = j.at("pattern");
-    std::string regex;
-    if (pattern.contains("String")) {
-      regex = escape_regex(pattern["String"].get<std::string>());
-    } else if (pattern.contains("Regex")) {
-      regex = pattern["Regex"].get<std::string>();
-    } else {
-      throw Unsupported("Split pattern " + pattern.dump());
-    }
-    const Regex re(regex);
+    const Regex re = pattern_regex(j.at("pattern"), "Split");
     const Behavior behavior = parse_behavior(j.at("behavior"));
     const bool invert = j.value("invert", false);
     return [re, behavior, invert](std::vector<Piece>& pieces) {

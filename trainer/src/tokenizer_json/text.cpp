@@ -273,6 +273,18 @@ std::vector<std::pair<std::size_t, std::size_t>> Regex::find_all(std::string_vie
   return out;
 }
 
+std::string replace_all(const Regex& re, std::string_view s, std::string_view content) {
+  std::string out;
+  std::size_t prev = 0;
+  for (const auto& [start, end] : re.find_all(s)) {
+    out.append(s, prev, start - prev);
+    out += content;
+    prev = end;
+  }
+  out.append(s, prev);
+  return out;
+}
+
 std::string escape_regex(std::string_view s) {
   // \Q...\E quotes everything but a literal "\E", which is spelled out.
   std::string out = "\\Q";

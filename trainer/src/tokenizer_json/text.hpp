@@ -62,5 +62,7 @@ class Regex {
 
 /// `s` as a regular expression matching itself literally.
 std::string escape_regex(std::string_view s);
+/// `s` with every match of `re` replaced by `content`.
+std::string replace_all(const Regex& re, std::string_view s, std::string_view content);
 
 }  // namespace lema::trainer::tokenizer_json
