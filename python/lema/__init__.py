@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from . import _native
+
 __all__ = ["load_library", "preload_library", "open", "parse_size", "parse_budget", "Checkpoint",
            "causal_lm", "use_allocator", "AllocatorScope", "from_pretrained", "stats",
            "TorchVersionError", "cuda_allocator"]
@@ -59,21 +61,8 @@ _LIBRARY = "liblema_torch_ops.so"
 
 
 def _library_places(path):
-    """(where, path) pairs load_library tries, in order."""
-    if path is not None:
-        return [("the path given", os.fspath(path))]
-    places = []
-    if os.environ.get("LEMA_TORCH_OPS"):
-        places.append(("$LEMA_TORCH_OPS", os.environ["LEMA_TORCH_OPS"]))
-    here = os.path.dirname(os.path.abspath(__file__))
-    places.append(("beside the package", os.path.join(here, _LIBRARY)))
-    # Written by CMake at configure time (torch_plugin/CMakeLists.txt): the library of the
-    # build tree last configured from this source tree.
-    record = os.path.join(here, "_build_tree")
-    if os.path.exists(record):
-        with builtins.open(record) as f:
-            places.append(("the build configured last (" + record + ")", f.read().strip()))
-    return places
+    """(where, path) pairs load_library tries, in order (the record: torch_plugin/CMakeLists.txt)."""
+    return _native.library_places(path, "LEMA_TORCH_OPS", _LIBRARY, "_build_tree")
 
 
 class TorchVersionError(ImportError):
@@ -140,15 +129,8 @@ def preload_library():
     The first that exists of $LEMA_PRELOAD_LIBRARY, this package's directory (an installed
     wheel) and the build tree configured last from this source tree. Raises FileNotFoundError
     listing every place tried."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    places = []
-    if os.environ.get("LEMA_PRELOAD_LIBRARY"):
-        places.append(("$LEMA_PRELOAD_LIBRARY", os.environ["LEMA_PRELOAD_LIBRARY"]))
-    places.append(("beside the package", os.path.join(here, _PRELOAD)))
-    record = os.path.join(here, "_preload_build_tree")  # allocator/preload/CMakeLists.txt
-    if os.path.exists(record):
-        with builtins.open(record) as f:
-            places.append(("the build configured last (" + record + ")", f.read().strip()))
+    # The record: allocator/preload/CMakeLists.txt.
+    places = _native.library_places(None, "LEMA_PRELOAD_LIBRARY", _PRELOAD, "_preload_build_tree")
     for _, candidate in places:
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)

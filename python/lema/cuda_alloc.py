@@ -20,6 +20,8 @@ import ctypes
 import os
 import threading
 
+from . import _native
+
 __all__ = ["library_path", "cuda_allocator", "install", "mem_pool", "tag", "set_tag", "pause",
            "resume", "usage", "AllocatorError"]
 
@@ -31,19 +33,8 @@ class AllocatorError(RuntimeError):
 
 
 def _places(path):
-    if path is not None:
-        return [("the path given", os.fspath(path))]
-    places = []
-    if os.environ.get("LEMA_ALLOC_LIBRARY"):
-        places.append(("$LEMA_ALLOC_LIBRARY", os.environ["LEMA_ALLOC_LIBRARY"]))
-    here = os.path.dirname(os.path.abspath(__file__))
-    places.append(("beside the package", os.path.join(here, _LIBRARY)))
-    # Written by CMake at configure time (allocator/pluggable/CMakeLists.txt).
-    record = os.path.join(here, "_cuda_alloc_build_tree")
-    if os.path.exists(record):
-        with builtins.open(record) as f:
-            places.append(("the build configured last (" + record + ")", f.read().strip()))
-    return places
+    # The record: allocator/pluggable/CMakeLists.txt.
+    return _native.library_places(path, "LEMA_ALLOC_LIBRARY", _LIBRARY, "_cuda_alloc_build_tree")
 
 
 def library_path(path=None):

@@ -159,7 +159,8 @@ def test_load_library_finds_the_build_without_a_path():
 def test_load_library_lists_every_place_it_looked(tmp_path):
     # A copy of the package with no library beside it and no build recorded.
     (tmp_path / "lema").mkdir()
-    shutil.copy(os.path.join(PACKAGE_PARENT, "lema", "__init__.py"), tmp_path / "lema")
+    for module in ("__init__.py", "_native.py"):
+        shutil.copy(os.path.join(PACKAGE_PARENT, "lema", module), tmp_path / "lema")
     env = dict(os.environ, PYTHONPATH=str(tmp_path), LEMA_TORCH_OPS="/nonexistent/ops.so")
     proc = run_python("import lema; lema.load_library()", env)
     assert proc.returncode != 0
