@@ -205,6 +205,49 @@ TEST_P(PagerPause, WrittenWeightsSurvivePauseAndResume) {
   EXPECT_EQ(read(info.name), expected) << "the write was lost across pause";
 }
 
+// The prefetcher's fills are waited for, and it claims nothing while paused.
+TEST(PagerPauseHost, PausesWithThePrefetcherRunning) {
+  TempDir dir("pager-pause-prefetch");
+  const auto path = write_model(dir.path(), model());
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudgetPages * 2_MiB;
+  o.policy = runtime::PolicyKind::trace;
+  auto ckpt = MappedCheckpoint::open(path, o);
+  for (int round = 0; round < 3; ++round) {
+    for (const io::TensorInfo& t : ckpt->checkpoint().tensors()) {
+      std::vector<std::byte> got;
+      ckpt->read_tensor(t.name, [&](const std::byte* p, std::uint64_t n) {
+        got.insert(got.end(), p, p + n);
+      });
+      ASSERT_EQ(got, file_bytes(ckpt->checkpoint(), t)) << t.name << " round " << round;
+      if (&t == &ckpt->checkpoint().tensors()[2]) {
+        ckpt->pause();
+        ckpt->mark_step();
+        EXPECT_EQ(host_pool_bytes(), 0u);
+        ckpt->resume();
+      }
+    }
+    ckpt->mark_step();
+  }
+}
+
+TEST(PagerPauseHost, FaultModeRefusesWithOneLine) {
+  TempDir dir("pager-pause-fault");
+  const auto path = write_model(dir.path(), model());
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudgetPages * 2_MiB;
+  o.mode = runtime::ResidencyMode::fault;
+  auto ckpt = MappedCheckpoint::open(path, o);
+  if (ckpt->mode() != runtime::ResidencyMode::fault) GTEST_SKIP() << ckpt->fallback_reason();
+  try {
+    ckpt->pause();
+    FAIL() << "fault mode paused";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("guard mode"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(ckpt->resume(), InvalidArgument);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, PagerPause,
                          ::testing::Values(Case{"host", false}, Case{"fake_cuda", true}),
                          [](const auto& info) { return std::string(info.param.name); });
