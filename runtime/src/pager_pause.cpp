@@ -31,6 +31,11 @@ namespace lema::runtime {
 
 void Pager::pause() {
   State& s = *state_;
+  // Refused before anything is evicted: unified memory has no pool memory to give back.
+  if (s.backend->capabilities().residency == BackendCapabilities::Residency::unified)
+    throw InvalidArgument("pause: the " + std::string(s.backend->name()) +
+                          " backend's unified memory cannot be released while keeping the "
+                          "addresses; use gpu_memory=vmm to pause, or close the checkpoint");
   std::unique_lock lock(s.table.mutex());
   LEMA_EXPECTS(!s.paused, "pause: the checkpoint is paused already; call resume() first");
   s.paused = true;
@@ -47,8 +52,8 @@ void Pager::pause() {
   }
   std::size_t evicted = 0;
   try {
-    for (PageId page : std::vector<PageId>(s.table.chunk_owners().begin(),
-                                           s.table.chunk_owners().end())) {
+    for (PageId page :
+         std::vector<PageId>(s.table.chunk_owners().begin(), s.table.chunk_owners().end())) {
       if (page == kNoPage) continue;
       PageEntry& e = s.table.entry(page);
       for (const Fence& f : e.fences) s.backend->wait_fence(f);

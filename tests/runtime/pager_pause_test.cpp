@@ -42,7 +42,8 @@ std::uint64_t host_pool_bytes() {
     const std::string target = std::filesystem::read_symlink(fd.path(), ec).string();
     if (ec || target.rfind("/memfd:lema-pool", 0) != 0) continue;
     struct stat st {};
-    if (::stat(fd.path().c_str(), &st) == 0) bytes += static_cast<std::uint64_t>(st.st_blocks) * 512;
+    if (::stat(fd.path().c_str(), &st) == 0)
+      bytes += static_cast<std::uint64_t>(st.st_blocks) * 512;
   }
   return bytes;
 }
@@ -167,8 +168,7 @@ TEST_P(PagerPause, PauseUnderALeaseAndResumeWithoutPauseAreRefused) {
     FAIL() << "paused under a lease";
   } catch (const InvalidArgument& e) {
     const std::string what = e.what();
-    EXPECT_NE(what.find(std::to_string(lease.pages().size()) + " page"), std::string::npos)
-        << what;
+    EXPECT_NE(what.find(std::to_string(lease.pages().size()) + " page"), std::string::npos) << what;
     EXPECT_NE(what.find("pinned"), std::string::npos) << what;
   }
   EXPECT_FALSE(pager_->paused()) << "a refused pause left the pager paused";
@@ -216,9 +216,8 @@ TEST(PagerPauseHost, PausesWithThePrefetcherRunning) {
   for (int round = 0; round < 3; ++round) {
     for (const io::TensorInfo& t : ckpt->checkpoint().tensors()) {
       std::vector<std::byte> got;
-      ckpt->read_tensor(t.name, [&](const std::byte* p, std::uint64_t n) {
-        got.insert(got.end(), p, p + n);
-      });
+      ckpt->read_tensor(
+          t.name, [&](const std::byte* p, std::uint64_t n) { got.insert(got.end(), p, p + n); });
       ASSERT_EQ(got, file_bytes(ckpt->checkpoint(), t)) << t.name << " round " << round;
       if (&t == &ckpt->checkpoint().tensors()[2]) {
         ckpt->pause();
@@ -247,6 +246,34 @@ TEST(PagerPauseHost, FaultModeRefusesWithOneLine) {
   }
   EXPECT_THROW(ckpt->resume(), InvalidArgument);
 }
+
+#ifdef LEMA_FAKE_CUDA_DRIVER
+// Unified memory (managed) has no pool memory to give back: refused before anything is evicted.
+TEST(PagerPauseManaged, IsRefusedNamingTheBackend) {
+  TempDir dir("pager-pause-managed");
+  const auto path = write_model(dir.path(), model());
+  MappedCheckpointOptions o;
+  o.budget_bytes = kBudgetPages * 2_MiB;
+  o.page_size = 2_MiB;
+  o.prefetch = false;
+  o.read_only = true;
+  o.backend = std::shared_ptr<runtime::Backend>(make_fake_managed_backend(2_MiB));
+  auto ckpt = MappedCheckpoint::open(path, o);
+  runtime::Pager& pager = *ckpt->pager();
+  const runtime::TensorAddress t = ckpt->tensor(ckpt->checkpoint().tensors().front().name);
+  pager.release(pager.acquire(t.data, t.nbytes));
+  const runtime::PageId page = pager.space().page_of(t.data);
+  ASSERT_TRUE(pager.is_resident(page));
+  try {
+    ckpt->pause();
+    FAIL() << "unified memory paused";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("managed"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(pager.paused());
+  EXPECT_TRUE(pager.is_resident(page)) << "a refused pause evicted pages";
+}
+#endif
 
 INSTANTIATE_TEST_SUITE_P(Backends, PagerPause,
                          ::testing::Values(Case{"host", false}, Case{"fake_cuda", true}),
