@@ -183,6 +183,15 @@ class Checkpoint:
     def mark_step(self) -> None:
         torch.ops.lema.mark_step(self._handle)
 
+    def pause(self) -> None:
+        """Gives the memory of every weight page back, keeping the tensors valid; an op on a
+        weight raises until resume(). Raises while an op uses the weights."""
+        torch.ops.lema.pause(self._handle)
+
+    def resume(self) -> None:
+        """Makes the weights' memory again; pages refill from the checkpoint on next use."""
+        torch.ops.lema.resume(self._handle)
+
     def close(self) -> None:
         if self._handle is not None:
             torch.ops.lema.close(self._handle)

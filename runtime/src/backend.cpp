@@ -23,8 +23,16 @@ bool aligned(const void* p, std::uint64_t to) {
   return reinterpret_cast<std::uintptr_t>(p) % to == 0;
 }
 
+void check_memory(const Backend& b, const PhysicalPool& pool, const char* op) {
+  LEMA_EXPECTS(!pool.memory_released(),
+               std::string(op) + ": the " + std::string(b.name()) +
+                   " backend's pool memory is released; restore it first "
+                   "(restore_pool_memory)");
+}
+
 void check_page(const Backend& b, const PhysicalPool& pool, std::size_t chunk,
                 const std::byte* addr, const char* op) {
+  check_memory(b, pool, op);
   LEMA_EXPECTS(chunk < pool.chunk_count(), std::string(op) + ": chunk " + std::to_string(chunk) +
                                                " is outside the pool of " +
                                                std::to_string(pool.chunk_count()) + " chunks");
@@ -58,6 +66,31 @@ std::unique_ptr<PhysicalPool> Backend::create_pool(std::size_t chunks, std::uint
                 (window ? "false" : "true") + " but its pool " +
                 (window ? "has" : "has no") + " host window");
   return pool;
+}
+
+void Backend::release_pool_memory(PhysicalPool& pool) {
+  LEMA_EXPECTS(!pool.memory_released(), "release_pool_memory: the " + std::string(name()) +
+                                            " backend's pool memory is released already");
+  do_release_pool_memory(pool);
+  pool.memory_released_ = true;
+}
+
+void Backend::restore_pool_memory(PhysicalPool& pool) {
+  LEMA_EXPECTS(pool.memory_released(), "restore_pool_memory: the " + std::string(name()) +
+                                           " backend's pool memory was not released");
+  do_restore_pool_memory(pool);
+  pool.memory_released_ = false;
+}
+
+void Backend::do_release_pool_memory(PhysicalPool&) {
+  throw InvalidArgument("the " + std::string(name()) +
+                        " backend cannot release its pool's memory while keeping the "
+                        "addresses (its memory is behind every reserved address, not in a "
+                        "pool); close the checkpoint to free it");
+}
+
+void Backend::do_restore_pool_memory(PhysicalPool&) {
+  throw InvalidArgument("the " + std::string(name()) + " backend cannot restore pool memory");
 }
 
 void Backend::map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) {
@@ -116,6 +149,7 @@ std::unique_ptr<StagingBuffer> Backend::allocate_staging(std::uint64_t bytes) {
 
 Fence Backend::copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
                              std::span<const std::byte> src) {
+  check_memory(*this, pool, "copy_to_chunk");
   LEMA_EXPECTS(chunk < pool.chunk_count() && offset <= pool.chunk_bytes() &&
                    src.size() <= pool.chunk_bytes() - offset,
                "copy_to_chunk: " + std::to_string(src.size()) + " bytes at offset " +

@@ -231,6 +231,17 @@ class HostBackend final : public Backend {
     return true;
   }
 
+  // Note [Released pool memory] on the host: punching a hole over the whole memfd frees its
+  // pages (to the OS, or back to the hugetlb pool) and keeps its size and the pool window, so
+  // restoring needs nothing: the next fill's write through the window allocates again.
+  void do_release_pool_memory(PhysicalPool& pool) override {
+    auto& host = static_cast<HostPool&>(pool);
+    const auto bytes = static_cast<off_t>(host.chunk_count() * host.chunk_bytes());
+    if (::fallocate(host.fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, bytes) != 0)
+      detail::throw_system_error(__FILE__, __LINE__, "fallocate(PUNCH_HOLE, pool memfd)", errno);
+  }
+  void do_restore_pool_memory(PhysicalPool&) override {}
+
   std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override {
     return std::make_unique<HostStaging>(bytes);
   }

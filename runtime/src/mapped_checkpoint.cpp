@@ -296,3 +296,26 @@ std::unique_ptr<MappedCheckpoint> MappedCheckpoint::open_anonymous(
 }
 
 }  // namespace lema::runtime
+
+namespace lema::runtime {
+
+namespace {
+Pager& pausable_pager(MappedCheckpoint& c, const char* op) {
+  Pager* pager = c.pager();
+  if (pager == nullptr)
+    throw InvalidArgument(std::string(op) +
+                          ": a checkpoint opened in fault mode cannot be paused; open it in "
+                          "guard mode (mode=guard) to release its memory between uses");
+  return *pager;
+}
+}  // namespace
+
+void MappedCheckpoint::pause() {
+  pausable_pager(*this, "pause").pause();
+}
+
+void MappedCheckpoint::resume() {
+  pausable_pager(*this, "resume").resume();
+}
+
+}  // namespace lema::runtime

@@ -93,6 +93,9 @@ bool wait_for_room(Pager::State& s, std::unique_lock<std::mutex>& lock,
                         "); pages a kernel may still read stay pinned: close the checkpoint and "
                         "open it again");
     }
+    if (s.paused)
+      throw PagerPaused("the checkpoint's pages are paused (their memory was given back); call "
+                        "resume() before using its tensors");
     const std::size_t needed = s.table.absent_count(pages);
     if (needed <= s.table.free_chunk_count()) return true;
     collect_candidates(s, pages, ready, &fenced);

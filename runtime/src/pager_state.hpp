@@ -84,6 +84,7 @@ struct Pager::State {
   bool prefetch_wanted = false;
   bool prefetch_busy = false;  // the prefetcher claimed pages and is filling them
   bool stopping = false;
+  bool paused = false;  // Note [Pause] in pager_pause.cpp
   std::condition_variable prefetch_cv;
 
   std::thread prefetch_thread;

@@ -22,6 +22,7 @@ namespace {
 // Claims chunks for predicted pages; caller holds the lock.
 std::vector<FillClaim> claim_predictions(Pager::State& s) {
   std::vector<FillClaim> claims;
+  if (s.paused) return claims;  // the pool has no memory (Note [Pause])
   const std::vector<PageId> predicted = s.policy->predict_next(s.options.prefetch_depth);
   if (predicted.empty()) return claims;
   std::vector<PageId> ready;

@@ -82,6 +82,24 @@ def test_writing_into_a_read_only_weight_raises_naming_it(model):
             w.add_(1)
 
 
+def test_pause_gives_the_weights_memory_back_and_resume_refills_them(model):
+    lema.load_library(os.environ["LEMA_TORCH_OPS"])
+    reference = load_file(model)
+    with lema.open(model, budget="16MiB", mode="guard") as ckpt:
+        tensors = ckpt.named_tensors()
+        name = next(iter(reference))
+        assert torch.equal(tensors[name], reference[name])
+        ckpt.pause()
+        assert ckpt.stats()["resident_bytes"] == 0
+        with pytest.raises(RuntimeError, match=r"paused.*resume\(\)"):
+            tensors[name].sum()
+        with pytest.raises(RuntimeError, match="not paused"):
+            ckpt.resume()
+            ckpt.resume()
+        for n, want in reference.items():
+            assert torch.equal(tensors[n], want), n
+
+
 def test_bad_settings_are_refused():
     lema.load_library(os.environ["LEMA_TORCH_OPS"])
     with pytest.raises(ValueError):

@@ -420,5 +420,59 @@ TYPED_TEST(BackendConformance, PreconditionsAreCheckedBeforeTheBackend) {
   b.unmap(r.base() + g, g);
 }
 
+// Note [Released pool memory]: a released pool gives its memory back and keeps its chunks'
+// count; after a restore its chunks fill and map as before. Backends whose memory is not in a
+// pool (unified) refuse with one line naming themselves.
+TYPED_TEST(BackendConformance, PoolMemoryIsReleasedAndRestored) {
+  Backend& b = *this->backend;
+  const auto g = b.granularity();
+  Reservation r = b.reserve(2 * g);
+  auto pool = b.create_pool(2, g);
+  if (this->unified()) {
+    try {
+      b.release_pool_memory(*pool);
+      FAIL() << "unified memory released its pool";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("cannot release"), std::string::npos) << e.what();
+    }
+    return;
+  }
+  this->fill_chunk(*pool, 1, std::byte(0x21));
+  b.map(*pool, 1, r.base(), Access::read);
+  EXPECT_EQ(this->at(r.base() + 9), std::byte(0x21));
+  b.unmap(r.base(), g);
+#ifdef LEMA_FAKE_CUDA_DRIVER
+  const bool fake_cuda = std::string_view(TypeParam::kName) == "fake-cuda";
+  const std::uint64_t handles_before = fake_cuda ? fake().live_handles() : 0;
+#endif
+  b.release_pool_memory(*pool);
+  EXPECT_TRUE(pool->memory_released());
+  EXPECT_EQ(pool->chunk_count(), 2u);
+#ifdef LEMA_FAKE_CUDA_DRIVER
+  if (fake_cuda) {
+    // Each chunk is an allocation and its mapping in the pool window.
+    EXPECT_EQ(fake().live_handles(), handles_before - 4) << "chunks released";
+  }
+#endif
+  EXPECT_THROW(b.map(*pool, 0, r.base(), Access::read), InvalidArgument);
+  EXPECT_THROW(b.release_pool_memory(*pool), InvalidArgument);
+
+  b.restore_pool_memory(*pool);
+  EXPECT_FALSE(pool->memory_released());
+  EXPECT_THROW(b.restore_pool_memory(*pool), InvalidArgument);
+#ifdef LEMA_FAKE_CUDA_DRIVER
+  if (fake_cuda) {
+    EXPECT_EQ(fake().live_handles(), handles_before) << "chunks made again";
+  }
+#endif
+  this->fill_chunk(*pool, 0, std::byte(0x33));
+  this->fill_chunk(*pool, 1, std::byte(0x44));
+  b.map(*pool, 0, r.base(), Access::read);
+  b.map(*pool, 1, r.base() + g, Access::read);
+  EXPECT_EQ(this->at(r.base() + 1), std::byte(0x33));
+  EXPECT_EQ(this->at(r.base() + g + g - 1), std::byte(0x44));
+  b.unmap(r.base(), 2 * g);
+}
+
 }  // namespace
 }  // namespace lema::test

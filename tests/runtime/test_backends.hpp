@@ -67,6 +67,9 @@ class ForwardingBackend : public Backend {
     inner_->map_pages(pool, pages, access);
   }
   void do_unmap(std::byte* addr, std::uint64_t bytes) override { inner_->unmap(addr, bytes); }
+  // The pool is the inner backend's, which keeps its own released flag in step.
+  void do_release_pool_memory(PhysicalPool& pool) override { inner_->release_pool_memory(pool); }
+  void do_restore_pool_memory(PhysicalPool& pool) override { inner_->restore_pool_memory(pool); }
   bool do_set_unmapped_pages(runtime::UnmappedPages* pages) noexcept override {
     return inner_->set_unmapped_pages(pages);
   }
@@ -129,6 +132,12 @@ class StagedBackend final : public ForwardingBackend {
   void do_map_pages(PhysicalPool& pool, std::span<const runtime::PageMapping> pages,
                     Access access) override {
     inner().map_pages(static_cast<Pool&>(pool).inner(), pages, access);
+  }
+  void do_release_pool_memory(PhysicalPool& pool) override {
+    inner().release_pool_memory(static_cast<Pool&>(pool).inner());
+  }
+  void do_restore_pool_memory(PhysicalPool& pool) override {
+    inner().restore_pool_memory(static_cast<Pool&>(pool).inner());
   }
   Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
                          std::span<const std::byte> src) override {

@@ -152,6 +152,14 @@ void mark_step_op(std::int64_t handle) {
   translated([&] { find(handle).mark_step(); });
 }
 
+void pause_op(std::int64_t handle) {
+  translated([&] { find(handle).pause(); });
+}
+
+void resume_op(std::int64_t handle) {
+  translated([&] { find(handle).resume(); });
+}
+
 void close_op(std::int64_t handle) {
   OpenCheckpoints& table = open_checkpoints();
   std::lock_guard lock(table.mutex);
@@ -240,6 +248,8 @@ TORCH_LIBRARY(lema, m) {
   m.def("stats(int handle) -> str", &stats_op);
   m.def("prefetch(int handle, str[] names) -> ()", &prefetch_op);
   m.def("mark_step(int handle) -> ()", &mark_step_op);
+  m.def("pause(int handle) -> ()", &pause_op);
+  m.def("resume(int handle) -> ()", &resume_op);
   m.def("close(int handle) -> ()", &close_op);
   m.def("use_allocator(int budget, int capacity=0, str mode='fault', int page_size=0) -> int",
         &use_allocator_op);

@@ -100,6 +100,12 @@ std::size_t VirtualCheckpoint::evict(std::span<const std::string> names) {
 void VirtualCheckpoint::mark_step() {
   state_->mapped->mark_step();
 }
+void VirtualCheckpoint::pause() {
+  state_->mapped->pause();
+}
+void VirtualCheckpoint::resume() {
+  state_->mapped->resume();
+}
 runtime::PagerStats VirtualCheckpoint::stats() const {
   return state_->mapped->stats();
 }

@@ -88,6 +88,50 @@ class CudaPool final : public PhysicalPool {
   std::byte* window(std::size_t) const noexcept override { return nullptr; }
 
   CUmemGenericAllocationHandle handle(std::size_t chunk) const { return handles_.at(chunk); }
+
+  // Note [Released pool memory] on cuda: every chunk's allocation is unmapped from the pool
+  // window and released (cuMemRelease), the window's address range kept; restoring creates
+  // and maps them again. The chunk count stays what it was.
+  void release_memory() {
+    const DriverApi& api = context_->api();
+    context_->enter();
+    for (std::size_t c = mapped_; c-- > 0;) api.mem_unmap(window_ + c * chunk_bytes_, chunk_bytes_);
+    mapped_ = 0;
+    for (std::size_t c = handles_.size(); c-- > 0;) api.mem_release(handles_[c]);
+    handles_.assign(handles_.size(), 0);
+  }
+  void restore_memory() {
+    const DriverApi& api = context_->api();
+    context_->enter();
+    const std::size_t chunks = handles_.size();
+    const CUmemAllocationProp prop = device_allocation(context_->device());
+    try {
+      for (std::size_t c = 0; c < chunks; ++c) {
+        const CUresult r = api.mem_create(&handles_[c], chunk_bytes_, &prop, 0);
+        if (r != CUDA_SUCCESS) {
+          handles_[c] = 0;
+          api.check(r, "cuMemCreate", "chunk " + std::to_string(c) + " of " +
+                                          std::to_string(chunks) + " restoring the page pool");
+        }
+        api.check(api.mem_map(window_ + c * chunk_bytes_, chunk_bytes_, 0, handles_[c], 0),
+                  "cuMemMap", "chunk " + std::to_string(c) + " into the pool window");
+        ++mapped_;
+      }
+      const CUmemAccessDesc rw =
+          device_access(context_->device(), CU_MEM_ACCESS_FLAGS_PROT_READWRITE);
+      api.check(api.mem_set_access(window_, chunks * chunk_bytes_, &rw, 1), "cuMemSetAccess",
+                "pool window");
+    } catch (...) {
+      // Back to released, so that a later restore starts over.
+      for (std::size_t c = mapped_; c-- > 0;)
+        api.mem_unmap(window_ + c * chunk_bytes_, chunk_bytes_);
+      mapped_ = 0;
+      for (std::size_t c = chunks; c-- > 0;)
+        if (handles_[c] != 0) api.mem_release(handles_[c]);
+      handles_.assign(chunks, 0);
+      throw;
+    }
+  }
   CUdeviceptr device_window(std::size_t chunk) const { return window_ + chunk * chunk_bytes_; }
 
  private:
@@ -108,6 +152,10 @@ class CudaPool final : public PhysicalPool {
   }
 
   void release_all() noexcept {
+    if (mapped_ == 0) {  // released memory (release_memory): only the window's range is left
+      handles_.erase(std::remove(handles_.begin(), handles_.end(), CUmemGenericAllocationHandle{0}),
+                     handles_.end());
+    }
     const DriverApi& api = context_->api();
     try {
       context_->enter();
@@ -163,6 +211,13 @@ class CudaBackend final : public cuda::DeviceBackend {
                                                std::uint64_t chunk_bytes) override {
     context().enter();
     return std::make_unique<CudaPool>(context(), chunks, chunk_bytes);
+  }
+
+  void do_release_pool_memory(PhysicalPool& pool) override {
+    static_cast<CudaPool&>(pool).release_memory();
+  }
+  void do_restore_pool_memory(PhysicalPool& pool) override {
+    static_cast<CudaPool&>(pool).restore_memory();
   }
 
   void do_map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access) override {

@@ -114,6 +114,12 @@ class PhysicalPool {
   /// Host pointer to the chunk through the private pool window, or nullptr when the memory is
   /// not host-visible (then fill with Backend::copy_to_chunk).
   virtual std::byte* window(std::size_t chunk) const noexcept = 0;
+  /// True between Backend::release_pool_memory() and restore_pool_memory().
+  bool memory_released() const noexcept { return memory_released_; }
+
+ private:
+  friend class Backend;
+  bool memory_released_ = false;
 };
 
 /// One page of a map_pages batch: `chunk` of the pool, mapped at `addr`.
@@ -209,6 +215,20 @@ class Backend {
   /// granularity. Throws OutOfMemory / SystemError.
   std::unique_ptr<PhysicalPool> create_pool(std::size_t chunks, std::uint64_t chunk_bytes);
 
+  /// Note [Released pool memory]: gives the memory of every chunk of `pool` back (to the OS on
+  /// the host, to the device on cuda) and keeps the pool object, its chunk count and size; the
+  /// chunks' bytes are lost. No chunk may be mapped (the caller's precondition: the Pager unmaps
+  /// every page first). Until restore_pool_memory(), map, map_pages and copy_to_chunk on the
+  /// pool throw InvalidArgument. Throws InvalidArgument when already released, and
+  /// InvalidArgument naming the backend where it cannot release (managed: unified memory is
+  /// behind every reserved address, not in the pool, so there is nothing the pool could give
+  /// back without giving up the addresses).
+  void release_pool_memory(PhysicalPool& pool);
+  /// Makes the pool's memory again after release_pool_memory(); the chunks' bytes are
+  /// undefined until filled. Throws InvalidArgument when not released, OutOfMemory when the
+  /// memory is gone meanwhile (the pool then stays released and may be restored again).
+  void restore_pool_memory(PhysicalPool& pool);
+
   /// Maps `chunk` at `addr` (granularity-aligned, inside a reservation, currently unmapped).
   void map(PhysicalPool& pool, std::size_t chunk, std::byte* addr, Access access);
   /// Maps every page of the batch, as map() does each: the addresses granularity-aligned, inside
@@ -275,6 +295,9 @@ class Backend {
     (void)bytes;
     return 0;
   }
+  /// Default: the backend cannot release its pool's memory (InvalidArgument naming it).
+  virtual void do_release_pool_memory(PhysicalPool& pool);
+  virtual void do_restore_pool_memory(PhysicalPool& pool);
   virtual std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) = 0;
   virtual Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
                                  std::span<const std::byte> src) = 0;

@@ -164,6 +164,13 @@ class MappedCheckpoint {
   }
   /// The pager (guard mode only; nullptr in fault mode).
   virtual Pager* pager() noexcept = 0;
+  /// Gives the memory of every weight page back, the tensors' addresses kept, and makes it
+  /// again; pages refill on their next use (Pager::pause and resume, Note [Pause]). Guard mode
+  /// only: fault mode throws InvalidArgument (its pages are served by a fault handler, whose
+  /// region pause does not cover yet). Touching a weight while paused is an error: an acquire
+  /// throws PagerPaused, a direct read faults.
+  void pause();
+  void resume();
   /// A training step ended.
   virtual void mark_step() = 0;
   virtual PagerStats stats() const = 0;

@@ -71,6 +71,13 @@ class PagerBroken : public Error {
   using Error::Error;
 };
 
+/// The pager is paused (Pager::pause): its pool's memory is given back and no page can be made
+/// resident until Pager::resume().
+class PagerPaused : public Error {
+ public:
+  using Error::Error;
+};
+
 /// [ptr, ptr + bytes) inside the address space.
 struct ByteRange {
   const void* ptr = nullptr;
@@ -185,6 +192,20 @@ class Pager {
   /// past their last-use fences, and frees their chunks; skips the others (pinned, being filled,
   /// or still in use on the device). Returns how many it evicted.
   std::size_t evict(PageRange pages);
+
+  /// Note [Pause]: gives every page's memory back while keeping the addresses. Waits for the
+  /// prefetcher's fills, evicts every resident page (a written one to the spill store, as any
+  /// eviction does) and releases the pool's memory (Backend::release_pool_memory). From then on
+  /// acquires throw PagerPaused until resume(). Throws InvalidArgument, pausing nothing, while a
+  /// lease pins pages (the message says how many) or when paused already; InvalidArgument
+  /// naming the backend where it cannot release its pool (managed). The host cache tiers keep
+  /// their memory (a refill after resume reads them first).
+  void pause();
+  /// Makes the pool's memory again; pages refill from the checkpoint (or the spill store) on
+  /// their next acquire, at the same addresses. Throws InvalidArgument when not paused.
+  void resume();
+  /// True between pause() and resume().
+  bool paused() const;
 
   /// A training step ended (forwarded to the policy).
   void mark_step();

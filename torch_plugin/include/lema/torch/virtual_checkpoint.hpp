@@ -78,6 +78,12 @@ class VirtualCheckpoint {
   std::size_t evict(std::span<const std::string> names);
   /// A training step ended (the policy may use it).
   void mark_step();
+  /// Gives the memory of every weight page back (host or device), the tensors staying valid at
+  /// their addresses; resume() makes it again and pages refill on their next use (written
+  /// weights from the spill store). An op on a weight while paused throws runtime::PagerPaused.
+  /// Guard mode only (runtime::MappedCheckpoint::pause).
+  void pause();
+  void resume();
 
   runtime::PagerStats stats() const;
   /// The mode in use (fault falls back to guard where userfaultfd is refused).
