@@ -185,6 +185,10 @@ class Pager {
   /// past their last-use fences, and frees their chunks; skips the others (pinned, being filled,
   /// or still in use on the device). Returns how many it evicted.
   std::size_t evict(PageRange pages);
+  /// A softer hint: `pages` that are resident and unpinned become the policy's next eviction
+  /// victims, but stay resident until something needs their chunks (EvictionPolicy::on_demote).
+  /// Skips the others. Never changes a byte anyone reads. Returns how many it demoted.
+  std::size_t demote(PageRange pages);
 
   /// A training step ended (forwarded to the policy).
   void mark_step();
