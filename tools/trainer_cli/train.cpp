@@ -311,6 +311,9 @@ void run(TrainArgs args) {
     model_options.expert_prefetch = [&weights = session.weights()](const std::vector<std::string>& names) {
       weights.prefetch(names);
     };
+    model_options.expert_demote = [&weights = session.weights()](const std::vector<std::string>& names) {
+      weights.demote(names);
+    };
   }
   trainer::LlamaModel model(config, session.lookup(), model_options);
 
