@@ -66,6 +66,32 @@ std::uint32_t evict_page(Pager::State& s, PageId page) {
   return chunk;
 }
 
+// Note [Demote hint]
+// ~~~~~~~~~~~~~~~~~~
+// A caller that knows a page will not be needed soon (the MoE layer, for the experts its router
+// did not choose) says so with Pager::demote. Unlike Pager::evict the page stays mapped: if
+// nothing needs room it is still there when the router picks that expert again, and if
+// something does, it goes before pages the caller may still use. The pager only forwards the
+// hint, under the page table's lock like every policy call, for pages resident and unpinned now
+// (a pinned page is in use: the hint would contradict the caller holding it). The lru policy
+// moves the page to its cold end (it stays there until its next access); the trace policy does
+// the same while it has learned nothing and otherwise trusts its learned future, which on a
+// repeating step is exact; belady_fetches() replays a whole known sequence and has no hints.
+std::size_t Pager::demote(PageRange range) {
+  State& s = *state_;
+  std::lock_guard lock(s.table.mutex());
+  LEMA_EXPECTS(range.first + range.count <= s.table.page_count(),
+               "demote: pages beyond the end of the address space");
+  std::size_t demoted = 0;
+  for (PageId page = range.first; page < range.first + range.count; ++page) {
+    const PageEntry& e = s.table.entry(page);
+    if (e.state != PageState::resident || e.pins != 0) continue;
+    s.policy->on_demote(page);
+    ++demoted;
+  }
+  return demoted;
+}
+
 std::uint32_t take_chunk(Pager::State& s, std::vector<PageId>& candidates) {
   if (s.table.free_chunk_count() != 0) return s.table.take_free_chunk();
   const PageId victim = s.policy->choose_victim(candidates);

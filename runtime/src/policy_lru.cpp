@@ -14,6 +14,10 @@ class LruPolicy final : public EvictionPolicy {
     detail::check_page(page, order_.page_count());
     order_.touch(page);
   }
+  void on_demote(PageId page) override {
+    detail::check_page(page, order_.page_count());
+    order_.demote(page);
+  }
   void on_resident(PageId) override {}
   void on_evicted(PageId) override {}
   PageId choose_victim(std::span<const PageId> candidates) override {

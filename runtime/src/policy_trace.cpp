@@ -58,6 +58,14 @@ class TracePolicy final : public EvictionPolicy {
     if (detector_.push(page)) learn(detector_.cycle());
   }
 
+  // Before a period is learned the LRU fallback picks victims, so the demoted page goes to its
+  // cold end. Once one is learned, MIN already knows each page's next use, which is exact on a
+  // repeating step and better than the hint; the hint then only breaks ties among pages not
+  // used again (Note [Demote hint] in pager_evict.cpp).
+  void on_demote(PageId page) override {
+    detail::check_page(page, recency_.page_count());
+    recency_.demote(page);
+  }
   void on_resident(PageId) override {}
   void on_evicted(PageId) override {}
 

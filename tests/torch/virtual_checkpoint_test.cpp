@@ -19,6 +19,7 @@
 #include "lema/io/reader.hpp"
 #include "lema/io/safetensors_writer.hpp"
 #include "lema/runtime/backend.hpp"
+#include "lema/runtime/pager.hpp"
 #include "lema/torch/dtype_map.hpp"
 #include "lema/torch/virtual_checkpoint.hpp"
 #include "runtime_fixture.hpp"
@@ -360,6 +361,51 @@ TEST_F(GuardedWeights, EvictFreesTheTensorsPagesAndTheBytesComeBack) {
   const std::uint64_t faults = checkpoint.stats().faults;
   EXPECT_TRUE(at::equal(checkpoint.tensor("big.weight").clone(), expected));
   EXPECT_GT(checkpoint.stats().faults, faults) << "evicted pages are read again";
+}
+
+// Six 2 MiB tensors; the pool holds exactly t0's and t2's pages. Demoting t2 makes loading t4
+// evict t2's pages, not the older t0's.
+TEST(DemoteHint, DemotedTensorsPagesGoBeforeOlderOnesAndTheBytesStayRight) {
+  TempDir dir("torch-demote");
+  std::vector<io::TensorToWrite> tensors;
+  for (int i = 0; i < 6; ++i) {
+    tensors.push_back(pattern_tensor("t" + std::to_string(i), io::Dtype::F32, {512, 1024}));
+  }
+  io::write_safetensors(dir.path() / "m.safetensors", std::move(tensors));
+  const auto pages = [](torch::VirtualCheckpoint& c, const std::string& name) {
+    const runtime::TensorAddress t = c.mapped().tensor(name);
+    return c.mapped().pager()->space().pages_of(t.data, t.nbytes);
+  };
+  std::uint64_t page_size = 0;
+  std::size_t room = 0;
+  {
+    torch::VirtualCheckpoint probe = torch::open(dir.path() / "m.safetensors", guard_options());
+    page_size = probe.mapped().pager()->space().page_size();
+    room = pages(probe, "t0").count + pages(probe, "t2").count;
+    ASSERT_GE(pages(probe, "t2").first, pages(probe, "t0").first + pages(probe, "t0").count);
+    ASSERT_GE(pages(probe, "t4").first, pages(probe, "t2").first + pages(probe, "t2").count);
+  }
+  torch::VirtualCheckpoint checkpoint =
+      torch::open(dir.path() / "m.safetensors", guard_options(room * page_size));
+  runtime::Pager* pager = checkpoint.mapped().pager();
+  ASSERT_EQ(pager->chunk_count(), room);
+  const auto resident = [&](const std::string& name) {
+    const runtime::PageRange r = pages(checkpoint, name);
+    std::size_t n = 0;
+    for (runtime::PageId p = r.first; p < r.first + r.count; ++p) n += pager->is_resident(p);
+    return n;
+  };
+  const at::Tensor expected = checkpoint.tensor("t2").clone();
+  checkpoint.evict(checkpoint.names());
+  const std::vector<std::string> t0 = {"t0"}, t2 = {"t2"}, t4 = {"t4"};
+  checkpoint.prefetch(t0);
+  checkpoint.prefetch(t2);
+  EXPECT_EQ(checkpoint.demote(t2), pages(checkpoint, "t2").count);
+  EXPECT_EQ(resident("t2"), pages(checkpoint, "t2").count) << "a hint, not an eviction";
+  checkpoint.prefetch(t4);
+  EXPECT_EQ(resident("t0"), pages(checkpoint, "t0").count) << "older, but not demoted";
+  EXPECT_EQ(resident("t2"), 0u);
+  EXPECT_TRUE(at::equal(checkpoint.tensor("t2").clone(), expected));
 }
 
 TEST_F(GuardedWeights, UnsupportedDevicesAndACudaDeviceWithoutAGpuAreRefused) {

@@ -131,6 +131,9 @@ void run(const GenerateArgs& args) {
     options.expert_prefetch = [&weights = session.weights()](const std::vector<std::string>& names) {
       weights.prefetch(names);
     };
+    options.expert_demote = [&weights = session.weights()](const std::vector<std::string>& names) {
+      weights.demote(names);
+    };
   }
   trainer::LlamaModel model(config, session.lookup(), options);
   if (adapter) model.load_adapter_tensors(adapter->tensors);

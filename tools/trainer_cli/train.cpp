@@ -58,6 +58,7 @@ struct TrainArgs {
   std::string log_json;
   std::string dtype = "f32";
   bool no_activation_checkpointing = false;
+  bool no_expert_demote = false;
   int threads = 0;
   trainer::TrainOptions train;
   trainer::LoraSettings lora;
@@ -311,6 +312,12 @@ void run(TrainArgs args) {
     model_options.expert_prefetch = [&weights = session.weights()](const std::vector<std::string>& names) {
       weights.prefetch(names);
     };
+    if (!args.no_expert_demote) {
+      model_options.expert_demote = [&weights = session.weights()](
+                                        const std::vector<std::string>& names) {
+        weights.demote(names);
+      };
+    }
   }
   trainer::LlamaModel model(config, session.lookup(), model_options);
 
@@ -518,6 +525,9 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--no-activation-checkpointing", args->no_activation_checkpointing,
                 "Keep every layer's activations instead of recomputing them in backward");
+  cmd->add_flag("--no-expert-demote", args->no_expert_demote,
+                "Mixtral: leave out the hint that evicts the experts a router did not choose first "
+                "(to measure what it saves)");
   cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
   cmd->add_option("--nproc", args->nproc,
                   "Start this many local ranks (data parallel, as torchrun --standalone); under "

@@ -97,6 +97,18 @@ std::size_t VirtualCheckpoint::evict(std::span<const std::string> names) {
   return evicted;
 }
 
+std::size_t VirtualCheckpoint::demote(std::span<const std::string> names) {
+  runtime::Pager* pager = state_->mapped->pager();
+  if (pager == nullptr) return 0;
+  std::size_t demoted = 0;
+  for (const std::string& name : names) {
+    const runtime::TensorAddress t = state_->mapped->tensor(name);
+    if (t.nbytes == 0) continue;
+    demoted += pager->demote(pager->space().pages_of(t.data, t.nbytes));
+  }
+  return demoted;
+}
+
 void VirtualCheckpoint::mark_step() {
   state_->mapped->mark_step();
 }

@@ -96,13 +96,15 @@ at::Tensor DecoderLayer::experts_forward(const at::Tensor& x, const ForwardConte
   }
   const auto* count = counts.data_ptr<std::int64_t>();
   if (ctx.prefetch) {
-    std::vector<std::string> chosen;
+    // The unchosen experts are demoted first: a page one shares with a chosen expert is then
+    // touched again by the prefetch, which ends its demotion (Note [Demote hint] in the runtime).
+    std::vector<std::string> chosen, unchosen;
     for (std::int64_t e = 0; e < n_experts; ++e) {
-      if (count[e] == 0) continue;
       for (const LoraLinear* w : {&experts[e].w1, &experts[e].w3, &experts[e].w2}) {
-        chosen.push_back(w->module_path + ".weight");
+        (count[e] == 0 ? unchosen : chosen).push_back(w->module_path + ".weight");
       }
     }
+    if (ctx.demote && !unchosen.empty()) ctx.demote(unchosen);
     ctx.prefetch(chosen);
   }
   at::Tensor out = at::zeros_like(flat);

@@ -304,6 +304,7 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
       training_,
       training_ ? at::globalContext().defaultGenerator(h.device()) : at::Generator(),
       options_.expert_prefetch,
+      options_.expert_demote,
       at::Tensor(),
       at::Tensor()};
   if (packed) ctx.attention_mask = packed_attention_mask(layout.position_ids);

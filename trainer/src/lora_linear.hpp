@@ -21,6 +21,8 @@ struct ForwardContext {
   at::Generator dropout_generator;  // shared handle; undefined: no dropout
   /// Weight names about to be read (routed experts); may be empty.
   std::function<void(const std::vector<std::string>&)> prefetch;
+  /// Weight names not needed soon (routed experts no token chose); may be empty.
+  std::function<void(const std::vector<std::string>&)> demote;
   /// Packed rows: bool [batch, 1, seq, seq], true where a query may attend a key (same example,
   /// not later). Undefined: plain causal attention.
   at::Tensor attention_mask;

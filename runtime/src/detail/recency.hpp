@@ -27,7 +27,9 @@ class RecencyOrder {
   explicit RecencyOrder(std::size_t page_count) : last_(page_count, 0) {}
 
   void touch(PageId page) { last_[page] = ++clock_; }
-  /// 0 = never accessed.
+  /// Makes `page` as cold as a page never accessed, until its next touch (the demote hint).
+  void demote(PageId page) { last_[page] = 0; }
+  /// 0 = never accessed (or demoted since).
   std::uint64_t last(PageId page) const { return page < last_.size() ? last_[page] : 0; }
   std::size_t page_count() const { return last_.size(); }
 

@@ -192,6 +192,10 @@ class Pager {
   /// past their last-use fences, and frees their chunks; skips the others (pinned, being filled,
   /// or still in use on the device). Returns how many it evicted.
   std::size_t evict(PageRange pages);
+  /// A softer hint: `pages` that are resident and unpinned become the policy's next eviction
+  /// victims, but stay resident until something needs their chunks (EvictionPolicy::on_demote).
+  /// Skips the others. Never changes a byte anyone reads. Returns how many it demoted.
+  std::size_t demote(PageRange pages);
 
   /// Note [Pause]: gives every page's memory back while keeping the addresses. Waits for the
   /// prefetcher's fills, evicts every resident page (a written one to the spill store, as any

@@ -34,6 +34,11 @@ class EvictionPolicy {
   virtual void on_resident(PageId page) = 0;
   virtual void on_evicted(PageId page) = 0;
 
+  /// A caller's hint that resident, unpinned `page` will not be used soon (Pager::demote): make
+  /// it the next victim, ahead of every page the policy would otherwise pick, until it is
+  /// accessed again. Not an eviction. Default: ignore (Note [Demote hint] in pager_evict.cpp).
+  virtual void on_demote(PageId page) { (void)page; }
+
   /// Picks the page to evict among `candidates` (resident, unpinned, fence complete; non-empty).
   virtual PageId choose_victim(std::span<const PageId> candidates) = 0;
 

@@ -76,6 +76,10 @@ class VirtualCheckpoint {
   /// by a running op are unmapped and their memory freed for others (guard mode; a no-op in
   /// fault mode). A page shared with another tensor goes too. Returns the pages evicted.
   std::size_t evict(std::span<const std::string> names);
+  /// A softer hint: the tensors' resident pages become the next to go when room is needed, but
+  /// stay resident until then (runtime::Pager::demote). A page shared with another tensor is
+  /// demoted too, until that tensor's next use. Returns the pages demoted.
+  std::size_t demote(std::span<const std::string> names);
   /// A training step ended (the policy may use it).
   void mark_step();
   /// Gives the memory of every weight page back (host or device), the tensors staying valid at

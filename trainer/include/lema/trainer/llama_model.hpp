@@ -47,6 +47,10 @@ struct LlamaModelOptions {
   /// Mixtral: called with the weight names of the experts a layer's router chose, right after it
   /// ran and before any of them is read (the CLI passes them to VirtualCheckpoint::prefetch).
   std::function<void(const std::vector<std::string>&)> expert_prefetch;
+  /// Mixtral: called with the weight names of the experts a layer's router did not choose, just
+  /// before expert_prefetch (the CLI passes them to VirtualCheckpoint::demote, so those experts
+  /// are the first evicted when room is needed). A hint: it never changes a number.
+  std::function<void(const std::vector<std::string>&)> expert_demote;
 };
 
 namespace detail {
