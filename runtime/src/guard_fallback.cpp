@@ -58,6 +58,7 @@
 #include <mutex>
 #include <thread>
 
+#include "detail/kernel_ordering.hpp"
 #include "detail/uffd_open.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/unique_fd.hpp"
@@ -141,6 +142,13 @@ struct GuardFallback::State {
     return what;
   }
 
+  // The thread that faulted reads the page once the kernel wakes it, after the mapping
+  // (Note [Orderings ThreadSanitizer cannot see]).
+  bool fault_in(PageId page) {
+    const KernelOrderedAccess unseen;
+    return pager->fault_in(page, options.patience);
+  }
+
   void serve(std::uintptr_t address) noexcept {
     const std::uint64_t offset = address - reinterpret_cast<std::uintptr_t>(base);
     const PageId page = static_cast<PageId>(offset / page_size);
@@ -149,7 +157,7 @@ struct GuardFallback::State {
     try {
       if (page >= pager->space().page_count()) {
         why = "the address lies past the last page";
-      } else if (pager->fault_in(page, options.patience)) {
+      } else if (fault_in(page)) {
         wake(at);
         return;
       } else {

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "detail/kernel_ordering.hpp"
 #include "lema/base/error.hpp"
 #include "lema/base/units.hpp"
 
@@ -45,6 +46,8 @@ SpillStore::SpillStore(std::size_t page_count, std::uint64_t page_size)
 void SpillStore::write(PageId page, const std::byte* src) {
   const auto at = static_cast<off_t>(page * page_size_);
   std::uint64_t done = 0;
+  // Its writers were kept away before this save (Note [Orderings ThreadSanitizer cannot see]).
+  const detail::KernelOrderedAccess unseen;
   while (done < page_size_) {
     const ssize_t n = ::pwrite(fd_.get(), src + done, page_size_ - done,
                                at + static_cast<off_t>(done));

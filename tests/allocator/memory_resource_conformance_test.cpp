@@ -71,9 +71,7 @@ std::vector<Case> cases() {
       {"Statistics", [] { return Stack{.mr = std::make_unique<StatisticsAdaptor>(host())}; }},
       {"Limit", [] { return Stack{.mr = std::make_unique<LimitAdaptor>(host(), kLimit)}; }},
       // Pages under a budget smaller than what the tests allocate at once (Note [One budget]).
-#if !defined(__SANITIZE_THREAD__)  // too slow under TSan: see runtime_anonymous_pages_test
       {"Vmm", [] { return Stack{.mr = std::make_unique<VmmResource>(vmm_options())}; }},
-#endif
       {"Logging",
        [] {
          Stack s;
