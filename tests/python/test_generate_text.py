@@ -191,6 +191,8 @@ def test_chat_stops_at_eot_id(tmp_path, monkeypatch):
     ('{"eos_token_id": [2, 1.5]}', "eos_token_id is [2,1.5]"),
     ('{"eos_token_id": [2, 100000]}', "eos_token_id 100000 is outside"),
     ('{"eos_token_id": -1}', "eos_token_id -1 is outside"),
+    ('{"eos_token_id": 18446744073709551615}', "eos_token_id 18446744073709551615 is outside"),
+    ('{"eos_token_id": true}', "eos_token_id is true"),
 ])
 def test_malformed_generation_config_is_one_line(tmp_path, content, needle):
     hf = llama3_tokenizer()

@@ -61,14 +61,17 @@ std::vector<std::int64_t> eos_ids_of(const fs::path& file, std::int64_t vocab) {
   std::vector<std::int64_t> ids;
   for (const auto& item : items) {
     if (!item.is_number_integer()) throw bad();
-    const std::int64_t id = item.get<std::int64_t>();
-    if (id < 0 || id >= vocab) {
+    // An unsigned id past int64 would wrap: compare it as it is written.
+    const bool in_vocab = item.is_number_unsigned()
+                              ? item.get<std::uint64_t>() < static_cast<std::uint64_t>(vocab)
+                              : item.get<std::int64_t>() >= 0 && item.get<std::int64_t>() < vocab;
+    if (!in_vocab) {
       throw InvalidArgument(fmt::format(
           "{}: eos_token_id {} is outside the model's vocabulary of {} ids; fix the file (does "
           "it belong to this model?) or give --stop-id",
-          file.string(), id, vocab));
+          file.string(), item.dump(), vocab));
     }
-    ids.push_back(id);
+    ids.push_back(item.get<std::int64_t>());
   }
   return ids;
 }
