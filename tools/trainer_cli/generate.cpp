@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -32,6 +33,7 @@
 #include "lema/trainer/llama_model.hpp"
 #include "lema/trainer/tokenizer.hpp"
 #include "model_session.hpp"
+#include "stop_ids.hpp"
 
 namespace lema::tools {
 namespace {
@@ -48,6 +50,7 @@ struct GenerateArgs {
   double temperature = 1.0;
   std::uint64_t seed = 0;
   bool ignore_eos = false;
+  std::vector<std::int64_t> stop_ids;  // given: these instead of the model's (Note [Stop ids])
   bool json = false;
   bool no_cache = false;
   PagingArgs paging;
@@ -76,6 +79,21 @@ std::vector<std::int64_t> parse_ids(const std::string& text, std::int64_t vocab)
     start = comma + 1;
   }
   return ids;
+}
+
+/// What `output` adds to the text of `prompt`: the decoding of the whole sequence past the
+/// decoding of the prompt, as transformers' TextStreamer prints it. Decoding the reply alone
+/// would lose what depends on its neighbours: a SentencePiece-style decoder strips the space of
+/// a first word, and a character whose bytes began in the prompt would show as U+FFFD.
+std::string continuation_text(const trainer::Tokenizer& tokenizer,
+                              const std::vector<std::int64_t>& prompt,
+                              const std::vector<std::int64_t>& output) {
+  std::vector<std::uint32_t> ids(prompt.begin(), prompt.end());
+  const std::string head = tokenizer.decode(ids);
+  ids.insert(ids.end(), output.begin(), output.end());
+  const std::string whole = tokenizer.decode(ids);
+  if (whole.starts_with(head)) return whole.substr(head.size());
+  return tokenizer.decode(std::vector<std::uint32_t>(output.begin(), output.end()));
 }
 
 /// The next token from the last position's logits ([vocab] float32).
@@ -175,9 +193,24 @@ void run(const GenerateArgs& args) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(args.seed);
   std::vector<std::int64_t> sequence = prompt;
   std::vector<std::int64_t> output;
-  std::optional<std::int64_t> eos;
-  if (const auto id = tokenizer->eos_id()) eos = *id;
-  if (!eos && chat) eos = chat->eos;
+  std::vector<std::int64_t> stops;
+  if (!args.stop_ids.empty()) {
+    for (const std::int64_t id : args.stop_ids) {
+      if (id < 0 || id >= config.vocab_size) {
+        throw InvalidArgument(fmt::format(
+            "--stop-id {} is outside the model's vocabulary of {} ids", id, config.vocab_size));
+      }
+    }
+    stops = args.stop_ids;
+  } else if (!args.ignore_eos) {
+    std::vector<std::int64_t> tokenizer_eos;
+    if (const auto id = tokenizer->eos_id()) tokenizer_eos.push_back(*id);
+    if (chat && chat->eos) tokenizer_eos.push_back(*chat->eos);
+    stops = model_stop_ids(session.dir(), config.vocab_size, tokenizer_eos);
+  }
+  const auto is_stop = [&](std::int64_t id) {
+    return !args.ignore_eos && std::find(stops.begin(), stops.end(), id) != stops.end();
+  };
   const auto as_ids = [](const std::vector<std::int64_t>& ids) {
     return at::tensor(ids, at::kLong).view({1, static_cast<std::int64_t>(ids.size())});
   };
@@ -189,7 +222,7 @@ void run(const GenerateArgs& args) {
     const std::int64_t next = sample(logits, args, gen);
     output.push_back(next);
     sequence.push_back(next);
-    if (eos && !args.ignore_eos && next == static_cast<std::int64_t>(*eos)) break;
+    if (is_stop(next)) break;
     if (i + 1 == args.max_new_tokens) break;
     logits = (args.no_cache ? model.logits(as_ids(sequence)) : model.logits(as_ids({next}), &cache))
                  .select(0, 0)
@@ -207,11 +240,13 @@ void run(const GenerateArgs& args) {
     j["text"] = text;  // bytes that are not UTF-8 (a cut multi-byte character) print as U+FFFD
     std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
-    std::vector<std::uint32_t> prompt_u32(prompt.begin(), prompt.end());
-    const std::string shown = chat          ? chat->text
-                              : args.prompt ? *args.prompt
-                                            : tokenizer->decode(prompt_u32);
-    std::printf("%s%s\n", shown.c_str(), text.c_str());
+    // The whole sequence decoded at once, as tokenizer.decode(prompt + output) gives it; a chat
+    // shows its rendering (special tokens included) and what the reply adds to it.
+    std::vector<std::uint32_t> all(sequence.begin(), sequence.end());
+    const std::string shown = chat ? chat->text + continuation_text(*tokenizer, prompt, output)
+                                   : tokenizer->decode(all);
+    std::fwrite(shown.data(), 1, shown.size(), stdout);
+    std::fputc('\n', stdout);
     std::fflush(stdout);  // the text first, then the paging summary
     const auto s = session.weights().stats();
     std::fprintf(stderr,
@@ -247,7 +282,14 @@ void register_generate(CLI::App& app) {
   cmd->add_flag("--chat", args->chat,
                 "Give --prompt as a user message through the model's chat template (rendered "
                 "by transformers: LEMA_PYTHON, else the python beside lema, else python3)");
-  cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep going past the end-of-sequence token");
+  CLI::Option* ignore_eos = cmd->add_flag("--ignore-eos", args->ignore_eos,
+                                          "Keep going past the end-of-sequence tokens");
+  cmd->add_option("--stop-id", args->stop_ids,
+                  "Stop at these ids (comma-separated or repeated) instead of the model's "
+                  "end-of-sequence ids (generation_config.json's eos_token_id, else "
+                  "config.json's, and the tokenizer's)")
+      ->delimiter(',')
+      ->excludes(ignore_eos);
   cmd->add_flag("--json", args->json,
                 "Print {\"prompt_ids\":[...],\"output_ids\":[...],\"text\":...}");
   cmd->add_flag("--no-cache", args->no_cache,
