@@ -35,7 +35,7 @@ class KernelOrderedAccess {
   KernelOrderedAccess() noexcept { __tsan_ignore_thread_begin(); }
   ~KernelOrderedAccess() { __tsan_ignore_thread_end(); }
 #else
-  KernelOrderedAccess() noexcept = default;
+  KernelOrderedAccess() noexcept {}  // user-provided: a scope guard, not an unused variable
 #endif
   KernelOrderedAccess(const KernelOrderedAccess&) = delete;
   KernelOrderedAccess& operator=(const KernelOrderedAccess&) = delete;
