@@ -142,14 +142,11 @@ struct GuardFallback::State {
     return what;
   }
 
-  // The thread that faulted reads the page once the kernel wakes it, after the mapping
-  // (Note [Orderings ThreadSanitizer cannot see]).
-  bool fault_in(PageId page) {
-    const KernelOrderedAccess unseen;
-    return pager->fault_in(page, options.patience);
-  }
-
   void serve(std::uintptr_t address) noexcept {
+    // What the faulting thread did before its fault happens before this, and what this does
+    // before the wake happens before its read goes on: both through the kernel's fault queue
+    // (Note [Orderings ThreadSanitizer cannot see]).
+    const KernelOrderedAccess unseen;
     const std::uint64_t offset = address - reinterpret_cast<std::uintptr_t>(base);
     const PageId page = static_cast<PageId>(offset / page_size);
     std::byte* at = page_address(page);
@@ -157,7 +154,7 @@ struct GuardFallback::State {
     try {
       if (page >= pager->space().page_count()) {
         why = "the address lies past the last page";
-      } else if (fault_in(page)) {
+      } else if (pager->fault_in(page, options.patience)) {
         wake(at);
         return;
       } else {

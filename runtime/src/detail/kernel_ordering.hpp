@@ -7,9 +7,12 @@
 //   page was write-protected or unmapped from the model range (UFFDIO_WRITEPROTECT, mprotect).
 //   Every store made before that completed; a store made after it faults and waits. TSan sees
 //   the saving read of 2 MiB race with each earlier store, one report per 8-byte word.
-// - The guard's fault fallback maps a page on its worker thread and the kernel then wakes the
-//   thread that faulted on it. TSan counts the mapping as a write by the worker, and every first
-//   read of a word by the woken thread as a race with it.
+// - The guard's fault fallback serves a fault on its worker thread: the kernel queues the fault
+//   (so what the faulting thread did before it happens before the serving), and the worker maps
+//   the page and wakes the faulting thread (so the mapping happens before its read goes on).
+//   TSan counts the mapping as a write by the worker, and every first read of a word by the
+//   woken thread as a race with it; and the worker's reads of what the faulting thread wrote
+//   (a logger it installed, say) as races too.
 // Suppressing those reports by stack hid them but kept their cost: each report is still found
 // and matched, about a second per page, so the tests of written pages took minutes under TSan.
 // Instead both are made in a `KernelOrderedAccess` scope, where TSan checks none of the thread's
