@@ -344,3 +344,23 @@ def test_without_events_the_summary_file_is_as_before(tmp_path):
     assert len(data) == 64 + body  # nothing after the body: the summary-only file
     r = report_json(prof)
     assert "preload" not in r and r["peak_resident_bytes"] == 4 * MiB
+
+
+def test_calls_from_threads_are_each_recorded_once(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run("""
+        import threading
+        def work():
+            for _ in range(500):
+                rc, p = malloc(2 * MiB)
+                assert rc == 0 and rt.cudaFree(p) == 0
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof)
+    assert proc.returncode == 0, proc.stderr
+    p = report_json(prof)["preload"]
+    assert (p["recorded"], p["dropped"], p["threads"]) == (4000, 0, 4)
+    assert rows(p) == {("cudaMalloc", "managed"): (2000, 4000 * MiB, 2 * MiB, 0),
+                       ("cudaFree", "managed"): (2000, 4000 * MiB, 2 * MiB, 0)}
+    assert p["outstanding_at_exit_bytes"] == 0 and p["peak_outstanding_bytes"] <= 8 * MiB
