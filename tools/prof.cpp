@@ -258,12 +258,20 @@ void run_report_ranks(const ReportArgs& a) {
     throw InvalidArgument("--chrome and --svg draw one profile; give one FILE with them");
   }
   std::vector<ProfileSummary> summaries;
-  for (const auto& file : a.files) summaries.push_back(summarize(runtime::load_recording(file), a.top));
+  std::vector<nlohmann::json> hooks;  // a file's LD_PRELOAD hook events, or null
+  for (const auto& file : a.files) {
+    const runtime::Recording rec = runtime::load_recording(file);
+    summaries.push_back(summarize(rec, a.top));
+    hooks.push_back(rec.preload
+                        ? preload_json(summarize_preload(*rec.preload, rec.start_ns, a.top))
+                        : nlohmann::json());
+  }
   if (a.json) {
     nlohmann::json all = nlohmann::json::array();
     for (std::size_t i = 0; i < summaries.size(); ++i) {
       nlohmann::json j = summary_json(summaries[i]);
       j["file"] = a.files[i];
+      if (!hooks[i].is_null()) j["preload"] = hooks[i];
       all.push_back(std::move(j));
     }
     std::cout << all.dump(2) << "\n";

@@ -264,6 +264,10 @@ def test_each_call_is_an_event_with_its_route(tmp_path):
     assert max(pt["bytes"] for pt in p["timeline"]) == p["peak_outstanding_bytes"]
     assert p["refused_count"] == 1 and p["refused"][0]["bytes"] == 64 * MiB
     assert p["refused"][0]["result"] == 2 and p["bad_free_count"] == 0 and p["threads"] == 1
+    both = subprocess.run([LEMA, "prof", "report", str(prof), str(prof), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 0, both.stderr
+    assert [r["preload"] for r in json.loads(both.stdout)] == [p, p]  # one per rank's file
     text = subprocess.run([LEMA, "prof", "report", str(prof)], capture_output=True, text=True,
                           timeout=60)
     assert text.returncode == 0, text.stderr
