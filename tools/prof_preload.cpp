@@ -127,8 +127,8 @@ PreloadReport summarize_preload(const runtime::PreloadEvents& p, std::uint64_t s
     std::size_t k = 0;
     for (std::size_t b = 0; b < kTimelinePoints; ++b) {
       const std::uint64_t begin = t0 + span * b / kTimelinePoints;
-      const std::uint64_t end = b + 1 == kTimelinePoints ? UINT64_MAX
-                                                          : t0 + span * (b + 1) / kTimelinePoints;
+      const std::uint64_t end =
+          b + 1 == kTimelinePoints ? UINT64_MAX : t0 + span * (b + 1) / kTimelinePoints;
       std::uint64_t most = level;
       for (; k < steps.size() && steps[k].first < end; ++k) {
         level = steps[k].second;
@@ -153,12 +153,11 @@ std::string format_preload(const PreloadReport& r) {
   for (const PreloadRow& row : r.rows)
     out += fmt::format("  {:<18} {:<12} {:>9} {:>12} {:>12} {:>7}\n", row.call, row.route,
                        row.count, row.call == "cudaMemGetInfo" ? "-" : format_size(row.bytes),
-                       row.call == "cudaMemGetInfo" ? "-" : format_size(row.largest),
-                       row.failed);
-  out += fmt::format("  {:<22} {} at {:.6f} s; {} at exit{}\n", "outstanding peak",
-                     format_size(r.peak_outstanding), r.peak_at_s,
-                     format_size(r.outstanding_at_exit),
-                     r.complete ? "" : " (incomplete: calls were dropped)");
+                       row.call == "cudaMemGetInfo" ? "-" : format_size(row.largest), row.failed);
+  out +=
+      fmt::format("  {:<22} {} at {:.6f} s; {} at exit{}\n", "outstanding peak",
+                  format_size(r.peak_outstanding), r.peak_at_s, format_size(r.outstanding_at_exit),
+                  r.complete ? "" : " (incomplete: calls were dropped)");
   if (!r.timeline.empty()) {
     // Intervals of one level are merged into one line.
     out += "  outstanding over time (the most in each twentieth of the calls' span):\n";

@@ -31,8 +31,8 @@ struct PreloadCallLine {
 
 struct PreloadReport {
   std::uint64_t recorded = 0, dropped = 0, capacity = 0, threads = 0;
-  bool complete = true;           // nothing dropped: the outstanding bytes are exact
-  std::vector<PreloadRow> rows;   // by call, then route
+  bool complete = true;          // nothing dropped: the outstanding bytes are exact
+  std::vector<PreloadRow> rows;  // by call, then route
   std::uint64_t peak_outstanding = 0;
   double peak_at_s = 0;
   std::uint64_t outstanding_at_exit = 0;

@@ -135,8 +135,7 @@ std::string preload_section(const PreloadEvents& p) {
     w.put<std::uint8_t>(e.flags);
     b.append(5, '\0');
   }
-  const std::uint32_t crc =
-      checksum(b.data() + kPreloadHeadBytes, b.size() - kPreloadHeadBytes);
+  const std::uint32_t crc = checksum(b.data() + kPreloadHeadBytes, b.size() - kPreloadHeadBytes);
   std::memcpy(b.data() + crc_at, &crc, 4);
   return b;
 }
@@ -418,8 +417,8 @@ Recording load_recording(const std::filesystem::path& path) {
     at += kEventBytes;
   }
   if (data.size() - kHeaderBytes > body_bytes)
-    rec.preload = read_preload_section(body + body_bytes, data.size() - kHeaderBytes - body_bytes,
-                                       path);
+    rec.preload =
+        read_preload_section(body + body_bytes, data.size() - kHeaderBytes - body_bytes, path);
   return rec;
 }
 

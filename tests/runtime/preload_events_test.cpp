@@ -52,8 +52,10 @@ Recording sample() {
       ev(5000, PreloadCall::free, PreloadRoute::managed, 4_MiB, 0x1000),
       ev(6000, PreloadCall::free_async, PreloadRoute::passthrough, 0, 0x9000),
       // freed twice: the hook passed it through and could not tell; the events can
-      ev(7000, PreloadCall::free, PreloadRoute::passthrough, 0, 0x9000, 1, runtime::kPreloadBadFree),
-      ev(8000, PreloadCall::free, PreloadRoute::passthrough, 0, 0xdead, 1, runtime::kPreloadBadFree),
+      ev(7000, PreloadCall::free, PreloadRoute::passthrough, 0, 0x9000, 1,
+         runtime::kPreloadBadFree),
+      ev(8000, PreloadCall::free, PreloadRoute::passthrough, 0, 0xdead, 1,
+         runtime::kPreloadBadFree),
       ev(9000, PreloadCall::mem_get_info, PreloadRoute::budget, 60_MiB, 0),
   };
   rec.preload = p;

@@ -37,8 +37,8 @@ bool EventRing::init(std::uint64_t capacity) noexcept {
   return true;
 }
 
-void EventRing::record(Call call, Route route, std::uint64_t bytes, const void* address,
-                       int result, std::uint8_t flags) noexcept {
+void EventRing::record(Call call, Route route, std::uint64_t bytes, const void* address, int result,
+                       std::uint8_t flags) noexcept {
   if (!records_) return;
   const std::uint64_t i = next_.fetch_add(1, std::memory_order_relaxed);
   if (i >= capacity_) return;  // dropped: counted by the index (Note [Preload event ring])

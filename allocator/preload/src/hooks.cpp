@@ -33,7 +33,7 @@ namespace {
 
 Settings g_settings;
 PointerTable g_table;
-EventRing g_events;  // Note [Preload event ring]; on with LEMA_PRELOAD_PROFILE
+EventRing g_events;                      // Note [Preload event ring]; on with LEMA_PRELOAD_PROFILE
 std::atomic<bool> g_active{false};       // new large allocations go to managed memory
 std::atomic<std::uint64_t> g_budget{0};  // 0: none
 std::atomic<int> g_budget_checked{0};    // 0: not yet, 1: being checked, 2: done
@@ -135,8 +135,8 @@ void debug_call(const char* call, std::size_t size, const void* ptr, const char*
 
 // Note [Routing]. `fallback` makes the allocation the program asked for, untouched.
 template <typename Fallback>
-cuda_error managed_alloc(Call kind, const char* call, void** ptr, std::size_t size,
-                         unsigned flags, bool advise, Fallback fallback) {
+cuda_error managed_alloc(Call kind, const char* call, void** ptr, std::size_t size, unsigned flags,
+                         bool advise, Fallback fallback) {
   auto passed = [&] {
     const cuda_error rc = fallback();
     return noted(kind, Route::passthrough, size, given(ptr, rc), rc);
@@ -323,8 +323,8 @@ LEMA_PRELOAD_EXPORT cuda_error cudaMallocAsync(void** ptr, std::size_t size, cud
     const cuda_error rc = real_malloc(ptr, size, stream);
     return noted(Call::malloc_async, Route::passthrough, size, given(ptr, rc), rc);
   }
-  return managed_alloc(Call::malloc_async, "cudaMallocAsync", ptr, size, kCudaMemAttachGlobal,
-                       true, [&] { return real_malloc(ptr, size, stream); });
+  return managed_alloc(Call::malloc_async, "cudaMallocAsync", ptr, size, kCudaMemAttachGlobal, true,
+                       [&] { return real_malloc(ptr, size, stream); });
 }
 
 LEMA_PRELOAD_EXPORT cuda_error cudaMallocManaged(void** ptr, std::size_t size, unsigned flags) {
@@ -383,8 +383,7 @@ LEMA_PRELOAD_EXPORT cuda_error cudaFreeAsync(void* ptr, cuda_stream stream) {
 LEMA_PRELOAD_EXPORT cuda_error cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total) {
   auto real_info = real::mem_get_info_fn();
   if (!real_info)
-    return noted(Call::mem_get_info, Route::passthrough, 0, nullptr,
-                 no_runtime("cudaMemGetInfo"));
+    return noted(Call::mem_get_info, Route::passthrough, 0, nullptr, no_runtime("cudaMemGetInfo"));
   if (g_active.load(std::memory_order_acquire) && g_budget.load(std::memory_order_relaxed)) {
     check_budget_once();
     const std::uint64_t budget = g_budget.load(std::memory_order_relaxed);

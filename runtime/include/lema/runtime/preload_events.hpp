@@ -57,8 +57,8 @@ struct PreloadEvent {
 };
 
 struct PreloadEvents {
-  std::uint64_t capacity = 0;  // LEMA_PRELOAD_EVENTS
-  std::uint64_t dropped = 0;   // calls not recorded: the ring was full (or a call unfinished)
+  std::uint64_t capacity = 0;        // LEMA_PRELOAD_EVENTS
+  std::uint64_t dropped = 0;         // calls not recorded: the ring was full (or a call unfinished)
   std::vector<PreloadEvent> events;  // in the order the calls claimed their records
 };
 

@@ -54,7 +54,7 @@ struct Recording {
   std::uint64_t end_ns = 0;
   std::uint64_t dropped = 0;  // events lost because the reader fell behind
   std::vector<ProfileSourceInfo> sources;
-  std::vector<ProfileEvent> events;  // oldest first
+  std::vector<ProfileEvent> events;      // oldest first
   std::optional<PreloadEvents> preload;  // the hook's section, when the file has one
 };
 
