@@ -1,6 +1,7 @@
 // The interposed CUDA runtime entry points (exports.map lists them) and the library's load and
 // unload. See docs/USER_GUIDE.md ("LD_PRELOAD hook") for what a user sets, and the notes in
-// settings.hpp, pointer_table.hpp and profile_summary.hpp for the decisions.
+// settings.hpp, pointer_table.hpp, event_ring.hpp and profile_summary.hpp for the decisions. Every
+// entry point records its call (noted()) on each of its returns.
 //
 // Note [Routing]: an allocation of at least the threshold, while the hook is active (mode
 // managed, settings read, table mapped, budget plausible), is made with the real
