@@ -26,6 +26,7 @@
 #include "lema/runtime/profile.hpp"
 #include "profile_reader.hpp"
 #include "lema/runtime/profile_file.hpp"
+#include "prof_preload.hpp"
 #include "prof_report.hpp"
 
 extern char** environ;
@@ -257,12 +258,20 @@ void run_report_ranks(const ReportArgs& a) {
     throw InvalidArgument("--chrome and --svg draw one profile; give one FILE with them");
   }
   std::vector<ProfileSummary> summaries;
-  for (const auto& file : a.files) summaries.push_back(summarize(runtime::load_recording(file), a.top));
+  std::vector<nlohmann::json> hooks;  // a file's LD_PRELOAD hook events, or null
+  for (const auto& file : a.files) {
+    const runtime::Recording rec = runtime::load_recording(file);
+    summaries.push_back(summarize(rec, a.top));
+    hooks.push_back(rec.preload
+                        ? preload_json(summarize_preload(*rec.preload, rec.start_ns, a.top))
+                        : nlohmann::json());
+  }
   if (a.json) {
     nlohmann::json all = nlohmann::json::array();
     for (std::size_t i = 0; i < summaries.size(); ++i) {
       nlohmann::json j = summary_json(summaries[i]);
       j["file"] = a.files[i];
+      if (!hooks[i].is_null()) j["preload"] = hooks[i];
       all.push_back(std::move(j));
     }
     std::cout << all.dump(2) << "\n";
@@ -305,10 +314,16 @@ void run_report(const ReportArgs& a) {
   if (a.files.size() > 1) return run_report_ranks(a);
   const runtime::Recording rec = runtime::load_recording(a.files.front());
   const ProfileSummary s = summarize(rec, a.top);
-  if (a.json)
-    std::cout << summary_json(s).dump(2) << "\n";
-  else
+  if (a.json) {
+    nlohmann::json j = summary_json(s);
+    if (rec.preload)
+      j["preload"] = preload_json(summarize_preload(*rec.preload, rec.start_ns, a.top));
+    std::cout << j.dump(2) << "\n";
+  } else {
     std::cout << format_summary(s);
+    if (rec.preload)
+      std::cout << format_preload(summarize_preload(*rec.preload, rec.start_ns, a.top));
+  }
   auto write = [](const std::string& path, auto&& render) {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);
     if (!f) throw SystemError("cannot write " + path, errno);

@@ -107,6 +107,90 @@ class ByteReader {
   const std::filesystem::path& file_;
 };
 
+// Note [Preload event section] (preload_events.hpp).
+constexpr char kPreloadMagic[8] = {'L', 'E', 'M', 'A', 'P', 'E', 'V', 'T'};
+constexpr std::size_t kPreloadHeadBytes = 48;
+constexpr std::size_t kPreloadRecordBytes = 40;
+
+std::string preload_section(const PreloadEvents& p) {
+  ByteWriter w;
+  std::string& b = w.buffer();
+  b.append(kPreloadMagic, sizeof(kPreloadMagic));
+  w.put<std::uint32_t>(1);
+  w.put<std::uint32_t>(kPreloadRecordBytes);
+  w.put<std::uint64_t>(p.events.size());
+  w.put<std::uint64_t>(p.dropped);
+  w.put<std::uint64_t>(p.capacity);
+  const std::size_t crc_at = b.size();
+  w.put<std::uint32_t>(0);
+  w.put<std::uint32_t>(0);
+  for (const PreloadEvent& e : p.events) {
+    w.put<std::uint64_t>(e.time_ns);
+    w.put<std::uint64_t>(e.bytes);
+    w.put<std::uint64_t>(e.address);
+    w.put<std::uint32_t>(e.thread);
+    w.put<std::int32_t>(e.result);
+    w.put<std::uint8_t>(static_cast<std::uint8_t>(e.call));
+    w.put<std::uint8_t>(static_cast<std::uint8_t>(e.route));
+    w.put<std::uint8_t>(e.flags);
+    b.append(5, '\0');
+  }
+  const std::uint32_t crc = checksum(b.data() + kPreloadHeadBytes, b.size() - kPreloadHeadBytes);
+  std::memcpy(b.data() + crc_at, &crc, 4);
+  return b;
+}
+
+PreloadEvents read_preload_section(const char* data, std::size_t size,
+                                   const std::filesystem::path& path) {
+  const std::string name = path.string();
+  if (size < kPreloadHeadBytes || std::memcmp(data, kPreloadMagic, sizeof(kPreloadMagic)) != 0)
+    throw ProfileFileError(name + ": damaged profile (" + std::to_string(size) +
+                           " bytes after the body are not the preload hook's event section)");
+  ByteReader r(data + sizeof(kPreloadMagic), kPreloadHeadBytes - sizeof(kPreloadMagic), path);
+  const auto version = r.get<std::uint32_t>();
+  const auto record_bytes = r.get<std::uint32_t>();
+  const auto count = r.get<std::uint64_t>();
+  PreloadEvents p;
+  p.dropped = r.get<std::uint64_t>();
+  p.capacity = r.get<std::uint64_t>();
+  const auto crc = r.get<std::uint32_t>();
+  if (version != 1 || record_bytes != kPreloadRecordBytes)
+    throw ProfileFileError(name + ": preload event section version " + std::to_string(version) +
+                           " with " + std::to_string(record_bytes) +
+                           "-byte records; this lema reads version 1 (40 bytes); report it with "
+                           "the lema that recorded it");
+  const std::size_t left = size - kPreloadHeadBytes;
+  ByteReader::need_count_in(path, count, kPreloadRecordBytes, "preload event count", left);
+  if (left != count * kPreloadRecordBytes)
+    throw ProfileFileError(name + ": damaged profile (" +
+                           std::to_string(left - count * kPreloadRecordBytes) +
+                           " unread bytes after the preload events)");
+  const char* at = data + kPreloadHeadBytes;
+  if (checksum(at, left) != crc)
+    throw ProfileFileError(name + ": damaged profile (preload event checksum mismatch)");
+  p.events.reserve(count);
+  for (std::uint64_t i = 0; i < count; ++i, at += kPreloadRecordBytes) {
+    const auto call = static_cast<std::uint8_t>(at[32]);
+    const auto route = static_cast<std::uint8_t>(at[33]);
+    if (call == 0) continue;  // unfinished at exit; counted in dropped
+    if (call > kLastPreloadCall || route > kLastPreloadRoute)
+      throw ProfileFileError(name + ": damaged profile (preload event " + std::to_string(i) +
+                             " has call " + std::to_string(call) + ", route " +
+                             std::to_string(route) + ")");
+    PreloadEvent e;
+    std::memcpy(&e.time_ns, at, 8);
+    std::memcpy(&e.bytes, at + 8, 8);
+    std::memcpy(&e.address, at + 16, 8);
+    std::memcpy(&e.thread, at + 24, 4);
+    std::memcpy(&e.result, at + 28, 4);
+    e.call = static_cast<PreloadCall>(call);
+    e.route = static_cast<PreloadRoute>(route);
+    e.flags = static_cast<std::uint8_t>(at[34]);
+    p.events.push_back(e);
+  }
+  return p;
+}
+
 void put_counters(ByteWriter& w, const PagerStats& s) {
   for (std::uint64_t v :
        {s.faults, s.hits, s.prefetches_issued, s.prefetches_used, s.prefetches_wasted, s.bytes_read,
@@ -183,6 +267,18 @@ void save_recording(const Recording& rec, const std::filesystem::path& path) {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     f.write(head.buffer().data(), static_cast<std::streamsize>(head.buffer().size()));
     f.write(b.data(), static_cast<std::streamsize>(b.size()));
+    f.close();
+    if (!f) {
+      const int err = errno;
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      throw SystemError("cannot write the profile " + path.string(), err);
+    }
+  }
+  if (rec.preload) {
+    std::ofstream f(tmp, std::ios::binary | std::ios::app);
+    const std::string section = preload_section(*rec.preload);
+    f.write(section.data(), static_cast<std::streamsize>(section.size()));
     f.close();
     if (!f) {
       const int err = errno;
@@ -320,6 +416,9 @@ Recording load_recording(const std::filesystem::path& path) {
     e.kind = static_cast<EventKind>(kind);
     at += kEventBytes;
   }
+  if (data.size() - kHeaderBytes > body_bytes)
+    rec.preload =
+        read_preload_section(body + body_bytes, data.size() - kHeaderBytes - body_bytes, path);
   return rec;
 }
 

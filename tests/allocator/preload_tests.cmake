@@ -46,6 +46,8 @@ if(NOT LEMA_SANITIZE)
                     "LEMA_BUDGET=64M;LEMA_PRELOAD_MODE=fast" ${_prog} passthrough)
   lema_preload_test(bad_log 1 "LEMA_PRELOAD_LOG='loud' is not off, warn, info or debug"
                     "LEMA_BUDGET=64M;LEMA_PRELOAD_LOG=loud" ${_prog} passthrough)
+  lema_preload_test(bad_events 1 "LEMA_PRELOAD_EVENTS='-3' is not a count of events"
+                    "LEMA_BUDGET=64M;LEMA_PRELOAD_EVENTS=-3" ${_prog} passthrough)
   lema_preload_test(mode_passthrough 0 "" "LEMA_BUDGET=64M;LEMA_PRELOAD_MODE=passthrough"
                     ${_prog} passthrough)
   lema_preload_test(budget_over_device 1 "LEMA_BUDGET=2 GiB is more than the device's 1 GiB"

@@ -206,3 +206,165 @@ def test_preload_library_names_the_built_hook():
     again = subprocess.run([sys.executable, "-c", "import lema; print(lema.preload_library())"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and os.path.samefile(again.stdout.strip(), PRELOAD)
+
+
+def report_json(prof):
+    report = subprocess.run([LEMA, "prof", "report", str(prof), "--json"], capture_output=True,
+                            text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    return json.loads(report.stdout)
+
+
+def rows(preload):
+    """(call, route) → (count, bytes, largest, failed)."""
+    return {(r["call"], r["route"]): (r["count"], r["bytes"], r["largest"], r["failed"])
+            for r in preload["calls"]}
+
+
+EVENTS_BODY = """
+    rc, large = malloc(4 * MiB)              # managed
+    rc, small = malloc(4096)                 # passed through
+    a_large, a_small = ctypes.c_void_p(), ctypes.c_void_p()
+    assert rt.cudaMallocAsync(ctypes.byref(a_large), ctypes.c_size_t(2 * MiB), None) == 0
+    assert rt.cudaMallocAsync(ctypes.byref(a_small), ctypes.c_size_t(1024), None) == 0
+    own = ctypes.c_void_p()
+    assert rt.cudaMallocManaged(ctypes.byref(own), ctypes.c_size_t(8 * MiB), 1) == 0
+    info()
+    assert malloc(64 * MiB)[0] == 2          # refused: over the budget
+    for p in (large, small, own.value):
+        assert rt.cudaFree(ctypes.c_void_p(p)) == 0
+    assert rt.cudaFreeAsync(a_large, None) == 0
+    assert rt.cudaFreeAsync(a_small, None) == 0
+    print("ok")
+"""
+
+
+def test_each_call_is_an_event_with_its_route(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run(EVENTS_BODY, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    p = report_json(prof)["preload"]
+    assert p["recorded"] == 12 and p["dropped"] == 0 and p["complete"]
+    assert rows(p) == {
+        ("cudaMalloc", "managed"): (1, 4 * MiB, 4 * MiB, 0),
+        ("cudaMalloc", "passthrough"): (1, 4096, 4096, 0),
+        ("cudaMalloc", "refused"): (1, 64 * MiB, 64 * MiB, 1),
+        ("cudaMallocAsync", "managed"): (1, 2 * MiB, 2 * MiB, 0),
+        ("cudaMallocAsync", "passthrough"): (1, 1024, 1024, 0),
+        ("cudaMallocManaged", "managed"): (1, 8 * MiB, 8 * MiB, 0),
+        ("cudaMemGetInfo", "budget"): (1, 0, 0, 0),
+        # frees carry the bytes of the allocation they release
+        ("cudaFree", "managed"): (2, 12 * MiB, 8 * MiB, 0),
+        ("cudaFree", "passthrough"): (1, 4096, 4096, 0),
+        ("cudaFreeAsync", "managed"): (1, 2 * MiB, 2 * MiB, 0),
+        ("cudaFreeAsync", "passthrough"): (1, 1024, 1024, 0),
+    }
+    assert p["peak_outstanding_bytes"] == 14 * MiB + 4096 + 1024
+    assert p["outstanding_at_exit_bytes"] == 0
+    assert max(pt["bytes"] for pt in p["timeline"]) == p["peak_outstanding_bytes"]
+    assert p["refused_count"] == 1 and p["refused"][0]["bytes"] == 64 * MiB
+    assert p["refused"][0]["result"] == 2 and p["bad_free_count"] == 0 and p["threads"] == 1
+    both = subprocess.run([LEMA, "prof", "report", str(prof), str(prof), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 0, both.stderr
+    assert [r["preload"] for r in json.loads(both.stdout)] == [p, p]  # one per rank's file
+    text = subprocess.run([LEMA, "prof", "report", str(prof)], capture_output=True, text=True,
+                          timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert "LD_PRELOAD hook: 12 calls recorded on 1 thread" in text.stdout, text.stdout
+    assert "cudaMalloc(64 MiB) refused (error 2): over the budget" in text.stdout, text.stdout
+
+
+def test_passed_through_calls_are_events_too(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run(EVENTS_BODY.replace("assert malloc(64 * MiB)[0] == 2", "malloc(1)[0]"),
+               LEMA_PRELOAD_MODE="passthrough", LEMA_PRELOAD_PROFILE=prof)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    r = rows(report_json(prof)["preload"])
+    assert set(route for _, route in r) == {"passthrough"}
+    assert sum(v[0] for v in r.values()) == 12
+    assert r[("cudaMalloc", "passthrough")][:3] == (3, 4 * MiB + 4096 + 1, 4 * MiB)
+
+
+def test_bad_and_double_frees_are_listed(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run("""
+        rc, p = malloc(4 * MiB)
+        assert rt.cudaFree(p) == 0
+        assert rt.cudaFree(p) == 1
+        assert rt.cudaFree(0xdead0000) == 1
+        rc, q = malloc(4096)                 # passed through: the runtime's own memory
+        assert rt.cudaFree(q) == 0 and rt.cudaFree(q) == 1
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    p = report_json(prof)["preload"]
+    bad = [(b["call"], b["address"], b["what"], b["result"]) for b in p["bad_frees"]]
+    assert p["bad_free_count"] == 3
+    assert bad[0][2] == "double free" and bad[0][3] == 1
+    assert bad[1][1:3] == (0xdead0000, "not memory given out (or freed twice)")
+    assert bad[2][2] == "double free"  # the hook passed it through; the events show it
+    assert rows(p)[("cudaFree", "passthrough")][3] == 3  # failed
+
+
+def test_a_full_ring_counts_what_it_dropped(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run("""
+        for _ in range(10):
+            rc, p = malloc(4 * MiB)
+            rt.cudaFree(p)
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof, LEMA_PRELOAD_EVENTS=6)
+    assert proc.returncode == 0 and hook_lines(proc) == [], proc.stderr
+    p = report_json(prof)["preload"]
+    assert (p["recorded"], p["dropped"], p["capacity"]) == (6, 14, 6)
+    assert not p["complete"]
+    assert rows(p) == {("cudaMalloc", "managed"): (3, 12 * MiB, 4 * MiB, 0),
+                                    ("cudaFree", "managed"): (3, 12 * MiB, 4 * MiB, 0)}
+
+
+def test_a_malformed_event_count_is_one_line_and_the_program_runs(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run("""
+        rc, p = malloc(4 * MiB)
+        assert rc == 0 and not fake.fake_cudart_is_managed(p)
+        assert rt.cudaFree(p) == 0
+        print("ok")
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof, LEMA_PRELOAD_EVENTS="lots")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+    lines = hook_lines(proc)
+    assert len(lines) == 1 and "LEMA_PRELOAD_EVENTS='lots' is not a count" in lines[0], lines
+    p = report_json(prof)["preload"]  # the default ring still records the calls
+    assert p["recorded"] == 2 and p["capacity"] == 1 << 20
+
+
+def test_without_events_the_summary_file_is_as_before(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run("""
+        rc, p = malloc(4 * MiB)
+        rt.cudaFree(p)
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof, LEMA_PRELOAD_EVENTS=0)
+    assert proc.returncode == 0, proc.stderr
+    data = prof.read_bytes()
+    body = int.from_bytes(data[16:24], "little")
+    assert len(data) == 64 + body  # nothing after the body: the summary-only file
+    r = report_json(prof)
+    assert "preload" not in r and r["peak_resident_bytes"] == 4 * MiB
+
+
+def test_calls_from_threads_are_each_recorded_once(tmp_path):
+    prof = tmp_path / "hook.lprof"
+    proc = run("""
+        import threading
+        def work():
+            for _ in range(500):
+                rc, p = malloc(2 * MiB)
+                assert rc == 0 and rt.cudaFree(p) == 0
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+    """, LEMA_BUDGET="64M", LEMA_PRELOAD_PROFILE=prof)
+    assert proc.returncode == 0, proc.stderr
+    p = report_json(prof)["preload"]
+    assert (p["recorded"], p["dropped"], p["threads"]) == (4000, 0, 4)
+    assert rows(p) == {("cudaMalloc", "managed"): (2000, 4000 * MiB, 2 * MiB, 0),
+                       ("cudaFree", "managed"): (2000, 4000 * MiB, 2 * MiB, 0)}
+    assert p["outstanding_at_exit_bytes"] == 0 and p["peak_outstanding_bytes"] <= 8 * MiB

@@ -40,13 +40,37 @@ struct Out {
   void str(const char* s) { str(s, std::strlen(s)); }
 };
 
-std::uint32_t crc32(const unsigned char* p, std::size_t n) {
-  std::uint32_t c = 0xFFFFFFFFu;
-  for (std::size_t i = 0; i < n; ++i) {
-    c ^= p[i];
-    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+// CRC-32 (zlib's): start with 0xFFFFFFFF, feed, complement at the end. Slicing by eight over
+// tables built at compile time: the event section can be tens of megabytes, and a bit at a time
+// would cost seconds at exit.
+struct CrcTables {
+  std::uint32_t t[8][256];
+};
+constexpr CrcTables make_crc_tables() {
+  CrcTables c{};
+  for (std::uint32_t i = 0; i < 256; ++i) {
+    std::uint32_t v = i;
+    for (int k = 0; k < 8; ++k) v = (v >> 1) ^ (0xEDB88320u & (0u - (v & 1u)));
+    c.t[0][i] = v;
   }
-  return ~c;
+  for (std::uint32_t i = 0; i < 256; ++i)
+    for (int k = 1; k < 8; ++k) c.t[k][i] = (c.t[k - 1][i] >> 8) ^ c.t[0][c.t[k - 1][i] & 0xFF];
+  return c;
+}
+constexpr CrcTables kCrc = make_crc_tables();
+
+std::uint32_t crc32_update(std::uint32_t c, const unsigned char* p, std::size_t n) {
+  for (; n >= 8; n -= 8, p += 8) {
+    const std::uint32_t lo = c ^ (std::uint32_t{p[0]} | std::uint32_t{p[1]} << 8 |
+                                  std::uint32_t{p[2]} << 16 | std::uint32_t{p[3]} << 24);
+    c = kCrc.t[7][lo & 0xFF] ^ kCrc.t[6][(lo >> 8) & 0xFF] ^ kCrc.t[5][(lo >> 16) & 0xFF] ^
+        kCrc.t[4][lo >> 24] ^ kCrc.t[3][p[4]] ^ kCrc.t[2][p[5]] ^ kCrc.t[1][p[6]] ^ kCrc.t[0][p[7]];
+  }
+  for (; n > 0; --n, ++p) c = (c >> 8) ^ kCrc.t[0][(c ^ *p) & 0xFF];
+  return c;
+}
+std::uint32_t crc32(const unsigned char* p, std::size_t n) {
+  return ~crc32_update(0xFFFFFFFFu, p, n);
 }
 
 // /proc/self/cmdline with its separators made spaces.
@@ -60,6 +84,46 @@ std::size_t read_command(char* buf, std::size_t cap) {
   for (ssize_t i = 0; i < n; ++i)
     if (buf[i] == 0) buf[i] = ' ';
   return static_cast<std::size_t>(n);
+}
+
+// Note [Preload event section] (runtime/include/lema/runtime/preload_events.hpp): a 48-byte head
+// and the ring's records. The records are copied out in chunks, a record still being written
+// (call byte 0) zeroed and counted as dropped, and the checksum taken over the copies, so a
+// thread still inside a hook at exit cannot make the file disagree with its checksum. The head,
+// which holds that checksum, is written last, in the place kept for it.
+bool write_event_section(int fd, off_t at, const EventRing& ring) {
+  static unsigned char chunk[256 * sizeof(EventRecord)];
+  const std::uint64_t claimed = ring.claimed();
+  const std::uint64_t count = claimed < ring.capacity() ? claimed : ring.capacity();
+  constexpr std::size_t kHead = 48;
+  if (::lseek(fd, at + static_cast<off_t>(kHead), SEEK_SET) < 0) return false;
+  std::uint32_t crc = 0xFFFFFFFFu;
+  std::uint64_t lost = 0;
+  for (std::uint64_t i = 0; i < count;) {
+    std::size_t n = 0;
+    for (; i < count && n + sizeof(EventRecord) <= sizeof chunk; ++i, n += sizeof(EventRecord)) {
+      const EventRecord& r = ring.records()[i];
+      if (__atomic_load_n(&r.call, __ATOMIC_ACQUIRE) == 0) {
+        std::memset(chunk + n, 0, sizeof(EventRecord));
+        ++lost;
+      } else {
+        std::memcpy(chunk + n, &r, sizeof(EventRecord));
+      }
+    }
+    crc = crc32_update(crc, chunk, n);
+    if (::write(fd, chunk, n) != static_cast<ssize_t>(n)) return false;
+  }
+  unsigned char head_buf[kHead];
+  Out head{head_buf, sizeof head_buf};
+  head.bytes("LEMAPEVT", 8);
+  head.put<std::uint32_t>(1);  // version
+  head.put<std::uint32_t>(sizeof(EventRecord));
+  head.put<std::uint64_t>(count);
+  head.put<std::uint64_t>(claimed - count + lost);  // dropped
+  head.put<std::uint64_t>(ring.capacity());
+  head.put<std::uint32_t>(~crc);
+  head.put<std::uint32_t>(0);
+  return ::pwrite(fd, head_buf, head.n, at) == static_cast<ssize_t>(head.n);
 }
 
 }  // namespace
@@ -130,6 +194,8 @@ bool write_profile_summary(const ProfileSummary& s) noexcept {
   if (fd < 0) return false;
   bool ok = ::write(fd, header_buf, header.n) == static_cast<ssize_t>(header.n) &&
             ::write(fd, body_buf, body.n) == static_cast<ssize_t>(body.n);
+  if (ok && s.events && s.events->on())
+    ok = write_event_section(fd, static_cast<off_t>(header.n + body.n), *s.events);
   const int err = errno;
   ok = ::close(fd) == 0 && ok;
   if (!ok || ::rename(tmp, s.path) != 0) {

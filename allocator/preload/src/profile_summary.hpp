@@ -7,12 +7,15 @@
 // "resident"), and in its policy string the mode, the threshold and the counts of managed,
 // refused and passed-through allocations. It holds no events: the profile's event kinds are the
 // pager's (faults, prefetches, evictions), and an allocation is none of them; recording each one
-// would need kinds every reader of the format knows. The file is written with a fixed buffer
-// and plain system calls, so the hook links nothing of lema.
+// would need kinds every reader of the format knows. The per-call records of the event ring
+// (LEMA_PRELOAD_EVENTS, event_ring.hpp) follow the body as a section of their own: see
+// Note [Preload event section] in runtime/include/lema/runtime/preload_events.hpp. The file is
+// written with a fixed buffer and plain system calls, so the hook links nothing of lema.
 #pragma once
 
 #include <cstdint>
 
+#include "event_ring.hpp"
 #include "pointer_table.hpp"
 
 namespace lema::preload {
@@ -26,6 +29,7 @@ struct ProfileSummary {
   std::uint64_t start_ns = 0;
   std::uint64_t end_ns = 0;
   TableCounters counters{};
+  const EventRing* events = nullptr;  // saved after the body when on
 };
 
 /// CLOCK_MONOTONIC in nanoseconds (the profile's time base, std::chrono::steady_clock).

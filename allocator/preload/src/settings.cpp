@@ -173,6 +173,17 @@ Settings read_settings() noexcept {
       std::strcpy(s.profile_path, v);
     }
   }
+  // Note [Bad settings pass through] holds here too: a malformed count passes every call through,
+  // and the ring keeps its default size, so the profile still shows what the program did.
+  if (const char* v = std::getenv("LEMA_PRELOAD_EVENTS"); v && *v) {
+    std::uint64_t n = 0;
+    if (!parse_size(v, &n) || n > kMaxEvents) {
+      bad_setting("LEMA_PRELOAD_EVENTS", v, "a count of events from 0 (off) to 67108864");
+      ok = false;
+    } else {
+      s.events = n;
+    }
+  }
   if (!ok) s.managed = false;
   return s;
 }

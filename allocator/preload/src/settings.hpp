@@ -15,6 +15,9 @@ inline constexpr std::uint64_t kDefaultThreshold = std::uint64_t{1} << 20;
 inline constexpr std::uint64_t kDefaultTableEntries = std::uint64_t{1} << 16;
 inline constexpr std::uint64_t kMinTableEntries = 16;
 inline constexpr std::uint64_t kMaxTableEntries = std::uint64_t{1} << 24;
+// Records of the event ring (event_ring.hpp), 40 bytes each, mapped but touched only as used.
+inline constexpr std::uint64_t kDefaultEvents = std::uint64_t{1} << 20;
+inline constexpr std::uint64_t kMaxEvents = std::uint64_t{1} << 26;
 
 struct Settings {
   bool managed = true;                                 // LEMA_PRELOAD_MODE=managed|passthrough
@@ -23,6 +26,7 @@ struct Settings {
   bool advise = true;                                  // LEMA_PRELOAD_ADVISE
   std::uint64_t table_entries = kDefaultTableEntries;  // LEMA_PRELOAD_TABLE, a power of two
   char profile_path[1024] = {};                        // LEMA_PRELOAD_PROFILE; empty: off
+  std::uint64_t events = kDefaultEvents;  // LEMA_PRELOAD_EVENTS; 0: off (kept with the profile)
 };
 
 /// Reads the environment; sets the report level and file first, so that what follows is

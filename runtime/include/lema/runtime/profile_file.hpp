@@ -17,6 +17,8 @@
 //     per event, 40 bytes: u64 time_ns | u64 duration_ns | u64 bytes | u32 first page |
 //       u32 page count | u8 kind (EventKind: 0 fault … 5 stall, 6 gpu_fault, 7 migrate_to_device,
 //       8 migrate_to_host) | u8 reserved | u16 source | u32 reserved
+// After the body, a file the LD_PRELOAD hook wrote may hold its per-call events: see
+// Note [Preload event section] in preload_events.hpp (outside the body, the version unchanged).
 // Version 1 (before unified-memory counters: no uvm string, 10 counters, kinds 0–5) is refused
 // with a message saying so.
 // A reader checks the magic, the version, the sizes and the checksum before parsing, so a
@@ -25,10 +27,12 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "lema/base/error.hpp"
+#include "lema/runtime/preload_events.hpp"
 #include "lema/runtime/profile.hpp"
 
 namespace lema::runtime {
@@ -50,7 +54,8 @@ struct Recording {
   std::uint64_t end_ns = 0;
   std::uint64_t dropped = 0;  // events lost because the reader fell behind
   std::vector<ProfileSourceInfo> sources;
-  std::vector<ProfileEvent> events;  // oldest first
+  std::vector<ProfileEvent> events;      // oldest first
+  std::optional<PreloadEvents> preload;  // the hook's section, when the file has one
 };
 
 /// Writes `rec` to `path` (through a temporary file renamed into place). Throws SystemError.
