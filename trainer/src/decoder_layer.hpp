@@ -39,13 +39,16 @@ struct RouterStats {
 // Note [Routed experts]
 // Mixtral's block computes, as transformers' MixtralSparseMoeBlock does: router logits
 // x G^T, probabilities softmax(logits) in float32, the top k of them renormalized to sum to one
-// (Qwen2-MoE: only when norm_topk_prob is set), and for each expert e the rows that chose it: w2(silu(w1 x) * w3 x) times the row's weight for
-// e, summed into the output. Each expert runs only on the rows that chose it (index_select), and
-// an expert no row chose is skipped before any of its weights is touched: under a budget its
-// pages are never read, so a step reads only the chosen experts' bytes.
+// (Qwen2-MoE: only when norm_topk_prob is set), and for each expert e the rows that chose it:
+// w2(silu(w1 x) * w3 x) times the row's weight for e, summed into the output. Each expert runs
+// only on the rows that chose it (index_select), and an expert no row chose is skipped before
+// any of its weights is touched: under a budget its pages are never read, so a step reads only
+// the chosen experts' bytes.
 struct Expert {
-  LoraLinear w1, w2, w3;  // gate [m, h], down [h, m], up [m, h]; never adapted
-};                        // (Qwen2-MoE's gate_proj, down_proj, up_proj)
+  // gate [m, h], down [h, m], up [m, h] (Qwen2-MoE's gate_proj, down_proj, up_proj); never
+  // adapted
+  LoraLinear w1, w2, w3;
+};
 
 struct DecoderLayer {
   ModelFamily family = ModelFamily::kLlama;
@@ -60,7 +63,7 @@ struct DecoderLayer {
   at::Tensor router;          // Mixtral's gate [experts, hidden]; undefined for a dense MLP
   std::vector<Expert> experts;
   std::int64_t top_k = 0;
-  bool norm_topk = true;         // renormalize the chosen experts' weights
+  bool norm_topk = true;          // renormalize the chosen experts' weights
   at::Tensor shared_expert_gate;  // Qwen2-MoE's [1, hidden]; undefined: no shared expert
   /// In peft's and named_trainable()'s order: q k v o gate up down (Mixtral: q k v o; a sparse
   /// Qwen2-MoE layer: q k v o and its shared expert's gate up down), or GPT-2's c_attn,
