@@ -1,4 +1,5 @@
-"""Qwen2, Qwen3, GPT-2 and Mixtral checkpoints saved by transformers, against transformers and peft.
+"""Qwen2, Qwen3, GPT-2, Mixtral and Qwen2-MoE checkpoints saved by transformers, against
+transformers and peft.
 
 For each family, a small random model written by save_pretrained:
 - the logits and loss of our decoder equal transformers' (1e-4 relative), also with an adapter
@@ -10,7 +11,9 @@ For each family, a small random model written by save_pretrained:
   bit for bit, its adapter loads in peft on the transformers model, and `lema merge` of it gives
   peft's logits.
 Mixtral also: its router's auxiliary loss is part of the loss compared, its layers' recompute
-trains as keeping the activations does, and an expert no token chose is never read.
+trains as keeping the activations does, and an expert no token chose is never read. Qwen2-MoE
+(sparse and dense layers, a shared expert, adapted through peft's gate/up/down names) likewise;
+test_qwen2_moe.py has its own cases.
 Other architectures are refused in one line naming them, the supported list and the Python route.
 """
 import json
@@ -70,12 +73,29 @@ def mixtral():
         router_aux_loss_coef=0.05, tie_word_embeddings=False))
 
 
-FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2, "mixtral": mixtral}
+def qwen2_moe(norm_topk_prob=False):
+    # Layers 1 and 5 sparse (decoder_sparse_step 2, layer 3 kept dense by mlp_only_layers), the
+    # others a dense MLP; 8 experts of which 2 per token and a shared expert; the router's
+    # auxiliary loss on. transformers' default leaves the top-k weights unnormalized.
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+        max_position_embeddings=256, rms_norm_eps=1e-6, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=128, shared_expert_intermediate_size=256, decoder_sparse_step=2,
+        mlp_only_layers=[3], norm_topk_prob=norm_topk_prob, output_router_logits=True,
+        router_aux_loss_coef=0.05, tie_word_embeddings=False))
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "gpt2": gpt2, "mixtral": mixtral,
+            "qwen2_moe": qwen2_moe}
 TARGETS = {"qwen2": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
            "qwen3": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
            "gpt2": "c_attn,c_proj,c_fc",
            # transformers fuses the experts into 3-D parameters, which peft cannot target.
-           "mixtral": "q_proj,k_proj,v_proj,o_proj"}
+           "mixtral": "q_proj,k_proj,v_proj,o_proj",
+           # gate/up/down: the shared expert's and the dense layers' MLP (the routed experts
+           # are fused, as Mixtral's).
+           "qwen2_moe": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 
 
 def randomize(model):
@@ -228,7 +248,7 @@ def test_other_architectures_are_refused_in_one_line(tmp_path, arch, model_type)
         assert proc.returncode == 1, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr
-        for needle in (arch, "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+        for needle in (arch, "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
                        "LlamaForCausalLM", "lema.from_pretrained"):
             assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
@@ -338,11 +358,17 @@ def padded_mixtral_batch():
     return ids, labels, mask
 
 
-def test_mixtral_router_loss_leaves_padding_out_and_lora_grads_match_peft(tmp_path):
+ROUTED = {"mixtral": mixtral, "qwen2_moe": lambda: qwen2_moe(norm_topk_prob=False),
+          "qwen2_moe_normalized": lambda: qwen2_moe(norm_topk_prob=True)}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED))
+def test_router_loss_leaves_padding_out_and_lora_grads_match_peft(tmp_path, name):
     """On a padded batch, the loss (cross entropy plus the router's load-balancing term) equals
     transformers' given the attention mask, from `lema train` on prepared examples and from the
-    model directly; the gradients of every LoRA matrix equal peft's."""
-    model = mixtral().eval()
+    model directly; the gradients of every LoRA matrix equal peft's. Qwen2-MoE's term counts its
+    sparse layers only, with and without renormalized top-k weights."""
+    model = ROUTED[name]().eval()
     randomize(model)
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
@@ -372,7 +398,7 @@ def test_mixtral_router_loss_leaves_padding_out_and_lora_grads_match_peft(tmp_pa
     text = lambda t: ";".join(",".join(map(str, row)) for row in t.tolist())  # noqa: E731
     adapter_dir, out = tmp_path / "adapter", tmp_path / "grads.safetensors"
     proc = subprocess.run([tool, str(model_dir), text(ids), str(out), "--random-adapter", "7",
-                           "--rank", "4", "--alpha", "8", "--targets", TARGETS["mixtral"],
+                           "--rank", "4", "--alpha", "8", "--targets", TARGETS[name.removesuffix("_normalized")],
                            "--save-adapter", str(adapter_dir), "--labels", text(labels),
                            "--mask", text(mask)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

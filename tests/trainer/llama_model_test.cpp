@@ -168,6 +168,40 @@ TEST_F(LlamaModelTest, MixtralConfigNamesItsExpertsAndRefusesImpossibleRouting) 
   EXPECT_EQ(message.find('\n'), std::string::npos) << message;
 }
 
+TEST_F(LlamaModelTest, Qwen2MoeConfigPicksSparseLayersAndNamesTheSharedExpert) {
+  json j = tiny_config_json();
+  j["architectures"] = {"Qwen2MoeForCausalLM"};
+  j["model_type"] = "qwen2_moe";
+  j["num_hidden_layers"] = 6;
+  j["num_experts"] = 4;
+  j["num_experts_per_tok"] = 2;
+  j["moe_intermediate_size"] = 32;
+  j["shared_expert_intermediate_size"] = 48;
+  j["decoder_sparse_step"] = 2;
+  j["mlp_only_layers"] = {3};
+  const ModelConfig c = parse(j);
+  EXPECT_TRUE(c.is_moe());
+  EXPECT_FALSE(c.norm_topk_prob);  // Qwen2MoeConfig's default
+  EXPECT_TRUE(c.qkv_bias);
+  for (std::int64_t i = 0; i < 6; ++i) EXPECT_EQ(c.sparse_layer(i), i == 1 || i == 5) << i;
+  EXPECT_EQ(lora_target_candidates(c).size(), 7u);  // gate/up/down: shared expert, dense MLP
+  std::size_t experts = 0, shared = 0, dense = 0;
+  for (const ExpectedTensor& t : expected_tensors(c)) {
+    if (t.name.find("mlp.experts.") != std::string::npos) {
+      ++experts;
+      EXPECT_EQ(t.shape[0] * t.shape[1], 32 * 64) << t.name;
+    }
+    shared += t.name.find("mlp.shared_expert") != std::string::npos;
+    if (t.name.find("layers.3.mlp.gate_proj") != std::string::npos) {
+      ++dense;
+      EXPECT_EQ(t.shape, (std::vector<std::int64_t>{128, 64}));
+    }
+  }
+  EXPECT_EQ(experts, 2u * 4u * 3u);
+  EXPECT_EQ(shared, 2u * 4u);
+  EXPECT_EQ(dense, 1u);
+}
+
 TEST_F(LlamaModelTest, ConfigDefaultsAndMistral) {
   json j = tiny_config_json();
   j.erase("num_key_value_heads");

@@ -526,8 +526,8 @@ void register_train(CLI::App& app) {
   cmd->add_flag("--no-activation-checkpointing", args->no_activation_checkpointing,
                 "Keep every layer's activations instead of recomputing them in backward");
   cmd->add_flag("--no-expert-demote", args->no_expert_demote,
-                "Mixtral: leave out the hint that evicts the experts a router did not choose first "
-                "(to measure what it saves)");
+                "Mixtral, Qwen2-MoE: leave out the hint that evicts the experts a router did not "
+                "choose first (to measure what it saves)");
   cmd->add_option("--threads", args->threads, "Intra-op threads (0: torch's default)");
   cmd->add_option("--nproc", args->nproc,
                   "Start this many local ranks (data parallel, as torchrun --standalone); under "

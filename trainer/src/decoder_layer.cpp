@@ -5,6 +5,8 @@
 #include <cmath>
 #include <optional>
 
+#include "shared_expert.hpp"
+
 namespace lema::trainer::detail {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -81,7 +83,7 @@ at::Tensor DecoderLayer::experts_forward(const at::Tensor& x, const ForwardConte
   const auto n_experts = static_cast<std::int64_t>(experts.size());
   const at::Tensor probs = at::softmax(at::linear(flat, router.to(ctx.dtype)).to(at::kFloat), -1);
   auto [top_weights, top_index] = probs.topk(top_k, -1);
-  top_weights = top_weights / top_weights.sum(-1, /*keepdim=*/true);
+  if (norm_topk) top_weights = top_weights / top_weights.sum(-1, /*keepdim=*/true);
   // Which experts any row chose, read once on the host: the loop below must know before it
   // touches an expert's weights.
   const at::Tensor counts = at::bincount(top_index.reshape({-1}), {}, n_experts).to(at::kCPU);
@@ -143,7 +145,15 @@ at::Tensor DecoderLayer::llama_forward(const at::Tensor& x, const RopeTables& ro
       x + o_proj.forward(causal_attention(q, k, v, cache, ctx.attention_mask), ctx);
 
   const at::Tensor m = rms_norm(after_attn, norm2, norm_eps);
-  if (router.defined()) return after_attn + experts_forward(m, ctx, router_stats);
+  if (router.defined()) {
+    at::Tensor moe = experts_forward(m, ctx, router_stats);
+    if (shared_expert_gate.defined()) {
+      const SharedExpert shared{projections[4], projections[5], projections[6],
+                                shared_expert_gate};
+      moe = moe + shared.forward(m.reshape({-1, m.size(-1)}), ctx).view(m.sizes());
+    }
+    return after_attn + moe;
+  }
   const LoraLinear &gate_proj = projections[4], &up_proj = projections[5],
                    &down_proj = projections[6];
   const at::Tensor gated = at::silu(gate_proj.forward(m, ctx)) * up_proj.forward(m, ctx);

@@ -3,6 +3,9 @@
 //                 RMSNorm → SwiGLU MLP (gate/up/down);
 //   Mixtral:      the Llama layout with a sparse mixture of SwiGLU experts for the MLP
 //                 (Note [Routed experts]);
+//   Qwen2-MoE:    Qwen2's attention; a sparse layer routes like Mixtral (with or without
+//                 renormalizing the top k) and adds a gated shared expert (Note [Shared expert]),
+//                 a dense one has the SwiGLU MLP;
 //   GPT-2:        LayerNorm → attention (fused c_attn, c_proj) → LayerNorm → GELU MLP
 //                 (c_fc, c_proj); positions come from the model's learned table, not rotations.
 #pragma once
@@ -35,13 +38,16 @@ struct RouterStats {
 
 // Note [Routed experts]
 // Mixtral's block computes, as transformers' MixtralSparseMoeBlock does: router logits
-// x G^T, probabilities softmax(logits) in float32, the top k of them renormalized to sum to one,
-// and for each expert e the rows that chose it: w2(silu(w1 x) * w3 x) times the row's weight for
-// e, summed into the output. Each expert runs only on the rows that chose it (index_select), and
-// an expert no row chose is skipped before any of its weights is touched: under a budget its
-// pages are never read, so a step reads only the chosen experts' bytes.
+// x G^T, probabilities softmax(logits) in float32, the top k of them renormalized to sum to one
+// (Qwen2-MoE: only when norm_topk_prob is set), and for each expert e the rows that chose it:
+// w2(silu(w1 x) * w3 x) times the row's weight for e, summed into the output. Each expert runs
+// only on the rows that chose it (index_select), and an expert no row chose is skipped before
+// any of its weights is touched: under a budget its pages are never read, so a step reads only
+// the chosen experts' bytes.
 struct Expert {
-  LoraLinear w1, w2, w3;  // gate [m, h], down [h, m], up [m, h]; never adapted
+  // gate [m, h], down [h, m], up [m, h] (Qwen2-MoE's gate_proj, down_proj, up_proj); never
+  // adapted
+  LoraLinear w1, w2, w3;
 };
 
 struct DecoderLayer {
@@ -57,7 +63,10 @@ struct DecoderLayer {
   at::Tensor router;          // Mixtral's gate [experts, hidden]; undefined for a dense MLP
   std::vector<Expert> experts;
   std::int64_t top_k = 0;
-  /// In peft's and named_trainable()'s order: q k v o gate up down (Mixtral: q k v o), or GPT-2's c_attn,
+  bool norm_topk = true;          // renormalize the chosen experts' weights
+  at::Tensor shared_expert_gate;  // Qwen2-MoE's [1, hidden]; undefined: no shared expert
+  /// In peft's and named_trainable()'s order: q k v o gate up down (Mixtral: q k v o; a sparse
+  /// Qwen2-MoE layer: q k v o and its shared expert's gate up down), or GPT-2's c_attn,
   /// attn.c_proj, c_fc, mlp.c_proj.
   std::vector<LoraLinear> projections;
 
@@ -66,7 +75,8 @@ struct DecoderLayer {
 
   /// `x` is [batch, seq, hidden] at positions cache->seen .. +seq (0 without a cache); `rope`
   /// covers those positions (unused by GPT-2). With a cache, this call's keys and values are
-  /// appended to it. With `router_stats` (Mixtral), the router's decision is stored there.
+  /// appended to it. With `router_stats` (a layer with a router), the router's decision is
+  /// stored there.
   at::Tensor forward(const at::Tensor& x, const RopeTables& rope, const ForwardContext& ctx,
                      LayerCache* cache = nullptr, RouterStats* router_stats = nullptr) const;
 

@@ -148,18 +148,23 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
       layer->norm2 = get(prefix + "ln_2.weight");
       layer->norm2_bias = get(prefix + "ln_2.bias");
     } else {
-      if (c.is_moe()) {
-        layer->router = get(prefix + "block_sparse_moe.gate.weight");
+      if (c.sparse_layer(i)) {
+        const std::string moe = c.moe_prefix(i);
+        const std::vector<std::string> names = c.expert_projection_names();
+        layer->router = get(moe + "gate.weight");
         layer->top_k = c.num_experts_per_tok;
+        layer->norm_topk = c.norm_topk_prob;
         for (std::int64_t e = 0; e < c.num_local_experts; ++e) {
-          const std::string x = fmt::format("{}block_sparse_moe.experts.{}.", prefix, e);
+          const std::string x = fmt::format("{}experts.{}.", moe, e);
           detail::Expert ex;
-          for (auto [lin, name] : {std::pair{&ex.w1, "w1"}, {&ex.w2, "w2"}, {&ex.w3, "w3"}}) {
-            lin->module_path = x + name;
+          for (auto [lin, name] : {std::pair{&ex.w1, &names[0]}, {&ex.w2, &names[1]},
+                                   {&ex.w3, &names[2]}}) {
+            lin->module_path = x + *name;
             lin->weight = get(lin->module_path + ".weight");
           }
           layer->experts.push_back(std::move(ex));
         }
+        layer->shared_expert_gate = get_if(prefix + "mlp.shared_expert_gate.weight");
       }
       layer->norm1 = get(prefix + "input_layernorm.weight");
       layer->norm2 = get(prefix + "post_attention_layernorm.weight");
@@ -167,13 +172,16 @@ LlamaModel::LlamaModel(ModelConfig config, const WeightLookup& weights, LlamaMod
       layer->k_norm = get_if(prefix + "self_attn.k_norm.weight");
     }
     for (const std::string& path : gpt2 ? gpt2_paths : llama_paths) {
-      if (c.is_moe() && path.rfind("mlp.", 0) == 0) continue;  // experts instead
+      const bool mlp = path.rfind("mlp.", 0) == 0;
+      const bool shared = mlp && layer->shared_expert_gate.defined();
+      if (mlp && layer->router.defined() && !shared) continue;  // experts instead
       detail::LoraLinear p;
-      p.module_path = prefix + path;
+      // A sparse Qwen2-MoE layer's shared expert takes the MLP's place (Note [Shared expert]).
+      p.module_path = prefix + (shared ? "mlp.shared_expert." + path.substr(4) : path);
       p.weight = get(p.module_path + ".weight");
       p.bias = get_if(p.module_path + ".bias");
       p.transposed = gpt2;
-      const std::string leaf = path.substr(path.find('.') + 1);
+      const std::string leaf = path.substr(path.rfind('.') + 1);
       if (is_target(leaf)) {
         // Drawn on the CPU from the seed, so every device starts from the same adapter.
         p.lora_a = init_lora_a(r, p.in_features(), init).to(device).requires_grad_(true);
@@ -202,14 +210,20 @@ namespace {
 // flow through P only (the choices are discrete). Given an attention mask, transformers counts
 // only the tokens it marks (padding chooses experts too, but is left out of f, P and rows); so
 // do we with SequenceLayout::attention_mask: `rows` is then the number of marked tokens.
+// Only layers with a router take part (Qwen2-MoE's dense layers record no router logits);
+// without any, there is no loss.
 at::Tensor router_aux_loss(const std::vector<detail::RouterStats>& stats, std::int64_t rows,
                            std::int64_t experts) {
-  at::Tensor counts = stats.front().counts, probs = stats.front().prob_sum;
-  for (std::size_t i = 1; i < stats.size(); ++i) {
-    counts = counts + stats[i].counts;
-    probs = probs + stats[i].prob_sum;
+  at::Tensor counts, probs;
+  std::int64_t layers = 0;
+  for (const detail::RouterStats& s : stats) {
+    if (!s.counts.defined()) continue;
+    counts = layers == 0 ? s.counts : counts + s.counts;
+    probs = layers == 0 ? s.prob_sum : probs + s.prob_sum;
+    ++layers;
   }
-  const double total = static_cast<double>(rows) * static_cast<double>(stats.size());
+  if (layers == 0) return at::Tensor();
+  const double total = static_cast<double>(rows) * static_cast<double>(layers);
   return (counts / total * (probs / total)).sum() * static_cast<double>(experts);
 }
 
@@ -328,24 +342,25 @@ at::Tensor LlamaModel::hidden_states(const at::Tensor& input_ids, KvCache* cache
   std::vector<detail::RouterStats> stats(want_stats ? layers_.size() : 0);
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const auto& layer_ptr = layers_[i];
+    const bool layer_stats = want_stats && layer_ptr->router.defined();
     if (!recompute) {
       h = layer_ptr->forward(h, rope, ctx, cache != nullptr ? &cache->layers[i] : nullptr,
-                             want_stats ? &stats[i] : nullptr);
+                             layer_stats ? &stats[i] : nullptr);
       continue;
     }
     // The closure holds copies of the layer's tensor and generator handles, so backward does
     // not depend on this model object. The checkpoint passes one tensor through, so a layer
     // whose router statistics are wanted returns them packed after its output, in float32
     // (exact for every compute dtype), and they are unpacked below.
-    detail::LayerFunction run = [layer = *layer_ptr, rope, ctx, want_stats](const at::Tensor& x) {
-      if (!want_stats) return layer.forward(x, rope, ctx);
+    detail::LayerFunction run = [layer = *layer_ptr, rope, ctx, layer_stats](const at::Tensor& x) {
+      if (!layer_stats) return layer.forward(x, rope, ctx);
       detail::RouterStats s;
       const at::Tensor out = layer.forward(x, rope, ctx, nullptr, &s);
       return at::cat({out.to(at::kFloat).reshape({-1}), s.prob_sum, s.counts});
     };
     const at::Tensor out = detail::checkpointed(std::move(run), h, layer_ptr->adapter_parameters(),
                                                 ctx.dropout_generator);
-    if (!want_stats) {
+    if (!layer_stats) {
       h = out;
       continue;
     }

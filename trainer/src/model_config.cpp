@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -58,6 +59,7 @@ constexpr Known kKnown[] = {{"llama", "LlamaForCausalLM"},
                             {"mistral", "MistralForCausalLM"},
                             {"mixtral", "MixtralForCausalLM"},
                             {"qwen2", "Qwen2ForCausalLM"},
+                            {"qwen2_moe", "Qwen2MoeForCausalLM"},
                             {"qwen3", "Qwen3ForCausalLM"},
                             {"gpt2", "GPT2LMHeadModel"}};
 
@@ -182,6 +184,39 @@ void read_mixtral(const json& j, const fs::path& file, ModelConfig& c) {
   }
 }
 
+// Qwen2MoeConfig's defaults: 60 experts of 1408, 4 per token, unnormalized top-k weights, a
+// shared expert of 5632, every layer sparse. num_experts 0 leaves every layer dense.
+void read_qwen2_moe(const json& j, const fs::path& file, ModelConfig& c) {
+  c.num_local_experts = 60;
+  if (const auto it = j.find("num_experts"); it != j.end() && *it == 0) {
+    c.num_local_experts = 0;
+  } else {
+    c.num_local_experts = get_int(j, "num_experts", file, 60);
+  }
+  c.num_experts_per_tok = get_int(j, "num_experts_per_tok", file, 4);
+  if (c.is_moe() && c.num_experts_per_tok > c.num_local_experts) {
+    fail(file, fmt::format("num_experts_per_tok {} exceeds num_experts {}; a router cannot choose "
+                           "more experts than there are",
+                           c.num_experts_per_tok, c.num_local_experts));
+  }
+  c.norm_topk_prob = get_bool(j, "norm_topk_prob", file, false);
+  c.moe_intermediate_size = get_int(j, "moe_intermediate_size", file, 1408);
+  c.shared_expert_intermediate_size = get_int(j, "shared_expert_intermediate_size", file, 5632);
+  c.decoder_sparse_step = get_int(j, "decoder_sparse_step", file, 1);
+  c.router_aux_loss_coef = get_double(j, "router_aux_loss_coef", file, 0.001);
+  c.output_router_logits = get_bool(j, "output_router_logits", file, false);
+  if (const auto it = j.find("mlp_only_layers"); it != j.end() && !it->is_null()) {
+    if (!it->is_array()) fail(file, "'mlp_only_layers' must be a list of layer indices");
+    for (const json& v : *it) {
+      if (!v.is_number_integer()) {
+        fail(file, fmt::format("'mlp_only_layers' must hold layer indices (got {})", v.dump()));
+      }
+      c.mlp_only_layers.push_back(v.get<std::int64_t>());
+    }
+  }
+  c.qkv_bias = get_bool(j, "qkv_bias", file, true);
+}
+
 void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
   c.hidden_size = get_int(j, "hidden_size", label);
   c.intermediate_size = get_int(j, "intermediate_size", label);
@@ -200,7 +235,9 @@ void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
   c.vocab_size = get_int(j, "vocab_size", label);
   c.max_position_embeddings =
       get_int(j, "max_position_embeddings", label,
-              c.model_type == "mistral" || c.model_type == "mixtral" ? 4096 * 32 : 2048);
+              c.model_type == "mistral" || c.model_type == "mixtral" ? 4096 * 32
+              : c.model_type == "qwen2_moe"                          ? 32768
+                                                                     : 2048);
   c.rms_norm_eps = get_double(j, "rms_norm_eps", label, 1e-6);
   c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", label, false);
   read_rope(j, label, c);
@@ -213,7 +250,11 @@ void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
     }
   }
   if (c.model_type == "mixtral") read_mixtral(j, label, c);
-  if (c.model_type == "qwen2" || c.model_type == "qwen3") read_qwen_window(j, label, c);
+  const bool qwen2_moe = c.model_type == "qwen2_moe";
+  if (qwen2_moe) read_qwen2_moe(j, label, c);
+  if (c.model_type == "qwen2" || c.model_type == "qwen3" || qwen2_moe) {
+    read_qwen_window(j, label, c);
+  }
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
     fail(label, fmt::format("num_attention_heads {} is not divisible by num_key_value_heads {}",
                             c.num_attention_heads, c.num_key_value_heads));
@@ -231,12 +272,14 @@ void read_llama_layout(const json& j, const fs::path& label, ModelConfig& c) {
   // four attention projections (Llama, Mistral's config has none, Qwen3), mlp_bias on the MLP's.
   const bool attention_bias = get_bool(j, "attention_bias", label, false);
   if (attention_bias &&
-      (c.model_type == "mistral" || c.model_type == "mixtral" || c.model_type == "qwen2")) {
+      (c.model_type == "mistral" || c.model_type == "mixtral" || c.model_type == "qwen2" ||
+       qwen2_moe)) {
     fail(label, fmt::format("'attention_bias' is true, which {} does not implement; set it to "
                             "false",
                             c.architecture.empty() ? c.model_type : c.architecture));
   }
-  c.qkv_bias = c.model_type == "qwen2" || attention_bias;
+  // Qwen2-MoE's qkv_bias (default true) was read above.
+  c.qkv_bias = c.model_type == "qwen2" || attention_bias || (qwen2_moe && c.qkv_bias);
   c.o_bias = attention_bias;
   c.mlp_bias = get_bool(j, "mlp_bias", label, false);
   if (c.mlp_bias && c.model_type != "llama") {
@@ -317,6 +360,24 @@ ModelConfig ModelConfig::from_json_text(const std::string& text,
   return c;
 }
 
+bool ModelConfig::sparse_layer(std::int64_t i) const {
+  if (!is_moe()) return false;
+  if (model_type != "qwen2_moe") return true;
+  const bool dense_only =
+      std::find(mlp_only_layers.begin(), mlp_only_layers.end(), i) != mlp_only_layers.end();
+  return !dense_only && (i + 1) % decoder_sparse_step == 0;
+}
+
+std::string ModelConfig::moe_prefix(std::int64_t layer) const {
+  return fmt::format("model.layers.{}.{}", layer,
+                     model_type == "mixtral" ? "block_sparse_moe." : "mlp.");
+}
+
+std::vector<std::string> ModelConfig::expert_projection_names() const {
+  if (model_type == "mixtral") return {"w1", "w2", "w3"};
+  return {"gate_proj", "down_proj", "up_proj"};
+}
+
 std::string shape_string(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
@@ -374,14 +435,24 @@ std::vector<ExpectedTensor> expected_tensors(const ModelConfig& c) {
       out.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
     }
     out.push_back({p + "post_attention_layernorm.weight", {h}});
-    if (c.is_moe()) {
+    if (c.sparse_layer(i)) {
       // The per-expert names save_pretrained writes (transformers fuses them only in memory).
-      out.push_back({p + "block_sparse_moe.gate.weight", {c.num_local_experts, h}});
+      const std::string moe = c.moe_prefix(i).substr(p.size());
+      const std::int64_t em = c.expert_size();
+      const std::vector<std::string> names = c.expert_projection_names();
+      out.push_back({p + moe + "gate.weight", {c.num_local_experts, h}});
       for (std::int64_t e = 0; e < c.num_local_experts; ++e) {
-        const std::string x = fmt::format("block_sparse_moe.experts.{}.", e);
-        linear(x + "w1", m, h, false);
-        linear(x + "w2", h, m, false);
-        linear(x + "w3", m, h, false);
+        const std::string x = fmt::format("{}experts.{}.", moe, e);
+        linear(x + names[0], em, h, false);
+        linear(x + names[1], h, em, false);
+        linear(x + names[2], em, h, false);
+      }
+      if (c.shared_expert_intermediate_size > 0) {
+        const std::int64_t s = c.shared_expert_intermediate_size;
+        linear("mlp.shared_expert.gate_proj", s, h, false);
+        linear("mlp.shared_expert.up_proj", s, h, false);
+        linear("mlp.shared_expert.down_proj", h, s, false);
+        out.push_back({p + "mlp.shared_expert_gate.weight", {1, h}});
       }
       continue;
     }
@@ -404,10 +475,12 @@ const std::vector<std::string>& lora_target_candidates(const ModelConfig& config
   static const std::vector<std::string> llama = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"};
   static const std::vector<std::string> gpt2 = {"c_attn", "c_proj", "c_fc"};
-  // transformers holds Mixtral's experts as fused 3-D parameters, which peft's target_modules
-  // cannot name, so an adapter peft loads adapts the attention only.
+  // transformers holds the routed experts as fused 3-D parameters, which peft's target_modules
+  // cannot name, so an adapter peft loads adapts Mixtral's attention only. Qwen2-MoE's
+  // gate_proj, up_proj and down_proj name its shared expert's projections and its dense layers'
+  // MLP, which are plain Linear modules in transformers as here.
   static const std::vector<std::string> moe = {"q_proj", "k_proj", "v_proj", "o_proj"};
-  if (config.is_moe()) return moe;
+  if (config.is_moe() && config.model_type == "mixtral") return moe;
   return config.family == ModelFamily::kGpt2 ? gpt2 : llama;
 }
 

@@ -44,10 +44,11 @@ struct LlamaModelOptions {
   /// Keep only each decoder layer's input in forward and recompute the layer in backward (see
   /// Note [Layer checkpointing]). Applies whenever gradients are recorded.
   bool activation_checkpointing = true;
-  /// Mixtral: called with the weight names of the experts a layer's router chose, right after it
-  /// ran and before any of them is read (the CLI passes them to VirtualCheckpoint::prefetch).
+  /// Mixtral, Qwen2-MoE: called with the weight names of the routed experts a layer's router
+  /// chose, right after it ran and before any of them is read (the CLI passes them to
+  /// VirtualCheckpoint::prefetch).
   std::function<void(const std::vector<std::string>&)> expert_prefetch;
-  /// Mixtral: called with the weight names of the experts a layer's router did not choose, just
+  /// Mixtral, Qwen2-MoE: called with the weight names of the experts a router did not choose, just
   /// before expert_prefetch (the CLI passes them to VirtualCheckpoint::demote, so those experts
   /// are the first evicted when room is needed). A hint: it never changes a number.
   std::function<void(const std::vector<std::string>&)> expert_demote;
@@ -81,10 +82,10 @@ class LlamaModel : public TrainableModel {
   /// Note [Packed attention]); a cache takes no packed rows.
   at::Tensor logits(const at::Tensor& input_ids, KvCache* cache, const SequenceLayout& layout);
   /// Mean next-token cross entropy (labels = input_ids, as transformers computes it); seq >= 2.
-  /// Mixtral with output_router_logits adds router_aux_loss_coef times the router's
+  /// Mixtral and Qwen2-MoE with output_router_logits add router_aux_loss_coef times the router's
   /// load-balancing loss (Note [Router auxiliary loss]), as transformers does given labels.
   at::Tensor loss(const at::Tensor& input_ids) override;
-  /// With `layout`: packed rows (position_ids) attend within each example; Mixtral's router
+  /// With `layout`: packed rows (position_ids) attend within each example; the router
   /// loss leaves out the tokens the attention mask marks as padding.
   at::Tensor masked_loss(const at::Tensor& input_ids, const at::Tensor& labels,
                          const SequenceLayout& layout = {}) override;

@@ -6,6 +6,9 @@
 //     `attention_bias` and `mlp_bias`), Qwen3's per-head q/k RMSNorm, a SwiGLU MLP;
 //   - Mixtral: the Llama layout with the MLP replaced by a sparse mixture of experts (a router
 //     over num_local_experts SwiGLU experts, num_experts_per_tok chosen per token);
+//   - Qwen2-MoE: Qwen2's attention with, in the layers decoder_sparse_step and mlp_only_layers
+//     pick, Mixtral's routed experts plus a shared expert gated by a sigmoid; the other layers
+//     keep a dense MLP of intermediate_size;
 //   - GPT-2: learned positions, LayerNorm with bias, a fused c_attn, Conv1D weights stored
 //     [in, out], a GELU MLP.
 #pragma once
@@ -36,7 +39,7 @@ enum class ModelFamily { kLlama, kGpt2 };
 std::string supported_architectures();
 
 struct ModelConfig {
-  std::string model_type;    // "llama", "mistral", "mixtral", "qwen2", "qwen3" or "gpt2"
+  std::string model_type;    // "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gpt2"
   std::string architecture;  // "LlamaForCausalLM", "Qwen2ForCausalLM", ... (may be empty)
   ModelFamily family = ModelFamily::kLlama;
   std::int64_t hidden_size = 0;
@@ -64,13 +67,33 @@ struct ModelConfig {
   /// Mixtral: experts per layer (0: a dense MLP), experts chosen per token, and the router's
   /// auxiliary load-balancing loss, added to the training loss times its coefficient when
   /// output_router_logits is set (as transformers adds it when given labels).
-  std::int64_t num_local_experts = 0;
+  std::int64_t num_local_experts = 0;  // Qwen2-MoE: num_experts
   std::int64_t num_experts_per_tok = 0;
   double router_aux_loss_coef = 0.001;
   bool output_router_logits = false;
+  /// Renormalize the chosen experts' weights to sum to one (Mixtral always does).
+  bool norm_topk_prob = true;
+  /// Qwen2-MoE: the routed experts' width, the shared expert's (0: none), and which layers are
+  /// sparse: (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+  std::int64_t moe_intermediate_size = 0;
+  std::int64_t shared_expert_intermediate_size = 0;
+  std::int64_t decoder_sparse_step = 1;
+  std::vector<std::int64_t> mlp_only_layers;
   std::filesystem::path source;  // the config.json read, for messages
 
   bool is_moe() const { return num_local_experts > 0; }
+  /// Whether decoder layer `i` routes over experts (else it has a dense MLP).
+  bool sparse_layer(std::int64_t i) const;
+  /// The routed experts' width: moe_intermediate_size (Qwen2-MoE) or intermediate_size.
+  std::int64_t expert_size() const {
+    return moe_intermediate_size > 0 ? moe_intermediate_size : intermediate_size;
+  }
+  /// "model.layers.3.block_sparse_moe." (Mixtral) or "model.layers.3.mlp." (Qwen2-MoE): where a
+  /// sparse layer's router ("gate") and experts ("experts.N.") live.
+  std::string moe_prefix(std::int64_t layer) const;
+  /// The three projection names of a routed expert, as (gate, down, up): Mixtral's w1, w2, w3 or
+  /// Qwen2-MoE's gate_proj, down_proj, up_proj.
+  std::vector<std::string> expert_projection_names() const;
 
   /// Reads `dir`/config.json (or `dir` itself when it names a file). Throws InvalidArgument, one
   /// line naming the file and the field, for an unsupported architecture (naming it, the
