@@ -329,6 +329,15 @@ def test_cuda_without_a_gpu_is_one_line(model, tmp_path, extra):
     assert line.endswith("); train on --device cpu (Gloo)"), line
 
 
+def test_one_gpu_for_several_nccl_ranks_is_refused_in_one_line(model, tmp_path):
+    line = one_line_refusal(model, tmp_path, "--device", "cuda:0", "--nproc", "2",
+                            "--dist-backend", "nccl")
+    if "this build of LEMA has no NCCL" in line:
+        return
+    assert line == ("error: --device cuda:0 puts all 2 local ranks on one GPU, and NCCL takes "
+                    "one GPU per rank; give --device cuda (local rank r on GPU r)")
+
+
 def test_cuda_without_a_gpu_under_torchrun_is_one_line_per_rank(model, tmp_path):
     if gpu_count() > 0:
         pytest.skip("this machine has a GPU")
@@ -341,5 +350,5 @@ def test_cuda_without_a_gpu_under_torchrun_is_one_line_per_rank(model, tmp_path)
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("error: --dist-backend nccl needs a GPU for --device cuda:1") or \
+    assert lines[0].startswith("error: --dist-backend nccl needs a GPU for --device cuda,") or \
         "this build of LEMA has no NCCL" in lines[0], lines[0]

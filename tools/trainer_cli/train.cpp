@@ -242,6 +242,7 @@ void run(TrainArgs args) {
       ::setenv("LEMA_PROFILE", ranked.c_str(), 1);
     }
   }
+  const std::string device_given = args.paging.device;
   // Each local rank takes a GPU of its own: --device cuda means cuda:LOCAL_RANK.
   if (dist && dist->local_world_size > 1 && args.paging.device == "cuda") {
     args.paging.device = fmt::format("cuda:{}", dist->local_rank);
@@ -250,7 +251,7 @@ void run(TrainArgs args) {
   if (dist && (dist->world_size > 1 || backend_named)) {
     c10::Device group_device(c10::kCPU);
     if (backend == trainer::DistBackend::kNccl) {
-      trainer::check_nccl_devices(args.paging.device, dist->local_world_size);
+      trainer::check_nccl_devices(device_given, dist->local_world_size);
       group_device = c10::Device(args.paging.device);
       if (!group_device.has_index()) {
         group_device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank));

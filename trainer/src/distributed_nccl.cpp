@@ -51,6 +51,12 @@ void check_nccl_devices(const std::string& device, int local_ranks) {
   } catch (const std::exception&) {
     throw InvalidArgument(fmt::format("--device {}: give cpu, cuda or cuda:N", device));
   }
+  if (index >= 0 && local_ranks > 1) {
+    throw InvalidArgument(fmt::format(
+        "--device {} puts all {} local ranks on one GPU, and NCCL takes one GPU per rank; give "
+        "--device cuda (local rank r on GPU r)",
+        device, local_ranks));
+  }
   int count = 0;
   try {
     count = c10::cuda::device_count_ensure_non_zero();

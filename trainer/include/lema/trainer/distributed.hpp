@@ -66,9 +66,10 @@ std::optional<DistributedEnv> distributed_env_from_environment();
 
 /// Whether this build has NCCL (its torch is a CUDA build with ProcessGroupNCCL).
 bool nccl_in_build() noexcept;
-/// Throws Error, one line, unless torch sees a GPU for NCCL on `device` (cuda or cuda:N) and,
-/// without an index, one GPU for each of `local_ranks`; InvalidArgument in a build without
-/// NCCL. Initializes the CUDA runtime: call it only where NCCL is chosen.
+/// Throws Error, one line, unless torch sees a GPU for NCCL on `device` (--device as given:
+/// cuda, or cuda:N for a single local rank) and, without an index, one GPU for each of
+/// `local_ranks`; InvalidArgument in a build without NCCL. Initializes the CUDA runtime: call
+/// it only where NCCL is chosen.
 void check_nccl_devices(const std::string& device, int local_ranks);
 
 class ProcessGroup {
