@@ -121,6 +121,29 @@ else()
   lema_found("libtorch" "OFF")
 endif()
 
+# NCCL, through the ProcessGroupNCCL of a CUDA torch (libtorch_cuda, which loads libnccl): found
+# when that torch ships the header and the library, the CUDA toolkit's headers are here, and
+# nccl.h is (the wheel's nvidia/nccl, or the toolkit's). A CPU-only torch leaves it off; the
+# trainer then refuses --dist-backend nccl in one line (trainer/src/distributed_nccl.cpp).
+set(LEMA_HAVE_NCCL OFF)
+if(LEMA_HAVE_TORCH AND NOT LEMA_WITH_NCCL STREQUAL "OFF")
+  find_library(LEMA_TORCH_CUDA_LIBRARY torch_cuda PATHS "${TORCH_INSTALL_PREFIX}/lib" NO_DEFAULT_PATH)
+  find_path(LEMA_NCCL_INCLUDE_DIR nccl.h
+            HINTS "${TORCH_INSTALL_PREFIX}/../nvidia/nccl/include" ${CUDAToolkit_INCLUDE_DIRS})
+  if(LEMA_HAVE_CUDA AND LEMA_TORCH_CUDA_LIBRARY AND LEMA_NCCL_INCLUDE_DIR AND EXISTS
+     "${TORCH_INSTALL_PREFIX}/include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp")
+    set(LEMA_HAVE_NCCL ON)
+    lema_found("NCCL" "through ${LEMA_TORCH_CUDA_LIBRARY} (nccl.h in ${LEMA_NCCL_INCLUDE_DIR})")
+  elseif(LEMA_WITH_NCCL STREQUAL "ON")
+    message(FATAL_ERROR "LEMA_WITH_NCCL=ON but this torch has no libtorch_cuda/ProcessGroupNCCL, "
+                        "or nccl.h or the CUDA toolkit was not found")
+  else()
+    lema_found("NCCL" "not found (a CPU-only torch, or no nccl.h / CUDA toolkit)")
+  endif()
+else()
+  lema_found("NCCL" "OFF")
+endif()
+
 function(lema_print_summary)
   message(STATUS "LEMA configuration:")
   foreach(line ${LEMA_FOUND_SUMMARY})

@@ -7,6 +7,8 @@
 #   device_bench.json, .md     H2D bandwidth (driver baseline vs the backend's pipeline), map /
 #                              set-access / unmap cost per chunk size, Pager passes
 #   train_steps.md, .json      `lema train --device cuda` step times, resident and paged
+#                              (train_ranks: tokens/s over NCCL, 1 rank and one per GPU, is its
+#                              phase's note in the summary)
 #   logs.tar.gz                every phase's log, the build's, the runs' --log-json files
 # and prints the tables and the summary last on stdout (the device returns its tail).
 #
@@ -29,7 +31,8 @@
 #                     the runs' step logs and the bandwidth figures of the first call are reused
 #   --list-phases     print the phase names and exit
 #   --nproc N         every `lema train` run trains with N local ranks (lema train --nproc N,
-#                     Gloo; rank r on GPU r): for a machine with N GPUs. Default 1
+#                     NCCL on the GPUs; rank r on GPU r): for a machine with N GPUs. Default 1
+#                     (train_ranks measures 1 rank against one per GPU whatever this is)
 # Environment: LEMA_PYTHON (default: `command -v python3`, made absolute), LEMA_DEVICE_JOBS,
 # LEMA_DEVICE_BUILD_CMD (a command taking BUILD_DIR TARGET... in place of ninja).
 #
@@ -42,7 +45,7 @@
 set -uo pipefail
 
 PHASES=(environment deps configure build_core ctest_gpu bandwidth cuda_alloc build_torch ctest_torch
-        gen_model train_resident train_half train_half_cached train_resident_small
+        gen_model train_resident train_half train_ranks train_half_cached train_resident_small
         train_half_small train_half_managed pager_passes preload_oversubscribe train_unified
         train_table)
 
@@ -398,6 +401,35 @@ train_body() {  # name, lema train arguments...
   return $rc
 }
 
+# Note [Ranks phase]: `lema train --nproc G --dist-backend nccl` on the G GPUs torch sees, against
+# 1 rank through the same NCCL path (a group of one), resident, each rank --batch sequences: the
+# tokens/s of all ranks together (median of the steps after the first) and their ratio. With one
+# GPU only the 1-rank run, which proves the path (every step logged as nccl). The rehearsal runs
+# the same on the CPU with two Gloo ranks. The figures are the phase's note (summary.md) and
+# device-runs/ranks.json (logs.tar.gz); train_resident, when it ran, is the run without a group.
+ranks_body() {  # lema train arguments...
+  local gpus backend=nccl n
+  if [[ $rehearsal -eq 1 ]]; then
+    gpus=2 backend=gloo
+  else
+    gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2> /dev/null | tail -1)
+  fi
+  if ! [[ "$gpus" =~ ^[0-9]+$ ]] || (( gpus < 1 )); then
+    echo "torch sees no GPU ('$gpus'): no NCCL run"
+    return 1
+  fi
+  local counts=(1)
+  (( gpus >= 2 )) && counts+=("$gpus")
+  for n in "${counts[@]}"; do
+    rm -f "$runs/ranks_$n.jsonl"
+    echo "lema train --nproc $n --dist-backend $backend $*"
+    "$build/tools/lema" train --model "$model" --out "$work/adapter_ranks" \
+      --log-json "$runs/ranks_$n.jsonl" --nproc "$n" --dist-backend "$backend" "$@" || return 1
+    rm -rf "$work/adapter_ranks"
+  done
+  "$python" "$here/ranks_table.py" "$runs" "$backend" "${counts[@]}"
+}
+
 cuda_alloc_body() {  # PyTorch with liblema_cuda_alloc.so against its own allocator
   "$python" "$here/cuda_alloc_bench.py" --library "$build/allocator/pluggable/liblema_cuda_alloc.so" \
     --out "$runs/cuda_alloc.md"
@@ -421,7 +453,7 @@ preload_body() {  # the LD_PRELOAD hook against plain unified memory, oversubscr
 }
 export -f environment_body deps_body configure_body build_targets build_core_body \
   build_torch_body ctest_body bench_body gen_body train_body table_body cuda_alloc_body \
-  preload_body
+  preload_body ranks_body
 
 # ---- the run ----
 if [[ $rehearsal -eq 1 ]]; then
@@ -517,6 +549,8 @@ echo "device memory cap for the paged runs: $cap (half the weights $((half >> 20
 
 run train_half 150 "${big[@]}" --budget "$half" \
   $([[ $rehearsal -eq 0 ]] && echo --device-memory-cap "$cap")
+phase train_ranks "$(need 60)" 300 build_torch,gen_model ranks_body "${train[@]}" "${big[@]}" \
+  --budget unlimited
 gpu_run train_half_cached 150 "${big[@]}" --budget "$half" --host-cache "${model_bytes:-0}" \
   --device-memory-cap "$cap"
 gpu_run train_resident_small 120 "${small[@]}" --budget unlimited

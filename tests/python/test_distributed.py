@@ -9,7 +9,10 @@
 - each rank saves its own profile, and `lema prof report` of several shows a line per rank;
 - a rank killed with SIGKILL stops the others at once with an error naming it, the launcher
   names it too, and the last checkpoint resumes;
-- a rank that hangs (SIGSTOP) is named after --dist-timeout, and the launcher kills it.
+- a rank that hangs (SIGSTOP) is named after --dist-timeout, and the launcher kills it;
+- --dist-backend: auto picks Gloo on the CPU (the log line and --log-json say so), a named
+  backend trains through a group even of one rank, nccl on the CPU is refused in one line, and
+  on a machine without a GPU --device cuda (NCCL) is one line, neither a crash nor a hang.
 """
 import json
 import os
@@ -250,3 +253,102 @@ def test_a_hung_rank_is_named_after_the_timeout(model, corpus, tmp_path):
                for line in lines), lines
     assert lines[-1] == ("error: rank 0 of 2 (lema train --nproc 2) exited with status 1; the "
                          "ranks still running were killed")
+
+
+def train_logged(model, corpus, out, *extra):
+    """A short run; its stderr and the records of --log-json."""
+    log = Path(str(out) + ".jsonl")
+    proc = lema("train", "--model", model, "--data", corpus, "--out", out, "--log-json", log,
+                "--steps", "2", *COMMON, *extra)
+    return proc.stderr, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_auto_picks_gloo_on_the_cpu(model, corpus, tmp_path):
+    err, records = train_logged(model, corpus, tmp_path / "out", "--nproc", "2", "--batch", "2")
+    assert "2 ranks (gloo on cpu, rendezvous at 127.0.0.1:" in err
+    assert [(r["dist_backend"], r["world_size"]) for r in records] == [("gloo", 2)] * 2
+
+
+def test_a_named_backend_trains_one_rank_through_a_group_with_the_same_steps(model, corpus,
+                                                                             tmp_path):
+    _, plain = train_logged(model, corpus, tmp_path / "plain", "--batch", "2")
+    err, grouped = train_logged(model, corpus, tmp_path / "grouped", "--batch", "2",
+                                "--dist-backend", "gloo")
+    assert "1 rank (gloo on cpu, rendezvous at 127.0.0.1:" in err
+    assert all("dist_backend" not in r for r in plain)
+    assert [r["dist_backend"] for r in grouped] == ["gloo"] * 2
+    # A sum over one rank divided by one: the same losses and adapters, bit for bit.
+    assert [r["loss"] for r in grouped] == [r["loss"] for r in plain]
+    for name, value in adapter(tmp_path / "plain").items():
+        np.testing.assert_array_equal(adapter(tmp_path / "grouped")[name], value)
+
+
+def one_line_refusal(model, tmp_path, *extra):
+    """`lema train` that must stop at once with one error line and exit status 1."""
+    p = subprocess.run([lema_bin(), "train", "--model", str(model), "--out",
+                        str(tmp_path / "out"), "--steps", "1", *COMMON, *extra],
+                       capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything touched --out
+    return lines[0]
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_nccl_on_the_cpu_is_refused_in_one_line(model, tmp_path, nproc):
+    line = one_line_refusal(model, tmp_path, "--dist-backend", "nccl", "--device", "cpu",
+                            "--nproc", nproc)
+    assert line == (
+        "error: --dist-backend nccl moves tensors between GPUs, but the training device is "
+        "--device cpu; add --device cuda, or use --dist-backend gloo (or auto) on the CPU")
+
+
+def test_an_unknown_backend_is_refused_in_one_line(model, tmp_path):
+    assert one_line_refusal(model, tmp_path, "--dist-backend", "mpi") == (
+        "error: --dist-backend mpi: give auto, gloo or nccl")
+
+
+def gpu_count():
+    import torch
+    return torch.cuda.device_count()
+
+
+@pytest.mark.parametrize("extra", [["--dist-backend", "nccl"], ["--nproc", "2"],
+                                   ["--nproc", "2", "--dist-backend", "nccl"]],
+                         ids=["nccl", "auto-2-ranks", "nccl-2-ranks"])
+def test_cuda_without_a_gpu_is_one_line(model, tmp_path, extra):
+    if gpu_count() > 0:
+        pytest.skip("this machine has a GPU")
+    line = one_line_refusal(model, tmp_path, "--device", "cuda", *extra)
+    if "this build of LEMA has no NCCL" in line:
+        assert "--dist-backend nccl" in extra, line  # auto falls back to Gloo there
+        return
+    assert line.startswith("error: --dist-backend nccl needs a GPU for --device cuda, and torch "
+                           "sees none on this machine ("), line
+    assert line.endswith("); train on --device cpu (Gloo)"), line
+
+
+def test_one_gpu_for_several_nccl_ranks_is_refused_in_one_line(model, tmp_path):
+    line = one_line_refusal(model, tmp_path, "--device", "cuda:0", "--nproc", "2",
+                            "--dist-backend", "nccl")
+    if "this build of LEMA has no NCCL" in line:
+        return
+    assert line == ("error: --device cuda:0 puts all 2 local ranks on one GPU, and NCCL takes "
+                    "one GPU per rank; give --device cuda (local rank r on GPU r)")
+
+
+def test_cuda_without_a_gpu_under_torchrun_is_one_line_per_rank(model, tmp_path):
+    if gpu_count() > 0:
+        pytest.skip("this machine has a GPU")
+    env = dict(os.environ, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    p = subprocess.run([lema_bin(), "train", "--model", str(model), "--out",
+                        str(tmp_path / "out"), "--steps", "1", *COMMON, "--device", "cuda",
+                        "--dist-backend", "nccl"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: --dist-backend nccl needs a GPU for --device cuda,") or \
+        "this build of LEMA has no NCCL" in lines[0], lines[0]

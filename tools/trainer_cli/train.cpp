@@ -67,6 +67,7 @@ struct TrainArgs {
   int nproc = 1;
   double dist_timeout_s = 60;
   double bucket_mb = 25;
+  std::string dist_backend = "auto";
 };
 
 // The settings every rank must share, compared across the ranks before the first collective
@@ -216,7 +217,16 @@ void run(TrainArgs args) {
   const auto dist_timeout = std::chrono::milliseconds(
       static_cast<std::int64_t>(args.dist_timeout_s * 1000.0));
   const std::optional<trainer::DistributedEnv> dist = trainer::distributed_env_from_environment();
-  if (!dist && args.nproc > 1) {
+  // Note [Backend choice]. Naming a backend trains through a process group even of one rank
+  // (--nproc 1, or torchrun with one), which runs the collectives' path on a single GPU.
+  const trainer::DistBackend backend = trainer::choose_dist_backend(
+      args.dist_backend, args.paging.device, trainer::nccl_in_build());
+  const bool backend_named = args.dist_backend != "auto";
+  if (!dist && (args.nproc > 1 || backend_named)) {
+    // Checked once here, not N times by the ranks: no GPU, or fewer than the ranks need.
+    if (backend == trainer::DistBackend::kNccl) {
+      trainer::check_nccl_devices(args.paging.device, args.nproc);
+    }
     std::fflush(stderr);
     std::exit(launch_local_ranks(args.nproc, dist_timeout));
   }
@@ -232,12 +242,23 @@ void run(TrainArgs args) {
       ::setenv("LEMA_PROFILE", ranked.c_str(), 1);
     }
   }
+  const std::string device_given = args.paging.device;
   // Each local rank takes a GPU of its own: --device cuda means cuda:LOCAL_RANK.
   if (dist && dist->local_world_size > 1 && args.paging.device == "cuda") {
     args.paging.device = fmt::format("cuda:{}", dist->local_rank);
   }
   std::unique_ptr<trainer::ProcessGroup> group;
-  if (dist && dist->world_size > 1) group = trainer::ProcessGroup::join(*dist, dist_timeout);
+  if (dist && (dist->world_size > 1 || backend_named)) {
+    c10::Device group_device(c10::kCPU);
+    if (backend == trainer::DistBackend::kNccl) {
+      trainer::check_nccl_devices(device_given, dist->local_world_size);
+      group_device = c10::Device(args.paging.device);
+      if (!group_device.has_index()) {
+        group_device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank));
+      }
+    }
+    group = trainer::ProcessGroup::join(*dist, dist_timeout, backend, group_device);
+  }
   const bool rank0 = !group || group->rank() == 0;
   args.train.out_dir = args.out;
   if (args.train.schedule_steps == 0) args.train.schedule_steps = args.train.steps;
@@ -366,8 +387,10 @@ void run(TrainArgs args) {
   }
 
   if (group && rank0) {
-    std::fprintf(stderr, "%d ranks (Gloo, rendezvous at %s:%d): global batch %ld\n",
-                 group->world_size(), group->env().master_addr.c_str(), group->env().master_port,
+    std::fprintf(stderr, "%d rank%s (%s on %s, rendezvous at %s:%d): global batch %ld\n",
+                 group->world_size(), group->world_size() == 1 ? "" : "s",
+                 trainer::dist_backend_name(group->backend()), group->device().str().c_str(),
+                 group->env().master_addr.c_str(), group->env().master_port,
                  static_cast<long>(trainer.global_batch()));
   }
   if (rank0) std::fprintf(stderr,
@@ -412,6 +435,10 @@ void run(TrainArgs args) {
       j["tokens_per_s"] = r.step_time_s > 0 ? static_cast<double>(r.tokens) / r.step_time_s : 0;
       j["lr"] = r.lr;
       j["grad_norm"] = r.grad_norm;
+      if (group) {
+        j["world_size"] = group->world_size();
+        j["dist_backend"] = trainer::dist_backend_name(group->backend());
+      }
       if (r.eval_loss) j["eval_loss"] = *r.eval_loss;
       j["faults"] = s.faults;
       j["hits"] = s.hits;
@@ -536,6 +563,10 @@ void register_train(CLI::App& app) {
   cmd->add_option("--dist-timeout", args->dist_timeout_s,
                   "Seconds a collective or the ranks' meeting may take before the run stops "
                   "with an error naming the rank lost")
+      ->capture_default_str();
+  cmd->add_option("--dist-backend", args->dist_backend,
+                  "Collectives between the ranks: auto (nccl on --device cuda, gloo on the CPU), "
+                  "gloo, or nccl; naming one trains through a process group even with --nproc 1")
       ->capture_default_str();
   cmd->add_option("--bucket-mb", args->bucket_mb,
                   "MiB of gradients per all-reduce (several ranks)")

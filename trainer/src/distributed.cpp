@@ -16,6 +16,7 @@
 #include <mutex>
 #include <thread>
 
+#include "detail/nccl_backend.hpp"
 #include "lema/base/error.hpp"
 
 namespace lema::trainer {
@@ -73,8 +74,11 @@ std::optional<DistributedEnv> distributed_env_from_environment() {
 
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::TCPStore> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+  c10::intrusive_ptr<c10d::Backend> backend;  // ProcessGroupGloo or ProcessGroupNCCL
+  DistBackend kind = DistBackend::kGloo;
+  c10::Device device{c10::kCPU};
   std::chrono::milliseconds timeout;
+  bool failed = false;  // a collective failed: the backend is aborted, not shut down
   int checks = 0;  // check_same calls so far
 };
 
@@ -87,12 +91,34 @@ class ProcessGroup::Pending {
 ProcessGroup::ProcessGroup(DistributedEnv env, std::unique_ptr<Impl> impl)
     : env_(std::move(env)), impl_(std::move(impl)) {}
 
-ProcessGroup::~ProcessGroup() = default;
+ProcessGroup::~ProcessGroup() {
+  // ProcessGroupNCCL warns when destroyed before being shut down; after a failed collective its
+  // communicators may wait on a lost peer, so they are aborted instead.
+  if (impl_->kind != DistBackend::kNccl) return;
+  try {
+    if (impl_->failed) {
+      impl_->backend->abort();
+    } else {
+      impl_->backend->shutdown();
+    }
+  } catch (const std::exception&) {  // the process is leaving the group either way
+  }
+}
+
+DistBackend ProcessGroup::backend() const noexcept { return impl_->kind; }
+
+c10::Device ProcessGroup::device() const noexcept { return impl_->device; }
 
 std::unique_ptr<ProcessGroup> ProcessGroup::join(const DistributedEnv& env,
-                                                 std::chrono::milliseconds timeout) {
+                                                 std::chrono::milliseconds timeout,
+                                                 DistBackend backend, c10::Device device) {
   auto impl = std::make_unique<Impl>();
   impl->timeout = timeout;
+  impl->kind = backend;
+  if (backend == DistBackend::kNccl) {
+    LEMA_EXPECTS(device.is_cuda() && device.has_index(), "NCCL needs a CUDA device with an index");
+    impl->device = device;
+  }
   const double seconds = static_cast<double>(timeout.count()) / 1000.0;
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(env.master_port);
@@ -121,21 +147,29 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const DistributedEnv& env,
         env.rank, env.world_size, env.master_addr, env.master_port, meeting_s, why));
   }
   try {
-    auto gloo_options = c10d::ProcessGroupGloo::Options::create_default(timeout);
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo", impl->store);
-    impl->gloo =
-        c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env.rank, env.world_size,
-                                                    gloo_options);
+    if (backend == DistBackend::kNccl) {
+      impl->backend = detail::make_nccl_backend(impl->store, env.rank, env.world_size, device,
+                                                timeout);
+    } else {
+      auto gloo_options = c10d::ProcessGroupGloo::Options::create_default(timeout);
+      auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo", impl->store);
+      impl->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env.rank,
+                                                                  env.world_size, gloo_options);
+    }
+  } catch (const InvalidArgument&) {
+    throw;
   } catch (const std::exception& e) {
-    throw Error(fmt::format("rank {}: could not connect to the other {} ranks within "
+    throw Error(fmt::format("rank {}: could not connect to the other {} ranks through {} within "
                             "--dist-timeout {} s ({})",
-                            env.rank, env.world_size - 1, seconds, first_line(e.what())));
+                            env.rank, env.world_size - 1, dist_backend_name(backend), seconds,
+                            first_line(e.what())));
   }
   return std::unique_ptr<ProcessGroup>(new ProcessGroup(env, std::move(impl)));
 }
 
 void ProcessGroup::fail(const char* what, const std::exception& e) {
   const std::string why = first_line(e.what());
+  impl_->failed = true;
   std::vector<int> lost;
   bool store_gone = false;
   try {
@@ -202,11 +236,14 @@ void ProcessGroup::check_same(const std::vector<std::pair<std::string, std::stri
   }
 }
 
-std::unique_ptr<ProcessGroup::Pending> ProcessGroup::start_sum(at::Tensor cpu_tensor) {
+std::unique_ptr<ProcessGroup::Pending> ProcessGroup::start_sum(at::Tensor tensor) {
+  LEMA_EXPECTS(tensor.device() == impl_->device && tensor.is_contiguous(),
+               "a sum over the ranks takes a contiguous tensor on " + impl_->device.str() +
+                   ", not " + tensor.device().str());
   auto pending = std::make_unique<Pending>();
-  pending->tensors.push_back(std::move(cpu_tensor));
+  pending->tensors.push_back(std::move(tensor));
   try {
-    pending->work = impl_->gloo->allreduce(pending->tensors);
+    pending->work = impl_->backend->allreduce(pending->tensors);
   } catch (const std::exception& e) {
     fail("a gradient all-reduce", e);
   }
@@ -223,29 +260,32 @@ void ProcessGroup::wait(Pending& pending, const char* what) {
 
 void ProcessGroup::average(std::vector<at::Tensor>& tensors) {
   for (at::Tensor& t : tensors) {
-    at::Tensor cpu = t.to(at::kCPU).contiguous();
-    auto pending = start_sum(cpu);
+    at::Tensor here = t.to(impl_->device).contiguous();
+    auto pending = start_sum(here);
     wait(*pending, "an all-reduce");
-    cpu.div_(world_size());
-    if (!cpu.is_same(t)) t.copy_(cpu);
+    here.div_(world_size());
+    if (!here.is_same(t)) t.copy_(here);
   }
 }
 
 void ProcessGroup::broadcast_from_rank0(std::vector<at::Tensor>& tensors) {
   for (at::Tensor& t : tensors) {
-    std::vector<at::Tensor> cpu{t.to(at::kCPU).contiguous()};
+    std::vector<at::Tensor> here{t.to(impl_->device).contiguous()};
     try {
-      impl_->gloo->broadcast(cpu)->wait();
+      impl_->backend->broadcast(here)->wait();
     } catch (const std::exception& e) {
       fail("the broadcast of rank 0's adapters", e);
     }
-    if (!cpu[0].is_same(t)) t.copy_(cpu[0]);
+    if (!here[0].is_same(t)) t.copy_(here[0]);
   }
 }
 
 void ProcessGroup::barrier() {
   try {
-    impl_->gloo->barrier()->wait();
+    c10d::BarrierOptions options;
+    // NCCL's barrier is an all-reduce on a device it would otherwise guess.
+    if (impl_->device.is_cuda()) options.device_ids = {impl_->device.index()};
+    impl_->backend->barrier(options)->wait();
   } catch (const std::exception& e) {
     fail("a barrier", e);
   }
@@ -257,7 +297,7 @@ struct GradientBuckets::State {
   struct Bucket {
     std::vector<std::size_t> members;    // indices into params
     std::vector<std::int64_t> offsets;   // of each member in flat
-    at::Tensor flat;                     // CPU, the members' dtype
+    at::Tensor flat;                     // on the group's device, the members' dtype
     std::size_t pending = 0;             // members not ready yet
     std::unique_ptr<ProcessGroup::Pending> work;
   };
@@ -328,7 +368,8 @@ GradientBuckets::GradientBuckets(ProcessGroup& group, std::vector<at::Tensor> pa
                             s.buckets.back().flat.scalar_type() != p.scalar_type();
     if (new_bucket) {
       s.buckets.emplace_back();
-      s.buckets.back().flat = at::empty({0}, at::TensorOptions().dtype(p.scalar_type()));
+      s.buckets.back().flat = at::empty(
+          {0}, at::TensorOptions().dtype(p.scalar_type()).device(group.device()));
       filled = 0;
     }
     State::Bucket& b = s.buckets.back();

@@ -1,6 +1,7 @@
 // Data-parallel training over PyTorch's c10d: one process per rank, a TCPStore for the
-// rendezvous and ProcessGroupGloo for the collectives, set up from the environment torchrun
-// gives each process (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+// rendezvous and ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA, Note [NCCL collectives]) for
+// the collectives (Note [Backend choice]), set up from the environment torchrun gives each
+// process (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 //
 // Every rank runs the same Trainer over the same data: the data loader serves each rank its
 // share of one shared shuffle (TokenBatches::set_shard), the gradients of the adapters are
@@ -23,6 +24,8 @@
 // backward goes on through the earlier layers. Earlier micro-steps of --grad-accum only
 // accumulate locally. After backward, finish() launches what is left (adapters that got no
 // gradient contribute zeros), waits for every bucket and writes the means back into .grad.
+// The flat tensors live on the group's device(): host memory for Gloo, the rank's GPU for NCCL,
+// where the copies in and out are device copies ordered on the stream backward ran on.
 //
 // Note [A rank that fails]
 // A rank that dies closes its connections, and its peers' collectives fail at once; a rank that
@@ -43,6 +46,8 @@
 #include <utility>
 #include <vector>
 
+#include "lema/trainer/dist_backend.hpp"
+
 namespace lema::trainer {
 
 /// torchrun's environment for one rank.
@@ -59,15 +64,26 @@ struct DistributedEnv {
 /// naming the variable when one is malformed or missing beside WORLD_SIZE.
 std::optional<DistributedEnv> distributed_env_from_environment();
 
+/// Whether this build has NCCL (its torch is a CUDA build with ProcessGroupNCCL).
+bool nccl_in_build() noexcept;
+/// Throws Error, one line, unless torch sees a GPU for NCCL on `device` (--device as given:
+/// cuda, or cuda:N for a single local rank) and, without an index, one GPU for each of
+/// `local_ranks`; InvalidArgument in a build without NCCL. Initializes the CUDA runtime: call
+/// it only where NCCL is chosen.
+void check_nccl_devices(const std::string& device, int local_ranks);
+
 class ProcessGroup {
  public:
   /// Joins the group: rank 0 serves the TCPStore on MASTER_PORT, every rank connects to it and
-  /// to each other through Gloo. Collectives that take longer than `timeout` fail; meeting at
+  /// to each other through `backend`: Gloo on the CPU, or NCCL on `device` (cuda:N), which
+  /// becomes the current device. Collectives that take longer than `timeout` fail; meeting at
   /// the start and the store's requests wait at least two minutes (ranks load their models at
   /// different speeds). Throws Error with one line naming the port in use, or the address that
   /// could not be reached.
   static std::unique_ptr<ProcessGroup> join(const DistributedEnv& env,
-                                            std::chrono::milliseconds timeout);
+                                            std::chrono::milliseconds timeout,
+                                            DistBackend backend = DistBackend::kGloo,
+                                            c10::Device device = c10::Device(c10::kCPU));
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
@@ -75,6 +91,9 @@ class ProcessGroup {
   int rank() const noexcept { return env_.rank; }
   int world_size() const noexcept { return env_.world_size; }
   const DistributedEnv& env() const noexcept { return env_; }
+  DistBackend backend() const noexcept;
+  /// Where the collectives' tensors live: the CPU for Gloo, the rank's GPU for NCCL.
+  c10::Device device() const noexcept;
 
   /// Compares (setting, value) pairs across the ranks; throws InvalidArgument on every rank,
   /// one line naming the first setting that differs and the ranks and values, e.g.
@@ -88,9 +107,10 @@ class ProcessGroup {
   void broadcast_from_rank0(std::vector<at::Tensor>& tensors);
   void barrier();
 
-  /// Starts an asynchronous sum over the ranks of a CPU tensor; wait() finishes it.
+  /// Starts an asynchronous sum over the ranks of a contiguous tensor on device(); wait()
+  /// finishes it (with NCCL: orders the current stream after it).
   class Pending;
-  std::unique_ptr<Pending> start_sum(at::Tensor cpu_tensor);
+  std::unique_ptr<Pending> start_sum(at::Tensor tensor);
   void wait(Pending& pending, const char* what);
 
  private:
