@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "lema/base/error.hpp"
+#include "lema/trainer/rank_progress.hpp"
 
 namespace lema::trainer {
 
@@ -205,6 +206,7 @@ void ProcessGroup::check_same(const std::vector<std::pair<std::string, std::stri
 std::unique_ptr<ProcessGroup::Pending> ProcessGroup::start_sum(at::Tensor cpu_tensor) {
   auto pending = std::make_unique<Pending>();
   pending->tensors.push_back(std::move(cpu_tensor));
+  note_rank_arrival(rank());
   try {
     pending->work = impl_->gloo->allreduce(pending->tensors);
   } catch (const std::exception& e) {
@@ -234,6 +236,7 @@ void ProcessGroup::average(std::vector<at::Tensor>& tensors) {
 void ProcessGroup::broadcast_from_rank0(std::vector<at::Tensor>& tensors) {
   for (at::Tensor& t : tensors) {
     std::vector<at::Tensor> cpu{t.to(at::kCPU).contiguous()};
+    note_rank_arrival(rank());
     try {
       impl_->gloo->broadcast(cpu)->wait();
     } catch (const std::exception& e) {
@@ -244,6 +247,7 @@ void ProcessGroup::broadcast_from_rank0(std::vector<at::Tensor>& tensors) {
 }
 
 void ProcessGroup::barrier() {
+  note_rank_arrival(rank());
   try {
     impl_->gloo->barrier()->wait();
   } catch (const std::exception& e) {
