@@ -65,6 +65,7 @@
 #include <chrono>
 #include <cstring>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -81,7 +82,7 @@ namespace lema::runtime {
 namespace {
 
 constexpr char kMagic[8] = {'L', 'E', 'M', 'A', 'S', 'H', 'C', '1'};
-constexpr std::uint32_t kVersion = 2;  // 2: SlotMeta::filler_rank
+constexpr std::uint32_t kVersion = 2;  // 2: SlotMeta::filler_rank and pinners
 constexpr std::uint32_t kMaxUsers = 256;
 constexpr std::uint64_t kAlign = 4096;
 const std::string kShmDirectory = "/dev/shm";
@@ -103,6 +104,9 @@ struct SlotMeta {
   std::uint64_t filler_start;
   std::int32_t filler_rank;  // its RANK (-1: none), for the line naming a slow filler
   std::uint32_t pad;
+  // Users (bit i: users[i]) whose copies to a GPU read the ready page in place (Note
+  // [Registered shared tier] in fill_pipeline.cpp): the slot is not reused while one lives.
+  std::uint64_t pinners[kMaxUsers / 64];
 };
 
 struct Header {
@@ -167,6 +171,12 @@ std::int32_t my_rank() {
   const long r = std::strtol(v, &end, 10);
   return *end == 0 && r >= 0 && r <= 1 << 20 ? static_cast<std::int32_t>(r) : -1;
 }
+
+// Pins of this process, per (segment, slot): a slot's bit in `pinners` is the process's, shared
+// by every SharedHostCache of it that maps the segment, so it is cleared only when the last pin
+// of the process goes.
+std::mutex g_pins_mutex;
+std::map<std::pair<std::string, std::uint32_t>, std::uint32_t> g_pins;
 
 constexpr double kDefaultWaitSeconds = 30;
 
@@ -245,6 +255,7 @@ struct SharedHostCache::Impl {
   std::byte* pages = nullptr;
   std::uint64_t page_size = 0;
   std::int32_t rank = -1;
+  std::uint32_t user_index = 0;  // this process's entry in h->users
   std::chrono::steady_clock::duration wait_limit{};
   std::mutex warned_mutex;
   std::vector<std::uint64_t> warned;  // fillers already named as slow (guarded by warned_mutex)
@@ -277,6 +288,21 @@ struct SharedHostCache::Impl {
     h = nullptr;
   }
   std::byte* page_data(std::uint32_t slot) const { return pages + slot * page_size; }
+
+  // Whether a live user pins `m`; forgets the pins of dead ones. Under the lock.
+  bool pinned(SlotMeta& m) {
+    bool any = false;
+    for (std::uint32_t w = 0; w < kMaxUsers / 64; ++w)
+      for (std::uint64_t bits = m.pinners[w]; bits != 0; bits &= bits - 1) {
+        const std::uint32_t i = w * 64 + static_cast<std::uint32_t>(__builtin_ctzll(bits));
+        const User& u = h->users[i];
+        if (u.count != 0 && running(u.pid, u.start_ticks))
+          any = true;
+        else
+          m.pinners[w] &= ~(1ull << (i % 64));
+      }
+    return any;
+  }
 
   // Locks the segment; repairs what a process that died holding it may have left half done.
   void lock() {
@@ -322,16 +348,25 @@ struct SharedHostCache::Impl {
   }
   void add_user() {
     purge_dead_users();
-    for (User& u : h->users)
+    for (std::uint32_t i = 0; i < kMaxUsers; ++i) {
+      User& u = h->users[i];
       if (u.count != 0 && u.pid == me.pid && u.start_ticks == me.start_ticks) {
         ++u.count;
+        user_index = i;
         return;
       }
-    for (User& u : h->users)
+    }
+    for (std::uint32_t i = 0; i < kMaxUsers; ++i) {
+      User& u = h->users[i];
       if (u.count == 0) {
         u = User{me.pid, me.start_ticks, 1, 0};
+        user_index = i;
+        // Pins a dead user of this entry left are not ours.
+        for (std::uint64_t s = 0; s < h->slot_count; ++s)
+          slots[s].pinners[i / 64] &= ~(1ull << (i % 64));
         return;
       }
+    }
     throw SystemError("shared host cache " + name + ": more than " + std::to_string(kMaxUsers) +
                           " processes use it; open the checkpoint without --shared-host-cache",
                       EUSERS);
@@ -393,6 +428,7 @@ struct SharedHostCache::Impl {
     ::pthread_mutex_init(&hh->mutex, &attr);
     ::pthread_mutexattr_destroy(&attr);
     hh->users[0] = User{me.pid, me.start_ticks, 1, 0};
+    user_index = 0;
     adopt(p, g.total_bytes);
     if (::link((kShmDirectory + tmp).c_str(), (kShmDirectory + name).c_str()) == 0) return true;
     const int err = errno;
@@ -555,8 +591,9 @@ SharedHostCache::Outcome SharedHostCache::Impl::begin(PageId page, std::byte* de
       m.referenced = 0;
       continue;
     }
+    if (m.state == kReady && pinned(m)) continue;
     if (m.state != kEmpty) i.index[m.page] = 0;  // forgotten (or its dead filler's claim)
-    m = SlotMeta{page, kFilling, 1, i.me.pid, i.me.start_ticks, i.rank, 0};
+    m = SlotMeta{page, kFilling, 1, i.me.pid, i.me.start_ticks, i.rank, 0, {}};
     i.index[page] = s + 1;
     *slot = s;
     return Outcome::fill;
@@ -594,6 +631,35 @@ void SharedHostCache::Impl::name_slow_filler(const Filler& f, PageId page) {
   spdlog::warn("shared host cache: {} is alive but has been reading page {} for over {:.3g} s "
                "(LEMA_SHARED_CACHE_WAIT); reading its pages from disk here instead of waiting",
                who, page, std::chrono::duration<double>(wait_limit).count());
+}
+
+const std::byte* SharedHostCache::pin_ready(PageId page, std::uint32_t* slot) {
+  Impl& i = *impl_;
+  LEMA_ASSERT(page < i.h->page_count, "shared host cache: page out of range");
+  std::lock_guard pins(g_pins_mutex);  // before the segment's: the order everywhere
+  Impl::Guard g(i);
+  const std::uint32_t at = i.index[page];
+  if (at == 0 || i.slots[at - 1].state != kReady) return nullptr;
+  SlotMeta& m = i.slots[at - 1];
+  m.referenced = 1;
+  m.pinners[i.user_index / 64] |= 1ull << (i.user_index % 64);
+  ++g_pins[{i.name, at - 1}];
+  *slot = at - 1;
+  return i.page_data(at - 1);
+}
+
+void SharedHostCache::unpin(std::uint32_t slot) noexcept {
+  Impl& i = *impl_;
+  try {
+    std::lock_guard pins(g_pins_mutex);
+    const auto it = g_pins.find({i.name, slot});
+    if (it == g_pins.end() || --it->second != 0) return;
+    g_pins.erase(it);
+    Impl::Guard g(i);
+    i.slots[slot].pinners[i.user_index / 64] &= ~(1ull << (i.user_index % 64));
+  } catch (...) {
+    // The lock failed: the slot stays pinned until this process exits.
+  }
 }
 
 void SharedHostCache::publish(std::uint32_t slot, const std::byte* bytes) {

@@ -57,6 +57,12 @@ class SharedHostCache {
   /// caller takes the fill over). Never returns busy; returns bypass when a live filler took
   /// longer than LEMA_SHARED_CACHE_WAIT (Note [Slow fillers]): read the page without sharing it.
   Outcome wait_and_copy(PageId page, std::byte* dest, std::uint32_t* slot);
+  /// Where the ready page's bytes are in the segment, pinned for the caller (`*slot`) until
+  /// unpin(): the slot is not reused meanwhile, so a copy may read them in place (Note
+  /// [Registered shared tier] in fill_pipeline.cpp). Null when the page is not ready.
+  const std::byte* pin_ready(PageId page, std::uint32_t* slot);
+  /// Undoes one pin_ready() of `slot`.
+  void unpin(std::uint32_t slot) noexcept;
   /// The caller's fill of `slot` read these bytes (page_size of them): ready for everyone.
   void publish(std::uint32_t slot, const std::byte* bytes);
   /// The caller's fill of `slot` failed: the page is absent again (a waiter fills it).
