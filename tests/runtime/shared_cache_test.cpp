@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -411,6 +412,32 @@ TEST(SharedHostCache, StagedPoolsShare) {
   EXPECT_EQ(sa.bytes_read + sb.bytes_read, file_pages_bytes) << "each page read once";
   EXPECT_EQ(sb.bytes_read, 0u);
   EXPECT_GT(sb.shared_cache_hits, 0u);
+}
+
+// Note [Registered shared tier]: a page a copy reads in place is pinned in its slot; while the
+// pin lives, no other page takes the slot (a fill of another page reads around the cache), and
+// once unpinned the slot is reused as usual.
+TEST(SharedHostCache, PinnedSlotIsNotReused) {
+  runtime::SharedCacheKey key{};
+  for (std::size_t i = 0; i < key.size(); ++i)
+    key[i] = static_cast<std::uint8_t>(::getpid() >> (i % 4 * 8) ^ (i * 37));
+  constexpr std::uint64_t kSmall = 4096;
+  runtime::SharedHostCache cache(key, kSmall, 4, kSmall);  // one slot for four pages
+  std::vector<std::byte> page(kSmall, std::byte{7}), out(kSmall);
+  std::uint32_t slot = 0;
+  ASSERT_EQ(cache.try_begin(0, out.data(), &slot), runtime::SharedHostCache::Outcome::fill);
+  cache.publish(slot, page.data());
+  std::uint32_t pinned = 0;
+  const std::byte* in_place = cache.pin_ready(0, &pinned);
+  ASSERT_NE(in_place, nullptr);
+  EXPECT_EQ(std::memcmp(in_place, page.data(), kSmall), 0);
+  EXPECT_EQ(cache.pin_ready(1, &slot), nullptr) << "page 1 is not there";
+  EXPECT_EQ(cache.try_begin(1, out.data(), &slot), runtime::SharedHostCache::Outcome::bypass)
+      << "the pinned slot of page 0 was given to page 1";
+  EXPECT_EQ(std::memcmp(in_place, page.data(), kSmall), 0);
+  cache.unpin(pinned);
+  ASSERT_EQ(cache.try_begin(1, out.data(), &slot), runtime::SharedHostCache::Outcome::fill);
+  cache.abandon(slot);
 }
 
 // A cache too small for one page, a size that is not one, fault mode: one line naming it.
