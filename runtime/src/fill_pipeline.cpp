@@ -30,6 +30,23 @@ std::vector<io::ReadRequest> requests_for(const Layout& layout, PageId page, std
   return batch;
 }
 
+// Note [Registered shared tier]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Over a device pool, a page ready in the shared host cache used to be copied out of the segment
+// into pinned staging, then to the device: two copies, and staging held for each. When the
+// backend registered the segment's pages (Backend::register_host: cuMemHostRegister, portable,
+// done by the Pager once per mapping of the segment, undone after the last copy drained and
+// before the segment is unmapped), the copy to the device reads the page where it is. The slot
+// must then stay the page's until the copy completed, though another process may want to reuse
+// it: the fill pins it (SharedHostCache::pin_ready, a bit per user process in the slot, which
+// the clock skips while its process lives) and the pin goes with the copy's host memory, when
+// retire_copies saw its fence complete. A pin never blocks a reader, only eviction; a process
+// that dies with pins leaves bits that the next eviction sweep clears. Where registration
+// failed (RLIMIT_MEMLOCK, a driver without it), the pager said so once and fills copy through
+// staging as before: slower, never wrong. The private host cache tier is asked first (its
+// pages are the process's own) and not filled from a registered shared hit: the shared tier
+// already holds the page, pinned memory the GPU reads directly.
+
 // Copies to the device allowed in flight at once: the pinned staging memory they hold is
 // bounded by this many pages (beyond the host cache tier's own slots).
 constexpr std::size_t kCopiesInFlight = 16;
@@ -46,6 +63,8 @@ struct FillPipeline::Fill {
   bool shared_hit = false;                 // copied from the shared host cache: no read
   bool shared_wait = false;                // another process reads it: wait_shared() later
   std::optional<std::uint32_t> shared_slot;  // our claim in the shared cache: publish the read
+  std::optional<std::uint32_t> shared_pin;   // a registered shared page copied in place
+  const std::byte* shared_src = nullptr;     // its bytes in the segment
   std::byte* dest = nullptr;               // where the page's bytes go
   bool read_done = false;                  // every byte of the page was read
   io::ReadTicket ticket;                   // the reads still running
@@ -60,6 +79,7 @@ FillPipeline::FillPipeline(const Parts& parts)
       cache_(parts.cache),
       spill_(parts.spill),
       shared_(parts.shared),
+      shared_registered_(parts.shared != nullptr && parts.shared_registered),
       counters_(parts.counters),
       device_errors_(parts.device_errors),
       access_(parts.access),
@@ -115,6 +135,17 @@ void FillPipeline::start_read(Fill& f, FillOrigin origin) {
       f.slot = cache_->pin_cached(c.page);
       f.cached = f.slot.has_value();
       if (f.cached) return;
+    }
+    if (dest == nullptr && shared_registered_ && source == PageSource::checkpoint) {
+      std::uint32_t slot = 0;
+      if (const std::byte* ready = shared_->pin_ready(c.page, &slot); ready != nullptr) {
+        f.shared_pin = slot;
+        f.shared_src = ready;
+        f.shared_hit = true;
+        return;
+      }
+    }
+    if (dest == nullptr && cache_ != nullptr && source == PageSource::checkpoint) {
       f.slot = cache_->claim_for(c.page);
       if (f.slot) dest = cache_->data(*f.slot);
     }
@@ -187,9 +218,10 @@ void FillPipeline::finish_read(Fill& f) {
       shared_->publish(*f.shared_slot, f.dest);
       f.shared_slot.reset();
     }
-    const std::byte* source = f.staging ? f.staging->bytes().data()
-                              : f.slot  ? cache_->data(*f.slot)
-                                        : nullptr;
+    const std::byte* source = f.shared_src ? f.shared_src
+                              : f.staging  ? f.staging->bytes().data()
+                              : f.slot     ? cache_->data(*f.slot)
+                                           : nullptr;
     if (source == nullptr) return;
     // Note [Device fills]: the copy is left running on the backend's copy queue. The page is
     // mapped right after the batch's copies were issued (a host-side call), not once they
@@ -200,8 +232,9 @@ void FillPipeline::finish_read(Fill& f) {
         backend_.copy_to_chunk(pool_, c.chunk, 0, std::span<const std::byte>(source, page_size_));
     if (f.slot && !f.cached) cache_->commit(*f.slot);
     std::lock_guard lock(mutex_);
-    in_flight_.push_back({c.ready, std::move(f.staging), f.slot});
+    in_flight_.push_back({c.ready, std::move(f.staging), f.slot, f.shared_pin});
     f.slot.reset();
+    f.shared_pin.reset();
   } catch (const io::ReadError& e) {
     // A copy owned by this thread: the original is shared with the reader's thread, which may
     // free it after this function returns.
@@ -268,6 +301,7 @@ void FillPipeline::map_batch(std::span<Fill> fills) {
 void FillPipeline::give_back_host_memory(std::span<Fill> fills) {
   for (Fill& f : fills) {
     abandon_shared(f);
+    if (f.shared_pin) shared_->unpin(*f.shared_pin);
     if (f.slot) {
       if (f.cached) {
         cache_->unpin(*f.slot);
@@ -335,6 +369,7 @@ void FillPipeline::retire_copies(std::size_t keep) noexcept {
       continue;
     }
     if (done.cache_slot) cache_->unpin(*done.cache_slot);
+    if (done.shared_pin) shared_->unpin(*done.shared_pin);
     if (done.staging) give_back_staging(std::move(done.staging));
   }
 }

@@ -52,6 +52,9 @@ class FillPipeline {
     HostPageCache* cache = nullptr;
     SpillStore* spill = nullptr;
     SharedHostCache* shared = nullptr;  // the shared host cache tier (below the others)
+    /// The shared tier's pages are registered with the backend: copies to a device chunk read
+    /// them in place (Note [Registered shared tier]).
+    bool shared_registered = false;
     PagerCounters& counters;
     DeviceErrors& device_errors;
     Access access = Access::read;
@@ -87,6 +90,7 @@ class FillPipeline {
     Fence copied;
     std::unique_ptr<StagingBuffer> staging;
     std::optional<std::size_t> cache_slot;
+    std::optional<std::uint32_t> shared_pin;  // a shared tier slot the copy reads in place
   };
 
   void start_read(Fill& f, FillOrigin origin);
@@ -107,6 +111,7 @@ class FillPipeline {
   HostPageCache* cache_;
   SpillStore* spill_;
   SharedHostCache* shared_;
+  const bool shared_registered_;
   PagerCounters& counters_;
   DeviceErrors& device_errors_;
   const Access access_;

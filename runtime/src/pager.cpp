@@ -94,6 +94,12 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
     s->shared_cache = std::make_unique<SharedHostCache>(shared_cache_key(*s->layout), page_size,
                                                         space.page_count(),
                                                         s->options.shared_host_cache_bytes);
+  // Note [Registered shared tier]: a device pool copies shared pages in place once registered.
+  if (s->shared_cache && !s->backend->capabilities().host_window &&
+      s->backend->register_host(s->shared_cache->data(), s->shared_cache->bytes())) {
+    s->shared_registration.backend = s->backend;
+    s->shared_registration.base = s->shared_cache->data();
+  }
   s->fills = std::make_unique<FillPipeline>(FillPipeline::Parts{.space = space,
                                                                  .backend = *s->backend,
                                                                  .pool = *s->pool,
@@ -101,6 +107,9 @@ Pager::Pager(AddressSpace& space, std::unique_ptr<io::Reader> reader, PagerOptio
                                                                  .cache = s->host_cache.get(),
                                                                  .spill = s->spill.get(),
                                                                  .shared = s->shared_cache.get(),
+                                                                 .shared_registered =
+                                                                     s->shared_registration
+                                                                         .backend != nullptr,
                                                                  .counters = s->counters,
                                                                  .device_errors = s->device_errors,
                                                                  .access = s->options.access});
@@ -202,7 +211,12 @@ Pager::~Pager() {
                   format_size(s.table.chunk_count() * s.page_size));
     leak_deliberately(s.pool);
   }
-  if (!copies_done) leak_deliberately(s.host_cache);
+  if (!copies_done) {
+    leak_deliberately(s.host_cache);
+    // A copy may still read the shared tier's pages in place: they stay registered and mapped.
+    s.shared_registration.backend = nullptr;
+    leak_deliberately(s.shared_cache);
+  }
 }
 
 void Pager::release(Lease&& lease, Fence last_use) {

@@ -68,6 +68,18 @@ struct Pager::State {
   std::unique_ptr<PhysicalPool> pool;
   std::unique_ptr<HostPageCache> host_cache;
   std::unique_ptr<SharedHostCache> shared_cache;  // shared_host_cache_bytes
+  // The shared tier's pages registered with a device backend (Note [Registered shared tier] in
+  // fill_pipeline.cpp): undone before shared_cache unmaps them, after `fills` is gone.
+  struct SharedRegistration {
+    Backend* backend = nullptr;  // null: not registered
+    std::byte* base = nullptr;
+    SharedRegistration() = default;
+    SharedRegistration(const SharedRegistration&) = delete;
+    SharedRegistration& operator=(const SharedRegistration&) = delete;
+    ~SharedRegistration() {
+      if (backend != nullptr) backend->unregister_host(base);
+    }
+  } shared_registration;
   std::unique_ptr<SpillStore> spill;
 
   PagerCounters counters;

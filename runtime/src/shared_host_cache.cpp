@@ -29,6 +29,18 @@
 // anew; one left by a crash (all users dead) is reused: its ready pages were complete and its
 // key says they are this checkpoint's bytes.
 //
+// Note [Slow fillers]
+// ~~~~~~~~~~~~~~~~~~~
+// A filler that died is taken over (above); one that is alive but stuck (stopped by a signal, a
+// read hung on a network disk) would keep its waiters forever, and through them every rank of the
+// job. So a waiter waits at most LEMA_SHARED_CACHE_WAIT seconds (default 30; lema train sets it
+// below --dist-timeout so the page costs a read, not a collective's timeout) and then reads the
+// page from disk into its own memory, as a bypass: the slot stays the filler's, which publishes
+// into it when it wakes up, so nothing is written twice and nobody sees half a page. Taking the
+// slot over instead would race with a filler that is merely slow. The waiter names the filler
+// once (rank and pid; the slot records the filler's RANK) and waits again for its next pages:
+// a filler that recovers serves them as before.
+//
 // Note [Shared cache key]
 // ~~~~~~~~~~~~~~~~~~~~~~~
 // SHA-1 over, per file: device, inode, size, mtime and ctime in ns, and the safetensors header
@@ -52,8 +64,12 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 
@@ -66,7 +82,7 @@ namespace lema::runtime {
 namespace {
 
 constexpr char kMagic[8] = {'L', 'E', 'M', 'A', 'S', 'H', 'C', '1'};
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;  // 2: SlotMeta::filler_rank and pinners
 constexpr std::uint32_t kMaxUsers = 256;
 constexpr std::uint64_t kAlign = 4096;
 const std::string kShmDirectory = "/dev/shm";
@@ -86,6 +102,11 @@ struct SlotMeta {
   std::uint32_t referenced;
   std::uint64_t filler_pid;
   std::uint64_t filler_start;
+  std::int32_t filler_rank;  // its RANK (-1: none), for the line naming a slow filler
+  std::uint32_t pad;
+  // Users (bit i: users[i]) whose copies to a GPU read the ready page in place (Note
+  // [Registered shared tier] in fill_pipeline.cpp): the slot is not reused while one lives.
+  std::uint64_t pinners[kMaxUsers / 64];
 };
 
 struct Header {
@@ -140,6 +161,40 @@ struct Me {
 
 bool running(std::uint64_t pid, std::uint64_t start) {
   return profile_shm::process_running(pid, start);
+}
+
+// This process's rank (torchrun's RANK), -1 outside a distributed job.
+std::int32_t my_rank() {
+  const char* v = std::getenv("RANK");
+  if (v == nullptr || *v == 0) return -1;
+  char* end = nullptr;
+  const long r = std::strtol(v, &end, 10);
+  return *end == 0 && r >= 0 && r <= 1 << 20 ? static_cast<std::int32_t>(r) : -1;
+}
+
+// Pins of this process, per (segment, slot): a slot's bit in `pinners` is the process's, shared
+// by every SharedHostCache of it that maps the segment, so it is cleared only when the last pin
+// of the process goes.
+std::mutex g_pins_mutex;
+std::map<std::pair<std::string, std::uint32_t>, std::uint32_t> g_pins;
+
+constexpr double kDefaultWaitSeconds = 30;
+
+// LEMA_SHARED_CACHE_WAIT: seconds a process waits for a live filler (Note [Slow fillers]).
+std::chrono::steady_clock::duration wait_limit_from_environment() {
+  const char* v = std::getenv("LEMA_SHARED_CACHE_WAIT");
+  double seconds = kDefaultWaitSeconds;
+  if (v != nullptr && *v != 0) {
+    char* end = nullptr;
+    errno = 0;
+    seconds = std::strtod(v, &end);
+    if (*end != 0 || errno != 0 || !(seconds > 0 && seconds <= 86400))
+      throw InvalidArgument(std::string("LEMA_SHARED_CACHE_WAIT='") + v +
+                            "' is not a number of seconds in (0, 86400]; give how long a process "
+                            "waits for another one's read of a shared page, e.g. 30");
+  }
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(seconds));
 }
 
 }  // namespace
@@ -199,6 +254,20 @@ struct SharedHostCache::Impl {
   SlotMeta* slots = nullptr;
   std::byte* pages = nullptr;
   std::uint64_t page_size = 0;
+  std::int32_t rank = -1;
+  std::uint32_t user_index = 0;  // this process's entry in h->users
+  std::chrono::steady_clock::duration wait_limit{};
+  std::mutex warned_mutex;
+  std::vector<std::uint64_t> warned;  // fillers already named as slow (guarded by warned_mutex)
+
+  // The filler of a busy page, as try_begin() saw it.
+  struct Filler {
+    std::uint64_t pid = 0, start = 0;
+    std::int32_t rank = -1;
+  };
+  Outcome begin(PageId page, std::byte* dest, std::uint32_t* slot, Filler* busy_by);
+  // Says once per filler that it was slow (Note [Slow fillers]).
+  void name_slow_filler(const Filler& f, PageId page);
 
   ~Impl() {
     if (base != nullptr) ::munmap(base, total);
@@ -219,6 +288,21 @@ struct SharedHostCache::Impl {
     h = nullptr;
   }
   std::byte* page_data(std::uint32_t slot) const { return pages + slot * page_size; }
+
+  // Whether a live user pins `m`; forgets the pins of dead ones. Under the lock.
+  bool pinned(SlotMeta& m) {
+    bool any = false;
+    for (std::uint32_t w = 0; w < kMaxUsers / 64; ++w)
+      for (std::uint64_t bits = m.pinners[w]; bits != 0; bits &= bits - 1) {
+        const std::uint32_t i = w * 64 + static_cast<std::uint32_t>(__builtin_ctzll(bits));
+        const User& u = h->users[i];
+        if (u.count != 0 && running(u.pid, u.start_ticks))
+          any = true;
+        else
+          m.pinners[w] &= ~(1ull << (i % 64));
+      }
+    return any;
+  }
 
   // Locks the segment; repairs what a process that died holding it may have left half done.
   void lock() {
@@ -264,16 +348,25 @@ struct SharedHostCache::Impl {
   }
   void add_user() {
     purge_dead_users();
-    for (User& u : h->users)
+    for (std::uint32_t i = 0; i < kMaxUsers; ++i) {
+      User& u = h->users[i];
       if (u.count != 0 && u.pid == me.pid && u.start_ticks == me.start_ticks) {
         ++u.count;
+        user_index = i;
         return;
       }
-    for (User& u : h->users)
+    }
+    for (std::uint32_t i = 0; i < kMaxUsers; ++i) {
+      User& u = h->users[i];
       if (u.count == 0) {
         u = User{me.pid, me.start_ticks, 1, 0};
+        user_index = i;
+        // Pins a dead user of this entry left are not ours.
+        for (std::uint64_t s = 0; s < h->slot_count; ++s)
+          slots[s].pinners[i / 64] &= ~(1ull << (i % 64));
         return;
       }
+    }
     throw SystemError("shared host cache " + name + ": more than " + std::to_string(kMaxUsers) +
                           " processes use it; open the checkpoint without --shared-host-cache",
                       EUSERS);
@@ -335,6 +428,7 @@ struct SharedHostCache::Impl {
     ::pthread_mutex_init(&hh->mutex, &attr);
     ::pthread_mutexattr_destroy(&attr);
     hh->users[0] = User{me.pid, me.start_ticks, 1, 0};
+    user_index = 0;
     adopt(p, g.total_bytes);
     if (::link((kShmDirectory + tmp).c_str(), (kShmDirectory + name).c_str()) == 0) return true;
     const int err = errno;
@@ -412,6 +506,8 @@ SharedHostCache::SharedHostCache(const SharedCacheKey& key, std::uint64_t page_s
   i.name = shared_cache_name(key);
   i.me = {static_cast<std::uint64_t>(::getpid()),
           profile_shm::process_start_ticks(static_cast<std::uint64_t>(::getpid()))};
+  i.rank = my_rank();
+  i.wait_limit = wait_limit_from_environment();
   for (int attempt = 0; attempt < 64; ++attempt) {
     if (i.attach(key, page_size, page_count)) {
       spdlog::debug("shared host cache: attached to {}", i.name);
@@ -456,7 +552,12 @@ SharedHostCache::~SharedHostCache() {
 
 SharedHostCache::Outcome SharedHostCache::try_begin(PageId page, std::byte* dest,
                                                     std::uint32_t* slot) {
-  Impl& i = *impl_;
+  return impl_->begin(page, dest, slot, nullptr);
+}
+
+SharedHostCache::Outcome SharedHostCache::Impl::begin(PageId page, std::byte* dest,
+                                                      std::uint32_t* slot, Filler* busy_by) {
+  Impl& i = *this;
   Header& h = *i.h;
   LEMA_ASSERT(page < h.page_count, "shared host cache: page out of range");
   Impl::Guard g(i);
@@ -467,11 +568,15 @@ SharedHostCache::Outcome SharedHostCache::try_begin(PageId page, std::byte* dest
       m.referenced = 1;
       return Outcome::copied;
     }
-    if (running(m.filler_pid, m.filler_start)) return Outcome::busy;
+    if (running(m.filler_pid, m.filler_start)) {
+      if (busy_by != nullptr) *busy_by = {m.filler_pid, m.filler_start, m.filler_rank};
+      return Outcome::busy;
+    }
     spdlog::debug("shared host cache {}: process {} died filling page {}; taking it over", i.name,
                   m.filler_pid, page);
     m.filler_pid = i.me.pid;
     m.filler_start = i.me.start_ticks;
+    m.filler_rank = i.rank;
     *slot = at - 1;
     return Outcome::fill;
   }
@@ -486,8 +591,9 @@ SharedHostCache::Outcome SharedHostCache::try_begin(PageId page, std::byte* dest
       m.referenced = 0;
       continue;
     }
+    if (m.state == kReady && pinned(m)) continue;
     if (m.state != kEmpty) i.index[m.page] = 0;  // forgotten (or its dead filler's claim)
-    m = SlotMeta{page, kFilling, 1, i.me.pid, i.me.start_ticks};
+    m = SlotMeta{page, kFilling, 1, i.me.pid, i.me.start_ticks, i.rank, 0, {}};
     i.index[page] = s + 1;
     *slot = s;
     return Outcome::fill;
@@ -497,12 +603,62 @@ SharedHostCache::Outcome SharedHostCache::try_begin(PageId page, std::byte* dest
 
 SharedHostCache::Outcome SharedHostCache::wait_and_copy(PageId page, std::byte* dest,
                                                         std::uint32_t* slot) {
+  Impl& i = *impl_;
   auto pause = std::chrono::microseconds(50);
+  const auto since = std::chrono::steady_clock::now();
+  Impl::Filler filler;
   for (;;) {
-    const Outcome o = try_begin(page, dest, slot);
+    const Outcome o = i.begin(page, dest, slot, &filler);
     if (o != Outcome::busy) return o;
+    if (std::chrono::steady_clock::now() - since >= i.wait_limit) {
+      i.name_slow_filler(filler, page);
+      return Outcome::bypass;
+    }
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::microseconds(2000));
+  }
+}
+
+void SharedHostCache::Impl::name_slow_filler(const Filler& f, PageId page) {
+  {
+    std::lock_guard lock(warned_mutex);
+    if (std::find(warned.begin(), warned.end(), f.pid) != warned.end()) return;
+    warned.push_back(f.pid);
+  }
+  const std::string who = f.rank >= 0 ? "rank " + std::to_string(f.rank) + " (pid " +
+                                            std::to_string(f.pid) + ")"
+                                      : "process " + std::to_string(f.pid);
+  spdlog::warn("shared host cache: {} is alive but has been reading page {} for over {:.3g} s "
+               "(LEMA_SHARED_CACHE_WAIT); reading its pages from disk here instead of waiting",
+               who, page, std::chrono::duration<double>(wait_limit).count());
+}
+
+const std::byte* SharedHostCache::pin_ready(PageId page, std::uint32_t* slot) {
+  Impl& i = *impl_;
+  LEMA_ASSERT(page < i.h->page_count, "shared host cache: page out of range");
+  std::lock_guard pins(g_pins_mutex);  // before the segment's: the order everywhere
+  Impl::Guard g(i);
+  const std::uint32_t at = i.index[page];
+  if (at == 0 || i.slots[at - 1].state != kReady) return nullptr;
+  SlotMeta& m = i.slots[at - 1];
+  m.referenced = 1;
+  m.pinners[i.user_index / 64] |= 1ull << (i.user_index % 64);
+  ++g_pins[{i.name, at - 1}];
+  *slot = at - 1;
+  return i.page_data(at - 1);
+}
+
+void SharedHostCache::unpin(std::uint32_t slot) noexcept {
+  Impl& i = *impl_;
+  try {
+    std::lock_guard pins(g_pins_mutex);
+    const auto it = g_pins.find({i.name, slot});
+    if (it == g_pins.end() || --it->second != 0) return;
+    g_pins.erase(it);
+    Impl::Guard g(i);
+    i.slots[slot].pinners[i.user_index / 64] &= ~(1ull << (i.user_index % 64));
+  } catch (...) {
+    // The lock failed: the slot stays pinned until this process exits.
   }
 }
 

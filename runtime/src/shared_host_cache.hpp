@@ -41,7 +41,8 @@ class SharedHostCache {
   /// Attaches to the segment of `key` (creating it, `bytes` of pages, when none exists; an
   /// existing one keeps its size), registered as one of its users. A segment left by processes
   /// that died is reused once its header checks out, else rebuilt. Throws InvalidArgument when
-  /// `bytes` holds no page, OutOfMemory when /dev/shm cannot hold it, SystemError otherwise.
+  /// `bytes` holds no page or LEMA_SHARED_CACHE_WAIT is not seconds, OutOfMemory when /dev/shm
+  /// cannot hold it, SystemError otherwise.
   SharedHostCache(const SharedCacheKey& key, std::uint64_t page_size, std::uint64_t page_count,
                   std::uint64_t bytes);
   /// Unregisters; the last user out removes the segment.
@@ -53,8 +54,15 @@ class SharedHostCache {
   /// or claims a slot for the caller to fill (`*slot`), or says who else fills it.
   Outcome try_begin(PageId page, std::byte* dest, std::uint32_t* slot);
   /// try_begin() until the page is not busy: its filler publishes, abandons or dies (then the
-  /// caller takes the fill over). Never returns busy.
+  /// caller takes the fill over). Never returns busy; returns bypass when a live filler took
+  /// longer than LEMA_SHARED_CACHE_WAIT (Note [Slow fillers]): read the page without sharing it.
   Outcome wait_and_copy(PageId page, std::byte* dest, std::uint32_t* slot);
+  /// Where the ready page's bytes are in the segment, pinned for the caller (`*slot`) until
+  /// unpin(): the slot is not reused meanwhile, so a copy may read them in place (Note
+  /// [Registered shared tier] in fill_pipeline.cpp). Null when the page is not ready.
+  const std::byte* pin_ready(PageId page, std::uint32_t* slot);
+  /// Undoes one pin_ready() of `slot`.
+  void unpin(std::uint32_t slot) noexcept;
   /// The caller's fill of `slot` read these bytes (page_size of them): ready for everyone.
   void publish(std::uint32_t slot, const std::byte* bytes);
   /// The caller's fill of `slot` failed: the page is absent again (a waiter fills it).

@@ -39,6 +39,7 @@ class FakeCudaControl {
     bind(stream_sum_, "fake_cuda_stream_sum");
     bind(calls_, "fake_cuda_calls");
     bind(fail_, "fake_cuda_fail");
+    bind(registered_copies_, "fake_cuda_registered_copies");
   }
   FakeCudaControl(const FakeCudaControl&) = delete;
   FakeCudaControl& operator=(const FakeCudaControl&) = delete;
@@ -81,6 +82,8 @@ class FakeCudaControl {
   /// Makes the `nth` next call of `entry` (1: the next one) return `result` (a CUresult) without
   /// doing anything; nth == 0 cancels a failure not reached yet.
   void fail(const char* entry, std::uint64_t nth, int result) { fail_(entry, nth, result); }
+  /// Copies to the device issued so far straight from memory registered with cuMemHostRegister.
+  std::uint64_t registered_copies() { return registered_copies_(); }
   /// Prefetches issued so far, to the device (to_device) or to the host.
   std::uint64_t prefetches(bool to_device) { return prefetches_(to_device ? 1 : 0); }
   /// A stream owned by the fake for tests that play the compute stream (create != 0), or
@@ -106,6 +109,7 @@ class FakeCudaControl {
   int (*stream_sum_)(void*, const void*, std::size_t, std::uint64_t*) = nullptr;
   std::uint64_t (*calls_)(const char*) = nullptr;
   void (*fail_)(const char*, std::uint64_t, int) = nullptr;
+  std::uint64_t (*registered_copies_)() = nullptr;
 };
 
 }  // namespace lema::test

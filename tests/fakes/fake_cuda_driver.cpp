@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -134,6 +135,8 @@ struct Driver {
   std::shared_ptr<Stream> legacy;  // the default stream, created on first use, never destroyed
   std::set<Event*> events;
   std::map<void*, std::size_t> pinned;
+  std::map<std::uintptr_t, std::size_t> registered;  // cuMemHostRegister
+  std::uint64_t registered_copies = 0;  // cuMemcpyHtoDAsync whose source is registered memory
   std::map<std::uintptr_t, std::size_t> managed_ranges;
   std::map<std::uintptr_t, std::size_t> device_buffers;  // cuMemAlloc
 
@@ -616,6 +619,45 @@ CUresult fMemFreeHost(void* p) {
   return CUDA_SUCCESS;
 }
 
+// Registered host memory: recorded, so copies from it can be counted and an unregister of memory
+// already unmapped (the driver would touch pages that are gone) is a misuse.
+CUresult fMemHostRegister(void* p, std::size_t bytes, unsigned int flags) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  if (p == nullptr || bytes == 0 || a % 4096 != 0) return CUDA_ERROR_INVALID_VALUE;
+  if ((flags & CU_MEMHOSTREGISTER_PORTABLE) == 0)
+    misuse(d, "cuMemHostRegister of " + hex(a) + " without CU_MEMHOSTREGISTER_PORTABLE");
+  auto next = d.registered.lower_bound(a);
+  if ((next != d.registered.end() && next->first < a + bytes) ||
+      (next != d.registered.begin() && std::prev(next)->first + std::prev(next)->second > a))
+    return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+  d.registered[a] = bytes;
+  return CUDA_SUCCESS;
+}
+
+CUresult fMemHostUnregister(void* p) {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  auto it = d.registered.find(a);
+  if (it == d.registered.end()) {
+    misuse(d, "cuMemHostUnregister of " + hex(a) + " that is not registered");
+    return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+  }
+  unsigned char v = 0;
+  if (::mincore(p, 4096, &v) != 0 && errno == ENOMEM)
+    misuse(d, "cuMemHostUnregister of " + hex(a) + " after its memory was unmapped");
+  d.registered.erase(it);
+  return CUDA_SUCCESS;
+}
+
+bool registered_source(const Driver& d, const void* src, std::size_t n) {
+  const auto a = reinterpret_cast<std::uintptr_t>(src);
+  auto it = d.registered.upper_bound(a);
+  return it != d.registered.begin() && a + n <= std::prev(it)->first + std::prev(it)->second;
+}
+
 CUresult fMemAlloc(CUdeviceptr* ptr, std::size_t bytes) {
   Driver& d = drv();
   Lock lk(d.mu);
@@ -711,6 +753,7 @@ CUresult fMemcpyHtoDAsync(CUdeviceptr dst, const void* src, std::size_t n, CUstr
     misuse(d, "cuMemcpyHtoDAsync to " + hex(dst) + ", an address with no device memory mapped");
     return CUDA_ERROR_INVALID_VALUE;
   }
+  if (registered_source(d, src, n)) ++d.registered_copies;
   op.run = [target, src, n] { std::memcpy(target, src, n); };
   enqueue(d, *s, std::move(op));
   return CUDA_SUCCESS;
@@ -890,6 +933,8 @@ const std::vector<Entry>& entries() {
       entry<fMemSetAccess>("cuMemSetAccess"),
       entry<fMemHostAlloc>("cuMemHostAlloc"),
       entry<fMemFreeHost>("cuMemFreeHost"),
+      entry<fMemHostRegister>("cuMemHostRegister"),
+      entry<fMemHostUnregister>("cuMemHostUnregister"),
       entry<fMemAlloc>("cuMemAlloc"),
       entry<fMemAllocManaged>("cuMemAllocManaged"),
       entry<fMemFree>("cuMemFree"),
@@ -913,7 +958,7 @@ const std::vector<Entry>& entries() {
 std::uint64_t live_handles(Driver& d) {
   std::uint64_t streams = d.streams.size();
   return d.reservations.size() + d.allocations.size() + d.mappings.size() + streams +
-         d.events.size() + d.pinned.size() + d.managed_ranges.size() + d.device_buffers.size() +
+         d.events.size() + d.pinned.size() + d.registered.size() + d.managed_ranges.size() + d.device_buffers.size() +
          static_cast<std::uint64_t>(d.context_retains);
 }
 
@@ -1085,6 +1130,12 @@ FAKE_EXPORT std::uint64_t fake_cuda_prefetches(int to_device) {
   Driver& d = drv();
   Lock lk(d.mu);
   return to_device ? d.prefetch_device : d.prefetch_host;
+}
+
+FAKE_EXPORT std::uint64_t fake_cuda_registered_copies() {
+  Driver& d = drv();
+  Lock lk(d.mu);
+  return d.registered_copies;
 }
 
 FAKE_EXPORT void* fake_cuda_test_stream(void* stream, int create) {

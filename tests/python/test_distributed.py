@@ -9,7 +9,8 @@
 - each rank saves its own profile, and `lema prof report` of several shows a line per rank;
 - a rank killed with SIGKILL stops the others at once with an error naming it, the launcher
   names it too, and the last checkpoint resumes;
-- a rank that hangs (SIGSTOP) is named after --dist-timeout, and the launcher kills it;
+- a rank that hangs (SIGSTOP) is named after --dist-timeout, by the launcher too (rank and
+  pid), which kills it at once; the last checkpoint resumes;
 - --dist-backend: auto picks Gloo on the CPU (the log line and --log-json say so), a named
   backend trains through a group even of one rank, nccl on the CPU is refused in one line, and
   on a machine without a GPU --device cuda (NCCL) is one line, neither a crash nor a hang.
@@ -203,7 +204,8 @@ def rank_pid(launcher, rank):
 
 
 def start_and_hit_rank1(model, corpus, out, sig):
-    """Starts 2 ranks, sends `sig` to rank 1 once a checkpoint exists; the launcher's stderr."""
+    """Starts 2 ranks, sends `sig` to rank 1 once a checkpoint exists; the launcher's stderr
+    lines and rank 1's pid."""
     launcher = subprocess.Popen(
         [lema_bin(), "train", "--model", str(model), "--data", str(corpus), "--out", str(out),
          "--steps", "100000", "--batch", "2", "--save-every", "2", "--nproc", "2", *COMMON],
@@ -227,13 +229,13 @@ def start_and_hit_rank1(model, corpus, out, sig):
             except (NameError, ProcessLookupError):
                 pass
     assert launcher.returncode == 1
-    return err.strip().splitlines()
+    return err.strip().splitlines(), rank1
 
 
 def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(model, corpus,
                                                                         tmp_path):
     out = tmp_path / "out"
-    lines = start_and_hit_rank1(model, corpus, out, signal.SIGKILL)
+    lines, _ = start_and_hit_rank1(model, corpus, out, signal.SIGKILL)
     err = "\n".join(lines)
     assert lines[-1] == "error: rank 1 of 2 (lema train --nproc 2) was killed by signal 9 (Killed)"
     assert any(line.startswith("error: rank 1 stopped during ") and "rank 0 stops too" in line
@@ -247,12 +249,20 @@ def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(model, c
 
 def test_a_hung_rank_is_named_after_the_timeout(model, corpus, tmp_path):
     # A stopped rank neither answers nor closes its connections: rank 0's all-reduce times out
-    # after --dist-timeout, the roll call finds rank 1 missing, and the launcher kills it.
-    lines = start_and_hit_rank1(model, corpus, tmp_path / "out", signal.SIGSTOP)
+    # after --dist-timeout, the roll call finds rank 1 missing, and the launcher names rank 1 with
+    # its pid, as behind in collectives and stopped, and kills it at once.
+    out = tmp_path / "out"
+    lines, rank1 = start_and_hit_rank1(model, corpus, out, signal.SIGSTOP)
     assert any(line.startswith("error: rank 1 stopped during ") and "Timed out" in line
                for line in lines), lines
-    assert lines[-1] == ("error: rank 0 of 2 (lema train --nproc 2) exited with status 1; the "
-                         "ranks still running were killed")
+    assert lines[-1].startswith(f"error: rank 1 (pid {rank1}) of 2 (lema train --nproc 2) hung: "
+                                "it reached no collective for "), lines
+    assert lines[-1].endswith(" and is stopped by a signal (--dist-timeout 5 s), so rank 0 "
+                              "exited with status 1; it was killed"), lines
+    step = int((out / "latest").read_text().strip().split("-")[1])
+    log = train(model, corpus, out, "--batch", "2", "--nproc", "2", "--resume",
+                "--steps", str(step + 1), "--schedule-steps", "100000")
+    assert [r["step"] for r in log] == [step + 1]
 
 
 def train_logged(model, corpus, out, *extra):

@@ -521,6 +521,42 @@ TEST_F(CudaPager, FillsAndEvictsWithTheBytesOfTheFile) {
   EXPECT_EQ(fake().live_handles(), before);
 }
 
+// Note [Registered shared tier]: with the shared tier's pages registered, every page it serves
+// reaches the device by one copy straight from the segment (the fake counts copies whose source
+// is registered memory); when registration fails, pages go through staging. The bytes are the
+// file's either way, and the segment is unregistered once, before it is unmapped (the fake
+// calls an unregister of unmapped memory a misuse, which TearDown reports).
+TEST_F(CudaPager, SharedTierPagesReachTheDeviceStraightFromTheSegment) {
+  const std::uint64_t before = fake().live_handles();
+  for (const bool registers : {true, false}) {
+    SCOPED_TRACE(registers ? "registered" : "registration refused");
+    const std::uint64_t copies_before = fake().registered_copies();
+    const std::uint64_t unregisters_before = fake().calls("cuMemHostUnregister");
+    if (!registers) fake().fail("cuMemHostRegister", 1, kOutOfMemory);
+    std::uint64_t hits = 0;
+    {
+      OpenedModel m(make_fake_cuda_backend(), small_model(), kPage,
+                    registers ? "cuda-shared-registered" : "cuda-shared-staged");
+      ASSERT_GE(m.pages(), 8u);
+      PagerOptions opt;
+      opt.budget_bytes = 3 * kPage;
+      opt.shared_host_cache_bytes = m.pages() * kPage;
+      Pager pager(m.space, opt);
+      for (int pass = 0; pass < 2; ++pass)
+        for (const auto* t : tensor_order(m.space.layout(), Order::layer, 7))
+          check_tensor(pager, m, *t, false);
+      pager.quiesce();
+      hits = pager.stats().shared_cache_hits;
+      EXPECT_GT(hits, 0u) << "evicted pages came back from the shared tier";
+    }
+    const std::uint64_t direct = fake().registered_copies() - copies_before;
+    const std::uint64_t unregisters = fake().calls("cuMemHostUnregister") - unregisters_before;
+    EXPECT_EQ(direct, registers ? hits : 0u);
+    EXPECT_EQ(unregisters, registers ? 1u : 0u);
+  }
+  EXPECT_EQ(fake().live_handles(), before);
+}
+
 // The bytes of pages [first, first + count) as the layout places the file's tensors: zero where
 // no tensor is.
 std::vector<std::byte> expected_pages(const OpenedModel& m, runtime::PageId first,

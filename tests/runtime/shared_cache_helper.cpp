@@ -4,8 +4,13 @@
 //   stall: prints "open NAME", claims page 0 of the shared cache as its filler, prints
 //          "filling" and sleeps until killed;
 //   die-locked: prints "open NAME", reads every tensor, takes the segment's lock, prints
-//          "locked" and sleeps until killed.
+//          "locked" and sleeps until killed;
+//   stop-filling: prints "open NAME", claims page 0 as its filler, prints "filling", stops
+//          itself (SIGSTOP); once continued, reads page 0 from the files, publishes it, then
+//          goes on as `read` (without waiting for a line).
 // Usage: shared_cache_helper MODE CHECKPOINT CACHE_BYTES PAGE_SIZE BUDGET
+#include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -55,7 +60,28 @@ int main(int argc, char** argv) {
       for (;;) ::pause();
     }
     std::string line;
-    std::getline(std::cin, line);
+    if (mode == "stop-filling") {
+      runtime::SharedHostCache cache(key, m->layout().page_size(), m->layout().page_count(),
+                                     o.shared_host_cache_bytes);
+      std::vector<std::byte> page(m->layout().page_size());
+      std::uint32_t slot = 0;
+      if (cache.try_begin(0, page.data(), &slot) != runtime::SharedHostCache::Outcome::fill) {
+        std::cout << "not-filling" << std::endl;
+        return 1;
+      }
+      std::cout << "filling" << std::endl;
+      ::raise(SIGSTOP);
+      for (const runtime::FillExtent& e : m->layout().extents(0)) {
+        const int fd = ::open(m->layout().files()[e.file].c_str(), O_RDONLY);
+        if (fd < 0 || ::pread(fd, page.data() + e.page_offset, e.length,
+                              static_cast<off_t>(e.file_offset)) != static_cast<ssize_t>(e.length))
+          return 4;
+        ::close(fd);
+      }
+      cache.publish(slot, page.data());
+    } else {
+      std::getline(std::cin, line);
+    }
     bool ok = true;
     for (const io::TensorInfo& t : m->checkpoint().tensors()) {
       std::vector<std::byte> got;

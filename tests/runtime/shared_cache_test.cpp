@@ -2,13 +2,16 @@
 // page from disk once between them, a process killed mid-fill or a whole killed run leaves
 // nothing the next process trusts wrongly, and the segment goes with its last user.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -104,6 +107,17 @@ class Helper {
     to_ = nullptr;
   }
   void kill9() { ::kill(pid_, SIGKILL); }
+  void cont() {  // continues a helper that stopped itself, once it did
+    int status = 0;
+    ::waitpid(pid_, &status, WUNTRACED);
+    ::kill(pid_, SIGCONT);
+  }
+  // line(), or "" when none came within `limit` (the test fails instead of hanging).
+  std::string line_within(std::chrono::seconds limit) {
+    pollfd p{::fileno(from_), POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(limit.count() * 1000)) <= 0) return "";
+    return line();
+  }
   int wait() {  // the exit status, or 128 + signal
     int status = 0;
     ::waitpid(pid_, &status, 0);
@@ -190,6 +204,35 @@ TEST(SharedHostCache, FillerKilledMidFillIsTakenOver) {
   EXPECT_EQ(d.ok, 1) << "the reader took page 0 over and read the file's bytes";
   reader.close_stdin();
   EXPECT_EQ(reader.wait(), 0);
+  EXPECT_FALSE(segment_exists(name));
+}
+
+// Note [Slow fillers]: a filler stopped (SIGSTOP) between claiming page 0 and publishing it is
+// alive, so nobody takes its claim over; a reader waits LEMA_SHARED_CACHE_WAIT, then reads the
+// page itself. Once continued, the filler publishes its claim and reads everything through the
+// shared cache: the reader's bypass left the slot whole.
+TEST(SharedHostCache, StoppedFillerIsWaitedForAtMostTheBound) {
+  TempDir dir("shc-stop");
+  const auto ckpt = write_model(dir.path(), shape());
+  ::setenv("LEMA_SHARED_CACHE_WAIT", "0.5", 1);  // the helpers inherit it
+  Helper filler("stop-filling", ckpt);
+  const std::string name = segment_of(filler.line());
+  ASSERT_EQ(filler.line(), "filling");
+  Helper reader("read", ckpt);
+  EXPECT_EQ(segment_of(reader.line()), name);
+  reader.say("go");
+  const std::string done = reader.line_within(std::chrono::seconds(60));
+  ASSERT_FALSE(done.empty()) << "the reader kept waiting for the stopped filler";
+  const Done d = parse_done(done);
+  EXPECT_EQ(d.ok, 1) << "the reader read page 0 itself, with the file's bytes";
+  filler.cont();
+  const Done f = parse_done(filler.line());
+  EXPECT_EQ(f.ok, 1) << "the filler's published page 0, and every other page, are the file's";
+  reader.close_stdin();
+  filler.close_stdin();
+  EXPECT_EQ(reader.wait(), 0);
+  EXPECT_EQ(filler.wait(), 0);
+  ::unsetenv("LEMA_SHARED_CACHE_WAIT");
   EXPECT_FALSE(segment_exists(name));
 }
 
@@ -371,6 +414,32 @@ TEST(SharedHostCache, StagedPoolsShare) {
   EXPECT_GT(sb.shared_cache_hits, 0u);
 }
 
+// Note [Registered shared tier]: a page a copy reads in place is pinned in its slot; while the
+// pin lives, no other page takes the slot (a fill of another page reads around the cache), and
+// once unpinned the slot is reused as usual.
+TEST(SharedHostCache, PinnedSlotIsNotReused) {
+  runtime::SharedCacheKey key{};
+  for (std::size_t i = 0; i < key.size(); ++i)
+    key[i] = static_cast<std::uint8_t>(::getpid() >> (i % 4 * 8) ^ (i * 37));
+  constexpr std::uint64_t kSmall = 4096;
+  runtime::SharedHostCache cache(key, kSmall, 4, kSmall);  // one slot for four pages
+  std::vector<std::byte> page(kSmall, std::byte{7}), out(kSmall);
+  std::uint32_t slot = 0;
+  ASSERT_EQ(cache.try_begin(0, out.data(), &slot), runtime::SharedHostCache::Outcome::fill);
+  cache.publish(slot, page.data());
+  std::uint32_t pinned = 0;
+  const std::byte* in_place = cache.pin_ready(0, &pinned);
+  ASSERT_NE(in_place, nullptr);
+  EXPECT_EQ(std::memcmp(in_place, page.data(), kSmall), 0);
+  EXPECT_EQ(cache.pin_ready(1, &slot), nullptr) << "page 1 is not there";
+  EXPECT_EQ(cache.try_begin(1, out.data(), &slot), runtime::SharedHostCache::Outcome::bypass)
+      << "the pinned slot of page 0 was given to page 1";
+  EXPECT_EQ(std::memcmp(in_place, page.data(), kSmall), 0);
+  cache.unpin(pinned);
+  ASSERT_EQ(cache.try_begin(1, out.data(), &slot), runtime::SharedHostCache::Outcome::fill);
+  cache.abandon(slot);
+}
+
 // A cache too small for one page, a size that is not one, fault mode: one line naming it.
 TEST(SharedHostCache, BadSettingsAreNamed) {
   TempDir dir("shc-bad");
@@ -402,6 +471,15 @@ TEST(SharedHostCache, BadSettingsAreNamed) {
   }
   ::unsetenv("LEMA_SHARED_HOST_CACHE");
   o.shared_host_cache_bytes = 4_MiB;
+  ::setenv("LEMA_SHARED_CACHE_WAIT", "forever", 1);
+  try {
+    (void)MappedCheckpoint::open(ckpt, o);
+    ADD_FAILURE() << "no error";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("LEMA_SHARED_CACHE_WAIT='forever'"), std::string::npos)
+        << e.what();
+  }
+  ::unsetenv("LEMA_SHARED_CACHE_WAIT");
   o.mode = runtime::ResidencyMode::fault;
   try {
     (void)MappedCheckpoint::open(ckpt, o);

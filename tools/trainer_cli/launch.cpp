@@ -10,7 +10,9 @@
 // rank, and each rank dies with the launcher (PR_SET_PDEATHSIG). When a rank fails, the others
 // notice through their collectives (Note [A rank that fails]); the launcher gives them until
 // --dist-timeout and a little more to stop on their own, then kills what is left, and exits
-// non-zero naming the first rank that failed and how.
+// non-zero naming the first rank that failed and how. A rank that hung rather than failed (the
+// others timed out waiting for it) is named instead, with its pid, and killed at once (Note
+// [Naming a hung rank] in trainer/src/rank_progress.cpp).
 #include "launch.hpp"
 
 #include <arpa/inet.h>
@@ -22,15 +24,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "lema/base/error.hpp"
+#include "lema/trainer/rank_progress.hpp"
 
 namespace lema::tools {
 
@@ -77,6 +82,56 @@ std::string describe(int status) {
 
 bool failed(int status) { return !WIFEXITED(status) || WEXITSTATUS(status) != 0; }
 
+// Whether the kernel says `pid` is stopped (by SIGSTOP, or a debugger).
+bool stopped(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto paren = text.rfind(") ");
+  return paren != std::string::npos && paren + 2 < text.size() &&
+         (text[paren + 2] == 'T' || text[paren + 2] == 't');
+}
+
+struct HungRank {
+  int rank;
+  pid_t pid;
+  double idle_s;
+  bool stopped;
+};
+
+// The ranks still running that the others waited for (Note [Naming a hung rank]): stopped, or
+// behind in collectives and idle for --dist-timeout.
+std::vector<HungRank> hung_ranks(const trainer::RankProgressBoard& board,
+                                 const std::vector<pid_t>& pids,
+                                 std::chrono::milliseconds dist_timeout) {
+  std::uint64_t most = 0;
+  for (int r = 0; r < static_cast<int>(pids.size()); ++r)
+    most = std::max(most, board.read(r).arrivals);
+  std::vector<HungRank> hung;
+  for (int r = 0; r < static_cast<int>(pids.size()); ++r) {
+    const pid_t pid = pids[static_cast<std::size_t>(r)];
+    if (pid <= 0) continue;
+    const trainer::RankProgressBoard::Record rec = board.read(r);
+    const bool is_stopped = stopped(pid);
+    if (is_stopped || (rec.arrivals < most && rec.since_last >= dist_timeout))
+      hung.push_back({r, pid, std::chrono::duration<double>(rec.since_last).count(), is_stopped});
+  }
+  return hung;
+}
+
+std::string describe_hung(const std::vector<HungRank>& hung, int nproc,
+                          std::chrono::milliseconds dist_timeout) {
+  std::string who, why;
+  for (const HungRank& h : hung) {
+    who += fmt::format("{}rank {} (pid {})", who.empty() ? "" : ", ", h.rank, h.pid);
+    why += fmt::format("{}{} reached no collective for {:.1f} s{}", why.empty() ? "" : "; ",
+                       hung.size() > 1 ? fmt::format("rank {}", h.rank) : std::string("it"),
+                       h.idle_s, h.stopped ? " and is stopped by a signal" : "");
+  }
+  return fmt::format("{} of {} (lema train --nproc {}) hung: {} (--dist-timeout {:g} s)", who,
+                     nproc, nproc, why,
+                     std::chrono::duration<double>(dist_timeout).count());
+}
+
 }  // namespace
 
 void remember_command_line(int argc, char** argv) { g_argv.assign(argv, argv + argc); }
@@ -90,6 +145,8 @@ int launch_local_ranks(int nproc, std::chrono::milliseconds dist_timeout) {
   ::sigemptyset(&action.sa_mask);
   for (const int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(sig, &action, nullptr);
 
+  const trainer::RankProgressBoard board(nproc);
+  const std::string board_fd = board.fd_text();
   const pid_t launcher = ::getpid();
   std::vector<pid_t> pids(static_cast<std::size_t>(nproc), -1);
   for (int r = 0; r < nproc; ++r) {
@@ -110,6 +167,7 @@ int launch_local_ranks(int nproc, std::chrono::milliseconds dist_timeout) {
       ::setenv("LOCAL_WORLD_SIZE", world.c_str(), 1);
       ::setenv("MASTER_ADDR", "127.0.0.1", 1);
       ::setenv("MASTER_PORT", port_text.c_str(), 1);
+      ::setenv("LEMA_RANK_PROGRESS_FD", board_fd.c_str(), 1);
       // c10d logs every broken connection with a stack trace; the ranks' own errors say more.
       ::setenv("TORCH_CPP_LOG_LEVEL", "ERROR", 0);
       std::vector<char*> argv;
@@ -129,6 +187,7 @@ int launch_local_ranks(int nproc, std::chrono::milliseconds dist_timeout) {
   int first_failed = -1, first_status = 0, running = nproc;
   std::chrono::steady_clock::time_point deadline{};
   bool killed = false;
+  std::vector<HungRank> hung;
   while (running > 0) {
     int status = 0;
     const pid_t pid = ::waitpid(-1, &status, WNOHANG);
@@ -143,6 +202,9 @@ int launch_local_ranks(int nproc, std::chrono::milliseconds dist_timeout) {
           first_failed = r;
           first_status = status;
           deadline = std::chrono::steady_clock::now() + dist_timeout + std::chrono::seconds(10);
+          // The others waited for these: they never finish, so no grace.
+          hung = hung_ranks(board, pids, dist_timeout);
+          for (const HungRank& h : hung) ::kill(h.pid, SIGKILL);
         }
       }
       continue;
@@ -156,6 +218,13 @@ int launch_local_ranks(int nproc, std::chrono::milliseconds dist_timeout) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   g_child_count = 0;
+  if (first_failed >= 0 && !hung.empty()) {
+    std::fprintf(stderr, "error: %s, so rank %d %s; %s killed%s\n",
+                 describe_hung(hung, nproc, dist_timeout).c_str(), first_failed,
+                 describe(first_status).c_str(), hung.size() > 1 ? "they were" : "it was",
+                 killed ? ", and the ranks still running too" : "");
+    return 1;
+  }
   if (first_failed >= 0) {
     std::fprintf(stderr, "error: rank %d of %d (lema train --nproc %d) %s%s\n", first_failed,
                  nproc, nproc, describe(first_status).c_str(),

@@ -243,6 +243,13 @@ void run(TrainArgs args) {
     }
   }
   const std::string device_given = args.paging.device;
+  // Note [Slow fillers] in the runtime: a rank waits for another's read of a shared page at most
+  // half of --dist-timeout (unless LEMA_SHARED_CACHE_WAIT says), so a stuck reader costs the
+  // others a read of their own, not a collective's timeout.
+  if (dist && dist->world_size > 1 && std::getenv("LEMA_SHARED_CACHE_WAIT") == nullptr) {
+    const std::string wait = fmt::format("{}", std::min(30.0, args.dist_timeout_s / 2));
+    ::setenv("LEMA_SHARED_CACHE_WAIT", wait.c_str(), 1);
+  }
   // Each local rank takes a GPU of its own: --device cuda means cuda:LOCAL_RANK.
   if (dist && dist->local_world_size > 1 && args.paging.device == "cuda") {
     args.paging.device = fmt::format("cuda:{}", dist->local_rank);

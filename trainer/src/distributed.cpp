@@ -18,6 +18,7 @@
 
 #include "detail/nccl_backend.hpp"
 #include "lema/base/error.hpp"
+#include "lema/trainer/rank_progress.hpp"
 
 namespace lema::trainer {
 
@@ -242,6 +243,7 @@ std::unique_ptr<ProcessGroup::Pending> ProcessGroup::start_sum(at::Tensor tensor
                    ", not " + tensor.device().str());
   auto pending = std::make_unique<Pending>();
   pending->tensors.push_back(std::move(tensor));
+  note_rank_arrival(rank());
   try {
     pending->work = impl_->backend->allreduce(pending->tensors);
   } catch (const std::exception& e) {
@@ -271,6 +273,7 @@ void ProcessGroup::average(std::vector<at::Tensor>& tensors) {
 void ProcessGroup::broadcast_from_rank0(std::vector<at::Tensor>& tensors) {
   for (at::Tensor& t : tensors) {
     std::vector<at::Tensor> here{t.to(impl_->device).contiguous()};
+    note_rank_arrival(rank());
     try {
       impl_->backend->broadcast(here)->wait();
     } catch (const std::exception& e) {
@@ -281,6 +284,7 @@ void ProcessGroup::broadcast_from_rank0(std::vector<at::Tensor>& tensors) {
 }
 
 void ProcessGroup::barrier() {
+  note_rank_arrival(rank());
   try {
     c10d::BarrierOptions options;
     // NCCL's barrier is an all-reduce on a device it would otherwise guess.

@@ -3,6 +3,10 @@
 #include <memory>
 #include <utility>
 
+#include <spdlog/spdlog.h>
+
+#include "lema/base/units.hpp"
+
 #include "cuda/device_context.hpp"
 #include "cuda/pinned_host_resource.hpp"
 
@@ -47,6 +51,41 @@ std::unique_ptr<StagingBuffer> DeviceBackend::do_allocate_staging(std::uint64_t 
   });
   void* p = staging_pool_->allocate(static_cast<std::size_t>(bytes));
   return std::make_unique<PooledStaging>(staging_pool_, p, bytes);
+}
+
+bool DeviceBackend::do_register_host(std::byte* p, std::uint64_t bytes) noexcept {
+  const DriverApi& driver = context_.api();
+  if (driver.mem_host_register == nullptr || driver.mem_host_unregister == nullptr) {
+    spdlog::warn("the CUDA driver lacks cuMemHostRegister: pages of the shared host cache reach "
+                 "the GPU through pinned staging");
+    return false;
+  }
+  try {
+    context_.enter();
+  } catch (const std::exception& e) {
+    spdlog::warn("cannot register {} of host memory with the GPU ({}): copying through pinned "
+                 "staging",
+                 format_size(bytes), e.what());
+    return false;
+  }
+  const CUresult r = driver.mem_host_register(p, static_cast<std::size_t>(bytes),
+                                              CU_MEMHOSTREGISTER_PORTABLE);
+  if (r == CUDA_SUCCESS) return true;
+  spdlog::warn("cuMemHostRegister could not pin the shared host cache's {} ({}; RLIMIT_MEMLOCK "
+               "or the driver's limit): its pages reach the GPU through pinned staging",
+               format_size(bytes), driver.describe(r));
+  return false;
+}
+
+void DeviceBackend::do_unregister_host(std::byte* p) noexcept {
+  // At exit the driver may already be gone (process_is_exiting).
+  if (process_is_exiting() || context_.api().mem_host_unregister == nullptr) return;
+  try {
+    context_.enter();
+  } catch (...) {
+    return;
+  }
+  context_.api().mem_host_unregister(p);
 }
 
 }  // namespace lema::runtime::cuda

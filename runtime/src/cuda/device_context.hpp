@@ -74,6 +74,8 @@ class DeviceBackend : public Backend {
 
  private:
   std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) override;
+  bool do_register_host(std::byte* p, std::uint64_t bytes) noexcept override;
+  void do_unregister_host(std::byte* p) noexcept override;
   Fence do_record_fence(Queue queue) override {
     return context_.record(static_cast<CUstream>(queue.native));
   }

@@ -93,6 +93,9 @@ std::unique_ptr<DriverApi> open_driver(const std::string& library, std::string* 
   resolve(get, "cuMemSetAccess", api->mem_set_access, &missing);
   resolve(get, "cuMemHostAlloc", api->mem_host_alloc, &missing);
   resolve(get, "cuMemFreeHost", api->mem_free_host, &missing);
+  std::string optional;
+  resolve(get, "cuMemHostRegister", api->mem_host_register, &optional);
+  resolve(get, "cuMemHostUnregister", api->mem_host_unregister, &optional);
   resolve(get, "cuMemAlloc", api->mem_alloc, &missing);
   resolve(get, "cuMemAllocManaged", api->mem_alloc_managed, &missing);
   resolve(get, "cuMemFree", api->mem_free, &missing);

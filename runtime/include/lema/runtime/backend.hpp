@@ -255,6 +255,15 @@ class Backend {
 
   /// A staging buffer of at least `bytes` (> 0) for copy_to_chunk().
   std::unique_ptr<StagingBuffer> allocate_staging(std::uint64_t bytes);
+  /// Makes [p, p + bytes) (memory the caller mapped, page-aligned) a valid source of
+  /// copy_to_chunk() straight from where it is (the cuda backends pin it, Note [Registered shared
+  /// tier] in fill_pipeline.cpp). False where the backend does not or cannot (said in one
+  /// warning line): copy through staging instead. Never throws.
+  bool register_host(std::byte* p, std::uint64_t bytes) noexcept {
+    return do_register_host(p, bytes);
+  }
+  /// Undoes register_host(p, ...) once no copy reads it; before the memory is unmapped.
+  void unregister_host(std::byte* p) noexcept { do_unregister_host(p); }
   /// Copies `src` (inside a staging buffer) to `offset` in `chunk` on the copy queue; the copy
   /// must lie inside the chunk. The returned fence completes when the copy did; `src` must
   /// stay untouched until then.
@@ -299,6 +308,8 @@ class Backend {
   virtual void do_release_pool_memory(PhysicalPool& pool);
   virtual void do_restore_pool_memory(PhysicalPool& pool);
   virtual std::unique_ptr<StagingBuffer> do_allocate_staging(std::uint64_t bytes) = 0;
+  virtual bool do_register_host(std::byte*, std::uint64_t) noexcept { return false; }
+  virtual void do_unregister_host(std::byte*) noexcept {}
   virtual Fence do_copy_to_chunk(PhysicalPool& pool, std::size_t chunk, std::uint64_t offset,
                                  std::span<const std::byte> src) = 0;
   virtual Fence do_record_fence(Queue queue) = 0;
