@@ -17,26 +17,15 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "lema/runtime/preload_event_values.hpp"
+
 namespace lema::preload {
 
-// The values of the file's call, route and flag fields (preload_events.hpp lists them too).
-enum class Call : std::uint8_t {
-  none = 0,  // a record not (yet) written
-  malloc = 1,
-  malloc_async = 2,
-  malloc_managed = 3,
-  free = 4,
-  free_async = 5,
-  mem_get_info = 6,
-};
-enum class Route : std::uint8_t {
-  passthrough = 0,  // the real function the program called
-  managed = 1,      // the hook's managed memory (or a free of it)
-  refused = 2,      // over the budget: cudaErrorMemoryAllocation without a runtime call
-  budget = 3,       // cudaMemGetInfo answered from the budget
-};
-inline constexpr std::uint8_t kFlagBadFree = 1;     // the runtime refused the free
-inline constexpr std::uint8_t kFlagDoubleFree = 2;  // ... of managed memory the hook gave out
+// The file's call, route and flag values, defined once for the hook and the readers.
+using Call = runtime::PreloadCall;
+using Route = runtime::PreloadRoute;
+inline constexpr std::uint8_t kFlagBadFree = runtime::kPreloadBadFree;
+inline constexpr std::uint8_t kFlagDoubleFree = runtime::kPreloadDoubleFree;
 
 struct EventRecord {
   std::uint64_t time_ns;  // CLOCK_MONOTONIC when the call returned

@@ -22,28 +22,9 @@
 #include <string_view>
 #include <vector>
 
+#include "lema/runtime/preload_event_values.hpp"
+
 namespace lema::runtime {
-
-enum class PreloadCall : std::uint8_t {
-  malloc = 1,
-  malloc_async = 2,
-  malloc_managed = 3,
-  free = 4,
-  free_async = 5,
-  mem_get_info = 6,
-};
-inline constexpr std::uint8_t kLastPreloadCall = 6;
-
-enum class PreloadRoute : std::uint8_t {
-  passthrough = 0,  // to the real function the program called
-  managed = 1,      // the hook's managed memory under the budget (or a free of it)
-  refused = 2,      // over the budget: cudaErrorMemoryAllocation, no runtime call
-  budget = 3,       // cudaMemGetInfo answered from the budget
-};
-inline constexpr std::uint8_t kLastPreloadRoute = 3;
-
-inline constexpr std::uint8_t kPreloadBadFree = 1;     // the runtime refused the free
-inline constexpr std::uint8_t kPreloadDoubleFree = 2;  // ... of managed memory the hook freed
 
 struct PreloadEvent {
   std::uint64_t time_ns = 0;
