@@ -267,18 +267,10 @@ void save_recording(const Recording& rec, const std::filesystem::path& path) {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     f.write(head.buffer().data(), static_cast<std::streamsize>(head.buffer().size()));
     f.write(b.data(), static_cast<std::streamsize>(b.size()));
-    f.close();
-    if (!f) {
-      const int err = errno;
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      throw SystemError("cannot write the profile " + path.string(), err);
+    if (rec.preload) {  // after the body, outside its checksum (Note [Preload event section])
+      const std::string section = preload_section(*rec.preload);
+      f.write(section.data(), static_cast<std::streamsize>(section.size()));
     }
-  }
-  if (rec.preload) {
-    std::ofstream f(tmp, std::ios::binary | std::ios::app);
-    const std::string section = preload_section(*rec.preload);
-    f.write(section.data(), static_cast<std::streamsize>(section.size()));
     f.close();
     if (!f) {
       const int err = errno;
