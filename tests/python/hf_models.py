@@ -94,3 +94,21 @@ def sentences(n, length=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [" ".join(f"w{int(i)}" for i in torch.randint(0, 200, (length,), generator=g))
             for _ in range(n)]
+
+
+def route_tokens_to_pairs(model, hidden, experts, pairs):
+    """Fills a MoE model (Mixtral, Qwen2-MoE) with seeded random weights, N(0, 1/hidden), norms
+    left at one, and makes its routers deterministic: `pairs` lists (slice of token ids, expert
+    pair); the k-th slice's tokens get embedding dimension k set to 30, and every router weighs
+    dimension k for its pair only (4 and 3), so they choose that pair in every layer."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn_like(p) / hidden ** 0.5)
+        for dim, (tokens, (first, second)) in enumerate(pairs):
+            model.model.embed_tokens.weight[tokens, dim] = 30.0
+            row = torch.zeros(experts)
+            row[first], row[second] = 4.0, 3.0
+            for layer in model.model.layers:
+                layer.mlp.gate.weight[:, dim] = row

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_lema
+from hf_models import route_tokens_to_pairs
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -301,14 +302,7 @@ def skewed_mixtral(out):
         hidden_size=hidden, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
         num_local_experts=experts, num_experts_per_tok=2, tie_word_embeddings=True))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn_like(p) / hidden ** 0.5)
-        model.model.embed_tokens.weight[:, 0] = 30.0
-        for layer in model.model.layers:
-            layer.mlp.gate.weight[:, 0] = torch.tensor([4.0, 3.0] + [0.0] * (experts - 2))
+    route_tokens_to_pairs(model, hidden, experts, [(slice(None), (0, 1))])
     model.save_pretrained(out)
     return out
 
@@ -425,16 +419,8 @@ def shifting_mixtral(out, tokens):
         hidden_size=hidden, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
         num_local_experts=experts, num_experts_per_tok=2, tie_word_embeddings=True))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn_like(p) / hidden ** 0.5)
-        model.model.embed_tokens.weight[:256, 0] = 30.0
-        model.model.embed_tokens.weight[256:, 1] = 30.0
-        for layer in model.model.layers:
-            layer.mlp.gate.weight[:, 0] = torch.tensor([4.0, 3.0] + [0.0] * (experts - 2))
-            layer.mlp.gate.weight[:, 1] = torch.tensor([0.0, 0.0, 4.0, 3.0] + [0.0] * (experts - 4))
+    route_tokens_to_pairs(model, hidden, experts,
+                          [(slice(None, 256), (0, 1)), (slice(256, None), (2, 3))])
     model.save_pretrained(out)
     rng = np.random.default_rng(1)
     rows = [rng.integers(0, 256, 32) + 256 * (i % 2) for i in range(128)]

@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import run_lema
+from hf_models import route_tokens_to_pairs
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,14 +54,7 @@ def skewed_qwen2_moe(out):
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128, num_experts=experts,
         num_experts_per_tok=2, moe_intermediate_size=4096, shared_expert_intermediate_size=256,
         tie_word_embeddings=True))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn_like(p) / hidden ** 0.5)
-        model.model.embed_tokens.weight[:, 0] = 30.0
-        for layer in model.model.layers:
-            layer.mlp.gate.weight[:, 0] = torch.tensor([4.0, 3.0] + [0.0] * (experts - 2))
+    route_tokens_to_pairs(model, hidden, experts, [(slice(None), (0, 1))])
     model.save_pretrained(out)
     return out
 
