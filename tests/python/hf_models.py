@@ -1,8 +1,10 @@
 """Tiny random models of each architecture lema.from_pretrained is tested on, made by
 transformers' own classes and saved with save_pretrained, and what the tests of the installed
 package share."""
+import json
 import os
 
+import numpy as np
 import torch
 
 # The package under test is the installed one (make test installs the wheel into this venv),
@@ -112,3 +114,17 @@ def route_tokens_to_pairs(model, hidden, experts, pairs):
             row[first], row[second] = 4.0, 3.0
             for layer in model.model.layers:
                 layer.mlp.gate.weight[:, dim] = row
+
+
+def step_one_bytes_read(model_dir, tmp_path, *extra):
+    """`lema train` of one step on random tokens with no budget: the bytes it read and the size
+    of the weights file, for tests of what a routed step leaves unread."""
+    from conftest import run_lema
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(1).integers(0, 512, 4096, dtype=np.uint16).tofile(data)
+    log = tmp_path / "log.jsonl"
+    run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / "out", "--steps",
+             1, "--seq-len", 32, "--batch", 2, "--budget", "unlimited", "--log-json", log,
+             "--threads", 1, *extra)
+    step = json.loads(log.read_text().splitlines()[0])
+    return step["step_bytes_read"], (model_dir / "model.safetensors").stat().st_size

@@ -6,11 +6,10 @@ router's term, generation, budgeted training, peft adapters and merging):
 """
 import json
 
-import numpy as np
 import pytest
 
 from conftest import run_lema
-from hf_models import route_tokens_to_pairs
+from hf_models import route_tokens_to_pairs, step_one_bytes_read
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,18 +59,11 @@ def skewed_qwen2_moe(out):
 
 
 def test_a_step_reads_the_shared_and_chosen_experts_only(tmp_path):
-    model_dir = skewed_qwen2_moe(tmp_path / "model")
-    weights = (model_dir / "model.safetensors").stat().st_size
-    data = tmp_path / "tokens.bin"
-    np.random.default_rng(1).integers(0, 512, 4096, dtype=np.uint16).tofile(data)
-    log = tmp_path / "log.jsonl"
     # LoRA on the shared expert: its projections must be read (and trained) every step.
-    run_lema("train", "--model", model_dir, "--data", data, "--out", tmp_path / "out", "--steps",
-             1, "--seq-len", 32, "--batch", 2, "--budget", "unlimited", "--log-json", log,
-             "--threads", 1, "--target-modules", "gate_proj,up_proj,down_proj")
-    step = json.loads(log.read_text().splitlines()[0])
+    read, weights = step_one_bytes_read(skewed_qwen2_moe(tmp_path / "model"), tmp_path,
+                                        "--target-modules", "gate_proj,up_proj,down_proj")
     # The chosen pair of 8 experts per layer: their 6 tensors of 2 MiB lie on 9 pages (the
     # layout groups every expert's gate_proj, then up_proj, then down_proj), under 0.4 of the file.
-    assert 0 < step["step_bytes_read"] <= 0.4 * weights, (step["step_bytes_read"], weights)
+    assert 0 < read <= 0.4 * weights, (read, weights)
     adapter = (tmp_path / "out" / "adapter_config.json").read_text()
     assert sorted(json.loads(adapter)["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
