@@ -116,6 +116,25 @@ TEST_P(Vmm, FreedPagesGiveBackTheirMemoryAndSpillSpace) {
   mr_->deallocate(keep, 1000);
 }
 
+// Without pressure a freed block's pages stay mapped, so a step that frees and allocates the same
+// activations again does not fault them in anew (Note [Freed pages]).
+TEST_P(Vmm, FreedPagesStayMappedWithoutPressure) {
+  if (GetParam() != ResidencyMode::fault) GTEST_SKIP() << "guard mode keeps freed pages";
+  constexpr std::uint64_t kBytes = 4_MiB;  // two of the budget's four pages: no pressure
+  auto* p = static_cast<std::uint8_t*>(mr_->allocate(kBytes, 2_MiB));
+  std::memset(p, 0x33, kBytes);
+  const runtime::PagerStats before = mr_->stats();
+  mr_->deallocate(p, kBytes, 2_MiB);
+  EXPECT_EQ(mr_->stats().resident_bytes, before.resident_bytes);
+  auto* q = static_cast<std::uint8_t*>(mr_->allocate(kBytes, 2_MiB));
+  ASSERT_EQ(q, p) << "best fit places the same block where the freed one was";
+  std::memset(q, 0x44, kBytes);
+  const runtime::PagerStats after = mr_->stats();
+  EXPECT_EQ(after.faults, before.faults) << "freed pages were dropped and faulted in again";
+  EXPECT_EQ(after.spilled_pages, 0u);
+  mr_->deallocate(q, kBytes, 2_MiB);
+}
+
 TEST_P(Vmm, BadRequestsGetTheirNamedErrors) {
   EXPECT_THROW(mr_->allocate(64, 0), InvalidArgument);
   EXPECT_THROW(mr_->allocate(64, 48), InvalidArgument);

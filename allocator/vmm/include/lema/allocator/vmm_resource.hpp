@@ -83,6 +83,7 @@ class VmmResource final : public MemoryResource {
  private:
   void* do_allocate(std::size_t bytes, std::size_t alignment) override;
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) noexcept override;
+  bool under_pressure() const;  // Note [Freed pages]
 
   std::unique_ptr<runtime::MappedCheckpoint> owned_;
   runtime::MappedCheckpoint* memory_;
