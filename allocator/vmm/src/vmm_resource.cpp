@@ -90,19 +90,15 @@ bool VmmResource::under_pressure() const {
 
 void VmmResource::do_deallocate(void* p, std::size_t /*bytes*/, std::size_t /*alignment*/) noexcept {
   const std::uint64_t page = memory_->layout().page_size();
-  bool drop = true;
-  try {
-    drop = under_pressure();
-  } catch (const std::exception&) {
-  }
   const auto discard = [&](const RangeAllocator::Freed& f) {
-    if (!drop) return;
     const std::uintptr_t lo = std::max(f.free, f.block / page * page);
     const std::uintptr_t hi =
         std::min(f.free + f.free_bytes, (f.block + f.block_bytes + page - 1) / page * page);
-    if (hi <= lo) return;
+    if ((lo + page - 1) / page * page + page > hi) return;  // no whole page to drop
     try {
-      memory_->discard_anonymous(reinterpret_cast<const std::byte*>(lo), hi - lo);
+      // Asked only here: most frees leave no whole page, and the pager's stats take its lock.
+      if (under_pressure())
+        memory_->discard_anonymous(reinterpret_cast<const std::byte*>(lo), hi - lo);
     } catch (const std::exception& e) {
       spdlog::warn("VmmResource: freed pages were kept ({})", e.what());
     }
